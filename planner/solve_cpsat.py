@@ -1,0 +1,197 @@
+"""The CP-SAT model: block cuts, one batch size per block, one aux head per unit.
+
+Built in named phases (data, variables, constraints, objective, solve,
+status). Imports no torch: it sees only ``Problem``.
+
+Variables
+  seg[s,e,k]  block covering units s..e trained at batch_sizes[k]
+  x[u,o]      unit u uses aux option o
+  y[u,k,o]    unit u is in a block at batch k AND uses option o (for time)
+
+Objective, lexicographic in two solves: (1) least predicted time; (2) with
+time held within ``tie_tolerance`` of the optimum, the widest heads (least
+sum of option ranks, option 0 being the widest).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from ortools.sat.python import cp_model
+
+from neuroflux.planner.problem import (
+    BlockChoice,
+    Problem,
+    Solution,
+    _pass_time_s,
+    block_cache_ok,
+    block_steps,
+    plan_time_s,
+)
+
+__all__ = ["SolverConfig", "solve_cpsat"]
+
+_US = 1e6  # times enter the model as integer microseconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverConfig:
+    time_limit_s: float = 30.0
+    """Wall-clock limit for each of the two solves."""
+    seed: int = 0
+    workers: int = 0
+    """CP-SAT search workers (0: one per core)."""
+    tie_tolerance: float = 0.01
+    """Phase 2 may spend up to this share of extra time for wider heads."""
+
+    def __post_init__(self) -> None:
+        if self.time_limit_s <= 0:
+            raise ValueError("time_limit_s must be > 0")
+        if not 0 <= self.tie_tolerance < 1:
+            raise ValueError("tie_tolerance must be in [0, 1)")
+
+
+def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig()) -> Solution:
+    t0 = time.perf_counter()
+    n, K = p.n, len(p.batch_sizes)
+
+    # ---- data: which (s, e, k) blocks can exist at all -------------------
+    # A block is possible if its caches fit and, with every unit at its
+    # lightest head, it fits device memory (a cheap prefilter; the exact
+    # constraint below still decides).
+    def lightest_peak(s: int, e: int, b: int) -> int:
+        units = p.units[s : e + 1]
+        static = sum(min(o.static_bytes for o in u.options) for u in units)
+        return static + max(min(o.dyn_bytes(b) for o in u.options) for u in units)
+
+    possible = [
+        (s, e, k)
+        for s in range(n)
+        for e in range(s, n)
+        if block_cache_ok(p, s, e)
+        for k in range(K)
+        if lightest_peak(s, e, p.batch_sizes[k]) <= p.cap_bytes
+    ]
+
+    # ---- variables -------------------------------------------------------
+    m = cp_model.CpModel()
+    seg = {(s, e, k): m.new_bool_var(f"seg[{s},{e},{k}]") for (s, e, k) in possible}
+    x = {(u, o): m.new_bool_var(f"x[{u},{o}]") for u in range(n) for o in range(len(p.units[u].options))}
+    y = {
+        (u, k, o): m.new_bool_var(f"y[{u},{k},{o}]")
+        for u in range(n)
+        for k in range(K)
+        for o in range(len(p.units[u].options))
+    }
+
+    # ---- constraints -----------------------------------------------------
+    # Exactly one head per unit.
+    for u in range(n):
+        m.add_exactly_one(x[u, o] for o in range(len(p.units[u].options)))
+    # Partition: every unit is covered by exactly one chosen block.
+    for u in range(n):
+        m.add_exactly_one(seg[s, e, k] for (s, e, k) in seg if s <= u <= e)
+    # in_k[u,k] = 1 iff u's block runs at batch k (a sum of disjoint segs).
+    in_k = {}
+    for u in range(n):
+        for k in range(K):
+            in_k[u, k] = sum(seg[s, e, kk] for (s, e, kk) in seg if kk == k and s <= u <= e)
+    # y >= in_k + x - 1; minimisation drives y to the AND.
+    for (u, k, o), var in y.items():
+        m.add(var >= in_k[u, k] + x[u, o] - 1)
+    # Memory: if block (s, e, k) is chosen, then for each unit u in it,
+    #   sum_{v in s..e} static(v) + dyn(u, b_k) <= cap.
+    # This is the max over u in the peak formula, written as one row per u.
+    for (s, e, k), var in seg.items():
+        b = p.batch_sizes[k]
+        static = sum(
+            p.units[v].options[o].static_bytes * x[v, o] for v in range(s, e + 1) for o in range(len(p.units[v].options))
+        )
+        for u in range(s, e + 1):
+            dyn = sum(p.units[u].options[o].dyn_bytes(b) * x[u, o] for o in range(len(p.units[u].options)))
+            m.add(static + dyn <= p.cap_bytes).only_enforce_if(var)
+    if p.max_blocks is not None:
+        m.add(sum(seg.values()) <= p.max_blocks)
+
+    # ---- objective (phase 1: time) -------------------------------------
+    train_terms = [
+        round(block_steps(p, p.batch_sizes[k]) * p.units[u].options[o].step_s(p.batch_sizes[k]) * _US) * var
+        for (u, k, o), var in y.items()
+    ]
+    pass_terms = [round(_pass_time_s(p, s, e) * _US) * var for (s, e, k), var in seg.items()]
+    time_expr = sum(train_terms) + sum(pass_terms)
+    m.minimize(time_expr)
+
+    # ---- solve -----------------------------------------------------------
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = config.time_limit_s
+    solver.parameters.random_seed = config.seed
+    if config.workers:
+        solver.parameters.num_workers = config.workers
+    status = solver.solve(m)
+    n_vars, n_cons = len(m.proto.variables), len(m.proto.constraints)
+    stats = {"phase1_wall_s": solver.wall_time, "phase1_branches": float(solver.num_branches)}
+
+    # ---- status check ----------------------------------------------------
+    if status == cp_model.INFEASIBLE or (status == cp_model.UNKNOWN and not possible):
+        return Solution(
+            status="infeasible",
+            wall_time_s=time.perf_counter() - t0,
+            num_variables=n_vars,
+            num_constraints=n_cons,
+            message="no split into blocks fits the memory and cache budgets",
+            stats=stats,
+        )
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return Solution(
+            status="timeout",
+            wall_time_s=time.perf_counter() - t0,
+            num_variables=n_vars,
+            num_constraints=n_cons,
+            message=f"CP-SAT found no plan within {config.time_limit_s}s ({solver.status_name(status)}); "
+            "raise --time-limit",
+            stats=stats,
+        )
+    optimal = status == cp_model.OPTIMAL
+    best_us = round(solver.objective_value)
+    bound_s = solver.best_objective_bound / _US
+
+    # ---- phase 2: widest heads at (nearly) the same time -----------------
+    m.add(time_expr <= math.floor(best_us * (1 + config.tie_tolerance)))
+    m.minimize(sum(o * var for (u, o), var in x.items()))
+    for (u, o), var in x.items():  # start from the phase-1 solution
+        m.add_hint(var, solver.boolean_value(var))
+    for key, var in seg.items():
+        m.add_hint(var, solver.boolean_value(var))
+    chosen = solver
+    solver2 = cp_model.CpSolver()
+    solver2.parameters.max_time_in_seconds = config.time_limit_s
+    solver2.parameters.random_seed = config.seed
+    if config.workers:
+        solver2.parameters.num_workers = config.workers
+    status2 = solver2.solve(m)
+    stats["phase2_wall_s"] = solver2.wall_time
+    if status2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        chosen = solver2
+        optimal = optimal and status2 == cp_model.OPTIMAL
+
+    blocks = sorted(
+        (BlockChoice(start=s, end=e, batch_size=p.batch_sizes[k]) for (s, e, k), var in seg.items() if chosen.boolean_value(var)),
+        key=lambda b: b.start,
+    )
+    options = tuple(
+        next(o for o in range(len(p.units[u].options)) if chosen.boolean_value(x[u, o])) for u in range(n)
+    )
+    return Solution(
+        status="optimal" if optimal else "feasible",
+        blocks=tuple(blocks),
+        options=options,
+        time_s=plan_time_s(p, blocks, options),
+        lower_bound_s=bound_s,
+        wall_time_s=time.perf_counter() - t0,
+        num_variables=n_vars,
+        num_constraints=n_cons,
+        stats=stats,
+    )

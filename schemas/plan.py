@@ -1,0 +1,434 @@
+"""Typed plan records, and the one loader that validates a plan file.
+
+A plan is what ``nf-plan`` decides and ``nf-run`` executes. Every decision the
+runtime acts on is here, named by stable torch.fx node names. Byte counts are
+ints named ``*_bytes``; times are floats named ``*_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from neuroflux.errors import NeuroFluxError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AuxHead",
+    "Baseline",
+    "Baselines",
+    "Block",
+    "CacheSpec",
+    "DeviceSpec",
+    "ExitPolicy",
+    "GraphEdge",
+    "GraphNode",
+    "ModelSpec",
+    "Plan",
+    "PlanError",
+    "Predicted",
+    "ProfileInfo",
+    "Recipe",
+    "SolverInfo",
+    "Unit",
+    "UnitProfile",
+    "load_plan",
+    "plan_from_dict",
+    "plan_to_dict",
+    "save_plan",
+    "schema",
+]
+
+#: Major.minor. A reader accepts any plan with the same major and a minor up
+#: to its own; a newer plan is refused with a message to upgrade.
+SCHEMA_VERSION = "1.0"
+
+
+class PlanError(NeuroFluxError):
+    """A plan file that cannot be used: missing, corrupt, invalid or too new."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The model file a plan was made for."""
+
+    file: str
+    """Path of the model file, absolute or relative to the plan file."""
+    sha256: str
+    """Hex digest of the model file's bytes when planned."""
+    factory: str
+    """Name of the function that builds the untrained ``nn.Module``."""
+    datasets: str
+    """Name of the function returning ``(train, val)`` datasets."""
+    input_shape: list[int]
+    """Shape of one sample, (C, H, W)."""
+    num_classes: int
+    params: int
+    """Parameters of the original model, its own head included."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceSpec:
+    """Where the plan runs and what memory it may use."""
+
+    kind: Literal["cuda", "cpu"]
+    """Target device type; on CPU the budget is accounted, not enforced."""
+    name: str
+    """Device name when planned (for the record only)."""
+    budget_text: str
+    """The budget as the user gave it (or as read from NVML)."""
+    budget_bytes: int
+    budget_source: Literal["flag", "nvml"]
+    margin_fraction: float
+    """Share of the budget held back for allocator rounding and
+    fragmentation: every predicted peak is at most budget * (1 - margin)."""
+    cache_budget_bytes: int
+    """Host RAM or disk for one block's input plus output cache."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuxHead:
+    """A unit's local classifier (its early exit)."""
+
+    kind: Literal["conv", "linear"]
+    """``conv``: 3x3 conv(width)+BN+ReLU, 2x2 avg-pool, linear. ``linear``:
+    global avg-pool (if spatial) and a linear layer."""
+    width: int
+    """Filters of the conv (0 for ``linear``)."""
+    params: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnitProfile:
+    """Predicted cost of one training step of a unit with its chosen head.
+
+    Memory of a step at batch ``b``: ``static_bytes`` (params, buffers,
+    optimizer state: resident for the whole block) plus
+    ``dyn_fixed_bytes + dyn_per_sample_bytes * b`` (input, saved activations,
+    output, gradients: alive only while this unit steps). Time:
+    ``step_fixed_s + step_per_sample_s * b``.
+    """
+
+    static_bytes: int
+    dyn_fixed_bytes: int
+    dyn_per_sample_bytes: int
+    step_fixed_s: float
+    step_per_sample_s: float
+    fwd_per_sample_s: float
+    """Inference time per sample of the unit alone (for cache writes)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unit:
+    """A span of the traced graph trained on its own local loss."""
+
+    name: str
+    """Stable id, ``u<index>``."""
+    index: int
+    nodes: list[str]
+    """torch.fx node names executed by this unit, in graph order."""
+    input_node: str
+    """fx node producing this unit's input (the placeholder for unit 0)."""
+    output_node: str
+    """fx node whose value is this unit's output (a cut point)."""
+    input_shape: list[int]
+    output_shape: list[int]
+    """Per-sample shapes (batch dim dropped)."""
+    params: int
+    out_bytes_per_sample: int
+    """Bytes of one cached output sample at the plan's cache dtype."""
+    is_last: bool
+    """The last unit exits through the model's own head (no aux head)."""
+    aux: AuxHead | None
+    profile: UnitProfile
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSpec:
+    """How a block's outputs are stored for the next block."""
+
+    location: Literal["ram", "disk"]
+    dtype: Literal["float32", "float16"]
+    bytes: int
+    """Train plus val outputs of the block at this dtype."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Block:
+    """Consecutive units trained together at one batch size."""
+
+    index: int
+    units: list[str]
+    batch_size: int
+    epochs: int
+    lr: float
+    """Peak learning rate for this block's optimizers (scaled from the
+    recipe's base rate by the batch-size rule)."""
+    steps: int
+    """Optimizer steps per unit: epochs * ceil(train_size / batch_size)."""
+    predicted_peak_bytes: int
+    predicted_time_s: float
+    """Training steps plus writing the output cache."""
+    cache: CacheSpec | None
+    """Output cache; None for the last block."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """How every block is trained."""
+
+    optimizer: Literal["sgd"]
+    lr: float
+    """Base learning rate at ``base_batch_size``."""
+    base_batch_size: int
+    lr_scaling: Literal["sqrt", "linear", "none"]
+    momentum: float
+    weight_decay: float
+    schedule: Literal["cosine", "constant"]
+    epochs_per_block: int
+    seed: int
+    train_size: int
+    val_size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExitPolicy:
+    """When to stop adding blocks, and which exit to keep."""
+
+    patience: int
+    """Stop after this many blocks in a row whose best exit does not beat
+    the best so far by more than ``tolerance``."""
+    tolerance: float
+    """Accuracy (0..1) within which exits count as equal."""
+    prefer: Literal["shallowest", "best"]
+    """``shallowest``: the earliest exit within ``tolerance`` of the best."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Baseline:
+    """End-to-end training of the original model under the same budget."""
+
+    batch_size: int
+    """Largest candidate batch whose predicted peak fits (0: none fits)."""
+    predicted_peak_bytes: int
+    predicted_time_s: float
+    epochs: int
+    fits: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Baselines:
+    bp: Baseline
+    bp_checkpoint: Baseline
+    """BP with activation checkpointing at every unit boundary."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Predicted:
+    time_s: float
+    speedup_vs_bp: float | None
+    """None where BP fits no batch size within the budget."""
+    speedup_vs_bp_checkpoint: float | None
+    peak_bytes: int
+    """Largest block peak."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverInfo:
+    strategy: Literal["optimal", "greedy"]
+    status: Literal["optimal", "feasible", "infeasible", "timeout"]
+    wall_time_s: float
+    time_limit_s: float
+    seed: int
+    objective_time_s: float
+    """Predicted training time of the chosen plan."""
+    lower_bound_s: float
+    """Best proven lower bound (equals the objective when optimal)."""
+    tie_tolerance: float
+    """Aux widths were widened while time stays within this share."""
+    num_variables: int
+    num_constraints: int
+    max_blocks: int | None
+    min_batch_size: int
+    max_batch_size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileInfo:
+    memory_source: Literal["fake", "measure"]
+    cost_source: Literal["flops", "measure"]
+    device_flops_per_s: float
+    """Throughput assumed by the FLOP cost model (0 when measured)."""
+    op_overhead_s: float
+    """Fixed cost per dispatched op assumed by the FLOP cost model."""
+    profile_batch_sizes: list[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraphNode:
+    """One fx node of the traced model, for graph views."""
+
+    name: str
+    op: str
+    target: str
+    unit: str | None
+    """Unit that executes it (None for placeholder/output)."""
+    shape: list[int] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraphEdge:
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    schema_version: str
+    created_by: str
+    model: ModelSpec
+    device: DeviceSpec
+    budget_bytes: int
+    """Same as ``device.budget_bytes``; top-level for tools that read it."""
+    recipe: Recipe
+    exit_policy: ExitPolicy
+    units: list[Unit]
+    blocks: list[Block]
+    graph_nodes: list[GraphNode]
+    graph_edges: list[GraphEdge]
+    baseline: Baselines
+    predicted: Predicted
+    solver: SolverInfo
+    profile: ProfileInfo
+
+    def __post_init__(self) -> None:
+        names = [u.name for u in self.units]
+        planned = [n for b in self.blocks for n in b.units]
+        if planned != names:
+            raise PlanError(
+                f"plan blocks cover units {planned}, expected every unit once in order {names}"
+            )
+        if self.budget_bytes != self.device.budget_bytes:
+            raise PlanError("budget_bytes differs from device.budget_bytes")
+
+    def unit(self, name: str) -> Unit:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------
+# dict <-> dataclass, driven by the type hints above.
+
+
+def _from_json(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _from_json(args[0], value)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return [_from_json(item, v) for v in value]
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        kwargs = {f.name: _from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)}
+        return tp(**kwargs)
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def plan_from_dict(data: dict[str, Any]) -> Plan:
+    """Validate ``data`` against the schema and build the typed plan."""
+    _check_version(data)
+    _validate(data)
+    try:
+        return _from_json(Plan, data)
+    except (KeyError, TypeError) as e:  # schema and dataclasses disagree: a bug
+        raise AssertionError(f"plan passed the schema but not the types: {e}") from e
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    return dataclasses.asdict(plan)
+
+
+def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
+    """Validate and write atomically (temp file, then rename)."""
+    data = plan_to_dict(plan)
+    _validate(data)
+    _atomic_write_text(Path(path), json.dumps(data, indent=1) + "\n")
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read, validate and type a plan file. Raises PlanError with the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"plan file {p} not found; make one with: nf-plan model.py --budget 1GB -o {p}")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlanError(f"plan file {p} is not valid JSON ({e}); re-create it with nf-plan") from e
+    if not isinstance(data, dict):
+        raise PlanError(f"plan file {p} holds a JSON {type(data).__name__}, not a plan object")
+    try:
+        return plan_from_dict(data)
+    except PlanError as e:
+        raise PlanError(f"{p}: {e}") from e
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    """The JSON Schema of plan files."""
+    text = resources.files("neuroflux.schemas").joinpath("plan.schema.json").read_text()
+    return json.loads(text)
+
+
+def _check_version(data: dict[str, Any]) -> None:
+    version = data.get("schema_version")
+    if not isinstance(version, str) or version.count(".") != 1:
+        raise PlanError(f"schema_version is {version!r}, expected 'MAJOR.MINOR'; re-create the plan with nf-plan")
+    major, minor = (int(x) if x.isdigit() else -1 for x in version.split("."))
+    my_major, my_minor = (int(x) for x in SCHEMA_VERSION.split("."))
+    if major > my_major or (major == my_major and minor > my_minor):
+        raise PlanError(
+            f"plan schema version {version} is newer than this NeuroFlux reads ({SCHEMA_VERSION}); "
+            "upgrade neuroflux, or re-plan with this version's nf-plan"
+        )
+    if major != my_major or minor < 0:
+        raise PlanError(f"plan schema version {version} is not supported (this NeuroFlux reads {SCHEMA_VERSION}); re-plan")
+
+
+def _validate(data: dict[str, Any]) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        first = errors[0]
+        where = "/".join(str(p) for p in first.absolute_path) or "(top level)"
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise PlanError(f"invalid plan at {where}: {first.message}{more}; re-create it with nf-plan")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,109 @@
+"""The CP-SAT model against an exact brute-force reference, and the greedy plan."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from neuroflux.planner.problem import (
+    AuxOption,
+    Problem,
+    UnitCost,
+    candidate_batch_sizes,
+    check_solution,
+    min_feasible_budget_bytes,
+    plan_time_s,
+)
+from neuroflux.planner.solve_cpsat import SolverConfig, solve_cpsat
+from neuroflux.planner.solve_greedy import solve_greedy
+from reference import brute_force
+
+
+def random_problem(rng: random.Random, *, n: int) -> Problem:
+    units = []
+    for i in range(n):
+        per_sample = rng.choice([1, 2, 4, 8, 16]) * 1024 * rng.randint(1, 4)
+        static = rng.randint(1, 64) * 1024 * 64
+        opts = []
+        for j in range(rng.randint(1, 3)):  # widest first: more memory, more time
+            shrink = 2**j
+            opts.append(
+                AuxOption(
+                    kind="conv",
+                    width=64 // shrink,
+                    head_params=1000 // shrink,
+                    static_bytes=static + 40960 // shrink,
+                    dyn_fixed_bytes=rng.randint(0, 8) * 1024,
+                    dyn_per_sample_bytes=per_sample + 4096 // shrink,
+                    step_fixed_s=rng.uniform(1e-4, 2e-3),
+                    step_per_sample_s=rng.uniform(1e-6, 5e-5) * (1 + 0.1 / shrink),
+                )
+            )
+        units.append(
+            UnitCost(name=f"u{i}", options=tuple(opts), out_bytes_per_sample=rng.choice([256, 1024, 4096]),
+                     fwd_per_sample_s=rng.uniform(1e-7, 1e-5))
+        )
+    batch_sizes = candidate_batch_sizes(min_batch=8, max_batch=rng.choice([32, 64, 256]))
+    return Problem(
+        units=tuple(units),
+        batch_sizes=batch_sizes,
+        train_size=rng.choice([1000, 5000]),
+        val_size=500,
+        epochs=rng.randint(1, 3),
+        cap_bytes=rng.randint(4, 40) * 1024 * 1024,
+        cache_budget_bytes=rng.choice([10**9, 12 * 1024 * 1024, 6 * 1024 * 1024]),
+        max_blocks=rng.choice([None, None, 2, 3]),
+    )
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_cpsat_matches_brute_force(seed: int) -> None:
+    p = random_problem(random.Random(seed), n=random.Random(seed).randint(2, 5))
+    ref = brute_force(p)
+    sol = solve_cpsat(p, SolverConfig(time_limit_s=20, seed=0, workers=2, tie_tolerance=0.0))
+    if ref is None:
+        assert sol.status == "infeasible", sol
+        return
+    assert sol.status == "optimal", sol.message
+    assert check_solution(p, sol) == []
+    # Objective terms are rounded to microseconds inside CP-SAT.
+    assert sol.time_s == pytest.approx(ref[0], abs=1e-4 * p.n * 4 + 1e-6)
+
+
+def test_enough_random_instances_are_feasible() -> None:
+    """Guard against a generator that only makes trivial (infeasible) cases."""
+    feasible = sum(brute_force(random_problem(random.Random(s), n=random.Random(s).randint(2, 5))) is not None for s in range(24))
+    assert feasible >= 20
+
+
+def test_phase_two_prefers_widest_heads_at_equal_time() -> None:
+    opt = lambda w, t: AuxOption(kind="conv", width=w, head_params=w, static_bytes=1000, dyn_fixed_bytes=0,
+                                 dyn_per_sample_bytes=100, step_fixed_s=t, step_per_sample_s=0.0)
+    u = UnitCost(name="u0", options=(opt(64, 1.0e-3), opt(32, 0.999e-3)), out_bytes_per_sample=4, fwd_per_sample_s=0)
+    p = Problem(units=(u, u), batch_sizes=(8, 16), train_size=160, val_size=16, epochs=1,
+                cap_bytes=10**6, cache_budget_bytes=10**9)
+    assert solve_cpsat(p, SolverConfig(tie_tolerance=0.0)).options == (1, 1)
+    assert solve_cpsat(p, SolverConfig(tie_tolerance=0.01)).options == (0, 0)
+
+
+def test_infeasible_budget_and_minimum() -> None:
+    p = random_problem(random.Random(3), n=3)
+    need = min_feasible_budget_bytes(p, margin_fraction=0.0)
+    tight = Problem(**{**p.__dict__, "cap_bytes": need - 1, "max_blocks": None, "cache_budget_bytes": 10**12})
+    ok = Problem(**{**p.__dict__, "cap_bytes": need, "max_blocks": None, "cache_budget_bytes": 10**12})
+    assert solve_cpsat(tight).status == "infeasible"
+    assert solve_cpsat(ok).status == "optimal"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_greedy_is_valid_and_never_beats_optimal(seed: int) -> None:
+    p = random_problem(random.Random(100 + seed), n=5)
+    p = Problem(**{**p.__dict__, "cache_budget_bytes": 10**12})
+    g = solve_greedy(p)
+    opt = solve_cpsat(p, SolverConfig(tie_tolerance=0.0))
+    if g.status == "infeasible":
+        return
+    assert check_solution(p, g) == []
+    assert g.time_s == pytest.approx(plan_time_s(p, g.blocks, g.options))
+    assert opt.time_s <= g.time_s + 1e-3
