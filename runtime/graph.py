@@ -52,8 +52,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "(if/for on tensor values) with tensor ops, or wrap the module with "
             "torch.fx.wrap / make it a leaf module"
         ) from e
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # GraphModule keeps only the modules the graph calls; the planner's
+    # policies look at the enclosing blocks, so keep the original at hand.
+    gm.meta["neuroflux_root"] = model
+    return gm
 
 
 class UnitModule(fx.GraphModule):

@@ -1,0 +1,26 @@
+"""VGG-16 with BatchNorm, CIFAR-style (32x32 input, one linear classifier).
+
+Fashion-MNIST images are zero-padded from 28x28 to 32x32. ``model_cifar`` /
+``datasets_cifar`` give the 3x32x32 variant on synthetic data (throughput only).
+"""
+
+from zoo import VGG, cifar_shaped, fmnist
+
+INPUT_SHAPE = (1, 32, 32)
+NUM_CLASSES = 10
+
+
+def model():
+    return VGG("vgg16", in_channels=1, num_classes=NUM_CLASSES)
+
+
+def datasets():
+    return fmnist(pad_to=32)
+
+
+def model_cifar():
+    return VGG("vgg16", in_channels=3, num_classes=10)
+
+
+def datasets_cifar():
+    return cifar_shaped()

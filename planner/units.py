@@ -1,0 +1,246 @@
+"""Units: spans of the traced graph between cut points.
+
+A *cut point* is a node whose output is the only activation alive at that
+point of the graph order: it dominates the output (``networkx.
+immediate_dominators`` from the input) and no earlier activation is read
+after it. Spans between cut points that hold a compute layer (a layer with
+parameters other than a normalisation) start a unit; parameter-free spans and
+norms join the unit before them, so a conv keeps its norm, activation and
+pool. Everything after the last feature map (flatten, the classifier) belongs
+to the last unit, whose exit is the model's own output.
+
+Results go in ``node.meta`` under documented keys (see ``META_*``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
+
+from neuroflux.errors import NeuroFluxError
+
+__all__ = ["UnitSpan", "find_units", "keep_small_blocks_whole", "propagate_shapes", "activation_graph", "META_SHAPE", "META_UNIT"]
+
+#: ``node.meta[META_SHAPE]``: per-sample output shape (tuple of ints) or None.
+META_SHAPE = "neuroflux_shape"
+#: ``node.meta[META_UNIT]``: index of the unit that executes the node.
+META_UNIT = "neuroflux_unit"
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnitSpan:
+    index: int
+    nodes: tuple[str, ...]
+    input_node: str
+    output_node: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    params: int
+
+
+def propagate_shapes(gm: fx.GraphModule, input_shape: Sequence[int], fake_mode: FakeTensorMode, *, batch: int = 2) -> None:
+    """Run ShapeProp on fake tensors and store per-sample shapes in meta."""
+    with fake_mode:
+        x = torch.empty((batch, *input_shape))
+    try:
+        ShapeProp(gm, fake_mode=fake_mode).propagate(x)
+    except Exception as e:
+        raise NeuroFluxError(
+            f"running the model on an input of shape {(batch, *input_shape)} failed: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}; check INPUT_SHAPE in the model file"
+        ) from e
+    for node in gm.graph.nodes:
+        tm = node.meta.get("tensor_meta")
+        shape = getattr(tm, "shape", None)
+        node.meta[META_SHAPE] = tuple(shape[1:]) if shape is not None and len(shape) >= 1 else None
+
+
+def activation_graph(gm: fx.GraphModule) -> nx.DiGraph:
+    """Nodes reachable from the input (activations), with data edges."""
+    g = nx.DiGraph()
+    (inp,) = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    reach = {inp}
+    for node in gm.graph.nodes:  # graph order is topological
+        if node in reach:
+            g.add_node(node.name)
+            for user in node.users:
+                reach.add(user)
+                g.add_edge(node.name, user.name)
+    return g
+
+
+def _cut_points(gm: fx.GraphModule, g: nx.DiGraph) -> list[fx.Node]:
+    nodes = list(gm.graph.nodes)
+    order = {n.name: i for i, n in enumerate(nodes)}
+    inp = nodes[0] if nodes[0].op == "placeholder" else next(n for n in nodes if n.op == "placeholder")
+    out = next(n for n in nodes if n.op == "output")
+    if not isinstance(out.args[0], fx.Node):
+        raise NeuroFluxError("the model's forward must return one tensor (the logits), not a tuple or dict")
+    idom = nx.immediate_dominators(g, inp.name)
+    chain, v = [], out.name
+    while v != inp.name:
+        v = idom[v]
+        chain.append(v)
+    candidates = sorted(set(chain) - {out.name}, key=order.__getitem__)
+    # Confirm by liveness in graph order: nothing before the candidate is
+    # read after it (dead branches and odd orders make dominance alone loose).
+    last_use = {n.name: max((order[u.name] for u in n.users), default=order[n.name]) for n in nodes if n.name in g}
+    cuts = []
+    for name in candidates:
+        pos = order[name]
+        alive = [m for m in g if order[m] < pos and last_use[m] > pos]
+        node = nodes[pos]
+        if not alive and node.meta.get(META_SHAPE) is not None:
+            cuts.append(node)
+    return cuts
+
+
+def _is_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A layer with parameters that is not a normalisation."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return not isinstance(mod, _NORMS) and any(True for _ in mod.parameters())
+    if node.op in ("call_function", "call_method"):
+        return any(isinstance(a, fx.Node) and a.op == "get_attr" and _is_param(gm, a) for a in node.all_input_nodes)
+    return False
+
+
+def _orig(gm: fx.GraphModule, path: str) -> nn.Module:
+    """The module at ``path`` in the traced model (GraphModule rebuilds the
+    enclosing modules as plain ``nn.Module``; ``trace`` keeps the original)."""
+    root = gm.meta.get("neuroflux_root", gm)
+    return root.get_submodule(path)
+
+
+def _is_param(gm: fx.GraphModule, node: fx.Node) -> bool:
+    try:
+        return isinstance(gm.get_parameter(node.target), nn.Parameter)
+    except AttributeError:
+        return False
+
+
+def _params_of(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for node in nodes:
+        if node.op == "call_module":
+            for pname, p in gm.get_submodule(node.target).named_parameters():
+                out[f"{node.target}.{pname}"] = p.numel()
+        for a in node.all_input_nodes:
+            if a.op == "get_attr" and _is_param(gm, a):
+                out[a.target] = gm.get_parameter(a.target).numel()
+    return out
+
+
+#: Policy: should a cut inside this module (at this path) be dropped?
+KeepWhole = Callable[[nn.Module, str], bool]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def keep_small_blocks_whole(module: nn.Module, path: str, *, max_compute_layers: int = 4) -> bool:
+    """Default policy: a user-defined block (not a plain container, not a
+    torch.nn layer) with at most ``max_compute_layers`` conv/linear layers is
+    kept in one unit, like an inverted residual without its skip. Larger
+    user modules (a whole feature extractor) may still be cut inside."""
+    if isinstance(module, _CONTAINERS) or type(module).__module__.startswith("torch.nn"):
+        return False
+    compute = sum(1 for m in module.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)))
+    return compute <= max_compute_layers
+
+
+def _scopes(node: fx.Node) -> list[str]:
+    return list((node.meta.get("nn_module_stack") or {}).keys())
+
+
+def find_units(gm: fx.GraphModule, *, keep_whole: KeepWhole = keep_small_blocks_whole) -> list[UnitSpan]:
+    """Units of a shape-propagated GraphModule; writes ``META_UNIT``.
+
+    ``keep_whole`` is the policy for cuts inside modules: a cut between two
+    nodes that both run inside a module it accepts is not used.
+    """
+    g = activation_graph(gm)
+    nodes = list(gm.graph.nodes)
+    order = {n.name: i for i, n in enumerate(nodes)}
+    inp = next(n for n in nodes if n.op == "placeholder")
+    cuts = _cut_points(gm, g)
+    out_node = next(n for n in nodes if n.op == "output")
+    final = out_node.args[0]
+    if not cuts or cuts[-1] is not final:
+        cuts.append(final)
+
+    # Spans between consecutive cut points (activation nodes only).
+    spans: list[list[fx.Node]] = []
+    prev = order[inp.name]
+    for c in cuts:
+        span = [n for n in nodes[prev + 1 : order[c.name] + 1] if n.name in g and n.op not in ("output",)]
+        if span:
+            spans.append(span)
+        prev = order[c.name]
+
+    # Drop cuts that fall inside a module the policy keeps whole.
+    merged: list[list[fx.Node]] = []
+    for span in spans:
+        if merged:
+            shared = [p for p in _scopes(merged[-1][-1]) if p in _scopes(span[0])]
+            if any(keep_whole(_orig(gm, p), p) for p in shared):
+                merged[-1].extend(span)
+                continue
+        merged.append(list(span))
+
+    # Group: a span with a compute layer starts a unit; others join the last.
+    groups: list[list[fx.Node]] = []
+    for span in merged:
+        if any(_is_compute(gm, n) for n in span) or not groups:
+            groups.append(list(span))
+        else:
+            groups[-1].extend(span)
+    if len(groups) > 1 and not any(_is_compute(gm, n) for n in groups[0]):
+        groups[1] = groups[0] + groups[1]
+        groups.pop(0)
+    # The classifier (everything after the last feature map) joins the last unit.
+    spatial = [
+        i for i, grp in enumerate(groups) if any(_is_compute(gm, n) and len(n.meta.get(META_SHAPE) or ()) >= 2 for n in grp)
+    ]
+    if spatial and spatial[-1] < len(groups) - 1:
+        k = spatial[-1]
+        groups[k:] = [[n for grp in groups[k:] for n in grp]]
+
+    # Each parameter in exactly one unit: local learning cannot share weights.
+    owner: dict[str, int] = {}
+    for i, grp in enumerate(groups):
+        for pname in _params_of(gm, grp):
+            if pname in owner and owner[pname] != i:
+                raise NeuroFluxError(
+                    f"parameter '{pname}' is used by units {owner[pname]} and {i}; local learning needs every "
+                    "parameter inside one unit (untie the weights, or fuse those layers into one module)"
+                )
+            owner[pname] = i
+
+    units = []
+    prev_node = inp
+    for i, grp in enumerate(groups):
+        for n in grp:
+            n.meta[META_UNIT] = i
+        last = grp[-1]
+        units.append(
+            UnitSpan(
+                index=i,
+                nodes=tuple(n.name for n in grp),
+                input_node=prev_node.name,
+                output_node=last.name,
+                input_shape=tuple(prev_node.meta[META_SHAPE]),
+                output_shape=tuple(last.meta[META_SHAPE]),
+                params=sum(_params_of(gm, grp).values()),
+            )
+        )
+        prev_node = last
+    return units
