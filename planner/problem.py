@@ -126,10 +126,11 @@ class Solution:
 
 
 def candidate_batch_sizes(*, min_batch: int, max_batch: int) -> tuple[int, ...]:
-    """Powers of two and 1.5x powers of two in [min_batch, max_batch], plus both ends."""
+    """Powers of two and 1.5x powers of two in [min_batch, max_batch], plus
+    ``min_batch`` itself (multiples of 8 from 8 on)."""
     if min_batch < 1 or max_batch < min_batch:
         raise ValueError(f"need 1 <= min_batch <= max_batch, got {min_batch}, {max_batch}")
-    out = {min_batch, max_batch}
+    out = {min_batch}
     p = 1
     while p <= max_batch:
         for c in (p, 3 * p // 2):

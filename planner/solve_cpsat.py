@@ -53,7 +53,8 @@ class SolverConfig:
             raise ValueError("tie_tolerance must be in [0, 1)")
 
 
-def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig()) -> Solution:
+def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solution | None = None) -> Solution:
+    """Optimal plan for ``p``. ``hint`` (e.g. the greedy plan) seeds the search."""
     t0 = time.perf_counter()
     n, K = p.n, len(p.batch_sizes)
 
@@ -78,39 +79,29 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig()) -> Solution:
     # ---- variables -------------------------------------------------------
     m = cp_model.CpModel()
     seg = {(s, e, k): m.new_bool_var(f"seg[{s},{e},{k}]") for (s, e, k) in possible}
-    x = {(u, o): m.new_bool_var(f"x[{u},{o}]") for u in range(n) for o in range(len(p.units[u].options))}
-    y = {
-        (u, k, o): m.new_bool_var(f"y[{u},{k},{o}]")
-        for u in range(n)
-        for k in range(K)
-        for o in range(len(p.units[u].options))
-    }
+    opts = [range(len(u.options)) for u in p.units]
+    z = {(u, k, o): m.new_bool_var(f"z[{u},{k},{o}]") for u in range(n) for k in range(K) for o in opts[u]}
+    # x[u,o]: unit u uses aux option o (an expression: one batch per unit).
+    x = {(u, o): sum(z[u, k, o] for k in range(K)) for u in range(n) for o in opts[u]}
 
     # ---- constraints -----------------------------------------------------
-    # Exactly one head per unit.
-    for u in range(n):
-        m.add_exactly_one(x[u, o] for o in range(len(p.units[u].options)))
     # Partition: every unit is covered by exactly one chosen block.
     for u in range(n):
         m.add_exactly_one(seg[s, e, k] for (s, e, k) in seg if s <= u <= e)
-    # in_k[u,k] = 1 iff u's block runs at batch k (a sum of disjoint segs).
-    in_k = {}
+    # Linking (exact, so the relaxation stays tight): unit u picks one option
+    # at batch k iff its block runs at batch k.
     for u in range(n):
         for k in range(K):
-            in_k[u, k] = sum(seg[s, e, kk] for (s, e, kk) in seg if kk == k and s <= u <= e)
-    # y >= in_k + x - 1; minimisation drives y to the AND.
-    for (u, k, o), var in y.items():
-        m.add(var >= in_k[u, k] + x[u, o] - 1)
+            covering = [seg[s, e, kk] for (s, e, kk) in seg if kk == k and s <= u <= e]
+            m.add(sum(z[u, k, o] for o in opts[u]) == sum(covering))
     # Memory: if block (s, e, k) is chosen, then for each unit u in it,
-    #   sum_{v in s..e} static(v) + dyn(u, b_k) <= cap.
-    # This is the max over u in the peak formula, written as one row per u.
+    #   sum_{v in s..e} static(v) + dyn(u, b_k) <= cap,
+    # the max over u of the peak formula written as one row per u.
     for (s, e, k), var in seg.items():
         b = p.batch_sizes[k]
-        static = sum(
-            p.units[v].options[o].static_bytes * x[v, o] for v in range(s, e + 1) for o in range(len(p.units[v].options))
-        )
+        static = sum(p.units[v].options[o].static_bytes * z[v, k, o] for v in range(s, e + 1) for o in opts[v])
         for u in range(s, e + 1):
-            dyn = sum(p.units[u].options[o].dyn_bytes(b) * x[u, o] for o in range(len(p.units[u].options)))
+            dyn = sum(p.units[u].options[o].dyn_bytes(b) * z[u, k, o] for o in opts[u])
             m.add(static + dyn <= p.cap_bytes).only_enforce_if(var)
     if p.max_blocks is not None:
         m.add(sum(seg.values()) <= p.max_blocks)
@@ -118,11 +109,13 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig()) -> Solution:
     # ---- objective (phase 1: time) -------------------------------------
     train_terms = [
         round(block_steps(p, p.batch_sizes[k]) * p.units[u].options[o].step_s(p.batch_sizes[k]) * _US) * var
-        for (u, k, o), var in y.items()
+        for (u, k, o), var in z.items()
     ]
     pass_terms = [round(_pass_time_s(p, s, e) * _US) * var for (s, e, k), var in seg.items()]
     time_expr = sum(train_terms) + sum(pass_terms)
     m.minimize(time_expr)
+    if hint is not None and hint.status == "feasible":
+        _add_hint(m, p, hint, seg, z)
 
     # ---- solve -----------------------------------------------------------
     solver = cp_model.CpSolver()
@@ -160,10 +153,9 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig()) -> Solution:
 
     # ---- phase 2: widest heads at (nearly) the same time -----------------
     m.add(time_expr <= math.floor(best_us * (1 + config.tie_tolerance)))
-    m.minimize(sum(o * var for (u, o), var in x.items()))
-    for (u, o), var in x.items():  # start from the phase-1 solution
-        m.add_hint(var, solver.boolean_value(var))
-    for key, var in seg.items():
+    m.minimize(sum(o * var for (u, k, o), var in z.items()))
+    m.clear_hints()
+    for var in (*z.values(), *seg.values()):  # start from the phase-1 solution
         m.add_hint(var, solver.boolean_value(var))
     chosen = solver
     solver2 = cp_model.CpSolver()
@@ -182,7 +174,7 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig()) -> Solution:
         key=lambda b: b.start,
     )
     options = tuple(
-        next(o for o in range(len(p.units[u].options)) if chosen.boolean_value(x[u, o])) for u in range(n)
+        next(o for o in opts[u] for k in range(K) if chosen.boolean_value(z[u, k, o])) for u in range(n)
     )
     return Solution(
         status="optimal" if optimal else "feasible",
@@ -195,3 +187,14 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig()) -> Solution:
         num_constraints=n_cons,
         stats=stats,
     )
+
+
+def _add_hint(m: cp_model.CpModel, p: Problem, hint: Solution, seg: dict, z: dict) -> None:
+    chosen = {(b.start, b.end, p.batch_sizes.index(b.batch_size)) for b in hint.blocks}
+    if not chosen <= set(seg):
+        return
+    batch_of = {u: p.batch_sizes.index(b.batch_size) for b in hint.blocks for u in range(b.start, b.end + 1)}
+    for key, var in seg.items():
+        m.add_hint(var, key in chosen)
+    for (u, k, o), var in z.items():
+        m.add_hint(var, batch_of[u] == k and hint.options[u] == o)

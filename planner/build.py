@@ -1,0 +1,451 @@
+"""Making a plan: load, trace, find units, profile, solve, assemble.
+
+``make_plan`` is the library entry point behind ``nf-plan``. It reports
+progress through an optional callback and logs through ``logging``; tables
+and bars belong to the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import neuroflux
+from neuroflux.errors import NeuroFluxError
+from neuroflux.planner.problem import (
+    AuxOption,
+    Problem,
+    Solution,
+    UnitCost,
+    block_peak_bytes,
+    block_steps,
+    block_time_s,
+    cache_bytes,
+    candidate_batch_sizes,
+    min_feasible_budget_bytes,
+)
+from neuroflux.planner.profile import (
+    DeviceSpeed,
+    SGDConfig,
+    StepProfile,
+    forward_flops,
+    measure_device_speed,
+    measure_step_time,
+    profile_step,
+)
+from neuroflux.planner.solve_cpsat import SolverConfig, solve_cpsat
+from neuroflux.planner.solve_greedy import solve_greedy
+from neuroflux.planner.units import META_UNIT, UnitSpan, activation_graph, find_units, propagate_shapes
+from neuroflux.runtime.graph import split_units, trace
+from neuroflux.runtime.heads import build_head, head_widths
+from neuroflux.runtime.model_file import ModelFile, load_model_file
+from neuroflux.runtime.modules import CheckpointedChain, WithExit
+from neuroflux.schemas.plan import (
+    SCHEMA_VERSION,
+    AuxHead,
+    Baseline,
+    Baselines,
+    Block,
+    CacheSpec,
+    DeviceSpec,
+    ExitPolicy,
+    GraphEdge,
+    GraphNode,
+    ModelSpec,
+    Plan,
+    Predicted,
+    ProfileInfo,
+    Recipe,
+    SolverInfo,
+    Unit,
+    UnitProfile,
+)
+
+__all__ = ["PlanConfig", "PlanResult", "InfeasibleBudget", "make_plan", "lr_for_batch", "default_cache_budget_bytes"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+class InfeasibleBudget(NeuroFluxError):
+    """No plan fits; the message names the smallest budget that would."""
+
+    def __init__(self, message: str, *, min_budget_bytes: int | None) -> None:
+        super().__init__(message)
+        self.min_budget_bytes = min_budget_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """Everything ``nf-plan`` decides with (CLI flags map 1:1)."""
+
+    budget_bytes: int
+    budget_text: str
+    budget_source: Literal["flag", "nvml"] = "flag"
+    device_kind: Literal["cpu", "cuda"] = "cpu"
+    device_name: str = "cpu"
+    strategy: Literal["optimal", "greedy"] = "optimal"
+    epochs: int = 5
+    """Epochs per block (and for the BP baselines)."""
+    min_batch: int = 8
+    max_batch: int | None = None
+    """Default: min(512, train_size // 32), so every epoch has >= 32 steps."""
+    margin: float = 0.10
+    cache_budget_bytes: int | None = None
+    """Default: half of this machine's RAM."""
+    cache_location: Literal["ram", "disk"] = "ram"
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    max_blocks: int | None = None
+    time_limit_s: float = 30.0
+    seed: int = 0
+    cost: Literal["flops", "measure"] = "flops"
+    device_flops_per_s: float | None = None
+    op_overhead_s: float | None = None
+    lr: float = 0.1
+    base_batch_size: int = 128
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+    patience: int = 2
+    tolerance: float = 0.005
+    prefer: Literal["shallowest", "best"] = "shallowest"
+    train_size: int | None = None
+    val_size: int | None = None
+    factory: str | None = None
+    datasets: str = "datasets"
+    max_aux_options: int = 4
+    tie_tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.budget_bytes <= 0:
+            raise ValueError("budget_bytes must be > 0")
+        if not 0 <= self.margin < 1:
+            raise NeuroFluxError(f"--margin must be in [0, 1), got {self.margin}")
+        if self.epochs < 1:
+            raise NeuroFluxError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.min_batch < 1:
+            raise NeuroFluxError(f"--min-batch must be >= 1, got {self.min_batch}")
+        if self.max_batch is not None and self.max_batch < self.min_batch:
+            raise NeuroFluxError(f"--max-batch ({self.max_batch}) must be >= --min-batch ({self.min_batch})")
+        if self.max_blocks is not None and self.max_blocks < 1:
+            raise NeuroFluxError("--max-blocks must be >= 1")
+        if self.time_limit_s <= 0:
+            raise NeuroFluxError("--time-limit must be > 0")
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: Plan
+    problem: Problem
+    solution: Solution
+
+
+def lr_for_batch(lr: float, batch: int, *, base: int, rule: str) -> float:
+    scale = {"sqrt": math.sqrt(batch / base), "linear": batch / base, "none": 1.0}[rule]
+    return lr * scale
+
+
+def default_cache_budget_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode) -> tuple[tuple[int, ...], int, int, int, nn.Module]:
+    """Input shape, classes, train and val sizes; the fake model."""
+    shape = mf.constant("INPUT_SHAPE")
+    train_n, val_n = cfg.train_size, cfg.val_size
+    if shape is None or train_n is None or val_n is None:
+        if not mf.has_datasets():
+            raise NeuroFluxError(
+                f"{mf.path} has no {mf.datasets_name}(); define it, or give INPUT_SHAPE in the file and "
+                "--train-size/--val-size on the command line"
+            )
+        train, val = mf.datasets()
+        train_n = train_n or len(train)
+        val_n = val_n or len(val)
+        if shape is None:
+            sample = train[0][0]
+            if not isinstance(sample, torch.Tensor):
+                raise NeuroFluxError(f"{mf.path}: datasets must yield (tensor, int) pairs, got {type(sample).__name__}")
+            shape = tuple(sample.shape)
+    shape = tuple(int(s) for s in shape)
+    with fake:
+        model = mf.build()
+    classes = mf.constant("NUM_CLASSES")
+    with fake:
+        try:
+            out = model(torch.empty(2, *shape))
+        except Exception as e:
+            raise NeuroFluxError(
+                f"{mf.path}: {mf.factory_name}() model fails on an input of shape (2, {', '.join(map(str, shape))}): "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; check INPUT_SHAPE"
+            ) from e
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise NeuroFluxError(
+            f"{mf.path}: the model must return logits of shape (batch, classes); for a batch of 2 it returned {got}"
+        )
+    if classes is not None and int(classes) != out.shape[1]:
+        raise NeuroFluxError(f"{mf.path}: NUM_CLASSES is {classes} but the model outputs {out.shape[1]} classes")
+    return shape, int(out.shape[1]), int(train_n), int(val_n), model
+
+
+def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", progress: Progress | None = None) -> PlanResult:
+    t_start = time.perf_counter()
+    report = progress or (lambda desc, done, total: None)
+    torch.manual_seed(cfg.seed)
+    mf = load_model_file(model_spec, factory=cfg.factory, datasets=cfg.datasets)
+    fake = FakeTensorMode()
+    shape, classes, train_n, val_n, fake_model = _infer_meta(mf, cfg, fake)
+    gm = trace(fake_model)
+    propagate_shapes(gm, shape, fake)
+    spans = find_units(gm)
+    unit_mods = split_units(gm, [s.nodes for s in spans])
+    sgd = SGDConfig(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    speed = _device_speed(cfg)
+    dtype_bytes = 2 if cfg.cache_dtype == "float16" else 4
+
+    real_mods: list[nn.Module] | None = None
+    if cfg.cost == "measure":
+        torch.manual_seed(cfg.seed)
+        real_gm = trace(mf.build())
+        real_mods = split_units(real_gm, [s.nodes for s in spans])
+    device = torch.device(cfg.device_kind if cfg.cost == "measure" else "cpu")
+    if cfg.cost == "measure" and cfg.device_kind == "cuda" and not torch.cuda.is_available():
+        raise NeuroFluxError("--cost measure with a CUDA target needs a CUDA device here; use --cost flops")
+
+    last = len(spans) - 1
+    total_jobs = sum(len(_options_for(s, cfg, last=s.index == last)) for s in spans) + 2
+    done = 0
+    unit_costs: list[UnitCost] = []
+    for span, mod in zip(spans, unit_mods):
+        options = []
+        for kind, width in _options_for(span, cfg, last=span.index == last):
+            report("profiling units", done, total_jobs)
+            with fake:
+                head = None if kind == "model" else build_head(kind, span.output_shape, width, classes)
+            prof = profile_step(WithExit(mod, head), span.input_shape, classes, fake_mode=fake, sgd=sgd)
+            step_fixed, step_per = _step_time(cfg, speed, prof, span, mod, kind, width, classes, real_mods, device, sgd)
+            options.append(
+                AuxOption(
+                    kind=kind,
+                    width=width,
+                    head_params=0 if head is None else sum(p.numel() for p in head.parameters()),
+                    static_bytes=prof.static_bytes,
+                    dyn_fixed_bytes=prof.dyn_fixed_bytes,
+                    dyn_per_sample_bytes=prof.dyn_per_sample_bytes,
+                    step_fixed_s=step_fixed,
+                    step_per_sample_s=step_per,
+                )
+            )
+            done += 1
+        fwd_s = forward_flops(mod, span.input_shape, fake_mode=fake) / speed.flops_per_s
+        unit_costs.append(
+            UnitCost(name=f"u{span.index}", options=tuple(options),
+                     out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes, fwd_per_sample_s=fwd_s)
+        )
+
+    max_batch = cfg.max_batch or max(cfg.min_batch, min(512, train_n // 32))
+    max_batch = min(max_batch, train_n) if train_n >= cfg.min_batch else cfg.min_batch
+    problem = Problem(
+        units=tuple(unit_costs),
+        batch_sizes=candidate_batch_sizes(min_batch=cfg.min_batch, max_batch=max_batch),
+        train_size=train_n,
+        val_size=val_n,
+        epochs=cfg.epochs,
+        cap_bytes=int(cfg.budget_bytes * (1 - cfg.margin)),
+        cache_budget_bytes=cfg.cache_budget_bytes or default_cache_budget_bytes(),
+        max_blocks=cfg.max_blocks,
+    )
+
+    report("profiling baselines", done, total_jobs)
+    bp_prof = profile_step(gm, shape, classes, fake_mode=fake, sgd=sgd)
+    ck_prof = profile_step(CheckpointedChain(unit_mods), shape, classes, fake_mode=fake, sgd=sgd)
+    bp = _baseline(problem, bp_prof, speed, cfg, real=None if real_mods is None else real_gm, shape=shape, classes=classes, device=device, sgd=sgd)
+    ck = _baseline(problem, ck_prof, speed, cfg, real=None if real_mods is None else CheckpointedChain(real_mods),
+                   shape=shape, classes=classes, device=device, sgd=sgd)
+    report("solving", total_jobs, total_jobs)
+
+    solver_cfg = SolverConfig(time_limit_s=cfg.time_limit_s, seed=cfg.seed, tie_tolerance=cfg.tie_tolerance)
+    greedy = solve_greedy(problem)
+    solution = solve_cpsat(problem, solver_cfg, hint=greedy) if cfg.strategy == "optimal" else greedy
+    if solution.status in ("infeasible", "timeout"):
+        _raise_infeasible(problem, solution, cfg)
+
+    plan = _assemble(
+        mf=mf, cfg=cfg, gm=gm, spans=spans, problem=problem, solution=solution, shape=shape, classes=classes,
+        bp=bp, ck=ck, speed=speed, plan_dir=Path(plan_dir), model_params=sum(p.numel() for p in fake_model.parameters()),
+        wall_s=time.perf_counter() - t_start,
+    )
+    return PlanResult(plan=plan, problem=problem, solution=solution)
+
+
+def _options_for(span: UnitSpan, cfg: PlanConfig, *, last: bool) -> list[tuple[str, int]]:
+    """Aux options, widest first; the last unit exits through the model's head."""
+    return [("model", 0)] if last else head_widths(span.output_shape, max_options=cfg.max_aux_options)
+
+
+def _device_speed(cfg: PlanConfig) -> DeviceSpeed:
+    if cfg.device_flops_per_s and cfg.op_overhead_s is not None:
+        return DeviceSpeed(flops_per_s=cfg.device_flops_per_s, op_overhead_s=cfg.op_overhead_s)
+    here = "cuda" if cfg.device_kind == "cuda" and torch.cuda.is_available() else "cpu"
+    if cfg.device_kind == "cuda" and here == "cpu" and cfg.device_flops_per_s is None:
+        log.warning("planning for CUDA on a machine without one: times use this CPU's speed unless --device-tflops is given")
+    measured = measure_device_speed(here)
+    return DeviceSpeed(
+        flops_per_s=cfg.device_flops_per_s or measured.flops_per_s,
+        op_overhead_s=measured.op_overhead_s if cfg.op_overhead_s is None else cfg.op_overhead_s,
+    )
+
+
+def _step_time(cfg, speed, prof: StepProfile, span, mod, kind, width, classes, real_mods, device, sgd) -> tuple[float, float]:
+    if cfg.cost == "flops":
+        return prof.ops * speed.op_overhead_s + prof.flops_fixed / speed.flops_per_s, prof.flops_per_sample / speed.flops_per_s
+    assert real_mods is not None
+    head = None if kind == "model" else build_head(kind, span.output_shape, width, classes)
+    module = WithExit(real_mods[span.index], head)
+    return measure_step_time(module, span.input_shape, classes, device=device, batches=(8, 32), sgd=sgd)
+
+
+def _baseline(problem: Problem, prof: StepProfile, speed: DeviceSpeed, cfg: PlanConfig, *, real, shape, classes, device, sgd) -> Baseline:
+    fitting = [b for b in problem.batch_sizes if prof.peak_bytes(b) <= problem.cap_bytes]
+    if not fitting:
+        return Baseline(batch_size=0, predicted_peak_bytes=prof.peak_bytes(problem.batch_sizes[0]), predicted_time_s=0.0,
+                        epochs=cfg.epochs, fits=False)
+    b = fitting[-1]
+    if real is not None:
+        fixed, per = measure_step_time(real, shape, classes, device=device, batches=(8, 32), sgd=sgd)
+        step = fixed + per * b
+    else:
+        step = speed.step_s(prof, b)
+    return Baseline(batch_size=b, predicted_peak_bytes=prof.peak_bytes(b), predicted_time_s=block_steps(problem, b) * step,
+                    epochs=cfg.epochs, fits=True)
+
+
+def _raise_infeasible(problem: Problem, solution: Solution, cfg: PlanConfig) -> None:
+    need = min_feasible_budget_bytes(problem, margin_fraction=cfg.margin)
+    from neuroflux.planner.budget import format_bytes
+
+    if solution.status == "timeout":
+        raise NeuroFluxError(f"the solver found no plan in time: {solution.message}")
+    if need > cfg.budget_bytes:
+        raise InfeasibleBudget(
+            f"budget {cfg.budget_text} ({cfg.budget_bytes} bytes) is too small: even one unit at batch "
+            f"{problem.batch_sizes[0]} with the narrowest aux head needs more. The smallest budget that works is "
+            f"{need} bytes ({format_bytes(need)}, with the {cfg.margin:.0%} margin); pass --budget {need} or more, "
+            "or lower --min-batch",
+            min_budget_bytes=need,
+        )
+    raise InfeasibleBudget(
+        f"no plan fits: {solution.message}. The device budget would allow one ({format_bytes(need)} suffices), "
+        "so the cache budget or --max-blocks is the limit: raise --cache-budget, use --cache-dtype float16, "
+        "or drop --max-blocks",
+        min_budget_bytes=None,
+    )
+
+
+def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], problem: Problem, solution: Solution,
+              shape, classes: int, bp: Baseline, ck: Baseline, speed: DeviceSpeed, plan_dir: Path, model_params: int,
+              wall_s: float) -> Plan:
+    units = []
+    for span, cost, opt_i in zip(spans, problem.units, solution.options):
+        o = cost.options[opt_i]
+        is_last = span.index == len(spans) - 1
+        units.append(
+            Unit(
+                name=cost.name, index=span.index, nodes=list(span.nodes), input_node=span.input_node,
+                output_node=span.output_node, input_shape=list(span.input_shape), output_shape=list(span.output_shape),
+                params=span.params, out_bytes_per_sample=cost.out_bytes_per_sample, is_last=is_last,
+                aux=None if is_last else AuxHead(kind=o.kind, width=o.width, params=o.head_params),
+                profile=UnitProfile(
+                    static_bytes=o.static_bytes, dyn_fixed_bytes=o.dyn_fixed_bytes,
+                    dyn_per_sample_bytes=o.dyn_per_sample_bytes, step_fixed_s=o.step_fixed_s,
+                    step_per_sample_s=o.step_per_sample_s, fwd_per_sample_s=cost.fwd_per_sample_s,
+                ),
+            )
+        )
+    blocks = []
+    for i, bc in enumerate(solution.blocks):
+        last_block = bc.end == problem.n - 1
+        blocks.append(
+            Block(
+                index=i, units=[problem.units[u].name for u in range(bc.start, bc.end + 1)], batch_size=bc.batch_size,
+                epochs=cfg.epochs,
+                lr=lr_for_batch(cfg.lr, bc.batch_size, base=cfg.base_batch_size, rule=cfg.lr_scaling),
+                steps=block_steps(problem, bc.batch_size),
+                predicted_peak_bytes=block_peak_bytes(problem, bc.start, bc.end, bc.batch_size, solution.options),
+                predicted_time_s=block_time_s(problem, bc.start, bc.end, bc.batch_size, solution.options),
+                cache=None if last_block else CacheSpec(location=cfg.cache_location, dtype=cfg.cache_dtype,
+                                                         bytes=cache_bytes(problem, bc.end)),
+            )
+        )
+    total = sum(b.predicted_time_s for b in blocks)
+    try:
+        model_file = os.path.relpath(mf.path, plan_dir.resolve())
+    except ValueError:  # another drive on Windows
+        model_file = str(mf.path)
+    nodes, edges = _graph_records(gm)
+    return Plan(
+        schema_version=SCHEMA_VERSION,
+        created_by=f"neuroflux {neuroflux.__version__}, torch {torch.__version__}",
+        model=ModelSpec(file=model_file, sha256=mf.sha256, factory=mf.factory_name, datasets=mf.datasets_name,
+                        input_shape=list(shape), num_classes=classes, params=model_params),
+        device=DeviceSpec(kind=cfg.device_kind, name=cfg.device_name, budget_text=cfg.budget_text,
+                          budget_bytes=cfg.budget_bytes, budget_source=cfg.budget_source, margin_fraction=cfg.margin,
+                          cache_budget_bytes=problem.cache_budget_bytes),
+        budget_bytes=cfg.budget_bytes,
+        recipe=Recipe(optimizer="sgd", lr=cfg.lr, base_batch_size=cfg.base_batch_size, lr_scaling=cfg.lr_scaling,
+                      momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+                      epochs_per_block=cfg.epochs, seed=cfg.seed, train_size=problem.train_size, val_size=problem.val_size),
+        exit_policy=ExitPolicy(patience=cfg.patience, tolerance=cfg.tolerance, prefer=cfg.prefer),
+        units=units,
+        blocks=blocks,
+        graph_nodes=nodes,
+        graph_edges=edges,
+        baseline=Baselines(bp=bp, bp_checkpoint=ck),
+        predicted=Predicted(
+            time_s=total,
+            speedup_vs_bp=bp.predicted_time_s / total if bp.fits and total > 0 else None,
+            speedup_vs_bp_checkpoint=ck.predicted_time_s / total if ck.fits and total > 0 else None,
+            peak_bytes=max(b.predicted_peak_bytes for b in blocks),
+        ),
+        solver=SolverInfo(strategy=cfg.strategy, status=solution.status, wall_time_s=solution.wall_time_s,
+                          time_limit_s=cfg.time_limit_s, seed=cfg.seed, objective_time_s=solution.time_s,
+                          lower_bound_s=solution.lower_bound_s, tie_tolerance=cfg.tie_tolerance,
+                          num_variables=solution.num_variables, num_constraints=solution.num_constraints,
+                          max_blocks=cfg.max_blocks, min_batch_size=problem.batch_sizes[0],
+                          max_batch_size=problem.batch_sizes[-1]),
+        profile=ProfileInfo(memory_source="fake", cost_source=cfg.cost,
+                            device_flops_per_s=speed.flops_per_s if cfg.cost == "flops" else 0.0,
+                            op_overhead_s=speed.op_overhead_s if cfg.cost == "flops" else 0.0,
+                            profile_batch_sizes=[8, 16]),
+    )
+
+
+def _graph_records(gm) -> tuple[list[GraphNode], list[GraphEdge]]:
+    """The traced graph's activation nodes and data edges, with their units."""
+    g = activation_graph(gm)
+    nodes = []
+    for n in gm.graph.nodes:
+        if n.name not in g:
+            continue
+        unit = n.meta.get(META_UNIT)
+        shape = n.meta.get("neuroflux_shape")
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        nodes.append(GraphNode(name=n.name, op=n.op, target=str(target), unit=None if unit is None else f"u{unit}",
+                               shape=None if shape is None else list(shape)))
+    edges = [GraphEdge(src=a, dst=b) for a, b in g.edges]
+    return nodes, edges

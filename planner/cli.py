@@ -1,0 +1,158 @@
+"""``nf-plan model.py --budget 1GB -o plan.json``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from neuroflux.errors import NeuroFluxError
+from neuroflux.planner.budget import format_bytes, nvml_free_bytes, parse_bytes
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="nf-plan",
+        description="Plan block-wise local-learning training of a CNN under a GPU memory budget.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("model", help="model file, optionally with a factory: model.py or model.py:build_net")
+    ap.add_argument("--budget", help="device memory for training tensors, e.g. 1GB, 512MiB, 1.5G, 1000000000 "
+                    "(default: free memory NVML reports on GPU 0)")
+    ap.add_argument("-o", "--output", default="plan.json", help="where to write the plan")
+    ap.add_argument("--strategy", choices=["optimal", "greedy"], default="optimal",
+                    help="optimal: CP-SAT; greedy: our reconstruction of the paper's heuristic")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="target device kind")
+    ap.add_argument("--epochs", type=int, default=5, help="epochs per block (and for the BP baselines)")
+    ap.add_argument("--min-batch", type=int, default=8)
+    ap.add_argument("--max-batch", type=int, default=None, help="default: min(512, train size / 32)")
+    ap.add_argument("--margin", type=float, default=0.10, help="share of the budget kept free for allocator rounding "
+                    "and fragmentation")
+    ap.add_argument("--cache-budget", default=None, help="host RAM (or disk) for one block's input+output cache "
+                    "(default: half of this machine's RAM)")
+    ap.add_argument("--cache-location", choices=["ram", "disk"], default="ram")
+    ap.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16")
+    ap.add_argument("--max-blocks", type=int, default=None)
+    ap.add_argument("--time-limit", type=float, default=30.0, help="CP-SAT seconds per solve phase")
+    ap.add_argument("--seed", type=int, default=0, help="solver and training seed")
+    ap.add_argument("--cost", choices=["flops", "measure"], default="flops",
+                    help="step times from FLOPs and device throughput, or measured real steps")
+    ap.add_argument("--device-tflops", type=float, default=None,
+                    help="throughput for --cost flops (default: measured matmul speed of this machine)")
+    ap.add_argument("--lr", type=float, default=0.1, help="base learning rate at batch 128 (sqrt-scaled per block)")
+    ap.add_argument("--patience", type=int, default=2, help="blocks without exit improvement before stopping")
+    ap.add_argument("--tolerance", type=float, default=0.005, help="accuracy within which exits count as equal")
+    ap.add_argument("--prefer", choices=["shallowest", "best"], default="shallowest")
+    ap.add_argument("--train-size", type=int, default=None, help="needed only if the model file has no datasets()")
+    ap.add_argument("--val-size", type=int, default=None)
+    ap.add_argument("--datasets", default="datasets", help="name of the datasets function in the model file")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    return ap
+
+
+def _device(choice: str) -> tuple[str, str]:
+    import torch
+
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and torch.cuda.is_available():
+        return "cuda", torch.cuda.get_device_name(0)
+    return choice, "cpu" if choice == "cpu" else "cuda (not present when planned)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="nf-plan: %(message)s")
+    try:
+        return _run(args)
+    except NeuroFluxError as e:
+        print(f"nf-plan: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nf-plan: interrupted; no plan written", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from neuroflux.planner.build import PlanConfig, make_plan
+    from neuroflux.schemas import save_plan
+
+    kind, name = _device(args.device)
+    if args.budget is not None:
+        budget_bytes, budget_text, source = parse_bytes(args.budget), args.budget, "flag"
+    else:
+        budget_bytes, gpu = nvml_free_bytes(0)
+        budget_text, source, name = f"{budget_bytes} (NVML free on {gpu})", "nvml", gpu
+    cache_budget = parse_bytes(args.cache_budget, what="cache budget") if args.cache_budget else None
+    out = Path(args.output)
+    if out.is_dir():
+        raise NeuroFluxError(f"-o {out} is a directory; give a file name such as {out / 'plan.json'}")
+    cfg = PlanConfig(
+        budget_bytes=budget_bytes, budget_text=budget_text, budget_source=source, device_kind=kind, device_name=name,
+        strategy=args.strategy, epochs=args.epochs, min_batch=args.min_batch, max_batch=args.max_batch,
+        margin=args.margin, cache_budget_bytes=cache_budget, cache_location=args.cache_location,
+        cache_dtype=args.cache_dtype, max_blocks=args.max_blocks, time_limit_s=args.time_limit, seed=args.seed,
+        cost=args.cost, device_flops_per_s=args.device_tflops * 1e12 if args.device_tflops else None, lr=args.lr,
+        patience=args.patience, tolerance=args.tolerance, prefer=args.prefer, train_size=args.train_size,
+        val_size=args.val_size, datasets=args.datasets,
+    )
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=1, desc="planning", unit="job", leave=False, file=sys.stderr, disable=None)
+
+    def progress(desc: str, done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.set_description(desc)
+            bar.n = done
+            bar.refresh()
+
+    try:
+        result = make_plan(args.model, cfg, plan_dir=out.parent, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    save_plan(result.plan, out)
+    if not args.quiet:
+        print_plan(result.plan)
+    print(f"wrote {out}")
+    return 0
+
+
+def print_plan(plan) -> None:  # noqa: ANN001 - a schemas.Plan
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"NeuroFlux plan: {Path(plan.model.file).name}, budget {plan.device.budget_text} "
+              f"({format_bytes(plan.budget_bytes)}), {plan.solver.strategy} ({plan.solver.status})")
+    for col in ("block", "units", "batch", "aux widths", "predicted peak / budget", "predicted time"):
+        t.add_column(col, justify="right" if col != "units" else "left")
+    for b in plan.blocks:
+        widths = ",".join("head" if plan.unit(u).aux is None else str(plan.unit(u).aux.width or "lin") for u in b.units)
+        units = f"{b.units[0]}..{b.units[-1]}" if len(b.units) > 2 else ",".join(b.units)
+        t.add_row(str(b.index), units, str(b.batch_size), widths,
+                  f"{format_bytes(b.predicted_peak_bytes)} ({b.predicted_peak_bytes / plan.budget_bytes:.0%})",
+                  f"{b.predicted_time_s:.1f} s")
+    console.print(t)
+    bl = plan.baseline
+
+    def line(name: str, b, speedup) -> str:  # noqa: ANN001
+        if not b.fits:
+            return f"{name}: no batch size >= {plan.solver.min_batch_size} fits the budget"
+        return (f"{name}: batch {b.batch_size}, {b.predicted_time_s:.1f} s predicted -> NeuroFlux "
+                f"{speedup:.2f}x faster" if speedup else f"{name}: batch {b.batch_size}")
+
+    console.print(f"NeuroFlux: {plan.predicted.time_s:.1f} s predicted for {plan.recipe.epochs_per_block} "
+                  f"epochs per block on {plan.recipe.train_size} samples")
+    console.print(line("BP", bl.bp, plan.predicted.speedup_vs_bp))
+    console.print(line("BP + checkpointing", bl.bp_checkpoint, plan.predicted.speedup_vs_bp_checkpoint))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

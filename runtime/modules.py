@@ -1,0 +1,49 @@
+"""Modules the runtime assembles from units: a unit with its exit, the
+checkpointed chain for the BP-checkpoint baseline, the final early-exit model.
+The planner profiles these same classes, so predictions and execution agree.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["WithExit", "Chain", "CheckpointedChain"]
+
+
+class WithExit(nn.Module):
+    """A unit followed by its aux head (or by nothing, for the last unit)."""
+
+    def __init__(self, unit: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.unit = unit
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.head(self.unit(x))
+
+
+class Chain(nn.Module):
+    """Units in order, then an optional exit head: the model cut at an exit."""
+
+    def __init__(self, units: Sequence[nn.Module], head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(self, x):
+        for u in self.units:
+            x = u(x)
+        return self.head(x)
+
+
+class CheckpointedChain(Chain):
+    """BP with activation checkpointing at every unit boundary: only unit
+    inputs are saved; each unit's activations are recomputed in backward."""
+
+    def forward(self, x):
+        for u in self.units:
+            x = checkpoint(u, x, use_reentrant=False) if self.training else u(x)
+        return self.head(x)
