@@ -1,0 +1,112 @@
+"""``nf-run plan.json``: execute a plan (or a baseline of it)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from neuroflux.errors import NeuroFluxError
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nf-run", description="Train a model as its NeuroFlux plan says.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("plan", help="plan file written by nf-plan")
+    ap.add_argument("--baseline", choices=["bp", "bp-checkpoint"], default=None,
+                    help="train the original model end to end instead, at the batch the plan found to fit")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--out", default=None, help="run directory (default: a new folder under runs/)")
+    ap.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    ap.add_argument("--force", action="store_true", help="run even if the model file changed since planning")
+    ap.add_argument("--patience", type=int, default=None, help="override the plan's exit patience")
+    ap.add_argument("--tolerance", type=float, default=None, help="override the plan's exit tolerance")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the final model")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="nf-run: %(message)s")
+    out = None
+    try:
+        from neuroflux.schemas import load_plan
+
+        plan = load_plan(args.plan)
+        method = args.baseline or "neuroflux"
+        if args.resume and args.out is None:
+            raise NeuroFluxError("--resume needs --out DIR: the run directory to continue")
+        out = Path(args.out) if args.out else Path("runs") / f"{Path(args.plan).stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return _run(args, plan, method, out)
+    except NeuroFluxError as e:
+        print(f"nf-run: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        where = f" --out {out}" if out else ""
+        print(f"\nnf-run: interrupted; finished epochs are saved. Continue with: nf-run {args.plan} --resume{where}"
+              + (f" --baseline {args.baseline}" if args.baseline else ""), file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:  # noqa: ANN001
+    import torch
+
+    from neuroflux.runtime.runner import RunConfig, run_plan
+
+    bar = _bars(args.quiet)
+    cfg = RunConfig(out_dir=out, method=method, device=args.device, resume=args.resume, force=args.force,
+                    patience=args.patience, tolerance=args.tolerance, export_onnx=not args.no_onnx)
+    try:
+        summary = run_plan(plan, Path(args.plan), cfg, bar=bar)
+    except torch.OutOfMemoryError as e:
+        raise NeuroFluxError(
+            f"out of GPU memory under the {plan.device.budget_text} budget ({e.__class__.__name__}); the last "
+            f"checkpoint in {out} is kept. Re-plan with a larger --margin (now {plan.device.margin_fraction}) or "
+            f"budget, then start a new run"
+        ) from e
+    if not args.quiet:
+        print_summary(summary)
+    print(f"run directory: {out}")
+    return 0
+
+
+def _bars(quiet: bool):  # noqa: ANN202
+    if quiet:
+        from neuroflux.runtime.runner import _NoBar
+
+        return _NoBar
+    from tqdm import tqdm
+
+    return lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
+
+
+def print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from neuroflux.planner.budget import format_bytes
+
+    t = Table(title=f"{s['method']} on {s['device']}: summary")
+    for col in ("block", "units", "batch", "time", "peak measured / predicted", "exit accuracy (val)"):
+        t.add_column(col, justify="left" if col in ("units", "exit accuracy (val)") else "right")
+    for b in s["blocks"]:
+        units = b["units"][0] + (f"..{b['units'][-1]}" if len(b["units"]) > 1 else "")
+        exits = " ".join(f"{u}:{a:.3f}" for u, a in b["exit_accuracies"].items())
+        t.add_row(str(b["index"]), units, str(b["batch_size"]), f"{b['time_s']:.1f} s",
+                  f"{format_bytes(b['measured_peak_bytes'])} / {format_bytes(b['predicted_peak_bytes'])}", exits)
+    c = Console()
+    c.print(t)
+    if s["stopped_early"]:
+        c.print(f"early exit: {s['stopped_early']}")
+    c.print(f"final model: exit {s['final_exit']}, val accuracy {s['final_accuracy']:.4f}, "
+            f"{s['final_params']:,} params vs {s['original_params']:,} original ({s['param_reduction']:.1f}x fewer), "
+            f"inference {s['throughput']['speedup']:.2f}x the original's throughput; wall time {s['wall_time_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Datasets as tensors, and the activation caches between blocks.
+
+A block's input is a ``TensorCache``: all samples in one tensor (RAM,
+pinned when feeding a GPU) or one memory-mapped ``.npy`` file (disk). Every
+epoch is shuffled by indexing the whole batch at once (no per-sample Python
+reads); fp16 caches are widened to fp32 on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from neuroflux.errors import NeuroFluxError
+
+__all__ = ["TensorCache", "dataset_tensors", "CacheWriter"]
+
+_DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+
+
+def dataset_tensors(ds, *, what: str) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - any map-style dataset
+    """(inputs, labels) of a whole map-style dataset, stacked once."""
+    if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
+        x, y = ds.tensors
+    else:
+        parts_x, parts_y = [], []
+        for xb, yb in DataLoader(ds, batch_size=512, shuffle=False, num_workers=0):
+            parts_x.append(xb)
+            parts_y.append(torch.as_tensor(yb))
+        x, y = torch.cat(parts_x), torch.cat(parts_y)
+    if not torch.is_floating_point(x):
+        raise NeuroFluxError(f"{what} inputs are {x.dtype}; datasets must yield float tensors")
+    return x.float().contiguous(), y.long().contiguous()
+
+
+@dataclass
+class TensorCache:
+    """Inputs (any dtype, RAM tensor or memmap) and int64 labels."""
+
+    x: torch.Tensor | np.memmap
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def index_batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            yield order[i : i + batch_size]
+
+    def take(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.x, np.memmap):
+            # Sorted reads are sequential on disk; the permutation is restored after.
+            sorted_idx, inverse = torch.sort(idx)
+            xb = torch.from_numpy(np.ascontiguousarray(self.x[sorted_idx.numpy()]))[torch.argsort(inverse)]
+        else:
+            xb = self.x.index_select(0, idx)
+        yb = self.y.index_select(0, idx)
+        if device.type == "cuda":
+            xb, yb = xb.pin_memory(), yb.pin_memory()
+        return xb.to(device, non_blocking=True).float(), yb.to(device, non_blocking=True)
+
+
+class CacheWriter:
+    """Preallocated output cache filled batch by batch, in RAM or on disk."""
+
+    def __init__(self, n: int, sample_shape: tuple[int, ...], *, dtype: str, location: str, path: Path | None,
+                 pin: bool = False) -> None:
+        tdtype, ndtype = _DTYPES[dtype]
+        self.location = location
+        self.path = path
+        if location == "disk":
+            assert path is not None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.x = np.lib.format.open_memmap(path, mode="w+", dtype=ndtype, shape=(n, *sample_shape))
+        else:
+            self.x = torch.empty((n, *sample_shape), dtype=tdtype, pin_memory=pin)
+        self._tdtype = tdtype
+        self._pos = 0
+
+    def append(self, out: torch.Tensor) -> None:
+        b = out.shape[0]
+        chunk = out.detach().to("cpu", dtype=self._tdtype)
+        if self.location == "disk":
+            self.x[self._pos : self._pos + b] = chunk.numpy()
+        else:
+            self.x[self._pos : self._pos + b].copy_(chunk)
+        self._pos += b
+
+    def finish(self, y: torch.Tensor) -> TensorCache:
+        assert self._pos == len(y), (self._pos, len(y))
+        if self.location == "disk":
+            self.x.flush()
+            return TensorCache(np.load(self.path, mmap_mode="r"), y)
+        return TensorCache(self.x, y)
+
+
+def open_disk_cache(path: Path, y: torch.Tensor) -> TensorCache:
+    return TensorCache(np.load(path, mmap_mode="r"), y)

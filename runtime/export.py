@@ -1,0 +1,56 @@
+"""The final early-exit model: ONNX export and inference throughput."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["export_onnx", "throughput"]
+
+
+def export_onnx(module: nn.Module, input_shape: Sequence[int], path: Path | None = None) -> bytes:
+    """Export ``module`` (eval mode, CPU) with a dynamic batch dimension.
+
+    Uses the dynamo exporter, which records each node's module scope in
+    ``pkg.torch.onnx.name_scopes`` metadata (nf-graph reads it)."""
+    module = module.eval().cpu()
+    x = torch.zeros(2, *input_shape)
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # it warns about torchvision ops we never use
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, (x,), dynamo=True, input_names=["input"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False, report=False,
+        )
+    onnx_log.setLevel(level)
+    data = program.model_proto.SerializeToString()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+@torch.no_grad()
+def throughput(module: nn.Module, input_shape: Sequence[int], *, device: torch.device, batch: int = 128,
+               reps: int = 5) -> float:
+    """Inference images per second (median of ``reps`` after a warm-up)."""
+    module = module.eval().to(device)
+    x = torch.randn(batch, *input_shape, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    module(x)
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        module(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return batch / times[len(times) // 2]

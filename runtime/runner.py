@@ -1,0 +1,429 @@
+"""Executing a plan: block by block, with caches, exits and checkpoints.
+
+The same loop runs the baselines: ``bp`` is one stage whose single "unit" is
+the whole model, ``bp-checkpoint`` the whole model as a checkpointed chain of
+the plan's units. Every method writes the same files to the run directory:
+``summary.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``final_model.pt`` and
+``final_model.onnx``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from neuroflux.errors import NeuroFluxError
+from neuroflux.runtime.assemble import Assembled, assemble, open_model_file
+from neuroflux.runtime.checkpoint import append_jsonl, atomic_torch_save, atomic_write_json
+from neuroflux.runtime.data import CacheWriter, TensorCache, dataset_tensors, open_disk_cache
+from neuroflux.runtime.export import export_onnx, throughput
+from neuroflux.runtime.modules import Chain, CheckpointedChain
+from neuroflux.runtime.train import StepStats, UnitTrainer, block_step
+from neuroflux.schemas.plan import Plan
+
+__all__ = ["RunConfig", "run_plan", "Method", "BarFactory"]
+
+log = logging.getLogger(__name__)
+
+Method = Literal["neuroflux", "bp", "bp-checkpoint"]
+
+
+class _NoBar:
+    def __init__(self, *a: Any, **k: Any) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *a: Any, **k: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+#: ``bar(total=..., desc=..., leave=...)`` -> object with update/set_postfix/close (tqdm's interface).
+BarFactory = Callable[..., Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    out_dir: Path
+    method: Method = "neuroflux"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    resume: bool = False
+    force: bool = False
+    """Run even if the model file changed since planning."""
+    patience: int | None = None
+    """Override the plan's exit policy."""
+    tolerance: float | None = None
+    export_onnx: bool = True
+    command: str = field(default_factory=lambda: shlex.join(["nf-run", *sys.argv[1:]]))
+
+
+@dataclass
+class _Stage:
+    index: int
+    unit_idx: list[int]
+    exits: list[str]
+    """Names of the exits trained in this stage (the units)."""
+    trainers: list[UnitTrainer]
+    batch_size: int
+    epochs: int
+    predicted_peak_bytes: int
+    cache: Any
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise NeuroFluxError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    return torch.device(choice)
+
+
+def run_plan(plan: Plan, plan_path: Path, cfg: RunConfig, *, bar: BarFactory = _NoBar) -> dict[str, Any]:
+    """Execute ``plan`` (or a baseline of it); returns the summary dict."""
+    return _Runner(plan, Path(plan_path), cfg, bar).run()
+
+
+class _Runner:
+    def __init__(self, plan: Plan, plan_path: Path, cfg: RunConfig, bar: BarFactory) -> None:
+        self.plan, self.cfg, self.bar = plan, cfg, bar
+        self.out = cfg.out_dir
+        self.device = _device(cfg.device)
+        self.mf = open_model_file(plan, plan_path, force=cfg.force)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.patience = plan.exit_policy.patience if cfg.patience is None else cfg.patience
+        self.tolerance = plan.exit_policy.tolerance if cfg.tolerance is None else cfg.tolerance
+
+    # ---------------------------------------------------------------- setup
+    def _prepare_dir(self) -> dict[str, Any] | None:
+        if self.cfg.resume:
+            if not self.ckpt_path.is_file():
+                raise NeuroFluxError(f"nothing to resume in {self.out} (no checkpoint.pt); start without --resume")
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            if ckpt["method"] != self.cfg.method or ckpt["plan_sha"] != self._plan_key():
+                raise NeuroFluxError(
+                    f"{self.out} holds a {ckpt['method']} run of another plan; resume with the same plan and "
+                    f"--baseline, or use a new --out"
+                )
+            return ckpt
+        if self.out.exists() and any(self.out.iterdir()):
+            raise NeuroFluxError(f"run directory {self.out} is not empty; pass --resume to continue it, or a new --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        return None
+
+    def _plan_key(self) -> str:
+        return f"{self.plan.model.sha256}:{[b.units for b in self.plan.blocks]}:{[b.batch_size for b in self.plan.blocks]}"
+
+    def _stages(self, asm: Assembled) -> list[_Stage]:
+        plan, r = self.plan, self.plan.recipe
+        n_train = r.train_size
+
+        def trainer(unit: nn.Module, head: nn.Module | None, lr: float, steps: int) -> UnitTrainer:
+            return UnitTrainer(unit, head, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay, total_steps=steps,
+                               schedule=r.schedule)
+
+        if self.cfg.method == "neuroflux":
+            stages = []
+            for b in plan.blocks:
+                idx = [plan.unit(u).index for u in b.units]
+                stages.append(_Stage(index=b.index, unit_idx=idx, exits=list(b.units),
+                                     trainers=[trainer(asm.units[i], asm.heads[i], b.lr, b.steps) for i in idx],
+                                     batch_size=b.batch_size, epochs=b.epochs,
+                                     predicted_peak_bytes=b.predicted_peak_bytes, cache=b.cache))
+            return stages
+        base = plan.baseline.bp if self.cfg.method == "bp" else plan.baseline.bp_checkpoint
+        if not base.fits:
+            raise NeuroFluxError(
+                f"the plan found no batch size >= {plan.solver.min_batch_size} at which {self.cfg.method} fits "
+                f"{plan.device.budget_text}; that is the comparison: BP cannot train under this budget"
+            )
+        from neuroflux.planner.build import lr_for_batch  # the one batch-size rule
+
+        whole = asm.model if self.cfg.method == "bp" else CheckpointedChain(asm.units)
+        steps = base.epochs * -(-n_train // base.batch_size)
+        lr = lr_for_batch(r.lr, base.batch_size, base=r.base_batch_size, rule=r.lr_scaling)
+        return [_Stage(index=0, unit_idx=list(range(len(plan.units))), exits=[plan.units[-1].name],
+                       trainers=[trainer(whole, None, lr, steps)], batch_size=base.batch_size, epochs=base.epochs,
+                       predicted_peak_bytes=base.predicted_peak_bytes, cache=None)]
+
+    # ---------------------------------------------------------------- main
+    def run(self) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        ckpt = self._prepare_dir()
+        asm = assemble(self.plan, self.mf)
+        stages = self._stages(asm)
+        train_set, val_set = self.mf.datasets()
+        raw_train = TensorCache(*dataset_tensors(train_set, what="train"))
+        raw_val = TensorCache(*dataset_tensors(val_set, what="val"))
+        if self.device.type == "cuda":
+            self._enforce_budget()
+        state: dict[str, Any] = {"done": [], "epoch": 0, "exit_acc": {}, "stopped": None, "elapsed_s": 0.0,
+                                 "train_s": 0.0}
+        if ckpt is not None:
+            asm.model.load_state_dict(ckpt["model"])
+            for h, hs in zip(asm.heads, ckpt["heads"]):
+                if h is not None and hs is not None:
+                    h.load_state_dict(hs)
+            state = ckpt["state"]
+            k = len(state["done"])
+            if k < len(stages) and ckpt.get("trainers"):
+                for t, ts in zip(stages[k].trainers, ckpt["trainers"]):
+                    t.load_state_dict(ts)
+            log.info("resuming at stage %d, epoch %d", k, state["epoch"])
+        elapsed_before = state["elapsed_s"]
+
+        caches = (raw_train, raw_val)
+        start = len(state["done"])
+        if start > 0 and state["stopped"] is None and start < len(stages):
+            caches = self._rebuild_cache(stages, start, asm, raw_train, raw_val)
+
+        blocks_bar = self.bar(total=len(stages), desc=self.cfg.method, leave=True, initial=start)
+        try:
+            for stage in stages[start:]:
+                if state["stopped"] is not None:
+                    break
+                caches = self._run_stage(stage, caches, asm, state, t_start, elapsed_before, is_last=stage is stages[-1])
+                blocks_bar.update(1)
+                self._apply_exit_policy(stage, stages, state)
+                state["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                self._save(asm, state, trainers=None)
+        finally:
+            blocks_bar.close()
+        return self._finish(asm, stages, state, elapsed_before + time.perf_counter() - t_start)
+
+    def _enforce_budget(self) -> None:
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        frac = min(1.0, self.plan.budget_bytes / total)
+        torch.cuda.set_per_process_memory_fraction(frac, self.device)
+        log.info("CUDA allocator capped at %.4f of %d bytes (= budget %d)", frac, total, self.plan.budget_bytes)
+
+    # ---------------------------------------------------------------- stage
+    def _run_stage(self, stage: _Stage, caches, asm: Assembled, state, t_start: float, elapsed_before: float, *, is_last: bool):
+        train, val = caches
+        dev = self.device
+        for t in stage.trainers:
+            for m in t.modules():
+                m.to(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(dev)
+        # Augmentation applies to raw inputs only: block 1 (or the whole model for BP).
+        augment = self.mf.augment() if stage.index == 0 else None
+        seed = self.plan.recipe.seed
+        measured_cpu_peak = 0
+        t0 = time.perf_counter()
+        steps_per_epoch = -(-len(train) // stage.batch_size)
+        for epoch in range(state["epoch"], stage.epochs):
+            for t in stage.trainers:
+                t.train(True)
+            stats = StepStats(len(stage.trainers), dev)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + stage.index * 1009 + epoch)
+            ebar = self.bar(total=steps_per_epoch, desc=f"block {stage.index} epoch {epoch + 1}/{stage.epochs}", leave=False)
+            te = time.perf_counter()
+            for step, idx in enumerate(train.index_batches(stage.batch_size, shuffle=True, generator=gen)):
+                xb, yb = train.take(idx, dev)
+                if augment is not None:
+                    xb = augment(xb)
+                inputs = [xb]
+                del xb
+                if dev.type == "cpu" and epoch == state["epoch"] and step < 2:
+                    measured_cpu_peak = max(measured_cpu_peak, self._tracked_step(stage, inputs, yb, stats))
+                else:
+                    block_step(stage.trainers, inputs, yb, stats)
+                ebar.update(1)
+                if step % 20 == 0:
+                    loss, acc = stats.summary()
+                    ebar.set_postfix(loss=f"{loss[-1]:.3f}", acc=f"{acc[-1]:.3f}")
+            ebar.close()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            state["train_s"] += time.perf_counter() - te
+            loss, acc = stats.summary()
+            state["epoch"] = epoch + 1
+            rec = {"event": "epoch", "method": self.cfg.method, "block": stage.index, "epoch": epoch + 1,
+                   "units": stage.exits if self.cfg.method == "neuroflux" else ["model"], "train_loss": loss,
+                   "train_acc": acc, "epoch_s": time.perf_counter() - te,
+                   "elapsed_s": elapsed_before + time.perf_counter() - t_start}
+            if self.cfg.method != "neuroflux":  # BP: report val each epoch (not counted as training time)
+                rec["val_acc"] = self._eval_exits(stage, val, None)[stage.exits[-1]]
+            append_jsonl(self.metrics_path, rec)
+            state["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+            self._save(asm, state, trainers=stage.trainers)
+
+        # After training: exits on val; the next block's input cache.
+        writer = None
+        if not is_last and self.cfg.method == "neuroflux":
+            writer = self._writer(stage, len(train) + len(val))
+        accs = self._eval_exits(stage, val, writer, train=train if writer else None)
+        new_caches = caches
+        if writer is not None:
+            full = writer.finish(torch.cat([train.y, val.y]))
+            n = len(train)
+            new_caches = (TensorCache(full.x[:n], train.y), TensorCache(full.x[n:], val.y))
+        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else measured_cpu_peak
+        stage_s = time.perf_counter() - t0
+        for t in stage.trainers:  # off the device: the next block's budget is its own
+            for m in t.modules():
+                m.to("cpu")
+        state["exit_acc"].update(accs)
+        result = {"index": stage.index, "units": [self.plan.units[i].name for i in stage.unit_idx],
+                  "batch_size": stage.batch_size, "epochs": stage.epochs, "measured_peak_bytes": int(peak),
+                  "predicted_peak_bytes": stage.predicted_peak_bytes, "peak_source":
+                  "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "MemTracker (first steps, CPU)",
+                  "exit_accuracies": accs, "exit_accuracy": max(accs.values()), "time_s": stage_s,
+                  "elapsed_s": elapsed_before + time.perf_counter() - t_start}
+        nv = _nvml_process_bytes() if dev.type == "cuda" else None
+        if nv is not None:
+            result["nvml_process_bytes"] = nv
+        state["done"].append(result)
+        state["epoch"] = 0
+        append_jsonl(self.metrics_path, {"event": "block", "method": self.cfg.method, **result})
+        return new_caches
+
+    def _tracked_step(self, stage: _Stage, inputs, yb, stats) -> int:
+        tracker = MemTracker()
+        for t in stage.trainers:
+            tracker.track_external(*t.modules(), t.opt)
+        with tracker:
+            block_step(stage.trainers, inputs, yb, stats)
+        return sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values())
+
+    def _writer(self, stage: _Stage, n: int) -> CacheWriter:
+        unit = self.plan.units[stage.unit_idx[-1]]
+        spec = stage.cache
+        path = self.out / "cache" / f"block{stage.index}.npy" if spec.location == "disk" else None
+        return CacheWriter(n, tuple(unit.output_shape), dtype=spec.dtype, location=spec.location, path=path,
+                           pin=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def _eval_exits(self, stage: _Stage, val: TensorCache, writer: CacheWriter | None, *, train: TensorCache | None = None) -> dict[str, float]:
+        """Accuracy of every exit of the stage on val; writes outputs to ``writer`` (train then val)."""
+        for t in stage.trainers:
+            t.train(False)
+        dev, bs = self.device, stage.batch_size
+        correct = torch.zeros(len(stage.trainers), dtype=torch.int64, device=dev)
+        parts = [(train, False), (val, True)] if train is not None else [(val, True)]
+        for data, is_val in parts:
+            for idx in data.index_batches(bs, shuffle=False):
+                h, y = data.take(idx, dev)
+                for i, t in enumerate(stage.trainers):
+                    h = t.unit(h)
+                    if is_val:
+                        correct[i] += (t.logits(h).argmax(1) == y).sum()
+                if writer is not None:
+                    writer.append(h)
+        n = len(val)
+        return {name: c / n for name, c in zip(stage.exits, correct.tolist())}
+
+    def _rebuild_cache(self, stages: list[_Stage], start: int, asm: Assembled, train: TensorCache, val: TensorCache):
+        """Input cache of stage ``start`` after a resume: read it from disk, or
+        recompute it with the finished blocks (inference only, no training)."""
+        prev = stages[start - 1]
+        if prev.cache is not None and prev.cache.location == "disk":
+            full = open_disk_cache(self.out / "cache" / f"block{prev.index}.npy", torch.cat([train.y, val.y]))
+            n = len(train)
+            return TensorCache(full.x[:n], train.y), TensorCache(full.x[n:], val.y)
+        log.info("recomputing the input cache of block %d from the finished blocks", start)
+        chain = Chain([asm.units[i] for s in stages[:start] for i in s.unit_idx]).to(self.device).eval()
+        out = []
+        with torch.no_grad():
+            for data in (train, val):
+                w = CacheWriter(len(data), tuple(self.plan.units[prev.unit_idx[-1]].output_shape), dtype=prev.cache.dtype,
+                                location="ram", path=None)
+                for idx in data.index_batches(prev.batch_size, shuffle=False):
+                    w.append(chain(data.take(idx, self.device)[0]))
+                out.append(w.finish(data.y))
+        chain.to("cpu")
+        return out[0], out[1]
+
+    def _apply_exit_policy(self, stage: _Stage, stages: list[_Stage], state) -> None:
+        best_here = max(state["done"][-1]["exit_accuracies"].values())
+        best = state.get("best", -1.0)
+        if best_here > best + self.tolerance:
+            state["best"], state["stall"] = best_here, 0
+        else:
+            state["best"], state["stall"] = max(best, best_here), state.get("stall", 0) + 1
+        if state["stall"] >= self.patience and stage is not stages[-1]:
+            state["stopped"] = (f"exits did not improve by more than {self.tolerance:.3f} for {self.patience} "
+                                f"block(s); stopped after block {stage.index}")
+            append_jsonl(self.metrics_path, {"event": "early_stop", "reason": state["stopped"]})
+
+    def _save(self, asm: Assembled, state, *, trainers: list[UnitTrainer] | None) -> None:
+        atomic_torch_save({
+            "method": self.cfg.method, "plan_sha": self._plan_key(), "model": asm.model.state_dict(),
+            "heads": [None if h is None else h.state_dict() for h in asm.heads],
+            "trainers": None if trainers is None else [t.state_dict() for t in trainers], "state": state,
+        }, self.ckpt_path)
+
+    # ---------------------------------------------------------------- final
+    def _finish(self, asm: Assembled, stages: list[_Stage], state, wall_s: float) -> dict[str, Any]:
+        plan = self.plan
+        accs: dict[str, float] = state["exit_acc"]
+        order = [u.name for u in plan.units if u.name in accs]
+        best = max(accs[u] for u in order)
+        if self.cfg.method != "neuroflux" or plan.exit_policy.prefer == "best":
+            chosen = max(order, key=lambda u: (accs[u], -plan.unit(u).index))
+        else:
+            chosen = next(u for u in order if accs[u] >= best - self.tolerance)
+        k = plan.unit(chosen).index
+        if self.cfg.method == "neuroflux":
+            final = Chain(asm.units[: k + 1], asm.heads[k])
+        else:
+            final = asm.model
+        shape = plan.model.input_shape
+        torch.save(final.state_dict(), self.out / "final_model.pt")
+        if self.cfg.export_onnx:
+            export_onnx(final, shape, self.out / "final_model.onnx")
+        final_params = sum(p.numel() for p in final.parameters())
+        original_params = sum(p.numel() for p in asm.model.parameters())
+        tp_final = throughput(final, shape, device=self.device)
+        tp_orig = throughput(asm.model, shape, device=self.device)
+        final.to("cpu")
+        asm.model.to("cpu")
+        summary = {
+            "method": self.cfg.method, "final_accuracy": accs[chosen], "final_exit": chosen,
+            "final_params": final_params, "original_params": original_params,
+            "param_reduction": original_params / final_params, "wall_time_s": wall_s,
+            "train_time_s": state["train_s"], "blocks": state["done"], "stopped_early": state["stopped"],
+            "exit_accuracies": {u: accs[u] for u in order},
+            "throughput": {"final_images_per_s": tp_final, "original_images_per_s": tp_orig,
+                           "speedup": tp_final / tp_orig},
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "budget_bytes": plan.budget_bytes, "budget_enforced": self.device.type == "cuda",
+            "torch": torch.__version__, "command": self.cfg.command,
+        }
+        atomic_write_json(summary, self.out / "summary.json")
+        return summary
+
+
+def _nvml_process_bytes() -> int | None:
+    """This process's GPU memory as NVML sees it (CUDA context included)."""
+    try:
+        import os
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if p.pid == os.getpid():
+                    return int(p.usedGpuMemory or 0)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # NVML is a report, never a reason to fail a run
+        return None
+    return None

@@ -1,0 +1,90 @@
+"""Block-wise local learning: one optimizer per unit, detached inputs.
+
+``UnitTrainer`` owns a unit, its exit (aux head, or the model's own head for
+the last unit), an SGD optimizer and its schedule. ``block_step`` runs one
+batch through a block: each unit steps on its own local loss and hands a
+detached output to the next, so no gradient crosses units and only one
+unit's activations are alive at a time (the planner's memory model).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["UnitTrainer", "block_step", "StepStats"]
+
+
+class StepStats:
+    """Running loss/accuracy per unit, kept on the device (no sync per step)."""
+
+    def __init__(self, n_units: int, device: torch.device) -> None:
+        self.loss = torch.zeros(n_units, device=device, dtype=torch.float64)
+        self.correct = torch.zeros(n_units, device=device, dtype=torch.int64)
+        self.seen = 0
+
+    def summary(self) -> tuple[list[float], list[float]]:
+        n = max(1, self.seen)
+        return (self.loss / n).tolist(), (self.correct.double() / n).tolist()
+
+
+class UnitTrainer:
+    def __init__(self, unit: nn.Module, head: nn.Module | None, *, lr: float, momentum: float, weight_decay: float,
+                 total_steps: int, schedule: str) -> None:
+        self.unit = unit
+        self.head = head
+        params = list(unit.parameters()) + (list(head.parameters()) if head is not None else [])
+        self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if schedule == "cosine":
+            fn = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))  # noqa: E731
+        else:
+            fn = lambda step: 1.0  # noqa: E731
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, fn)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.unit] + ([self.head] if self.head is not None else [])
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules():
+            m.train(mode)
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        return self.head(out) if self.head is not None else out
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.unit(x.detach())
+        logits = self.logits(out)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # free grads before the next unit runs
+        self.sched.step()
+        correct = (logits.detach().argmax(1) == y).sum()
+        return out.detach(), loss.detach() * y.shape[0], correct
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "head": None if self.head is None else self.head.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
+
+
+def block_step(trainers: Sequence[UnitTrainer], inputs: list[torch.Tensor], y: torch.Tensor, stats: StepStats | None = None) -> None:
+    """One batch through a block. ``inputs`` holds the batch and is emptied,
+    so the block's input can be freed once the first unit has used it."""
+    h = inputs.pop()
+    for i, t in enumerate(trainers):
+        h, loss, correct = t.step(h, y)
+        if stats is not None:
+            stats.loss[i] += loss.double()
+            stats.correct[i] += correct
+    if stats is not None:
+        stats.seen += y.shape[0]

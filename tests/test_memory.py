@@ -1,0 +1,41 @@
+"""Predicted block peaks (composed from unit profiles) against PyTorch's own
+accounting (MemTracker) of a real training step of that block on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from helpers import ROOT, plan_for
+from neuroflux.runtime.assemble import assemble
+from neuroflux.runtime.model_file import load_model_file
+from neuroflux.runtime.train import UnitTrainer, block_step
+
+
+def measured_block_peak(plan, asm, block) -> int:
+    idx = [u.index for u in plan.units if u.name in block.units]
+    trainers = [UnitTrainer(asm.units[i], asm.heads[i], lr=0.01, momentum=0.9, weight_decay=5e-4, total_steps=10,
+                            schedule="cosine") for i in idx]
+    shape = plan.units[idx[0]].input_shape
+    b = block.batch_size
+    y = torch.randint(0, plan.model.num_classes, (b,))
+    block_step(trainers, [torch.randn(b, *shape)], y)  # creates momentum buffers: steady state
+    tracker = MemTracker()
+    for t in trainers:
+        tracker.track_external(*t.modules(), t.opt)
+    with tracker:
+        block_step(trainers, [torch.randn(b, *shape)], y)
+    return sum(dev["Total"] for dev in tracker.get_tracker_snapshot("peak").values())
+
+
+@pytest.mark.parametrize("model,budget", [("small_cnn", 20 * 10**6), ("resnet18", 150 * 10**6), ("mobilenetv2", 120 * 10**6)])
+def test_block_peak_within_5_percent_of_pytorch_accounting(tmp_path, model, budget) -> None:
+    result, _ = plan_for(ROOT / "examples" / f"{model}.py", tmp_path, budget=budget, max_batch=64)
+    plan = result.plan
+    assert len(plan.blocks) >= 1
+    asm = assemble(plan, load_model_file(ROOT / "examples" / f"{model}.py"))
+    for block in plan.blocks:
+        assert block.predicted_peak_bytes <= plan.budget_bytes
+        real = measured_block_peak(plan, asm, block)
+        assert abs(block.predicted_peak_bytes - real) <= 0.05 * real, (block.units, block.predicted_peak_bytes, real)
