@@ -48,7 +48,7 @@ from neuroflux.planner.units import META_UNIT, UnitSpan, activation_graph, find_
 from neuroflux.runtime.graph import split_units, trace
 from neuroflux.runtime.heads import build_head, head_widths
 from neuroflux.runtime.model_file import ModelFile, load_model_file
-from neuroflux.runtime.modules import CheckpointedChain, WithExit
+from neuroflux.runtime.modules import CheckpointedChain, WithExit  # noqa: F401 (measure mode)
 from neuroflux.schemas.plan import (
     SCHEMA_VERSION,
     AuxHead,
@@ -237,7 +237,7 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
             report("profiling units", done, total_jobs)
             with fake:
                 head = None if kind == "model" else build_head(kind, span.output_shape, width, classes)
-            prof = profile_step(WithExit(mod, head), span.input_shape, classes, fake_mode=fake, sgd=sgd)
+            prof = profile_step(mod, head, span.input_shape, classes, fake_mode=fake, sgd=sgd)
             step_fixed, step_per = _step_time(cfg, speed, prof, span, mod, kind, width, classes, real_mods, device, sgd)
             options.append(
                 AuxOption(
@@ -272,8 +272,8 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
     )
 
     report("profiling baselines", done, total_jobs)
-    bp_prof = profile_step(gm, shape, classes, fake_mode=fake, sgd=sgd)
-    ck_prof = profile_step(CheckpointedChain(unit_mods), shape, classes, fake_mode=fake, sgd=sgd)
+    bp_prof = profile_step(gm, None, shape, classes, fake_mode=fake, sgd=sgd)
+    ck_prof = profile_step(CheckpointedChain(unit_mods), None, shape, classes, fake_mode=fake, sgd=sgd)
     bp = _baseline(problem, bp_prof, speed, cfg, real=None if real_mods is None else real_gm, shape=shape, classes=classes, device=device, sgd=sgd)
     ck = _baseline(problem, ck_prof, speed, cfg, real=None if real_mods is None else CheckpointedChain(real_mods),
                    shape=shape, classes=classes, device=device, sgd=sgd)

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from neuroflux.runtime.train import UnitTrainer
 
 __all__ = ["StepProfile", "DeviceSpeed", "profile_step", "forward_flops", "measure_device_speed", "measure_step_time", "SGDConfig"]
 
@@ -74,8 +75,9 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _state_bytes(module: nn.Module, opt: torch.optim.Optimizer) -> int:
-    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+def _state_bytes(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> int:
+    """Params, buffers and optimizer state: resident for the whole block."""
+    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
     for state in opt.state.values():
         for v in state.values():
             if isinstance(v, torch.Tensor):
@@ -83,15 +85,21 @@ def _state_bytes(module: nn.Module, opt: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _train_step(module: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    loss = F.cross_entropy(module(x), y)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def _trainer(unit: nn.Module, head: nn.Module | None, sgd: SGDConfig) -> UnitTrainer:
+    return UnitTrainer(unit, head, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay, total_steps=1_000_000,
+                       schedule="constant")
+
+
+def _step(t: UnitTrainer, x: torch.Tensor, y: torch.Tensor) -> None:
+    # The output is held until the step returns, as the runtime holds it for
+    # the next unit: it is alive during this unit's optimizer step.
+    out = t.step(x, y)
+    del out
 
 
 def profile_step(
-    module: nn.Module,
+    unit: nn.Module,
+    head: nn.Module | None,
     input_shape: Sequence[int],
     num_classes: int,
     *,
@@ -99,24 +107,25 @@ def profile_step(
     batches: tuple[int, int] = (8, 16),
     sgd: SGDConfig = SGDConfig(),
 ) -> StepProfile:
-    """Memory, FLOPs and op count of one training step of ``module`` (whose
-    parameters live in ``fake_mode``), at two batch sizes."""
+    """Memory, FLOPs and op count of one runtime training step
+    (``UnitTrainer.step``) of ``unit`` with ``head``, whose parameters live in
+    ``fake_mode``, at two batch sizes."""
     b1, b2 = batches
     assert b2 > b1
-    module.train()
     peaks, flops = [], []
     ops = 0
     with fake_mode:
-        opt = torch.optim.SGD(module.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
+        t = _trainer(unit, head, sgd)
+        t.train(True)
         # A first step creates the momentum buffers (steady-state memory).
-        _train_step(module, opt, torch.randn(b1, *input_shape), torch.randint(0, num_classes, (b1,)))
-        static = _state_bytes(module, opt)
+        _step(t, torch.randn(b1, *input_shape), torch.randint(0, num_classes, (b1,)))
+        static = _state_bytes(t.modules(), t.opt)
         for b in batches:
             tracker = MemTracker()
-            tracker.track_external(module, opt)
+            tracker.track_external(*t.modules(), t.opt)
             counter = _OpCounter()
             with tracker, FlopCounterMode(display=False) as fc, counter:
-                _train_step(module, opt, torch.randn(b, *input_shape), torch.randint(0, num_classes, (b,)))
+                _step(t, torch.randn(b, *input_shape), torch.randint(0, num_classes, (b,)))
             snap = tracker.get_tracker_snapshot("peak")
             peaks.append(sum(dev["Total"] for dev in snap.values()))
             flops.append(float(fc.get_total_flops()))
@@ -186,18 +195,19 @@ def measure_step_time(
     """(fixed_s, per_sample_s) of a real training step on ``device``
     (median of ``reps`` after a warm-up), from two batch sizes."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    module.to(device).train()
-    opt = torch.optim.SGD(module.parameters(), lr=0.0, momentum=sgd.momentum)  # lr 0: profiling leaves weights alone
+    module.to(device)
+    t = _trainer(module, None, SGDConfig(lr=0.0, momentum=sgd.momentum))  # lr 0: profiling leaves weights alone
+    t.train(True)
     times = []
     for b in batches:
         x = torch.randn(b, *input_shape, device=device)
         y = torch.randint(0, num_classes, (b,), device=device)
-        _train_step(module, opt, x, y)
+        _step(t, x, y)
         sync()
         samples = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            _train_step(module, opt, x, y)
+            _step(t, x, y)
             sync()
             samples.append(time.perf_counter() - t0)
         times.append(statistics.median(samples))
