@@ -28,11 +28,17 @@ class _PathTracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.stack: list[str] = []
+        self.failed_in: str | None = None
+        """Innermost module whose forward raised (recorded on the way out)."""
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.stack[-1]
+            raise
         finally:
             self.stack.pop()
 
@@ -43,8 +49,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as e:
-        where = tracer.stack[-1] if tracer.stack else "(top-level forward)"
-        mod = model.get_submodule(tracer.stack[-1]) if tracer.stack else model
+        where = tracer.failed_in or "(top-level forward)"
+        mod = model.get_submodule(tracer.failed_in) if tracer.failed_in else model
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceFailure(
             f"torch.fx cannot trace module '{where}' ({type(mod).__name__}): {reason}. "
