@@ -163,8 +163,8 @@ def default_cache_budget_bytes() -> int:
         return 8 * 2**30
 
 
-def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode) -> tuple[tuple[int, ...], int, int, int, nn.Module]:
-    """Input shape, classes, train and val sizes; the fake model."""
+def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode):
+    """Input shape, classes, train and val sizes; the fake model and its trace."""
     shape = mf.constant("INPUT_SHAPE")
     train_n, val_n = cfg.train_size, cfg.val_size
     if shape is None or train_n is None or val_n is None:
@@ -184,6 +184,7 @@ def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode) -> tuple[t
     shape = tuple(int(s) for s in shape)
     with fake:
         model = mf.build()
+    gm = trace(model)  # first: an untraceable model gets the error that names the module
     classes = mf.constant("NUM_CLASSES")
     with fake:
         try:
@@ -200,7 +201,7 @@ def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode) -> tuple[t
         )
     if classes is not None and int(classes) != out.shape[1]:
         raise NeuroFluxError(f"{mf.path}: NUM_CLASSES is {classes} but the model outputs {out.shape[1]} classes")
-    return shape, int(out.shape[1]), int(train_n), int(val_n), model
+    return shape, int(out.shape[1]), int(train_n), int(val_n), model, gm
 
 
 def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", progress: Progress | None = None) -> PlanResult:
@@ -209,8 +210,7 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
     torch.manual_seed(cfg.seed)
     mf = load_model_file(model_spec, factory=cfg.factory, datasets=cfg.datasets)
     fake = FakeTensorMode()
-    shape, classes, train_n, val_n, fake_model = _infer_meta(mf, cfg, fake)
-    gm = trace(fake_model)
+    shape, classes, train_n, val_n, fake_model, gm = _infer_meta(mf, cfg, fake)
     propagate_shapes(gm, shape, fake)
     spans = find_units(gm)
     unit_mods = split_units(gm, [s.nodes for s in spans])
@@ -422,7 +422,8 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
             speedup_vs_bp_checkpoint=ck.predicted_time_s / total if ck.fits and total > 0 else None,
             peak_bytes=max(b.predicted_peak_bytes for b in blocks),
         ),
-        solver=SolverInfo(strategy=cfg.strategy, status=solution.status, wall_time_s=solution.wall_time_s,
+        solver=SolverInfo(strategy=cfg.strategy, status=solution.status, widths_status=solution.widths_status,
+                          wall_time_s=solution.wall_time_s,
                           time_limit_s=cfg.time_limit_s, seed=cfg.seed, objective_time_s=solution.time_s,
                           lower_bound_s=solution.lower_bound_s, tie_tolerance=cfg.tie_tolerance,
                           num_variables=solution.num_variables, num_constraints=solution.num_constraints,

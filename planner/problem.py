@@ -112,6 +112,9 @@ class BlockChoice:
 @dataclass(frozen=True, kw_only=True)
 class Solution:
     status: SolveStatus
+    """Of the time objective: ``optimal`` means proven least predicted time."""
+    widths_status: Literal["optimal", "feasible", "skipped"] = "skipped"
+    """Of the widest-heads tie-break (phase 2 of CP-SAT)."""
     blocks: tuple[BlockChoice, ...] = ()
     options: tuple[int, ...] = ()
     """Chosen option index per unit."""

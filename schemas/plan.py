@@ -246,6 +246,9 @@ class Predicted:
 class SolverInfo:
     strategy: Literal["optimal", "greedy"]
     status: Literal["optimal", "feasible", "infeasible", "timeout"]
+    """Of the time objective: ``optimal`` is proven least predicted time."""
+    widths_status: Literal["optimal", "feasible", "skipped"]
+    """Of the tie-break that widens aux heads within ``tie_tolerance``."""
     wall_time_s: float
     time_limit_s: float
     seed: int

@@ -1,0 +1,135 @@
+"""nf-plan end to end through argv, budgets, and the plan schema."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from helpers import ROOT
+from neuroflux.planner.budget import parse_bytes
+from neuroflux.planner.cli import main as nf_plan
+from neuroflux.schemas import load_plan, schema
+from neuroflux.schemas.generate import generate_schema
+
+ZOO = ["small_cnn", "vgg11", "vgg16", "resnet18", "resnet34", "mobilenetv2"]
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("1GB", 10**9), ("1GiB", 2**30), ("512MB", 512 * 10**6), ("512MiB", 512 * 2**20), ("1.5G", 1_500_000_000),
+     ("1000000", 10**6), (" 2 gib ", 2 * 2**30), ("64KiB", 65536)],
+)
+def test_parse_bytes(text: str, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1XB", "-1GB", "1.2.3G", "GB", "0.1"])
+def test_parse_bytes_rejects_garbage(text: str) -> None:
+    with pytest.raises(ValueError, match="512MiB"  if text != "0.1" else "less than one byte"):
+        parse_bytes(text)
+
+
+def test_committed_schema_matches_the_dataclasses() -> None:
+    assert schema() == generate_schema(), "run: python -m neuroflux.schemas.generate"
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_zoo_model_plans_at_1gb(tmp_path: Path, name: str, capsys) -> None:
+    out = tmp_path / "plan.json"
+    t0 = time.perf_counter()
+    assert nf_plan([str(ROOT / "examples" / f"{name}.py"), "--budget", "1GB", "-o", str(out), "--time-limit", "20"]) == 0
+    assert time.perf_counter() - t0 < 60
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, schema())
+    plan = load_plan(out)
+    assert isinstance(data["budget_bytes"], int) and data["budget_bytes"] == 10**9
+    for b in data["blocks"]:
+        assert b["predicted_peak_bytes"] <= data["budget_bytes"]
+        assert isinstance(b["batch_size"], int) and isinstance(b["predicted_time_s"], float)
+    for key in ("bp", "bp_checkpoint"):
+        assert {"batch_size", "predicted_time_s"} <= set(data["baseline"][key])
+    assert {"time_s", "speedup_vs_bp"} <= set(data["predicted"])
+    assert plan.solver.status == "optimal"
+    shown = capsys.readouterr().out
+    assert "predicted" in shown and "BP + checkpointing" in shown
+
+
+def test_greedy_and_optimal_on_the_same_model(tmp_path: Path) -> None:
+    model = str(ROOT / "examples" / "small_cnn.py")
+    assert nf_plan([model, "--budget", "30MB", "-o", str(tmp_path / "o.json"), "-q"]) == 0
+    assert nf_plan([model, "--budget", "30MB", "-o", str(tmp_path / "g.json"), "-q", "--strategy", "greedy"]) == 0
+    opt, greedy = load_plan(tmp_path / "o.json"), load_plan(tmp_path / "g.json")
+    assert greedy.solver.strategy == "greedy" and opt.solver.strategy == "optimal"
+    assert opt.predicted.time_s <= greedy.predicted.time_s * (1 + opt.solver.tie_tolerance) + 1e-9
+
+
+def test_budget_where_bp_cannot_train_still_plans(tmp_path: Path) -> None:
+    """ResNet-18's params, grads and momentum alone exceed 120MB: BP cannot
+    run at all, NeuroFlux splits the network into blocks that fit."""
+    out = tmp_path / "p.json"
+    assert nf_plan([str(ROOT / "examples" / "resnet18.py"), "--budget", "120MB", "-o", str(out), "-q"]) == 0
+    plan = load_plan(out)
+    assert len(plan.blocks) >= 2
+    assert not plan.baseline.bp.fits and plan.predicted.speedup_vs_bp is None
+    assert all(b.predicted_peak_bytes <= plan.budget_bytes * 0.9 for b in plan.blocks)
+
+
+def test_stringent_budget_gives_larger_batches_than_bp(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    assert nf_plan([str(ROOT / "examples" / "resnet18.py"), "--budget", "250MB", "-o", str(out), "-q"]) == 0
+    plan = load_plan(out)
+    assert plan.baseline.bp.fits
+    assert min(b.batch_size for b in plan.blocks) > plan.baseline.bp.batch_size
+    assert plan.predicted.speedup_vs_bp > 1
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+GOOD = "import torch\nfrom torch import nn\nINPUT_SHAPE=(1,8,8)\n"
+D = ["--budget", "1GB", "--train-size", "64", "--val-size", "16"]  # the usual flags
+
+
+@pytest.mark.parametrize(
+    "source,argv_extra,message",
+    [
+        (None, D, "not found"),
+        (GOOD + "def build():\n    return nn.Conv2d(1,2,3)\n", D, "has no model factory 'model()'"),
+        (GOOD + "def model():\n    raise RuntimeError('boom')\n", D, "model() raised RuntimeError: boom"),
+        (GOOD + "def model():\n    return nn.Conv2d(1, 2, 3)\n", D, "logits of shape (batch, classes)"),
+        (GOOD + "def model():\n    return 3\n", D, "expected a torch.nn.Module"),
+        (GOOD + "class M(nn.Module):\n    def __init__(s):\n        super().__init__(); s.c = nn.Conv2d(1,2,3)\n"
+         "    def forward(s, x):\n        y = s.c(x)\n        return y.flatten(1) if y.sum() > 0 else y.flatten(1)\n"
+         "def model():\n    return M()\n", D, "cannot trace"),
+        (GOOD + "syntax error here\n", D, "importing"),
+        (GOOD + "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n", ["--budget", "1XB", "--train-size", "64", "--val-size", "16"], "cannot read budget"),
+        (GOOD + "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n", ["--train-size", "64", "--val-size", "16"], "no NVIDIA GPU"),
+        (GOOD + "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n", ["--budget", "1GB"], "has no datasets()"),
+        (GOOD + "def model():\n    return nn.Sequential(nn.Conv2d(1, 64, 3), nn.Flatten(), nn.Linear(2304, 3))\n",
+         ["--budget", "10KB", "--train-size", "100", "--val-size", "10"], "smallest budget that works is"),
+    ],
+)
+def test_plan_cli_errors(tmp_path: Path, capsys, source, argv_extra, message) -> None:
+    path = tmp_path / "missing.py" if source is None else write(tmp_path, "m.py", source)
+    argv = [str(path), "-o", str(tmp_path / "p.json"), "-q", *argv_extra]
+    assert nf_plan(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_factory_override_and_size_flags(tmp_path: Path) -> None:
+    src = GOOD + "def build_net():\n    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))\n"
+    path = write(tmp_path, "m.py", src)
+    out = tmp_path / "p.json"
+    assert nf_plan([f"{path}:build_net", "--budget", "1GB", "--train-size", "64", "--val-size", "16", "-o", str(out), "-q"]) == 0
+    plan = load_plan(out)
+    assert plan.model.factory == "build_net" and plan.model.num_classes == 3 and plan.recipe.train_size == 64
