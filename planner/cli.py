@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="step times from FLOPs and device throughput, or measured real steps")
     ap.add_argument("--device-tflops", type=float, default=None,
                     help="throughput for --cost flops (default: measured matmul speed of this machine)")
+    ap.add_argument("--op-overhead-us", type=float, default=None,
+                    help="fixed cost per dispatched op for --cost flops (default: measured here); with "
+                    "--device-tflops it makes plans independent of this machine's load")
     ap.add_argument("--lr", type=float, default=0.1, help="base learning rate at batch 128 (sqrt-scaled per block)")
     ap.add_argument("--patience", type=int, default=2, help="blocks without exit improvement before stopping")
     ap.add_argument("--tolerance", type=float, default=0.005, help="accuracy within which exits count as equal")
@@ -95,7 +98,8 @@ def _run(args: argparse.Namespace) -> int:
         strategy=args.strategy, epochs=args.epochs, min_batch=args.min_batch, max_batch=args.max_batch,
         margin=args.margin, cache_budget_bytes=cache_budget, cache_location=args.cache_location,
         cache_dtype=args.cache_dtype, max_blocks=args.max_blocks, time_limit_s=args.time_limit, seed=args.seed,
-        cost=args.cost, device_flops_per_s=args.device_tflops * 1e12 if args.device_tflops else None, lr=args.lr,
+        cost=args.cost, device_flops_per_s=args.device_tflops * 1e12 if args.device_tflops else None,
+        op_overhead_s=args.op_overhead_us * 1e-6 if args.op_overhead_us is not None else None, lr=args.lr,
         patience=args.patience, tolerance=args.tolerance, prefer=args.prefer, train_size=args.train_size,
         val_size=args.val_size, datasets=args.datasets,
     )

@@ -60,8 +60,9 @@ def test_every_zoo_model_plans_at_1gb(tmp_path: Path, name: str, capsys) -> None
 
 def test_greedy_and_optimal_on_the_same_model(tmp_path: Path) -> None:
     model = str(ROOT / "examples" / "small_cnn.py")
-    assert nf_plan([model, "--budget", "30MB", "-o", str(tmp_path / "o.json"), "-q"]) == 0
-    assert nf_plan([model, "--budget", "30MB", "-o", str(tmp_path / "g.json"), "-q", "--strategy", "greedy"]) == 0
+    speed = ["--device-tflops", "0.1", "--op-overhead-us", "5"]  # one cost model for both plans
+    assert nf_plan([model, "--budget", "30MB", "-o", str(tmp_path / "o.json"), "-q", *speed]) == 0
+    assert nf_plan([model, "--budget", "30MB", "-o", str(tmp_path / "g.json"), "-q", "--strategy", "greedy", *speed]) == 0
     opt, greedy = load_plan(tmp_path / "o.json"), load_plan(tmp_path / "g.json")
     assert greedy.solver.strategy == "greedy" and opt.solver.strategy == "optimal"
     assert opt.predicted.time_s <= greedy.predicted.time_s * (1 + opt.solver.tie_tolerance) + 1e-9

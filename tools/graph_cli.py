@@ -1,0 +1,48 @@
+"""``nf-graph plan.json -o plan.onnx|plan.dot|plan.graphml|plan.html``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from neuroflux.errors import NeuroFluxError
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="nf-graph", description="Show a NeuroFlux plan as ONNX, DOT, GraphML or HTML.")
+    ap.add_argument("plan", help="plan file written by nf-plan")
+    ap.add_argument("-o", "--output", required=True, help="output file; the format comes from its extension")
+    ap.add_argument("--format", choices=["onnx", "dot", "graphml", "html"], default=None)
+    ap.add_argument("--run", default=None, help="run directory of nf-run: overlay measured peak, time and exit accuracy (html)")
+    ap.add_argument("--force", action="store_true", help="export even if the model file changed since planning")
+    args = ap.parse_args(argv)
+    try:
+        from neuroflux.runtime.assemble import open_model_file
+        from neuroflux.schemas import load_plan
+        from neuroflux.tools import graph
+
+        out = Path(args.output)
+        fmt = graph.format_for(out, args.format)
+        plan = load_plan(args.plan)
+        # Every view describes the model file; a changed one means a stale plan.
+        open_model_file(plan, Path(args.plan), force=args.force)
+        if fmt == "onnx":
+            graph.write_onnx(plan, Path(args.plan), out, force=True)
+        elif fmt == "dot":
+            graph.write_dot(plan, out)
+        elif fmt == "graphml":
+            graph.write_graphml(plan, out)
+        else:
+            graph.write_html(plan, out, run_dir=Path(args.run) if args.run else None)
+    except NeuroFluxError as e:
+        print(f"nf-graph: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
