@@ -8,9 +8,9 @@ reads); fp16 caches are widened to fp32 on the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -40,10 +40,19 @@ def dataset_tensors(ds, *, what: str) -> tuple[torch.Tensor, torch.Tensor]:  # n
 
 @dataclass
 class TensorCache:
-    """Inputs (any dtype, RAM tensor or memmap) and int64 labels."""
+    """Inputs (any dtype, RAM tensor or memmap) and int64 labels.
+
+    On CUDA, batches are gathered into one of two reusable pinned staging
+    buffers and copied with ``non_blocking=True``; a CUDA event per buffer
+    guards reuse, so the gather of batch i+1 overlaps the copy and compute of
+    batch i without pinning new memory every step.
+    """
 
     x: torch.Tensor | np.memmap
     y: torch.Tensor
+    _staging: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _events: list[Any] = field(default_factory=lambda: [None, None], repr=False)
+    _turn: int = 0
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -54,17 +63,36 @@ class TensorCache:
         for i in range(0, n, batch_size):
             yield order[i : i + batch_size]
 
-    def take(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         if isinstance(self.x, np.memmap):
             # Sorted reads are sequential on disk; the permutation is restored after.
             sorted_idx, inverse = torch.sort(idx)
-            xb = torch.from_numpy(np.ascontiguousarray(self.x[sorted_idx.numpy()]))[torch.argsort(inverse)]
-        else:
-            xb = self.x.index_select(0, idx)
+            return torch.from_numpy(np.ascontiguousarray(self.x[sorted_idx.numpy()]))[torch.argsort(inverse)]
+        return self.x.index_select(0, idx)
+
+    def take(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch on ``device`` as float32, with its labels."""
         yb = self.y.index_select(0, idx)
-        if device.type == "cuda":
-            xb, yb = xb.pin_memory(), yb.pin_memory()
-        return xb.to(device, non_blocking=True).float(), yb.to(device, non_blocking=True)
+        if device.type != "cuda":
+            return self._gather(idx).float(), yb
+        n = idx.shape[0]
+        turn = self._turn = self._turn ^ 1
+        if self._events[turn] is not None:
+            self._events[turn].synchronize()  # the copy that last read this buffer is done
+        if len(self._staging) < 2 or self._staging[turn].shape[0] < n:
+            shape = (n, *self.x.shape[1:])
+            dtype = self.x.dtype if isinstance(self.x, torch.Tensor) else torch.from_numpy(self.x[:1]).dtype
+            self._staging = [torch.empty(shape, dtype=dtype, pin_memory=True) for _ in range(2)]
+        buf = self._staging[turn][:n]
+        if isinstance(self.x, torch.Tensor):
+            torch.index_select(self.x, 0, idx, out=buf)
+        else:
+            buf.copy_(self._gather(idx))
+        xb = buf.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._events[turn] = event
+        return xb.float(), yb.to(device, non_blocking=True)
 
 
 class CacheWriter:

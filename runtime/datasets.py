@@ -18,9 +18,11 @@ from torch.utils.data import TensorDataset
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["fashion_mnist", "synthetic", "DATA_ENV"]
+__all__ = ["fashion_mnist", "synthetic", "DATA_ENV", "LIMIT_ENV"]
 
 DATA_ENV = "NEUROFLUX_DATA"
+#: ``NEUROFLUX_LIMIT=TRAIN[,VAL]`` keeps the first samples only (benchmarks on a budget of time).
+LIMIT_ENV = "NEUROFLUX_LIMIT"
 
 # Mean and std of Fashion-MNIST pixels in [0, 1].
 _MEAN, _STD = 0.2860, 0.3530
@@ -40,6 +42,9 @@ def fashion_mnist(
     ``channels`` > 1 repeats the grey channel.
     """
     path = Path(os.environ.get(DATA_ENV) or default_path)
+    if os.environ.get(LIMIT_ENV) and train_limit is None and val_limit is None:
+        parts_env = [int(v) for v in os.environ[LIMIT_ENV].split(",")]
+        train_limit, val_limit = parts_env[0], parts_env[1] if len(parts_env) > 1 else None
     if not path.is_file():
         raise NeuroFluxError(
             f"Fashion-MNIST file {path} not found; set {DATA_ENV} to the path of fashion_mnist.npz"
