@@ -59,7 +59,7 @@ def _run_one(plan_path: Path, method: str, out: Path, device: str) -> dict[str, 
 
 
 def run_bench(*, models: list[str], budgets: list[str], methods: list[str], epochs: int, out: Path, device: str,
-              target: float | None, time_limit: float, log=print) -> dict[str, Any]:  # noqa: ANN001
+              target: float | None, time_limit: float, datasets: str = "datasets", log=print) -> dict[str, Any]:  # noqa: ANN001
     import torch
 
     from neuroflux.planner.budget import parse_bytes
@@ -78,7 +78,7 @@ def run_bench(*, models: list[str], budgets: list[str], methods: list[str], epoc
                     continue
                 cfg = PlanConfig(budget_bytes=parse_bytes(budget), budget_text=budget, device_kind=dev,
                                  device_name=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", strategy=strategy,
-                                 epochs=epochs, time_limit_s=time_limit)
+                                 epochs=epochs, time_limit_s=time_limit, datasets=datasets)
                 try:
                     res = make_plan(_model_path(model), cfg, plan_dir=cell_dir)
                 except NeuroFluxError as e:
@@ -138,7 +138,7 @@ def run_bench(*, models: list[str], budgets: list[str], methods: list[str], epoc
         "device": torch.cuda.get_device_name(0) if dev == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
         "torch": torch.__version__, "command": shlex.join(["nf-bench", *sys.argv[1:]]),
         "data": os.environ.get("NEUROFLUX_DATA", "shipped subset"), "limit": os.environ.get("NEUROFLUX_LIMIT"),
-        "epochs": epochs, "date": time.strftime("%Y-%m-%d %H:%M"), "cells": cells,
+        "datasets": datasets, "epochs": epochs, "date": time.strftime("%Y-%m-%d %H:%M"), "cells": cells,
     }
 
 
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", default=None, help="TRAIN[,VAL]: first samples only (sets NEUROFLUX_LIMIT)")
     ap.add_argument("--target", type=float, default=None,
                     help="target val accuracy for time-to-target (default: the lowest final accuracy in the cell)")
+    ap.add_argument("--datasets", default="datasets",
+                    help="datasets function of every model file (e.g. datasets_imagenet: synthetic, throughput only)")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--time-limit", type=float, default=30.0)
     ap.add_argument("--out", default="bench-out")
@@ -215,7 +217,7 @@ def _main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         results = run_bench(models=args.models, budgets=args.budgets, methods=args.methods, epochs=args.epochs, out=out,
-                            device=args.device, target=args.target, time_limit=args.time_limit,
+                            device=args.device, target=args.target, time_limit=args.time_limit, datasets=args.datasets,
                             log=lambda m: print(m, file=sys.stderr, flush=True))
     except NeuroFluxError as e:
         print(f"nf-bench: error: {e}", file=sys.stderr)
