@@ -22,7 +22,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -214,6 +214,3 @@ def measure_step_time(
     per = max(0.0, (times[1] - times[0]) / (batches[1] - batches[0]))
     return max(0.0, times[0] - per * batches[0]), per
 
-
-CostSource = Literal["flops", "measure"]
-Builder = Callable[[], nn.Module]

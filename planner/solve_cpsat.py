@@ -5,8 +5,8 @@ status). Imports no torch: it sees only ``Problem``.
 
 Variables
   seg[s,e,k]  block covering units s..e trained at batch_sizes[k]
-  x[u,o]      unit u uses aux option o
-  y[u,k,o]    unit u is in a block at batch k AND uses option o (for time)
+  z[u,k,o]    unit u runs at batch k with aux option o; linked to seg by
+              sum_o z[u,k,o] == sum of the chosen blocks covering u at k
 
 Objective, lexicographic in two solves: (1) least predicted time; (2) with
 time held within ``tie_tolerance`` of the optimum, the widest heads (least
@@ -85,8 +85,6 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solu
     seg = {(s, e, k): m.new_bool_var(f"seg[{s},{e},{k}]") for (s, e, k) in possible}
     opts = [range(len(u.options)) for u in p.units]
     z = {(u, k, o): m.new_bool_var(f"z[{u},{k},{o}]") for u in range(n) for k in range(K) for o in opts[u]}
-    # x[u,o]: unit u uses aux option o (an expression: one batch per unit).
-    x = {(u, o): sum(z[u, k, o] for k in range(K)) for u in range(n) for o in opts[u]}
 
     # ---- constraints -----------------------------------------------------
     # Partition: every unit is covered by exactly one chosen block.

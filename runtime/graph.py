@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -112,11 +111,3 @@ def split_units(gm: fx.GraphModule, spans: Sequence[Sequence[str]]) -> list[fx.G
         modules.append(UnitModule(gm, graph, f"unit{i}"))
         prev_out = last
     return modules
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def example_input(shape: Sequence[int], batch: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
-    return torch.zeros((batch, *shape), device=device)

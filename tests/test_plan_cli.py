@@ -135,3 +135,17 @@ def test_factory_override_and_size_flags(tmp_path: Path) -> None:
     assert nf_plan([f"{path}:build_net", "--budget", "1GB", "--train-size", "64", "--val-size", "16", "-o", str(out), "-q"]) == 0
     plan = load_plan(out)
     assert plan.model.factory == "build_net" and plan.model.num_classes == 3 and plan.recipe.train_size == 64
+
+
+def test_measured_cost_model_on_cpu(tmp_path: Path) -> None:
+    """--cost measure times real steps here instead of counting FLOPs."""
+    src = GOOD + ("def model():\n    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),"
+                  " nn.ReLU(), nn.Flatten(), nn.Linear(512, 3))\n")
+    path = write(tmp_path, "m.py", src)
+    out = tmp_path / "p.json"
+    assert nf_plan([str(path), "--budget", "1GB", "--train-size", "256", "--val-size", "32", "--cost", "measure",
+                    "--device", "cpu", "-o", str(out), "-q"]) == 0
+    plan = load_plan(out)
+    assert plan.profile.cost_source == "measure" and plan.profile.device_flops_per_s == 0.0
+    assert all(u.profile.step_fixed_s + u.profile.step_per_sample_s > 0 for u in plan.units)
+    assert plan.baseline.bp.predicted_time_s > 0
