@@ -259,9 +259,10 @@ class _Runner:
                    "elapsed_s": elapsed_before + time.perf_counter() - t_start}
             if self.cfg.method != "neuroflux":  # BP: report val each epoch (not counted as training time)
                 rec["val_acc"] = self._eval_exits(stage, val, None)[stage.exits[-1]]
-            append_jsonl(self.metrics_path, rec)
             state["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+            # Checkpoint first: a logged epoch is always a saved epoch.
             self._save(asm, state, trainers=stage.trainers)
+            append_jsonl(self.metrics_path, rec)
 
         # After training: exits on val; the next block's input cache.
         writer = None
