@@ -48,6 +48,7 @@ from neuroflux.planner.units import META_UNIT, UnitSpan, activation_graph, find_
 from neuroflux.runtime.graph import split_units, trace
 from neuroflux.runtime.heads import build_head, head_widths
 from neuroflux.runtime.model_file import ModelFile, load_model_file
+from neuroflux.runtime.train import lr_for_batch
 from neuroflux.runtime.modules import CheckpointedChain, WithExit  # noqa: F401 (measure mode)
 from neuroflux.schemas.plan import (
     SCHEMA_VERSION,
@@ -70,7 +71,7 @@ from neuroflux.schemas.plan import (
     UnitProfile,
 )
 
-__all__ = ["PlanConfig", "PlanResult", "InfeasibleBudget", "make_plan", "lr_for_batch", "default_cache_budget_bytes"]
+__all__ = ["PlanConfig", "PlanResult", "InfeasibleBudget", "make_plan", "default_cache_budget_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +150,6 @@ class PlanResult:
     plan: Plan
     problem: Problem
     solution: Solution
-
-
-def lr_for_batch(lr: float, batch: int, *, base: int, rule: str) -> float:
-    scale = {"sqrt": math.sqrt(batch / base), "linear": batch / base, "none": 1.0}[rule]
-    return lr * scale
 
 
 def default_cache_budget_bytes() -> int:

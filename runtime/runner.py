@@ -27,7 +27,7 @@ from neuroflux.runtime.checkpoint import append_jsonl, atomic_torch_save, atomic
 from neuroflux.runtime.data import CacheWriter, TensorCache, dataset_tensors, open_disk_cache
 from neuroflux.runtime.export import export_onnx, throughput
 from neuroflux.runtime.modules import Chain, CheckpointedChain
-from neuroflux.runtime.train import StepStats, UnitTrainer, block_step
+from neuroflux.runtime.train import StepStats, UnitTrainer, block_step, lr_for_batch
 from neuroflux.schemas.plan import Plan
 
 __all__ = ["RunConfig", "run_plan", "Method", "BarFactory"]
@@ -150,8 +150,6 @@ class _Runner:
                 f"the plan found no batch size >= {plan.solver.min_batch_size} at which {self.cfg.method} fits "
                 f"{plan.device.budget_text}; that is the comparison: BP cannot train under this budget"
             )
-        from neuroflux.planner.build import lr_for_batch  # the one batch-size rule
-
         whole = asm.model if self.cfg.method == "bp" else CheckpointedChain(asm.units)
         steps = base.epochs * -(-n_train // base.batch_size)
         lr = lr_for_batch(r.lr, base.batch_size, base=r.base_batch_size, rule=r.lr_scaling)
