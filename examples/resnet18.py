@@ -15,6 +15,11 @@ def model():
     return ResNet(BasicBlock, LAYERS, in_channels=1, num_classes=NUM_CLASSES)
 
 
+def model_half():
+    """Half-width variant (every stage's channels halved): the CPU benchmarks' model."""
+    return ResNet(BasicBlock, LAYERS, in_channels=1, num_classes=NUM_CLASSES, width=0.5)
+
+
 def datasets():
     return fmnist(pad_to=32)
 

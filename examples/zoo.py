@@ -44,7 +44,7 @@ VGG_CFGS = {
 
 
 class VGG(nn.Module):
-    def __init__(self, cfg: str, *, in_channels: int = 1, num_classes: int = 10) -> None:
+    def __init__(self, cfg: str, *, in_channels: int = 1, num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
@@ -52,6 +52,7 @@ class VGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
+                v = int(v * width)
                 layers.append(conv_bn_relu(c, v))
                 c = v
         self.features = nn.Sequential(*layers)
@@ -105,13 +106,15 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR-style stem: one 3x3 conv, no max-pool."""
+    """CIFAR-style stem: one 3x3 conv, no max-pool. ``width`` scales every
+    stage's channels (0.5: the half-width variant the CPU benchmarks use)."""
 
-    def __init__(self, block, layers, *, in_channels: int = 1, num_classes: int = 10) -> None:
+    def __init__(self, block, layers, *, in_channels: int = 1, num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
-        self.stem = conv_bn_relu(in_channels, 64)
-        stages, cin = [], 64
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+        planes_per_stage = [int(c * width) for c in (64, 128, 256, 512)]
+        self.stem = conv_bn_relu(in_channels, planes_per_stage[0])
+        stages, cin = [], planes_per_stage[0]
+        for i, (planes, n) in enumerate(zip(planes_per_stage, layers)):
             blocks = []
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1

@@ -119,14 +119,24 @@ class PlanConfig:
     weight_decay: float = 5e-4
     schedule: Literal["cosine", "constant"] = "cosine"
     patience: int = 2
+    """Adaptive depth: units in a row without exit improvement before training stops (0: full depth)."""
     tolerance: float = 0.005
     prefer: Literal["shallowest", "best"] = "shallowest"
+    epoch_patience: int = 1
+    """Per-block epochs: epochs without exit improvement before a block moves on (0: planned epochs)."""
+    max_extra_epochs: int = 2
+    head_kind: Literal["pooled", "conv"] = "pooled"
+    max_block_units: int | None = -1
+    """Longest block in units. -1 (default): ceil(units / 3), so a plan has at
+    least three block boundaries where adaptive depth can stop; None: no limit."""
     train_size: int | None = None
     val_size: int | None = None
     factory: str | None = None
     datasets: str = "datasets"
     max_aux_options: int = 4
-    tie_tolerance: float = 0.01
+    tie_tolerance: float = 0.10
+    """The accuracy rule for aux heads: the widest heads whose plan costs at
+    most this share more predicted time than the fastest plan."""
 
     def __post_init__(self) -> None:
         if self.budget_bytes <= 0:
@@ -143,6 +153,12 @@ class PlanConfig:
             raise NeuroFluxError("--max-blocks must be >= 1")
         if self.time_limit_s <= 0:
             raise NeuroFluxError("--time-limit must be > 0")
+        if self.patience < 0 or self.epoch_patience < 0 or self.max_extra_epochs < 0:
+            raise NeuroFluxError("--patience, --epoch-patience and --max-extra-epochs must be >= 0")
+        if self.max_block_units is not None and self.max_block_units != -1 and self.max_block_units < 1:
+            raise NeuroFluxError(f"--max-block-units must be >= 1 (or 0 for no limit), got {self.max_block_units}")
+        if not 0 <= self.tie_tolerance < 1:
+            raise NeuroFluxError(f"--head-time-tolerance must be in [0, 1), got {self.tie_tolerance}")
 
 
 @dataclass(frozen=True)
@@ -265,6 +281,7 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
         cap_bytes=int(cfg.budget_bytes * (1 - cfg.margin)),
         cache_budget_bytes=cfg.cache_budget_bytes or default_cache_budget_bytes(),
         max_blocks=cfg.max_blocks,
+        max_block_units=_max_block_units(cfg, len(unit_costs)),
     )
 
     report("profiling baselines", done, total_jobs)
@@ -291,7 +308,13 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
 
 def _options_for(span: UnitSpan, cfg: PlanConfig, *, last: bool) -> list[tuple[str, int]]:
     """Aux options, widest first; the last unit exits through the model's head."""
-    return [("model", 0)] if last else head_widths(span.output_shape, max_options=cfg.max_aux_options)
+    return [("model", 0)] if last else head_widths(span.output_shape, kind=cfg.head_kind, max_options=cfg.max_aux_options)
+
+
+def _max_block_units(cfg: PlanConfig, n_units: int) -> int | None:
+    if cfg.max_block_units == -1:
+        return max(1, math.ceil(n_units / 3))
+    return cfg.max_block_units
 
 
 def _device_speed(cfg: PlanConfig) -> DeviceSpeed:
@@ -406,7 +429,8 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
         recipe=Recipe(optimizer="sgd", lr=cfg.lr, base_batch_size=cfg.base_batch_size, lr_scaling=cfg.lr_scaling,
                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
                       epochs_per_block=cfg.epochs, seed=cfg.seed, train_size=problem.train_size, val_size=problem.val_size),
-        exit_policy=ExitPolicy(patience=cfg.patience, tolerance=cfg.tolerance, prefer=cfg.prefer),
+        exit_policy=ExitPolicy(patience=cfg.patience, tolerance=cfg.tolerance, prefer=cfg.prefer,
+                               epoch_patience=cfg.epoch_patience, max_extra_epochs=cfg.max_extra_epochs),
         units=units,
         blocks=blocks,
         graph_nodes=nodes,
@@ -417,6 +441,8 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
             speedup_vs_bp=bp.predicted_time_s / total if bp.fits and total > 0 else None,
             speedup_vs_bp_checkpoint=ck.predicted_time_s / total if ck.fits and total > 0 else None,
             peak_bytes=max(b.predicted_peak_bytes for b in blocks),
+            assumes="no early stop: every block runs its planned epochs and every unit trains; adaptive depth and "
+                    "per-block epochs only shorten this (extra epochs are paid from time that converged blocks saved)",
         ),
         solver=SolverInfo(strategy=cfg.strategy, status=solution.status, widths_status=solution.widths_status,
                           wall_time_s=solution.wall_time_s,

@@ -9,8 +9,16 @@ from pathlib import Path
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.budget import format_bytes, nvml_free_bytes, parse_bytes
+from neuroflux.runtime.heads import HEAD_KINDS
 
 __all__ = ["main", "build_parser"]
+
+
+def _default(name: str):  # noqa: ANN202
+    """A flag's default is PlanConfig's: one source per setting."""
+    from neuroflux.planner.build import PlanConfig
+
+    return PlanConfig.__dataclass_fields__[name].default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fixed cost per dispatched op for --cost flops (default: measured here); with "
                     "--device-tflops it makes plans independent of this machine's load")
     ap.add_argument("--lr", type=float, default=0.1, help="base learning rate at batch 128 (sqrt-scaled per block)")
-    ap.add_argument("--patience", type=int, default=2, help="blocks without exit improvement before stopping")
-    ap.add_argument("--tolerance", type=float, default=0.005, help="accuracy within which exits count as equal")
-    ap.add_argument("--prefer", choices=["shallowest", "best"], default="shallowest")
+    ap.add_argument("--head-kind", choices=list(HEAD_KINDS), default=_default("head_kind"),
+                    help="aux head family: pooled (DGL-style: pool to 4x4, 1x1-conv MLP; cheap, so wide) or conv "
+                    "(3x3 conv at full resolution)")
+    ap.add_argument("--head-time-tolerance", type=float, default=_default("tie_tolerance"),
+                    help="accuracy rule for aux heads: take the widest heads whose plan is at most this share slower "
+                    "than the fastest (0: least time, narrowest heads)")
+    ap.add_argument("--patience", type=int, default=_default("patience"),
+                    help="adaptive depth: exits (units) in a row without improvement before training stops (0: full depth)")
+    ap.add_argument("--epoch-patience", type=int, default=_default("epoch_patience"),
+                    help="per-block epochs: epochs without exit improvement before a block moves on (0: planned epochs)")
+    ap.add_argument("--max-extra-epochs", type=int, default=_default("max_extra_epochs"),
+                    help="epochs a still-improving block may add, paid from time that converged blocks saved")
+    ap.add_argument("--max-block-units", type=int, default=None,
+                    help="longest block in units (default: a third of the units, so adaptive depth has places to "
+                    "stop; 0: no limit)")
+    ap.add_argument("--tolerance", type=float, default=_default("tolerance"), help="accuracy within which exits count as equal")
+    ap.add_argument("--prefer", choices=["shallowest", "best"], default=_default("prefer"))
     ap.add_argument("--train-size", type=int, default=None, help="needed only if the model file has no datasets()")
     ap.add_argument("--val-size", type=int, default=None)
     ap.add_argument("--datasets", default="datasets", help="name of the datasets function in the model file")
@@ -101,6 +123,9 @@ def _run(args: argparse.Namespace) -> int:
         cost=args.cost, device_flops_per_s=args.device_tflops * 1e12 if args.device_tflops else None,
         op_overhead_s=args.op_overhead_us * 1e-6 if args.op_overhead_us is not None else None, lr=args.lr,
         patience=args.patience, tolerance=args.tolerance, prefer=args.prefer, train_size=args.train_size,
+        epoch_patience=args.epoch_patience, max_extra_epochs=args.max_extra_epochs, head_kind=args.head_kind,
+        tie_tolerance=args.head_time_tolerance,
+        max_block_units=-1 if args.max_block_units is None else (args.max_block_units or None),
         val_size=args.val_size, datasets=args.datasets,
     )
     bar = None
@@ -135,10 +160,10 @@ def print_plan(plan) -> None:  # noqa: ANN001 - a schemas.Plan
     console = Console()
     t = Table(title=f"NeuroFlux plan: {Path(plan.model.file).name}, budget {plan.device.budget_text} "
               f"({format_bytes(plan.budget_bytes)}), {plan.solver.strategy} ({plan.solver.status})")
-    for col in ("block", "units", "batch", "aux widths", "predicted peak / budget", "predicted time"):
+    for col in ("block", "units", "batch", "aux heads", "predicted peak / budget", "predicted time"):
         t.add_column(col, justify="right" if col != "units" else "left")
     for b in plan.blocks:
-        widths = ",".join("head" if plan.unit(u).aux is None else str(plan.unit(u).aux.width or "lin") for u in b.units)
+        widths = ",".join("model" if plan.unit(u).aux is None else _head_text(plan.unit(u).aux) for u in b.units)
         units = f"{b.units[0]}..{b.units[-1]}" if len(b.units) > 2 else ",".join(b.units)
         t.add_row(str(b.index), units, str(b.batch_size), widths,
                   f"{format_bytes(b.predicted_peak_bytes)} ({b.predicted_peak_bytes / plan.budget_bytes:.0%})",
@@ -149,13 +174,19 @@ def print_plan(plan) -> None:  # noqa: ANN001 - a schemas.Plan
     def line(name: str, b, speedup) -> str:  # noqa: ANN001
         if not b.fits:
             return f"{name}: no batch size >= {plan.solver.min_batch_size} fits the budget"
-        return (f"{name}: batch {b.batch_size}, {b.predicted_time_s:.1f} s predicted -> NeuroFlux "
-                f"{speedup:.2f}x faster" if speedup else f"{name}: batch {b.batch_size}")
+        if not speedup:
+            return f"{name}: batch {b.batch_size}"
+        verdict = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+        return f"{name}: batch {b.batch_size}, {b.predicted_time_s:.1f} s predicted -> NeuroFlux {verdict} (predicted)"
 
     console.print(f"NeuroFlux: {plan.predicted.time_s:.1f} s predicted for {plan.recipe.epochs_per_block} "
-                  f"epochs per block on {plan.recipe.train_size} samples")
+                  f"epochs per block on {plan.recipe.train_size} samples, assuming {plan.predicted.assumes}")
     console.print(line("BP", bl.bp, plan.predicted.speedup_vs_bp))
     console.print(line("BP + checkpointing", bl.bp_checkpoint, plan.predicted.speedup_vs_bp_checkpoint))
+
+
+def _head_text(aux) -> str:  # noqa: ANN001 - a schemas.AuxHead
+    return "lin" if aux.kind == "linear" else f"{aux.kind[0]}{aux.width}"
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ __all__ = [
     "SolveStatus",
     "block_peak_bytes",
     "block_time_s",
+    "block_allowed",
     "cache_bytes",
     "plan_time_s",
     "check_solution",
@@ -87,6 +88,8 @@ class Problem:
     cache_budget_bytes: int
     cache_bytes_per_s: float = 2e9
     max_blocks: int | None = None
+    max_block_units: int | None = None
+    """Longest block, in units: block ends are where adaptive depth can stop."""
 
     def __post_init__(self) -> None:
         if not self.units:
@@ -95,6 +98,8 @@ class Problem:
             raise ValueError(f"batch_sizes must be ascending, distinct and >= 1, got {self.batch_sizes}")
         if self.max_blocks is not None and self.max_blocks < 1:
             raise ValueError("max_blocks must be >= 1")
+        if self.max_block_units is not None and self.max_block_units < 1:
+            raise ValueError("max_block_units must be >= 1")
 
     @property
     def n(self) -> int:
@@ -177,6 +182,14 @@ def plan_time_s(p: Problem, blocks: Sequence[BlockChoice], options: Sequence[int
     return sum(block_time_s(p, b.start, b.end, b.batch_size, options) for b in blocks)
 
 
+def block_allowed(p: Problem, start: int, end: int) -> bool:
+    """Units ``start..end`` may form a block: no longer than
+    ``max_block_units``, and its caches fit (memory is checked apart)."""
+    if p.max_block_units is not None and end - start + 1 > p.max_block_units:
+        return False
+    return block_cache_ok(p, start, end)
+
+
 def block_cache_ok(p: Problem, start: int, end: int) -> bool:
     """The block's input cache and output cache fit the cache budget together."""
     inp = cache_bytes(p, start - 1) if start > 0 else 0
@@ -201,6 +214,8 @@ def check_solution(p: Problem, s: Solution) -> list[str]:
             errs.append(f"block {b.start}..{b.end} peak {peak} > cap {p.cap_bytes}")
         if not block_cache_ok(p, b.start, b.end):
             errs.append(f"block {b.start}..{b.end} caches exceed the cache budget")
+        if p.max_block_units is not None and b.end - b.start + 1 > p.max_block_units:
+            errs.append(f"block {b.start}..{b.end} is longer than {p.max_block_units} units")
     if pos != p.n:
         errs.append(f"blocks cover {pos} of {p.n} units")
     if p.max_blocks is not None and len(s.blocks) > p.max_blocks:

@@ -26,7 +26,7 @@ from neuroflux.planner.problem import (
     Problem,
     Solution,
     _pass_time_s,
-    block_cache_ok,
+    block_allowed,
     block_steps,
     plan_time_s,
 )
@@ -75,7 +75,7 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solu
         (s, e, k)
         for s in range(n)
         for e in range(s, n)
-        if block_cache_ok(p, s, e)
+        if block_allowed(p, s, e)
         for k in range(K)
         if lightest_peak(s, e, p.batch_sizes[k]) <= p.cap_bytes
     ]

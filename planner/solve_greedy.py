@@ -19,7 +19,7 @@ from neuroflux.planner.problem import (
     BlockChoice,
     Problem,
     Solution,
-    block_cache_ok,
+    block_allowed,
     block_peak_bytes,
     plan_time_s,
 )
@@ -47,12 +47,12 @@ def solve_greedy(p: Problem, *, group_factor: float = 2.0) -> Solution:
     spans: list[tuple[int, int]] = []
     start = 0
     for u in range(1, p.n + 1):
-        if u < p.n:
+        if u < p.n and (p.max_block_units is None or u - start < p.max_block_units):
             similar = max(per_sample(u), per_sample(start)) <= group_factor * max(1, min(per_sample(u), per_sample(start)))
             fits = block_peak_bytes(p, start, u, b_min, options) <= p.cap_bytes
             if similar and fits:
                 continue
-            if not block_cache_ok(p, start, u - 1) and fits:
+            if not block_allowed(p, start, u - 1) and fits:
                 continue  # cannot close here: its caches do not fit
         spans.append((start, u - 1))
         start = u
@@ -66,7 +66,7 @@ def solve_greedy(p: Problem, *, group_factor: float = 2.0) -> Solution:
     blocks = []
     for s, e in spans:
         fitting = [b for b in p.batch_sizes if block_peak_bytes(p, s, e, b, options) <= p.cap_bytes]
-        if not fitting or not block_cache_ok(p, s, e):
+        if not fitting or not block_allowed(p, s, e):
             return Solution(
                 status="infeasible",
                 wall_time_s=time.perf_counter() - t0,

@@ -23,7 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="run directory (default: a new folder under runs/)")
     ap.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     ap.add_argument("--force", action="store_true", help="run even if the model file changed since planning")
-    ap.add_argument("--patience", type=int, default=None, help="override the plan's exit patience")
+    ap.add_argument("--patience", type=int, default=None,
+                    help="override the plan's adaptive depth: exits in a row without improvement before stopping (0: full depth)")
+    ap.add_argument("--epoch-patience", type=int, default=None,
+                    help="override the plan's per-block epochs: epochs without improvement before a block moves on "
+                    "(0: planned epochs)")
     ap.add_argument("--tolerance", type=float, default=None, help="override the plan's exit tolerance")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the final model")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
@@ -60,7 +64,8 @@ def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:  # noqa
 
     bar = _bars(args.quiet)
     cfg = RunConfig(out_dir=out, method=method, device=args.device, resume=args.resume, force=args.force,
-                    patience=args.patience, tolerance=args.tolerance, export_onnx=not args.no_onnx)
+                    patience=args.patience, tolerance=args.tolerance, epoch_patience=args.epoch_patience,
+                    export_onnx=not args.no_onnx)
     try:
         summary = run_plan(plan, Path(args.plan), cfg, bar=bar)
     except torch.OutOfMemoryError as e:
@@ -101,8 +106,14 @@ def print_summary(s: dict) -> None:
                   f"{format_bytes(b['measured_peak_bytes'])} / {format_bytes(b['predicted_peak_bytes'])}", exits)
     c = Console()
     c.print(t)
+    st = s.get("stopping") or {}
     if s["stopped_early"]:
-        c.print(f"early exit: {s['stopped_early']}")
+        c.print(f"adaptive depth: {s['stopped_early']}; skipped units {', '.join(st.get('units_skipped', []))}")
+    if st and s["method"] == "neuroflux":
+        ran, planned = st["epochs_run"], st["epochs_planned"]
+        epochs = " ".join(f"b{k}:{ran[k]}/{planned[k]}" for k in ran)
+        c.print(f"epochs run/planned per block: {epochs}; training time saved by stopping: "
+                f"{st['saved_estimated_s']:.1f} s (estimated)")
     c.print(f"final model: exit {s['final_exit']}, val accuracy {s['final_accuracy']:.4f}, "
             f"{s['final_params']:,} params vs {s['original_params']:,} original ({s['param_reduction']:.1f}x fewer), "
             f"inference {s['throughput']['speedup']:.2f}x the original's throughput; wall time {s['wall_time_s']:.1f} s")

@@ -1,10 +1,22 @@
 """Auxiliary classifier heads (the local losses and early exits).
 
 The family is pluggable: ``HEADS`` maps the plan's ``aux.kind`` to a builder.
-``conv`` follows the local-learning literature (greedy layerwise, DGL,
-InfoPro): 3x3 conv of width f, BatchNorm, ReLU, adaptive average pooling to
-2x2, linear classifier. ``linear`` is global average pooling (for spatial
-inputs) and a linear layer, for units whose output is not a feature map.
+
+``pooled`` (the default) pools first, as DGL's spatially-reduced MLP heads do
+(Belilovsky et al., ICML 2020): adaptive average pooling of the unit's
+feature map to at most 4x4, then two 1x1 convolutions of width f with
+BatchNorm and ReLU, then a linear classifier on the flattened 4x4 grid. All of
+its work happens on the pooled 16 positions, so a head as wide as the unit
+itself costs a small fraction of the unit's own time and memory, and the
+planner can afford wide heads, which are the accurate ones.
+
+``conv`` follows the greedy-layerwise / InfoPro recipe: a 3x3 conv of width
+f at full resolution, BatchNorm, ReLU, adaptive average pooling to 2x2,
+linear. It is expensive where feature maps are large (that is why the
+planner used to narrow it) and is kept for comparison (``--head-kind conv``).
+
+``linear`` is global average pooling (for spatial inputs) and a linear layer,
+for units whose output is not a feature map.
 """
 
 from __future__ import annotations
@@ -13,7 +25,10 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["HEADS", "build_head", "head_widths", "ConvHead", "LinearHead"]
+__all__ = ["HEADS", "HEAD_KINDS", "build_head", "head_widths", "ConvHead", "PooledHead", "LinearHead"]
+
+#: Head families a plan may ask for on feature maps (``--head-kind``).
+HEAD_KINDS = ("pooled", "conv")
 
 
 class ConvHead(nn.Sequential):
@@ -28,6 +43,25 @@ class ConvHead(nn.Sequential):
         )
 
 
+class PooledHead(nn.Sequential):
+    """Pool to at most ``grid`` x ``grid``, then a 2-layer 1x1-conv MLP, then linear."""
+
+    def __init__(self, in_shape: Sequence[int], width: int, num_classes: int, *, grid: int = 4) -> None:
+        c, h, w = (int(s) for s in in_shape)
+        gh, gw = min(grid, h), min(grid, w)
+        super().__init__(
+            nn.AdaptiveAvgPool2d((gh, gw)),
+            nn.Conv2d(c, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(width * gh * gw, num_classes),
+        )
+
+
 class LinearHead(nn.Sequential):
     def __init__(self, in_shape: Sequence[int], num_classes: int) -> None:
         layers: list[nn.Module] = []
@@ -38,6 +72,7 @@ class LinearHead(nn.Sequential):
 
 
 HEADS: dict[str, Callable[[Sequence[int], int, int], nn.Module]] = {
+    "pooled": lambda in_shape, width, classes: PooledHead(in_shape, width, classes),
     "conv": lambda in_shape, width, classes: ConvHead(in_shape[0], width, classes),
     "linear": lambda in_shape, width, classes: LinearHead(in_shape, classes),
 }
@@ -50,11 +85,14 @@ def build_head(kind: str, in_shape: Sequence[int], width: int, num_classes: int)
     return HEADS[kind](in_shape, width, num_classes)
 
 
-def head_widths(in_shape: Sequence[int], *, min_width: int = 8, max_options: int = 4) -> list[tuple[str, int]]:
+def head_widths(in_shape: Sequence[int], *, kind: str = "pooled", min_width: int = 8,
+                max_options: int = 4) -> list[tuple[str, int]]:
     """Candidate (kind, width) pairs, widest first: C, C/2, C/4, ... >= min_width.
 
-    Feature maps (C, H, W) get conv heads; anything else a linear head.
+    Feature maps (C, H, W) get heads of ``kind``; anything else a linear head.
     """
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"unknown head kind {kind!r}; choose one of {list(HEAD_KINDS)}")
     if len(in_shape) != 3:
         return [("linear", 0)]
     c = int(in_shape[0])
@@ -63,4 +101,4 @@ def head_widths(in_shape: Sequence[int], *, min_width: int = 8, max_options: int
     while w >= min_width and len(widths) < max_options:
         widths.append(w)
         w //= 2
-    return [("conv", w) for w in (widths or [min(c, min_width)])]
+    return [(kind, w) for w in (widths or [min(c, min_width)])]

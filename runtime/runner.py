@@ -9,6 +9,9 @@ the plan's units. Every method writes the same files to the run directory:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import shlex
 import sys
@@ -64,8 +67,10 @@ class RunConfig:
     force: bool = False
     """Run even if the model file changed since planning."""
     patience: int | None = None
-    """Override the plan's exit policy."""
+    """Override the plan's exit policy (units without improvement; 0: full depth)."""
     tolerance: float | None = None
+    epoch_patience: int | None = None
+    """Override the plan's per-block epochs (0: every block runs its planned epochs)."""
     export_onnx: bool = True
     command: str = field(default_factory=lambda: shlex.join(["nf-run", *sys.argv[1:]]))
 
@@ -106,6 +111,9 @@ class _Runner:
         self.metrics_path = self.out / "metrics.jsonl"
         self.patience = plan.exit_policy.patience if cfg.patience is None else cfg.patience
         self.tolerance = plan.exit_policy.tolerance if cfg.tolerance is None else cfg.tolerance
+        self.epoch_patience = plan.exit_policy.epoch_patience if cfg.epoch_patience is None else cfg.epoch_patience
+        self.max_extra_epochs = plan.exit_policy.max_extra_epochs
+        self._last_stats: tuple[list[float], list[float]] = ([], [])
 
     # ---------------------------------------------------------------- setup
     def _prepare_dir(self) -> dict[str, Any] | None:
@@ -125,7 +133,14 @@ class _Runner:
         return None
 
     def _plan_key(self) -> str:
-        return f"{self.plan.model.sha256}:{[b.units for b in self.plan.blocks]}:{[b.batch_size for b in self.plan.blocks]}"
+        """Digest of every plan decision that changes the result (not the
+        solver's timings): a resume must continue the same training."""
+        p = self.plan
+        key = {"model": p.model.sha256, "recipe": dataclasses.asdict(p.recipe), "exit": dataclasses.asdict(p.exit_policy),
+               "heads": [None if u.aux is None else dataclasses.asdict(u.aux) for u in p.units],
+               "blocks": [dataclasses.asdict(b) for b in p.blocks], "units": [u.nodes for u in p.units],
+               "overrides": [self.patience, self.tolerance, self.epoch_patience]}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
     def _stages(self, asm: Assembled) -> list[_Stage]:
         plan, r = self.plan, self.plan.recipe
@@ -168,19 +183,9 @@ class _Runner:
         raw_val = TensorCache(*dataset_tensors(val_set, what="val"))
         if self.device.type == "cuda":
             self._enforce_budget()
-        state: dict[str, Any] = {"done": [], "epoch": 0, "exit_acc": {}, "stopped": None, "elapsed_s": 0.0,
-                                 "train_s": 0.0}
+        state = _new_state()
         if ckpt is not None:
-            asm.model.load_state_dict(ckpt["model"])
-            for h, hs in zip(asm.heads, ckpt["heads"]):
-                if h is not None and hs is not None:
-                    h.load_state_dict(hs)
-            state = ckpt["state"]
-            k = len(state["done"])
-            if k < len(stages) and ckpt.get("trainers"):
-                for t, ts in zip(stages[k].trainers, ckpt["trainers"]):
-                    t.load_state_dict(ts)
-            log.info("resuming at stage %d, epoch %d", k, state["epoch"])
+            state = self._restore(ckpt, asm, stages)
         elapsed_before = state["elapsed_s"]
 
         caches = (raw_train, raw_val)
@@ -189,18 +194,32 @@ class _Runner:
             caches = self._rebuild_cache(stages, start, asm, raw_train, raw_val)
 
         blocks_bar = self.bar(total=len(stages), desc=self.cfg.method, leave=True, initial=start)
+        clock = _Clock(t_start, elapsed_before)
         try:
             for stage in stages[start:]:
                 if state["stopped"] is not None:
                     break
-                caches = self._run_stage(stage, caches, asm, state, t_start, elapsed_before, is_last=stage is stages[-1])
+                caches = self._run_stage(stage, caches, asm, state, clock, is_last=stage is stages[-1])
                 blocks_bar.update(1)
-                self._apply_exit_policy(stage, stages, state)
-                state["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                self._apply_depth_policy(stage, stages, state)
+                state["elapsed_s"] = clock()
                 self._save(asm, state, trainers=None)
         finally:
             blocks_bar.close()
-        return self._finish(asm, stages, state, elapsed_before + time.perf_counter() - t_start)
+        return self._finish(asm, stages, state, clock())
+
+    def _restore(self, ckpt: dict[str, Any], asm: Assembled, stages: list[_Stage]) -> dict[str, Any]:
+        asm.model.load_state_dict(ckpt["model"])
+        for h, hs in zip(asm.heads, ckpt["heads"]):
+            if h is not None and hs is not None:
+                h.load_state_dict(hs)
+        state = ckpt["state"]
+        k = len(state["done"])
+        if k < len(stages) and ckpt.get("trainers"):
+            for t, ts in zip(stages[k].trainers, ckpt["trainers"]):
+                t.load_state_dict(ts)
+        log.info("resuming at stage %d, epoch %d", k, state["epoch"])
+        return state
 
     def _enforce_budget(self) -> None:
         total = torch.cuda.get_device_properties(self.device).total_memory
@@ -209,7 +228,7 @@ class _Runner:
         log.info("CUDA allocator capped at %.4f of %d bytes (= budget %d)", frac, total, self.plan.budget_bytes)
 
     # ---------------------------------------------------------------- stage
-    def _run_stage(self, stage: _Stage, caches, asm: Assembled, state, t_start: float, elapsed_before: float, *, is_last: bool):
+    def _run_stage(self, stage: _Stage, caches, asm: Assembled, state, clock: "_Clock", *, is_last: bool):
         train, val = caches
         dev = self.device
         for t in stage.trainers:
@@ -218,79 +237,89 @@ class _Runner:
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(dev)
-        # Augmentation applies to raw inputs only: block 1 (or the whole model for BP).
-        augment = self.mf.augment() if stage.index == 0 else None
-        seed = self.plan.recipe.seed
-        measured_cpu_peak = 0
         t0 = time.perf_counter()
-        steps_per_epoch = -(-len(train) // stage.batch_size)
-        for epoch in range(state["epoch"], stage.epochs):
-            for t in stage.trainers:
-                t.train(True)
-            stats = StepStats(len(stage.trainers), dev)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + stage.index * 1009 + epoch)
-            ebar = self.bar(total=steps_per_epoch, desc=f"block {stage.index} epoch {epoch + 1}/{stage.epochs}", leave=False)
+        blk = state.get("block")
+        if blk is None or blk["index"] != stage.index:
+            blk = state["block"] = {"index": stage.index, "limit": stage.epochs, "best": -1.0, "stall": 0, "extra": 0}
+        measured_cpu_peak, accs, first = 0, state.get("last_accs") or {}, state["epoch"]
+        while state["epoch"] < blk["limit"]:
+            epoch = state["epoch"]
             te = time.perf_counter()
-            for step, idx in enumerate(train.index_batches(stage.batch_size, shuffle=True, generator=gen)):
-                xb, yb = train.take(idx, dev)
-                if augment is not None:
-                    xb = augment(xb)
-                inputs = [xb]
-                del xb
-                if dev.type == "cpu" and epoch == state["epoch"] and step < 2:
-                    measured_cpu_peak = max(measured_cpu_peak, self._tracked_step(stage, inputs, yb, stats))
-                else:
-                    block_step(stage.trainers, inputs, yb, stats)
-                ebar.update(1)
-                if step % 20 == 0:
-                    loss, acc = stats.summary()
-                    ebar.set_postfix(loss=f"{loss[-1]:.3f}", acc=f"{acc[-1]:.3f}")
-            ebar.close()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            measured_cpu_peak = max(measured_cpu_peak, self._train_epoch(stage, train, epoch, blk["limit"], track=epoch == first))
             state["train_s"] += time.perf_counter() - te
-            loss, acc = stats.summary()
+            accs = self._eval_exits(stage, val)
             state["epoch"] = epoch + 1
+            decision = self._epoch_policy(stage, blk, accs, state, steps_per_epoch=-(-len(train) // stage.batch_size))
+            state["last_accs"] = accs
+            state["elapsed_s"] = clock()
             rec = {"event": "epoch", "method": self.cfg.method, "block": stage.index, "epoch": epoch + 1,
-                   "units": stage.exits if self.cfg.method == "neuroflux" else ["model"], "train_loss": loss,
-                   "train_acc": acc, "epoch_s": time.perf_counter() - te,
-                   "elapsed_s": elapsed_before + time.perf_counter() - t_start}
-            if self.cfg.method != "neuroflux":  # BP: report val each epoch (not counted as training time)
-                rec["val_acc"] = self._eval_exits(stage, val, None)[stage.exits[-1]]
-            state["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                   "units": stage.exits if self.cfg.method == "neuroflux" else ["model"],
+                   "train_loss": self._last_stats[0], "train_acc": self._last_stats[1],
+                   "val_exit_acc": accs, "val_acc": max(accs.values()), "decision": decision,
+                   "epoch_s": time.perf_counter() - te, "elapsed_s": state["elapsed_s"]}
             # Checkpoint first: a logged epoch is always a saved epoch.
             self._save(asm, state, trainers=stage.trainers)
             append_jsonl(self.metrics_path, rec)
+            if decision == "converged":
+                break
 
-        # After training: exits on val; the next block's input cache.
-        writer = None
-        if not is_last and self.cfg.method == "neuroflux":
-            writer = self._writer(stage, len(train) + len(val))
-        accs = self._eval_exits(stage, val, writer, train=train if writer else None)
+        # After training: the next block's input cache.
         new_caches = caches
-        if writer is not None:
-            full = writer.finish(torch.cat([train.y, val.y]))
-            n = len(train)
-            new_caches = (TensorCache(full.x[:n], train.y), TensorCache(full.x[n:], val.y))
+        if not is_last and self.cfg.method == "neuroflux":
+            new_caches = self._write_cache(stage, train, val)
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else measured_cpu_peak
-        stage_s = time.perf_counter() - t0
         for t in stage.trainers:  # off the device: the next block's budget is its own
             for m in t.modules():
                 m.to("cpu")
         state["exit_acc"].update(accs)
+        state["epochs_run"][str(stage.index)] = state["epoch"]
         result = {"index": stage.index, "units": [self.plan.units[i].name for i in stage.unit_idx],
-                  "batch_size": stage.batch_size, "epochs": stage.epochs, "measured_peak_bytes": int(peak),
+                  "batch_size": stage.batch_size, "epochs": stage.epochs, "epochs_run": state["epoch"],
+                  "measured_peak_bytes": int(peak),
                   "predicted_peak_bytes": stage.predicted_peak_bytes, "peak_source":
                   "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "MemTracker (first steps, CPU)",
-                  "exit_accuracies": accs, "exit_accuracy": max(accs.values()), "time_s": stage_s,
-                  "elapsed_s": elapsed_before + time.perf_counter() - t_start}
+                  "exit_accuracies": accs, "exit_accuracy": max(accs.values()), "time_s": time.perf_counter() - t0,
+                  "elapsed_s": clock()}
         nv = _nvml_process_bytes() if dev.type == "cuda" else None
         if nv is not None:
             result["nvml_process_bytes"] = nv
         state["done"].append(result)
-        state["epoch"] = 0
+        state["epoch"], state["block"], state["last_accs"] = 0, None, None
         append_jsonl(self.metrics_path, {"event": "block", "method": self.cfg.method, **result})
         return new_caches
+
+    def _train_epoch(self, stage: _Stage, train: TensorCache, epoch: int, limit: int, *, track: bool) -> int:
+        """One epoch of ``stage`` on ``train``; returns the MemTracker peak of
+        its first steps on CPU when ``track`` (0 otherwise)."""
+        dev = self.device
+        # Augmentation applies to raw inputs only: block 1 (or the whole model for BP).
+        augment = self.mf.augment() if stage.index == 0 else None
+        for t in stage.trainers:
+            t.train(True)
+        stats = StepStats(len(stage.trainers), dev)
+        gen = torch.Generator().manual_seed(self.plan.recipe.seed * 1_000_003 + stage.index * 1009 + epoch)
+        steps_per_epoch = -(-len(train) // stage.batch_size)
+        ebar = self.bar(total=steps_per_epoch, desc=f"block {stage.index} epoch {epoch + 1}/{limit}", leave=False)
+        peak = 0
+        for step, idx in enumerate(train.index_batches(stage.batch_size, shuffle=True, generator=gen)):
+            xb, yb = train.take(idx, dev)
+            if augment is not None:
+                xb = augment(xb)
+            inputs = [xb]
+            del xb
+            if dev.type == "cpu" and track and step < 2:
+                peak = max(peak, self._tracked_step(stage, inputs, yb, stats))
+            else:
+                block_step(stage.trainers, inputs, yb, stats)
+            ebar.update(1)
+            if step % 20 == 0:
+                loss, acc = stats.summary()
+                ebar.set_postfix(loss=f"{loss[-1]:.3f}", acc=f"{acc[-1]:.3f}")
+        ebar.close()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        self._last_stats = stats.summary()
+        return peak
 
     def _tracked_step(self, stage: _Stage, inputs, yb, stats) -> int:
         tracker = MemTracker()
@@ -300,6 +329,101 @@ class _Runner:
             block_step(stage.trainers, inputs, yb, stats)
         return sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values())
 
+    # ---------------------------------------------------------------- adaptive epochs and depth
+    def _epoch_s(self, stage: _Stage, steps_per_epoch: int) -> float:
+        """Predicted training time of one epoch of ``stage`` (the plan's unit profiles)."""
+        b = stage.batch_size
+        return steps_per_epoch * sum(self.plan.units[i].profile.step_fixed_s + self.plan.units[i].profile.step_per_sample_s * b
+                                     for i in stage.unit_idx)
+
+    def _epoch_policy(self, stage: _Stage, blk: dict[str, Any], accs: dict[str, float], state, *, steps_per_epoch: int) -> str:
+        """Per-block epochs, decided on val after every epoch (NeuroFlux only).
+
+        ``converged``: the block's best exit has not improved by more than the
+        tolerance for ``epoch_patience`` epochs; it stops before its planned
+        epochs and banks their predicted time. ``extended``: still improving
+        at its last epoch, it takes one more epoch if the bank pays for it
+        (at most ``max_extra_epochs``), so the total stays within the plan's.
+        """
+        if self.cfg.method != "neuroflux" or self.epoch_patience <= 0:
+            return "planned"
+        best_here = max(accs.values())
+        if best_here > blk["best"] + self.tolerance:
+            blk["best"], blk["stall"] = best_here, 0
+        else:
+            blk["best"], blk["stall"] = max(blk["best"], best_here), blk["stall"] + 1
+        epoch, epoch_s = state["epoch"], self._epoch_s(stage, steps_per_epoch)
+        if epoch < blk["limit"]:
+            if blk["stall"] >= self.epoch_patience:
+                state["bank_s"] += (blk["limit"] - epoch) * epoch_s
+                return "converged"
+            return "continue"
+        if blk["stall"] == 0 and blk["extra"] < self.max_extra_epochs and state["bank_s"] >= epoch_s:
+            blk["limit"] += 1
+            blk["extra"] += 1
+            state["bank_s"] -= epoch_s
+            for t in stage.trainers:
+                t.extend(blk["limit"] * steps_per_epoch)
+            return "extended"
+        return "done"
+
+    def _apply_depth_policy(self, stage: _Stage, stages: list[_Stage], state) -> None:
+        """Adaptive depth, counted in units: walk the block's exits in depth
+        order; an exit that does not beat the best so far by more than the
+        tolerance adds one to the stall count, one that does resets it. Once
+        ``patience`` units in a row have not improved, the remaining blocks
+        are skipped (a stop takes effect at a block boundary)."""
+        if self.cfg.method != "neuroflux":
+            return
+        accs = state["done"][-1]["exit_accuracies"]
+        for name in stage.exits:
+            if accs[name] > state["best"] + self.tolerance:
+                state["best"], state["stall"], state["best_exit"] = accs[name], 0, name
+            else:
+                state["best"], state["stall"] = max(state["best"], accs[name]), state["stall"] + 1
+        pos = stages.index(stage)
+        if self.patience <= 0 or state["stall"] < self.patience or pos == len(stages) - 1:
+            return
+        skipped = stages[pos + 1:]
+        state["stopped"] = (f"the last {state['stall']} exits (through {stage.exits[-1]}) did not beat the best, "
+                            f"{state['best_exit']} at {state['best']:.4f}, by more than {self.tolerance:.3f} "
+                            f"(patience {self.patience} units); stopped after block {stage.index}")
+        state["stop"] = {"after_block": stage.index, "at_unit": stage.exits[-1], "best_exit": state["best_exit"],
+                         "blocks_skipped": [s.index for s in skipped],
+                         "units_skipped": [u for s in skipped for u in s.exits],
+                         "skipped_predicted_s": sum(self.plan.blocks[s.index].predicted_time_s for s in skipped)}
+        append_jsonl(self.metrics_path, {"event": "early_stop", "reason": state["stopped"], **state["stop"]})
+
+    def _stopping_summary(self, stages: list[_Stage], state) -> dict[str, Any]:
+        """Where training stopped, why, and the training time that saved."""
+        plan = self.plan
+        ran = {int(k): v for k, v in state["epochs_run"].items()}
+        stop = state.get("stop")
+        saved_pred = stop["skipped_predicted_s"] if stop else 0.0
+        for s in stages:
+            if s.index in ran and self.cfg.method == "neuroflux":
+                steps = -(-plan.recipe.train_size // s.batch_size)
+                saved_pred += (s.epochs - ran[s.index]) * self._epoch_s(s, steps)
+        predicted_ran = sum(plan.blocks[s.index].predicted_time_s for s in stages if s.index in ran) \
+            if self.cfg.method == "neuroflux" else 0.0
+        measured_ran = sum(b["time_s"] for b in state["done"])
+        scale = measured_ran / predicted_ran if predicted_ran > 0 else 1.0
+        last = state["done"][-1]["units"][-1] if state["done"] else None
+        return {
+            "stopped_at_unit": stop["at_unit"] if stop else last,
+            "stopped_after_block": stop["after_block"] if stop else (state["done"][-1]["index"] if state["done"] else None),
+            "full_depth": stop is None,
+            "reason": state["stopped"] or "every block ran (no exit plateau of the patience's length)",
+            "blocks_skipped": stop["blocks_skipped"] if stop else [],
+            "units_skipped": stop["units_skipped"] if stop else [],
+            "epochs_planned": {str(s.index): s.epochs for s in stages},
+            "epochs_run": {str(k): v for k, v in ran.items()},
+            "saved_predicted_s": saved_pred,
+            "saved_estimated_s": saved_pred * scale,
+            "patience_units": self.patience, "epoch_patience": self.epoch_patience, "tolerance": self.tolerance,
+        }
+
+    # ---------------------------------------------------------------- passes without training
     def _writer(self, stage: _Stage, n: int) -> CacheWriter:
         unit = self.plan.units[stage.unit_idx[-1]]
         spec = stage.cache
@@ -307,26 +431,39 @@ class _Runner:
         return CacheWriter(n, tuple(unit.output_shape), dtype=spec.dtype, location=spec.location, path=path,
                            pin=self.device.type == "cuda")
 
-    @torch.no_grad()
-    def _eval_exits(self, stage: _Stage, val: TensorCache, writer: CacheWriter | None, *, train: TensorCache | None = None) -> dict[str, float]:
-        """Accuracy of every exit of the stage on val; writes outputs to ``writer`` (train then val)."""
+    @torch.inference_mode()
+    def _eval_exits(self, stage: _Stage, val: TensorCache) -> dict[str, float]:
+        """Accuracy of every exit of the stage on val."""
         for t in stage.trainers:
             t.train(False)
-        dev, bs = self.device, stage.batch_size
+        dev, bs = self.device, max(stage.batch_size, 256)
         correct = torch.zeros(len(stage.trainers), dtype=torch.int64, device=dev)
-        parts = [(train, False), (val, True)] if train is not None else [(val, True)]
-        for data, is_val in parts:
-            for idx in data.index_batches(bs, shuffle=False):
-                h, y = data.take(idx, dev)
-                for i, t in enumerate(stage.trainers):
-                    h = t.unit(h)
-                    if is_val:
-                        correct[i] += (t.logits(h).argmax(1) == y).sum()
-                if writer is not None:
-                    writer.append(h)
+        for idx in val.index_batches(bs, shuffle=False):
+            h, y = val.take(idx, dev)
+            for i, t in enumerate(stage.trainers):
+                h = t.unit(h)
+                correct[i] += (t.logits(h).argmax(1) == y).sum()
         n = len(val)
         return {name: c / n for name, c in zip(stage.exits, correct.tolist())}
 
+    @torch.inference_mode()
+    def _write_cache(self, stage: _Stage, train: TensorCache, val: TensorCache) -> tuple[TensorCache, TensorCache]:
+        """The block's outputs for train then val: the next block's input cache."""
+        for t in stage.trainers:
+            t.train(False)
+        writer = self._writer(stage, len(train) + len(val))
+        bs = max(stage.batch_size, 256)
+        for data in (train, val):
+            for idx in data.index_batches(bs, shuffle=False):
+                h, _ = data.take(idx, self.device)
+                for t in stage.trainers:
+                    h = t.unit(h)
+                writer.append(h)
+        full = writer.finish(torch.cat([train.y, val.y]))
+        n = len(train)
+        return TensorCache(full.x[:n], train.y), TensorCache(full.x[n:], val.y)
+
+    @torch.inference_mode()
     def _rebuild_cache(self, stages: list[_Stage], start: int, asm: Assembled, train: TensorCache, val: TensorCache):
         """Input cache of stage ``start`` after a resume: read it from disk, or
         recompute it with the finished blocks (inference only, no training)."""
@@ -338,27 +475,14 @@ class _Runner:
         log.info("recomputing the input cache of block %d from the finished blocks", start)
         chain = Chain([asm.units[i] for s in stages[:start] for i in s.unit_idx]).to(self.device).eval()
         out = []
-        with torch.no_grad():
-            for data in (train, val):
-                w = CacheWriter(len(data), tuple(self.plan.units[prev.unit_idx[-1]].output_shape), dtype=prev.cache.dtype,
-                                location="ram", path=None)
-                for idx in data.index_batches(prev.batch_size, shuffle=False):
-                    w.append(chain(data.take(idx, self.device)[0]))
-                out.append(w.finish(data.y))
+        for data in (train, val):
+            w = CacheWriter(len(data), tuple(self.plan.units[prev.unit_idx[-1]].output_shape), dtype=prev.cache.dtype,
+                            location="ram", path=None)
+            for idx in data.index_batches(max(prev.batch_size, 256), shuffle=False):
+                w.append(chain(data.take(idx, self.device)[0]))
+            out.append(w.finish(data.y))
         chain.to("cpu")
         return out[0], out[1]
-
-    def _apply_exit_policy(self, stage: _Stage, stages: list[_Stage], state) -> None:
-        best_here = max(state["done"][-1]["exit_accuracies"].values())
-        best = state.get("best", -1.0)
-        if best_here > best + self.tolerance:
-            state["best"], state["stall"] = best_here, 0
-        else:
-            state["best"], state["stall"] = max(best, best_here), state.get("stall", 0) + 1
-        if state["stall"] >= self.patience and stage is not stages[-1]:
-            state["stopped"] = (f"exits did not improve by more than {self.tolerance:.3f} for {self.patience} "
-                                f"block(s); stopped after block {stage.index}")
-            append_jsonl(self.metrics_path, {"event": "early_stop", "reason": state["stopped"]})
 
     def _save(self, asm: Assembled, state, *, trainers: list[UnitTrainer] | None) -> None:
         atomic_torch_save({
@@ -397,6 +521,7 @@ class _Runner:
             "final_params": final_params, "original_params": original_params,
             "param_reduction": original_params / final_params, "wall_time_s": wall_s,
             "train_time_s": state["train_s"], "blocks": state["done"], "stopped_early": state["stopped"],
+            "stopping": self._stopping_summary(stages, state),
             "exit_accuracies": {u: accs[u] for u in order},
             "throughput": {"final_images_per_s": tp_final, "original_images_per_s": tp_orig,
                            "speedup": tp_final / tp_orig},
@@ -406,6 +531,22 @@ class _Runner:
         }
         atomic_write_json(summary, self.out / "summary.json")
         return summary
+
+
+class _Clock:
+    """Seconds of this run so far, resumed runs included."""
+
+    def __init__(self, t_start: float, before: float) -> None:
+        self.t_start, self.before = t_start, before
+
+    def __call__(self) -> float:
+        return self.before + time.perf_counter() - self.t_start
+
+
+def _new_state() -> dict[str, Any]:
+    return {"done": [], "epoch": 0, "exit_acc": {}, "stopped": None, "stop": None, "elapsed_s": 0.0, "train_s": 0.0,
+            "best": -1.0, "stall": 0, "best_exit": None, "block": None, "last_accs": None, "bank_s": 0.0,
+            "epochs_run": {}}
 
 
 def _nvml_process_bytes() -> int | None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UnitTrainer", "block_step", "StepStats", "lr_for_batch"]
+__all__ = ["UnitTrainer", "block_step", "StepStats", "lr_for_batch", "Schedule"]
 
 
 def lr_for_batch(lr: float, batch: int, *, base: int, rule: str) -> float:
@@ -41,6 +41,21 @@ class StepStats:
         return (self.loss / n).tolist(), (self.correct.double() / n).tolist()
 
 
+class Schedule:
+    """LR multiplier at a step: cosine from 1 to 0 over ``total`` steps, or
+    constant. A callable object, not a lambda, so that ``LambdaLR`` saves
+    ``total`` in its state dict: a block granted extra epochs keeps its
+    stretched schedule across a resume."""
+
+    def __init__(self, kind: str, total: int) -> None:
+        self.kind, self.total = kind, max(1, int(total))
+
+    def __call__(self, step: int) -> float:
+        if self.kind != "cosine":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(step, self.total) / self.total))
+
+
 class UnitTrainer:
     def __init__(self, unit: nn.Module, head: nn.Module | None, *, lr: float, momentum: float, weight_decay: float,
                  total_steps: int, schedule: str) -> None:
@@ -48,11 +63,15 @@ class UnitTrainer:
         self.head = head
         params = list(unit.parameters()) + (list(head.parameters()) if head is not None else [])
         self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        if schedule == "cosine":
-            fn = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))  # noqa: E731
-        else:
-            fn = lambda step: 1.0  # noqa: E731
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, fn)
+        self.schedule = Schedule(schedule, total_steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.schedule)
+
+    def extend(self, total_steps: int) -> None:
+        """Stretch the schedule to ``total_steps`` (a block granted extra
+        epochs): the cosine is recomputed over the longer horizon, so the
+        rate steps up to where a schedule of that length would be and decays
+        to zero at the new end, instead of training on at zero."""
+        self.schedule.total = max(self.schedule.total, int(total_steps))
 
     def modules(self) -> list[nn.Module]:
         return [self.unit] + ([self.head] if self.head is not None else [])

@@ -50,7 +50,7 @@ __all__ = [
 
 #: Major.minor. A reader accepts any plan with the same major and a minor up
 #: to its own; a newer plan is refused with a message to upgrade.
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
 
 
 class PlanError(NeuroFluxError):
@@ -99,9 +99,11 @@ class DeviceSpec:
 class AuxHead:
     """A unit's local classifier (its early exit)."""
 
-    kind: Literal["conv", "linear"]
-    """``conv``: 3x3 conv(width)+BN+ReLU, 2x2 avg-pool, linear. ``linear``:
-    global avg-pool (if spatial) and a linear layer."""
+    kind: Literal["pooled", "conv", "linear"]
+    """``pooled``: avg-pool to at most 4x4, two 1x1 convs (width)+BN+ReLU,
+    linear (DGL-style; the default). ``conv``: 3x3 conv(width)+BN+ReLU at
+    full resolution, 2x2 avg-pool, linear. ``linear``: global avg-pool (if
+    spatial) and a linear layer."""
     width: int
     """Filters of the conv (0 for ``linear``)."""
     params: int
@@ -202,15 +204,24 @@ class Recipe:
 
 @dataclass(frozen=True, kw_only=True)
 class ExitPolicy:
-    """When to stop adding blocks, and which exit to keep."""
+    """Adaptive depth, per-block epochs, and which exit to keep."""
 
     patience: int
-    """Stop after this many blocks in a row whose best exit does not beat
-    the best so far by more than ``tolerance``."""
+    """Adaptive depth, counted in units: training stops at the end of a
+    block once this many exits in a row (in depth order) have not beaten the
+    best exit so far by more than ``tolerance``; 0 trains every block."""
     tolerance: float
     """Accuracy (0..1) within which exits count as equal."""
     prefer: Literal["shallowest", "best"]
     """``shallowest``: the earliest exit within ``tolerance`` of the best."""
+    epoch_patience: int
+    """Per-block epochs: a block moves on once its best exit (on val, after
+    every epoch) has not improved by more than ``tolerance`` for this many
+    epochs; 0 runs every block for its planned epochs."""
+    max_extra_epochs: int
+    """A block still improving at its last planned epoch may run up to this
+    many more, each paid from the predicted time that converged blocks saved,
+    so a run never exceeds the plan's predicted total."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,6 +251,8 @@ class Predicted:
     speedup_vs_bp_checkpoint: float | None
     peak_bytes: int
     """Largest block peak."""
+    assumes: str
+    """What ``time_s`` assumes about stopping."""
 
 
 @dataclass(frozen=True, kw_only=True)

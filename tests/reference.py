@@ -12,7 +12,7 @@ import math
 from neuroflux.planner.problem import (
     BlockChoice,
     Problem,
-    block_cache_ok,
+    block_allowed,
     block_peak_bytes,
     block_time_s,
 )
@@ -37,7 +37,7 @@ def brute_force(p: Problem) -> tuple[float, tuple[BlockChoice, ...], tuple[int, 
                 continue
             total, blocks = 0.0, []
             for s, e in spans:
-                if not block_cache_ok(p, s, e):
+                if not block_allowed(p, s, e):
                     total = math.inf
                     break
                 cands = [

@@ -54,6 +54,7 @@ def random_problem(rng: random.Random, *, n: int) -> Problem:
         cap_bytes=rng.randint(4, 40) * 1024 * 1024,
         cache_budget_bytes=rng.choice([10**9, 12 * 1024 * 1024, 6 * 1024 * 1024]),
         max_blocks=rng.choice([None, None, 2, 3]),
+        max_block_units=rng.choice([None, None, 1, 2]),
     )
 
 
