@@ -10,7 +10,9 @@ Variables
 
 Objective, lexicographic in two solves: (1) least predicted time; (2) with
 time held within ``tie_tolerance`` of the optimum, the widest heads (least
-sum of option ranks, option 0 being the widest).
+sum of option ranks, option 0 being the widest), then least time among those.
+Phase 2 is the accuracy rule: wide heads are the accurate ones, and time
+alone would buy the narrowest.
 """
 
 from __future__ import annotations
@@ -154,8 +156,11 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solu
     bound_s = solver.best_objective_bound / _US
 
     # ---- phase 2: widest heads at (nearly) the same time -----------------
-    m.add(time_expr <= math.floor(best_us * (1 + config.tie_tolerance)))
-    m.minimize(sum(o * var for (u, k, o), var in z.items()))
+    # Lexicographic: fewest narrowing steps first, then least time, so the
+    # slack buys wider heads and never an arbitrary slower batch size.
+    limit_us = math.floor(best_us * (1 + config.tie_tolerance))
+    m.add(time_expr <= limit_us)
+    m.minimize((limit_us + 1) * sum(o * var for (u, k, o), var in z.items()) + time_expr)
     m.clear_hints()
     for var in (*z.values(), *seg.values()):  # start from the phase-1 solution
         m.add_hint(var, solver.boolean_value(var))

@@ -30,6 +30,7 @@ from neuroflux.runtime.checkpoint import append_jsonl, atomic_torch_save, atomic
 from neuroflux.runtime.data import CacheWriter, TensorCache, dataset_tensors, open_disk_cache
 from neuroflux.runtime.export import export_onnx, throughput
 from neuroflux.runtime.modules import Chain, CheckpointedChain
+from neuroflux.runtime.policy import depth_should_stop, epoch_decision, new_block_state, new_depth_state, observe_exits
 from neuroflux.runtime.train import StepStats, UnitTrainer, block_step, lr_for_batch
 from neuroflux.schemas.plan import Plan
 
@@ -240,7 +241,7 @@ class _Runner:
         t0 = time.perf_counter()
         blk = state.get("block")
         if blk is None or blk["index"] != stage.index:
-            blk = state["block"] = {"index": stage.index, "limit": stage.epochs, "best": -1.0, "stall": 0, "extra": 0}
+            blk = state["block"] = new_block_state(stage.index, stage.epochs)
         measured_cpu_peak, accs, first = 0, state.get("last_accs") or {}, state["epoch"]
         while state["epoch"] < blk["limit"]:
             epoch = state["epoch"]
@@ -337,58 +338,35 @@ class _Runner:
                                      for i in stage.unit_idx)
 
     def _epoch_policy(self, stage: _Stage, blk: dict[str, Any], accs: dict[str, float], state, *, steps_per_epoch: int) -> str:
-        """Per-block epochs, decided on val after every epoch (NeuroFlux only).
-
-        ``converged``: the block's best exit has not improved by more than the
-        tolerance for ``epoch_patience`` epochs; it stops before its planned
-        epochs and banks their predicted time. ``extended``: still improving
-        at its last epoch, it takes one more epoch if the bank pays for it
-        (at most ``max_extra_epochs``), so the total stays within the plan's.
-        """
-        if self.cfg.method != "neuroflux" or self.epoch_patience <= 0:
+        """Per-block epochs (``policy.epoch_decision``), NeuroFlux only; a
+        granted extra epoch stretches the units' LR schedules."""
+        if self.cfg.method != "neuroflux":
             return "planned"
-        best_here = max(accs.values())
-        if best_here > blk["best"] + self.tolerance:
-            blk["best"], blk["stall"] = best_here, 0
-        else:
-            blk["best"], blk["stall"] = max(blk["best"], best_here), blk["stall"] + 1
-        epoch, epoch_s = state["epoch"], self._epoch_s(stage, steps_per_epoch)
-        if epoch < blk["limit"]:
-            if blk["stall"] >= self.epoch_patience:
-                state["bank_s"] += (blk["limit"] - epoch) * epoch_s
-                return "converged"
-            return "continue"
-        if blk["stall"] == 0 and blk["extra"] < self.max_extra_epochs and state["bank_s"] >= epoch_s:
-            blk["limit"] += 1
-            blk["extra"] += 1
-            state["bank_s"] -= epoch_s
+        decision, bank = epoch_decision(blk, max(accs.values()), epochs_done=state["epoch"], tolerance=self.tolerance,
+                                        epoch_patience=self.epoch_patience, max_extra=self.max_extra_epochs,
+                                        bank_s=state["bank_s"], epoch_s=self._epoch_s(stage, steps_per_epoch))
+        state["bank_s"] += bank
+        if decision == "extended":
             for t in stage.trainers:
                 t.extend(blk["limit"] * steps_per_epoch)
-            return "extended"
-        return "done"
+        return decision
 
     def _apply_depth_policy(self, stage: _Stage, stages: list[_Stage], state) -> None:
-        """Adaptive depth, counted in units: walk the block's exits in depth
-        order; an exit that does not beat the best so far by more than the
-        tolerance adds one to the stall count, one that does resets it. Once
-        ``patience`` units in a row have not improved, the remaining blocks
-        are skipped (a stop takes effect at a block boundary)."""
+        """Adaptive depth (``policy.observe_exits``), counted in units; a
+        stop skips the remaining blocks."""
         if self.cfg.method != "neuroflux":
             return
         accs = state["done"][-1]["exit_accuracies"]
-        for name in stage.exits:
-            if accs[name] > state["best"] + self.tolerance:
-                state["best"], state["stall"], state["best_exit"] = accs[name], 0, name
-            else:
-                state["best"], state["stall"] = max(state["best"], accs[name]), state["stall"] + 1
+        depth = state["depth"]
+        observe_exits(depth, [(name, accs[name]) for name in stage.exits], tolerance=self.tolerance)
         pos = stages.index(stage)
-        if self.patience <= 0 or state["stall"] < self.patience or pos == len(stages) - 1:
+        if not depth_should_stop(depth, patience=self.patience, is_last_block=pos == len(stages) - 1):
             return
         skipped = stages[pos + 1:]
-        state["stopped"] = (f"the last {state['stall']} exits (through {stage.exits[-1]}) did not beat the best, "
-                            f"{state['best_exit']} at {state['best']:.4f}, by more than {self.tolerance:.3f} "
+        state["stopped"] = (f"the last {depth['stall']} exits (through {stage.exits[-1]}) did not beat the best, "
+                            f"{depth['best_exit']} at {depth['best']:.4f}, by more than {self.tolerance:.3f} "
                             f"(patience {self.patience} units); stopped after block {stage.index}")
-        state["stop"] = {"after_block": stage.index, "at_unit": stage.exits[-1], "best_exit": state["best_exit"],
+        state["stop"] = {"after_block": stage.index, "at_unit": stage.exits[-1], "best_exit": depth["best_exit"],
                          "blocks_skipped": [s.index for s in skipped],
                          "units_skipped": [u for s in skipped for u in s.exits],
                          "skipped_predicted_s": sum(self.plan.blocks[s.index].predicted_time_s for s in skipped)}
@@ -545,7 +523,7 @@ class _Clock:
 
 def _new_state() -> dict[str, Any]:
     return {"done": [], "epoch": 0, "exit_acc": {}, "stopped": None, "stop": None, "elapsed_s": 0.0, "train_s": 0.0,
-            "best": -1.0, "stall": 0, "best_exit": None, "block": None, "last_accs": None, "bank_s": 0.0,
+            "depth": new_depth_state(), "block": None, "last_accs": None, "bank_s": 0.0,
             "epochs_run": {}}
 
 

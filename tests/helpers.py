@@ -17,3 +17,13 @@ def plan_for(model: str | Path, tmp_path: Path, *, budget: int = 10**9, **kw):
     path = tmp_path / "plan.json"
     save_plan(result.plan, path)
     return result, path
+
+
+def tiny_plan(tmp_path: Path, *, train: int = 512, epochs: int = 2, cache_location: str = "ram", cache_dtype: str = "float32",
+              **kw):
+    src = (Path(__file__).resolve().parent / "tiny_model.py").read_text().replace("TRAIN, VAL = 512, 128", f"TRAIN, VAL = {train}, 128")
+    model = tmp_path / "tiny_model.py"
+    model.write_text(src)
+    result, path = plan_for(model, tmp_path, strategy="greedy", epochs=epochs, min_batch=8, max_batch=32,
+                            cache_location=cache_location, cache_dtype=cache_dtype, **{"patience": 10, "epoch_patience": 0, **kw})
+    return result.plan, path, model

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from neuroflux.tools.bench import main as nf_bench, time_to_target
+import pytest
+
+from neuroflux.planner.budget import parse_bytes
+from neuroflux.planner.build import PlanConfig
+from neuroflux.tools.bench import METHODS, PRESETS, _model_path, build_parser, main as nf_bench, resolve_cells, time_to_target
 
 
 def test_smoke_benchmark_reports_every_method(tmp_path: Path, monkeypatch) -> None:
@@ -22,7 +26,41 @@ def test_smoke_benchmark_reports_every_method(tmp_path: Path, monkeypatch) -> No
         assert 0 <= run["final_accuracy"] <= 1 and run["wall_time_s"] > 0
         assert run["measured_peak_bytes"] <= cell["budget_bytes"]
     assert "speedup_vs_bp_wall" in cell["runs"]["neuroflux"]
-    assert "| small_cnn | 40MB | neuroflux |" in (tmp_path / "results.md").read_text()
+    assert cell["target_rule"] == "BP final - 1 point"
+    assert cell["target_accuracy"] == pytest.approx(cell["runs"]["bp"]["final_accuracy"] - 0.01)
+    assert cell["runs"]["neuroflux"]["stopped_at_unit"] and cell["runs"]["neuroflux"]["epochs_run"]
+    md = (tmp_path / "results.md").read_text()
+    assert "#### small_cnn-40MB" in md and "| neuroflux |" in md
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_parse_and_name_real_models(preset: str) -> None:
+    """Every preset cell names a model file and factory that exist, a budget
+    that parses and known methods; --list prints them without running."""
+    cells = resolve_cells(build_parser().parse_args(["--preset", preset]))
+    assert cells and len({c.name for c in cells}) == len(cells)
+    for c in cells:
+        path, _, factory = _model_path(c.model).partition(":")
+        src = Path(path).read_text()
+        assert f"def {factory or 'model'}(" in src and f"def {c.datasets}(" in src, c
+        assert parse_bytes(c.budget) > 0 and c.epochs >= 1
+        assert set(c.methods) <= set(METHODS)
+        for _, overrides in c.variants:
+            PlanConfig(budget_bytes=1, budget_text="1", **dict(overrides))
+    one = cells[0].name
+    assert [c.name for c in resolve_cells(build_parser().parse_args(["--preset", preset, "--cell", one]))] == [one]
+    assert nf_bench(["--preset", preset, "--list"]) == 0
+
+
+def test_gpu_preset_cells_are_stringent_and_loose() -> None:
+    names = [c.name for c in PRESETS["gpu"]]
+    assert any(n.startswith("resnet18") for n in names) and any(n.startswith("vgg16") for n in names)
+    assert len({c.budget for c in PRESETS["gpu"] if c.model == "resnet18"}) == 2
+
+
+def test_unknown_preset_cell_is_a_clear_error(capsys) -> None:
+    assert nf_bench(["--preset", "cpu", "--cell", "nope"]) == 2
+    assert "has no cell nope" in capsys.readouterr().err
 
 
 def test_time_to_target_reads_blocks_and_epochs() -> None:

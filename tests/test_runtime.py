@@ -16,23 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import plan_for
+from helpers import plan_for, tiny_plan
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.heads import build_head
 from neuroflux.runtime.runner import RunConfig, _Runner, run_plan
 from neuroflux.schemas import load_plan
 
 HERE = Path(__file__).resolve().parent
-
-
-def tiny_plan(tmp_path: Path, *, train: int = 512, epochs: int = 2, cache_location: str = "ram", cache_dtype: str = "float32",
-              **kw):
-    src = (HERE / "tiny_model.py").read_text().replace("TRAIN, VAL = 512, 128", f"TRAIN, VAL = {train}, 128")
-    model = tmp_path / "tiny_model.py"
-    model.write_text(src)
-    result, path = plan_for(model, tmp_path, strategy="greedy", epochs=epochs, min_batch=8, max_batch=32,
-                            cache_location=cache_location, cache_dtype=cache_dtype, **{"patience": 10, "epoch_patience": 0, **kw})
-    return result.plan, path, model
 
 
 def test_unit_matches_plain_pytorch_local_learning(tmp_path: Path) -> None:

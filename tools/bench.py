@@ -18,10 +18,12 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from neuroflux.errors import NeuroFluxError
+from neuroflux.runtime.datasets import DATA_ENV, LIMIT_ENV
 
 __all__ = ["main", "run_bench", "time_to_target"]
 
@@ -47,6 +49,60 @@ def time_to_target(metrics: list[dict[str, Any]], target: float) -> float | None
     return None
 
 
+@dataclass(frozen=True, kw_only=True)
+class Cell:
+    """One benchmark cell: a model at a budget, every method side by side."""
+
+    name: str
+    model: str
+    budget: str
+    epochs: int
+    methods: tuple[str, ...] = METHODS
+    limit: str | None = None
+    """TRAIN[,VAL]: first samples only."""
+    datasets: str = "datasets"
+    data: str | None = "fashion_mnist"
+    """``fashion_mnist``: the full shared file; None: what the model file loads by default."""
+    variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    """Extra NeuroFlux runs (ablation): (label, PlanConfig overrides)."""
+
+
+#: The ablation: what each lever of issue 8 buys, on the same cell.
+ABLATION = (
+    ("old heads, fixed depth", (("head_kind", "conv"), ("tie_tolerance", 0.01), ("patience", 0), ("epoch_patience", 0),
+                                ("max_block_units", None))),
+    ("new heads, fixed depth", (("patience", 0), ("epoch_patience", 0), ("max_block_units", None))),
+)
+
+_HALF = "first 20,000 training / all 10,000 validation images"
+PRESETS: dict[str, tuple[Cell, ...]] = {
+    # CPU (2 cores): half-width models on the first 20,000 training images.
+    "cpu": (
+        Cell(name="resnet18-half-80MB", model="resnet18:model_half", budget="80MB", epochs=3, limit="20000,10000",
+             variants=ABLATION),
+        Cell(name="vgg11-half-40MB", model="vgg11:model_half", budget="40MB", epochs=3, limit="20000,10000"),
+        Cell(name="resnet18-half-400MB", model="resnet18:model_half", budget="400MB", epochs=3, limit="20000,10000"),
+    ),
+    # GPU: full-width models on all of Fashion-MNIST; every cell well under 10 minutes on one H100.
+    "gpu": (
+        Cell(name="resnet18-250MB", model="resnet18", budget="250MB", epochs=3),
+        Cell(name="resnet18-2GB", model="resnet18", budget="2GB", epochs=3),
+        Cell(name="vgg16-300MB", model="vgg16", budget="300MB", epochs=3),
+        Cell(name="vgg16-2GB", model="vgg16", budget="2GB", epochs=3),
+        Cell(name="resnet34-imagenet-2GB", model="resnet34:model_imagenet", budget="2GB", epochs=1,
+             datasets="datasets_imagenet", data=None, methods=("neuroflux", "bp", "bp-checkpoint")),
+    ),
+    # CI: checks the harness, not speed.
+    "smoke": (Cell(name="small_cnn-40MB", model="small_cnn", budget="40MB", epochs=1, limit="512,128", data=None),),
+}
+
+
+def shared_data_path() -> Path:
+    """The full Fashion-MNIST file: $NEUROFLUX_DATA, or ../shared/data beside the repo."""
+    env = os.environ.get("NEUROFLUX_DATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data" / "fashion_mnist.npz"
+
+
 def _run_one(plan_path: Path, method: str, out: Path, device: str) -> dict[str, Any]:
     from neuroflux.runtime.runner import RunConfig, run_plan
     from neuroflux.schemas import load_plan
@@ -58,123 +114,226 @@ def _run_one(plan_path: Path, method: str, out: Path, device: str) -> dict[str, 
     return {"summary": s, "metrics": metrics, "plan": plan}
 
 
-def run_bench(*, models: list[str], budgets: list[str], methods: list[str], epochs: int, out: Path, device: str,
-              target: float | None, time_limit: float, datasets: str = "datasets", log=print) -> dict[str, Any]:  # noqa: ANN001
+def _plan_cell(cell: Cell, cell_dir: Path, dev: str, time_limit: float, log) -> dict[str, Any]:  # noqa: ANN001
+    """Plans for the cell: optimal, greedy and each ablation variant; label -> path or error."""
     import torch
 
     from neuroflux.planner.budget import parse_bytes
     from neuroflux.planner.build import PlanConfig, make_plan
     from neuroflux.schemas import save_plan
 
-    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    cells = []
-    for model in models:
-        for budget in budgets:
-            cell_dir = out / f"{Path(model.split(':')[0]).stem}-{budget}"
-            cell: dict[str, Any] = {"model": model, "budget": budget, "budget_bytes": parse_bytes(budget), "runs": {}}
-            plans = {}
-            for strategy in ("optimal", "greedy"):
-                if strategy == "greedy" and "neuroflux-greedy" not in methods:
-                    continue
-                cfg = PlanConfig(budget_bytes=parse_bytes(budget), budget_text=budget, device_kind=dev,
-                                 device_name=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", strategy=strategy,
-                                 epochs=epochs, time_limit_s=time_limit, datasets=datasets)
-                try:
-                    res = make_plan(_model_path(model), cfg, plan_dir=cell_dir)
-                except NeuroFluxError as e:
-                    log(f"[{model} @ {budget}] {strategy} plan: {e}")
-                    cell["runs"]["neuroflux" if strategy == "optimal" else "neuroflux-greedy"] = {"error": str(e)}
-                    continue
-                path = cell_dir / f"plan-{strategy}.json"
-                save_plan(res.plan, path)
-                plans[strategy] = path
-            for method in methods:
-                strategy = "greedy" if method == "neuroflux-greedy" else "optimal"
-                if strategy not in plans:
-                    continue
-                run_dir = cell_dir / method
-                if run_dir.exists():
-                    import shutil
+    wanted = [("neuroflux", "optimal", ())]
+    if "neuroflux-greedy" in cell.methods:
+        wanted.append(("neuroflux-greedy", "greedy", ()))
+    wanted += [(f"neuroflux ({label})", "optimal", overrides) for label, overrides in cell.variants]
+    plans: dict[str, Any] = {}
+    for i, (label, strategy, overrides) in enumerate(wanted):
+        cfg = PlanConfig(budget_bytes=parse_bytes(cell.budget), budget_text=cell.budget, device_kind=dev,
+                         device_name=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", strategy=strategy,
+                         epochs=cell.epochs, time_limit_s=time_limit, datasets=cell.datasets, **dict(overrides))
+        try:
+            res = make_plan(_model_path(cell.model), cfg, plan_dir=cell_dir)
+        except NeuroFluxError as e:
+            log(f"[{cell.name}] {label} plan: {e}")
+            plans[label] = e
+            continue
+        path = cell_dir / f"plan-{i}.json"
+        save_plan(res.plan, path)
+        plans[label] = path
+    return plans
 
-                    shutil.rmtree(run_dir)
-                log(f"[{model} @ {budget}] {method} ...")
-                try:
-                    r = _run_one(plans[strategy], method, run_dir, dev)
-                except NeuroFluxError as e:
-                    cell["runs"][method] = {"error": str(e)}
-                    log(f"  {method}: {e}")
-                    continue
-                s, plan = r["summary"], r["plan"]
-                cell["runs"][method] = {
-                    "final_accuracy": s["final_accuracy"], "final_exit": s["final_exit"],
-                    "wall_time_s": s["wall_time_s"], "train_time_s": s["train_time_s"],
-                    "measured_peak_bytes": max(b["measured_peak_bytes"] for b in s["blocks"]),
-                    "predicted_peak_bytes": max(b["predicted_peak_bytes"] for b in s["blocks"]),
-                    "final_params": s["final_params"], "original_params": s["original_params"],
-                    "throughput_final": s["throughput"]["final_images_per_s"],
-                    "throughput_original": s["throughput"]["original_images_per_s"],
-                    "batch_sizes": [b["batch_size"] for b in s["blocks"]], "blocks": len(s["blocks"]),
-                    "stopped_early": s["stopped_early"], "predicted_time_s": plan.predicted.time_s if method.startswith("neuroflux")
-                    else getattr(plan.baseline, method.replace("-", "_")).predicted_time_s,
-                    "metrics": r["metrics"],
-                }
-                log(f"  acc {s['final_accuracy']:.4f}, {s['wall_time_s']:.1f} s, exit {s['final_exit']}")
-            ok = {m: v for m, v in cell["runs"].items() if "error" not in v}
-            cell_target = target if target is not None else (min(v["final_accuracy"] for v in ok.values()) if ok else None)
-            cell["target_accuracy"] = cell_target
-            for v in ok.values():
-                v["time_to_target_s"] = time_to_target(v.pop("metrics"), cell_target) if cell_target is not None else None
-            bp = ok.get("bp")
-            for m, v in ok.items():
-                if bp and m != "bp":
-                    v["speedup_vs_bp_wall"] = bp["wall_time_s"] / v["wall_time_s"]
-                    if bp.get("time_to_target_s") and v.get("time_to_target_s"):
-                        v["speedup_vs_bp_to_target"] = bp["time_to_target_s"] / v["time_to_target_s"]
-                    v["accuracy_delta_vs_bp"] = v["final_accuracy"] - bp["final_accuracy"]
-                v["param_reduction"] = v["original_params"] / v["final_params"]
-                v["throughput_gain"] = v["throughput_final"] / v["throughput_original"]
-            cells.append(cell)
+
+def _run_record(r: dict[str, Any], method: str) -> dict[str, Any]:
+    s, plan = r["summary"], r["plan"]
+    st = s.get("stopping") or {}
     return {
-        "device": torch.cuda.get_device_name(0) if dev == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "command": shlex.join(["nf-bench", *sys.argv[1:]]),
-        "data": os.environ.get("NEUROFLUX_DATA", "shipped subset"), "limit": os.environ.get("NEUROFLUX_LIMIT"),
-        "datasets": datasets, "epochs": epochs, "date": time.strftime("%Y-%m-%d %H:%M"), "cells": cells,
+        "final_accuracy": s["final_accuracy"], "final_exit": s["final_exit"],
+        "wall_time_s": s["wall_time_s"], "train_time_s": s["train_time_s"],
+        "measured_peak_bytes": max(b["measured_peak_bytes"] for b in s["blocks"]),
+        "predicted_peak_bytes": max(b["predicted_peak_bytes"] for b in s["blocks"]),
+        "final_params": s["final_params"], "original_params": s["original_params"],
+        "throughput_final": s["throughput"]["final_images_per_s"],
+        "throughput_original": s["throughput"]["original_images_per_s"],
+        "batch_sizes": [b["batch_size"] for b in s["blocks"]], "blocks": len(s["blocks"]),
+        "planned_blocks": len(plan.blocks), "heads": sorted({u.aux.kind for u in plan.units if u.aux is not None}),
+        "stopped_early": s["stopped_early"], "stopped_at_unit": st.get("stopped_at_unit"),
+        "epochs_run": st.get("epochs_run"), "saved_estimated_s": st.get("saved_estimated_s"),
+        "exit_accuracies": s["exit_accuracies"],
+        "predicted_time_s": plan.predicted.time_s if method.startswith("neuroflux")
+        else getattr(plan.baseline, method.replace("-", "_")).predicted_time_s,
+        "metrics": r["metrics"],
     }
 
 
+def run_cell(cell: Cell, *, out: Path, device: str, target: float | None, time_limit: float, log=print) -> dict[str, Any]:  # noqa: ANN001
+    """Plan and run every method of ``cell``; ratios only within the cell."""
+    import shutil
+
+    cell_dir = out / cell.name
+    result: dict[str, Any] = {"name": cell.name, "model": cell.model, "budget": cell.budget, "epochs": cell.epochs,
+                              "limit": cell.limit, "datasets": cell.datasets, "runs": {}}
+    from neuroflux.planner.budget import parse_bytes
+
+    result["budget_bytes"] = parse_bytes(cell.budget)
+    plans = _plan_cell(cell, cell_dir, device, time_limit, log)
+    labels = [m for m in cell.methods if m != "neuroflux-greedy" or "neuroflux-greedy" in plans]
+    labels += [f"neuroflux ({label})" for label, _ in cell.variants]
+    for label in labels:
+        plan_label = label if label.startswith("neuroflux") else "neuroflux"
+        plan = plans.get(plan_label)
+        if isinstance(plan, Exception) or plan is None:
+            result["runs"][label] = {"error": str(plan)}
+            continue
+        run_dir = cell_dir / _slug(label)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        log(f"[{cell.name}] {label} ...")
+        try:
+            r = _run_one(plan, label, run_dir, device)
+        except NeuroFluxError as e:
+            result["runs"][label] = {"error": str(e)}
+            log(f"  {label}: {e}")
+            continue
+        result["runs"][label] = _run_record(r, label)
+        s = r["summary"]
+        log(f"  acc {s['final_accuracy']:.4f}, {s['wall_time_s']:.1f} s, exit {s['final_exit']}")
+    _compare(result, target)
+    return result
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in label).strip("-")
+
+
+def _compare(cell: dict[str, Any], target: float | None) -> None:
+    """Targets and ratios. The default target is BP's final accuracy minus
+    one point (the lowest final accuracy in the cell where BP did not run)."""
+    ok = {m: v for m, v in cell["runs"].items() if "error" not in v}
+    bp = ok.get("bp")
+    if target is not None:
+        cell_target, rule = target, "given"
+    elif bp is not None:
+        cell_target, rule = bp["final_accuracy"] - 0.01, "BP final - 1 point"
+    elif ok:
+        cell_target, rule = min(v["final_accuracy"] for v in ok.values()), "lowest final accuracy in the cell"
+    else:
+        cell_target, rule = None, "none"
+    cell["target_accuracy"], cell["target_rule"] = cell_target, rule
+    for v in ok.values():
+        v["time_to_target_s"] = time_to_target(v.pop("metrics"), cell_target) if cell_target is not None else None
+    for m, v in ok.items():
+        if bp and m != "bp":
+            v["speedup_vs_bp_wall"] = bp["wall_time_s"] / v["wall_time_s"]
+            if bp.get("time_to_target_s") and v.get("time_to_target_s"):
+                v["speedup_vs_bp_to_target"] = bp["time_to_target_s"] / v["time_to_target_s"]
+            v["accuracy_delta_vs_bp"] = v["final_accuracy"] - bp["final_accuracy"]
+        v["param_reduction"] = v["original_params"] / v["final_params"]
+        v["throughput_gain"] = v["throughput_final"] / v["throughput_original"]
+
+
+def run_bench(*, cells: list[Cell], out: Path, device: str, target: float | None, time_limit: float,
+              log=print) -> dict[str, Any]:  # noqa: ANN001
+    """Run ``cells`` in order; ``results.json`` and ``results.md`` in ``out``
+    are rewritten after every cell, so an interrupted run keeps what it
+    measured, and cells from earlier invocations in ``out`` are kept."""
+    import torch
+
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    path = out / "results.json"
+    previous = json.loads(path.read_text())["cells"] if path.is_file() else []
+    done = {c["name"]: c for c in previous if "name" in c}
+    results: dict[str, Any] = {}
+    for cell in cells:
+        saved = {k: os.environ.get(k) for k in (DATA_ENV, LIMIT_ENV)}
+        try:
+            if cell.data == "fashion_mnist":
+                data = shared_data_path()
+                if not data.is_file():
+                    raise NeuroFluxError(f"cell {cell.name} needs the full Fashion-MNIST file, not found at {data}; "
+                                         f"set {DATA_ENV} or pass --data")
+                os.environ[DATA_ENV] = str(data.resolve())
+            if cell.limit:
+                os.environ[LIMIT_ENV] = cell.limit
+            else:
+                os.environ.pop(LIMIT_ENV, None)
+            done[cell.name] = run_cell(cell, out=out, device=dev, target=target, time_limit=time_limit, log=log)
+            done[cell.name]["data"] = os.environ.get(DATA_ENV, "shipped subset")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        results = {
+            "device": torch.cuda.get_device_name(0) if dev == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+            "torch": torch.__version__, "command": shlex.join(["nf-bench", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "cells": list(done.values()),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        (out / "results.md").write_text(markdown(results))
+    return results
+
+
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"Device: {results['device']}; torch {results['torch']}; data: {results['data']}"
-             + (f" (first {results['limit']} samples)" if results["limit"] else "") + f"; epochs per block / BP epochs: {results['epochs']}",
-             f"Command: `{results['command']}`", "",
-             "| model | budget | method | batch | val acc | wall s | to target s | speed-up vs BP (wall / to target) | "
-             "peak measured / predicted MiB | final params | param. reduction | inference gain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Device: {results['device']}; torch {results['torch']}", f"Command: `{results['command']}`", ""]
     for c in results["cells"]:
-        for m in METHODS:
-            v = c["runs"].get(m)
-            if v is None:
-                continue
-            name = Path(c["model"].split(":")[0]).stem
+        data = Path(c.get("data") or "shipped subset").name + (f", first {c['limit']} (train,val)" if c.get("limit") else "")
+        target = "-" if c.get("target_accuracy") is None else f"{c['target_accuracy']:.4f} ({c.get('target_rule', '')})"
+        lines += [f"#### {c['name']}: {c['model']} @ {c['budget']}, {c['epochs']} epochs per block / BP epochs; data: {data}; "
+                  f"target {target}", "",
+                  "| method | batch | val acc | vs BP | wall s | to target s | speed-up vs BP (wall / to target) | "
+                  "peak measured / predicted MiB | final params | param. reduction | inference gain | stopped at |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m, v in c["runs"].items():
             if "error" in v:
-                lines.append(f"| {name} | {c['budget']} | {m} | - | - | - | - | - | {v['error'][:80]} | - | - | - |")
+                lines.append(f"| {m} | - | - | - | - | - | - | {v['error'][:80]} | - | - | - | - |")
                 continue
             sp = "-" if m == "bp" else f"{v.get('speedup_vs_bp_wall', float('nan')):.2f}x / " + (
-                f"{v['speedup_vs_bp_to_target']:.2f}x" if v.get("speedup_vs_bp_to_target") else "-")
-            tt = f"{v['time_to_target_s']:.0f}" if v.get("time_to_target_s") else "-"
+                f"{v['speedup_vs_bp_to_target']:.2f}x" if v.get("speedup_vs_bp_to_target") else "never")
+            tt = f"{v['time_to_target_s']:.0f}" if v.get("time_to_target_s") else "never"
+            delta = "-" if "accuracy_delta_vs_bp" not in v else f"{100 * v['accuracy_delta_vs_bp']:+.2f} pt"
+            stop = "-"
+            if m.startswith("neuroflux"):
+                ran = v.get("epochs_run") or {}
+                stop = f"{v.get('stopped_at_unit')} ({v['blocks']}/{v['planned_blocks']} blocks; epochs " \
+                       f"{'/'.join(str(e) for e in ran.values())})"
             lines.append(
-                f"| {name} | {c['budget']} | {m} | {','.join(map(str, v['batch_sizes']))} | {v['final_accuracy']:.4f} | "
+                f"| {m} | {','.join(map(str, v['batch_sizes']))} | {v['final_accuracy']:.4f} | {delta} | "
                 f"{v['wall_time_s']:.0f} | {tt} | {sp} | {v['measured_peak_bytes'] / 2**20:.1f} / "
                 f"{v['predicted_peak_bytes'] / 2**20:.1f} | {v['final_params']:,} | {v['param_reduction']:.1f}x | "
-                f"{v['throughput_gain']:.2f}x |")
-    lines.append("")
-    lines.append("Target accuracy per cell (time to target): " + "; ".join(
-        f"{Path(c['model'].split(':')[0]).stem} @ {c['budget']}: {c['target_accuracy']:.4f}" for c in results["cells"]
-        if c["target_accuracy"] is not None))
-    return "\n".join(lines) + "\n"
+                f"{v['throughput_gain']:.2f}x | {stop} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def resolve_cells(args: argparse.Namespace) -> list[Cell]:
+    """The cells one invocation runs: a preset (optionally some of its cells) or the flags."""
+    if args.preset:
+        cells = list(PRESETS[args.preset])
+        if args.cell:
+            names = {c.name for c in cells}
+            unknown = [n for n in args.cell if n not in names]
+            if unknown:
+                raise NeuroFluxError(f"preset {args.preset} has no cell {', '.join(unknown)}; its cells: {', '.join(sorted(names))}")
+            cells = [c for c in cells if c.name in args.cell]
+        return cells
+    if args.smoke:  # explicit flags still win
+        base = PRESETS["smoke"][0]
+        return [Cell(name=f"small_cnn-{b}", model="small_cnn", budget=b, epochs=1, limit=args.limit or base.limit,
+                     data=None) for b in (args.budgets or [base.budget])]
+    return [Cell(name=f"{Path(m.split(':')[0]).stem}{'-' + m.split(':')[1] if ':' in m else ''}-{b}", model=m, budget=b,
+                 epochs=args.epochs, methods=tuple(args.methods), limit=args.limit, datasets=args.datasets,
+                 data="fashion_mnist" if args.data else None)
+            for m in args.models for b in (args.budgets or ["16MB"])]
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nf-bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="a prepared matrix: cpu (issue-8 targets and ablation), gpu (each cell < 10 min on one H100), smoke")
+    ap.add_argument("--cell", nargs="+", default=None, help="run only these cells of the preset (see --list)")
+    ap.add_argument("--list", action="store_true", help="print the preset's cells and exit")
     ap.add_argument("--models", nargs="+", default=["small_cnn"], help="zoo names or model files (name:factory)")
     ap.add_argument("--budgets", nargs="+", default=None, help="default: 16MB (smoke: 40MB)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -182,50 +341,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="Fashion-MNIST .npz (sets NEUROFLUX_DATA)")
     ap.add_argument("--limit", default=None, help="TRAIN[,VAL]: first samples only (sets NEUROFLUX_LIMIT)")
     ap.add_argument("--target", type=float, default=None,
-                    help="target val accuracy for time-to-target (default: the lowest final accuracy in the cell)")
+                    help="target val accuracy for time-to-target (default: BP's final accuracy minus one point)")
     ap.add_argument("--datasets", default="datasets",
                     help="datasets function of every model file (e.g. datasets_imagenet: synthetic, throughput only)")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--time-limit", type=float, default=30.0)
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--smoke", action="store_true", help="tiny CI configuration: checks the harness, not speed")
-    args = ap.parse_args(argv)
-    if args.smoke:  # explicit flags still win
-        args.models, args.epochs, args.limit = ["small_cnn"], 1, args.limit or "512,128"
-        args.budgets = args.budgets or ["40MB"]
-    args.budgets = args.budgets or ["16MB"]
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.data and not Path(args.data).is_file():
         print(f"nf-bench: error: --data {args.data} not found", file=sys.stderr)
         return 2
-    saved = {k: os.environ.get(k) for k in ("NEUROFLUX_DATA", "NEUROFLUX_LIMIT")}
+    saved = os.environ.get(DATA_ENV)
     try:
+        cells = resolve_cells(args)
+        if args.list:
+            for c in cells:
+                print(f"{c.name}: {c.model} @ {c.budget}, {c.epochs} epochs, methods {', '.join(c.methods)}"
+                      + (f", limit {c.limit}" if c.limit else "") + (f", {len(c.variants)} ablation runs" if c.variants else ""))
+            return 0
         if args.data:
-            os.environ["NEUROFLUX_DATA"] = str(Path(args.data).resolve())
-        if args.limit:
-            os.environ["NEUROFLUX_LIMIT"] = args.limit
-        return _main(args)
-    finally:  # callers (tests, notebooks) get their environment back
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _main(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        results = run_bench(models=args.models, budgets=args.budgets, methods=args.methods, epochs=args.epochs, out=out,
-                            device=args.device, target=args.target, time_limit=args.time_limit, datasets=args.datasets,
+            os.environ[DATA_ENV] = str(Path(args.data).resolve())
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        results = run_bench(cells=cells, out=out, device=args.device, target=args.target, time_limit=args.time_limit,
                             log=lambda m: print(m, file=sys.stderr, flush=True))
     except NeuroFluxError as e:
         print(f"nf-bench: error: {e}", file=sys.stderr)
         return 2
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    md = markdown(results)
-    (out / "results.md").write_text(md)
-    print(md)
+    finally:  # callers (tests, notebooks) get their environment back
+        if saved is None:
+            os.environ.pop(DATA_ENV, None)
+        else:
+            os.environ[DATA_ENV] = saved
+    print(markdown(results))
     return 0
 
 

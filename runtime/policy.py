@@ -1,0 +1,71 @@
+"""Adaptive depth and per-block epochs: the rules, as pure functions.
+
+Both read validation accuracies of exits and keep their state in plain dicts
+(they live in the run's checkpoint). The runner calls them; the tests script
+them.
+
+Per-block epochs (after every epoch of a block, on val): the block's best
+exit either improved by more than ``tolerance`` (stall resets) or not (stall
+grows). Before the planned last epoch, ``epoch_patience`` stalls in a row end
+the block (``converged``) and bank the predicted time of the epochs it did
+not run. At its last epoch, a block that is still improving takes one more
+epoch (``extended``) when the bank pays for it, at most ``max_extra`` times.
+
+Adaptive depth (after every block, counted in units): walk the block's exits
+in depth order; each exit that does not beat the best exit so far by more
+than ``tolerance`` adds one to the stall, one that does resets it and becomes
+the best (as in Keras' EarlyStopping: gains within the tolerance never move
+the reference, so a slow creep still counts as a plateau). Training
+stops once the stall reaches ``patience`` units; the stop takes effect at
+the block boundary, the only place where skipping the rest saves time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+__all__ = ["EpochDecision", "new_block_state", "epoch_decision", "new_depth_state", "observe_exits", "depth_should_stop"]
+
+EpochDecision = Literal["continue", "converged", "extended", "done", "planned"]
+
+
+def new_block_state(index: int, epochs: int) -> dict[str, Any]:
+    return {"index": index, "limit": epochs, "best": -1.0, "stall": 0, "extra": 0}
+
+
+def epoch_decision(blk: dict[str, Any], best_here: float, *, epochs_done: int, tolerance: float, epoch_patience: int,
+                   max_extra: int, bank_s: float, epoch_s: float) -> tuple[EpochDecision, float]:
+    """Update ``blk`` after an epoch whose best exit scored ``best_here``;
+    returns the decision and the change to the time bank (seconds)."""
+    if epoch_patience <= 0:
+        return "planned", 0.0
+    if best_here > blk["best"] + tolerance:
+        blk["best"], blk["stall"] = best_here, 0
+    else:
+        blk["stall"] += 1
+    if epochs_done < blk["limit"]:
+        if blk["stall"] >= epoch_patience:
+            return "converged", (blk["limit"] - epochs_done) * epoch_s
+        return "continue", 0.0
+    if blk["stall"] == 0 and blk["extra"] < max_extra and bank_s >= epoch_s:
+        blk["limit"] += 1
+        blk["extra"] += 1
+        return "extended", -epoch_s
+    return "done", 0.0
+
+
+def new_depth_state() -> dict[str, Any]:
+    return {"best": -1.0, "stall": 0, "best_exit": None}
+
+
+def observe_exits(depth: dict[str, Any], exits: Sequence[tuple[str, float]], *, tolerance: float) -> None:
+    """Walk a finished block's exits (name, val accuracy) in depth order."""
+    for name, acc in exits:
+        if acc > depth["best"] + tolerance:
+            depth["best"], depth["stall"], depth["best_exit"] = acc, 0, name
+        else:
+            depth["stall"] += 1
+
+
+def depth_should_stop(depth: dict[str, Any], *, patience: int, is_last_block: bool) -> bool:
+    return patience > 0 and depth["stall"] >= patience and not is_last_block

@@ -1,0 +1,165 @@
+"""Adaptive depth and per-block epochs: the rules on scripted accuracies, and
+the runner acting on them (stop, skip, resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_plan
+from neuroflux.runtime.policy import (
+    depth_should_stop,
+    epoch_decision,
+    new_block_state,
+    new_depth_state,
+    observe_exits,
+)
+from neuroflux.runtime.runner import RunConfig, _Runner, run_plan
+
+TOL = 0.005
+
+
+# ------------------------------------------------------------------ rules
+def test_depth_stops_on_a_plateau_counted_in_units() -> None:
+    d = new_depth_state()
+    observe_exits(d, [("u0", 0.80), ("u1", 0.85)], tolerance=TOL)
+    assert not depth_should_stop(d, patience=2, is_last_block=False)
+    observe_exits(d, [("u2", 0.852), ("u3", 0.849)], tolerance=TOL)  # two units within tolerance of the best
+    assert d["stall"] == 2 and d["best_exit"] == "u1"
+    assert depth_should_stop(d, patience=2, is_last_block=False)
+    assert not depth_should_stop(d, patience=2, is_last_block=True), "nothing left to skip after the last block"
+    assert not depth_should_stop(d, patience=0, is_last_block=False), "patience 0 means full depth"
+
+
+def test_depth_does_not_stop_while_exits_improve() -> None:
+    d = new_depth_state()
+    for i, acc in enumerate([0.70, 0.74, 0.78, 0.80, 0.83, 0.86]):
+        observe_exits(d, [(f"u{i}", acc)], tolerance=TOL)
+        assert not depth_should_stop(d, patience=1, is_last_block=False)
+    # An improvement after a stall resets it: stalls must be in a row.
+    observe_exits(d, [("u6", 0.86), ("u7", 0.90), ("u8", 0.90)], tolerance=TOL)
+    assert d["stall"] == 1 and d["best_exit"] == "u7"
+
+
+def test_block_converges_on_an_epoch_plateau_and_banks_its_time() -> None:
+    blk = new_block_state(0, epochs=5)
+    kw = dict(tolerance=TOL, epoch_patience=1, max_extra=2, bank_s=0.0, epoch_s=10.0)
+    assert epoch_decision(blk, 0.80, epochs_done=1, **kw) == ("continue", 0.0)
+    assert epoch_decision(blk, 0.84, epochs_done=2, **kw) == ("continue", 0.0)
+    assert epoch_decision(blk, 0.842, epochs_done=3, **kw) == ("converged", 20.0)  # 2 unrun epochs banked
+
+
+def test_improving_block_takes_extra_epochs_only_when_the_bank_pays() -> None:
+    blk = new_block_state(1, epochs=2)
+    kw = dict(tolerance=TOL, epoch_patience=1, max_extra=1, epoch_s=10.0)
+    assert epoch_decision(blk, 0.80, epochs_done=1, bank_s=0.0, **kw)[0] == "continue"
+    assert epoch_decision(blk, 0.85, epochs_done=2, bank_s=5.0, **kw) == ("done", 0.0), "bank too small"
+    blk = new_block_state(1, epochs=2)
+    epoch_decision(blk, 0.80, epochs_done=1, bank_s=0.0, **kw)
+    assert epoch_decision(blk, 0.85, epochs_done=2, bank_s=25.0, **kw) == ("extended", -10.0)
+    assert blk["limit"] == 3
+    assert epoch_decision(blk, 0.90, epochs_done=3, bank_s=15.0, **kw) == ("done", 0.0), "max_extra reached"
+
+
+def test_epoch_patience_zero_runs_the_planned_epochs() -> None:
+    blk = new_block_state(0, epochs=3)
+    for e in (1, 2, 3):
+        assert epoch_decision(blk, 0.5, epochs_done=e, tolerance=TOL, epoch_patience=0, max_extra=2, bank_s=1e9,
+                              epoch_s=1.0) == ("planned", 0.0)
+
+
+# ------------------------------------------------------------------ the runner on scripted accuracies
+def script_exits(monkeypatch, table: dict[tuple[int, int], dict[str, float]]) -> list[tuple[int, int]]:
+    """Replace val evaluation: block b's exits after its e-th epoch score
+    ``table[b, e]`` (the last scripted epoch repeats). Returns the calls."""
+    calls: list[tuple[int, int]] = []
+    seen: dict[int, int] = {}
+
+    def fake_eval(self, stage, val):  # noqa: ANN001
+        seen[stage.index] = seen.get(stage.index, 0) + 1
+        calls.append((stage.index, seen[stage.index]))
+        e = seen[stage.index]
+        while (stage.index, e) not in table:
+            e -= 1
+        return dict(table[stage.index, e])
+
+    monkeypatch.setattr(_Runner, "_eval_exits", fake_eval)
+    return calls
+
+
+PLATEAU = {(0, 1): {"u0": 0.60}, (0, 2): {"u0": 0.80}, (1, 1): {"u1": 0.70}, (1, 2): {"u1": 0.801},
+           (2, 1): {"u2": 0.95}}
+RISING = {(0, 1): {"u0": 0.60}, (0, 2): {"u0": 0.70}, (1, 1): {"u1": 0.75}, (1, 2): {"u1": 0.80},
+          (2, 1): {"u2": 0.85}, (2, 2): {"u2": 0.90}}
+
+
+def test_run_stops_on_a_scripted_plateau_and_says_where_and_why(tmp_path: Path, monkeypatch) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=2, patience=1)
+    assert [b.units for b in plan.blocks] == [["u0"], ["u1"], ["u2"]]
+    calls = script_exits(monkeypatch, PLATEAU)
+    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
+    assert [c[0] for c in calls] == [0, 0, 1, 1], "block 2 never trains"
+    st = s["stopping"]
+    assert st["stopped_at_unit"] == "u1" and st["stopped_after_block"] == 1 and not st["full_depth"]
+    assert st["blocks_skipped"] == [2] and st["units_skipped"] == ["u2"]
+    assert st["saved_predicted_s"] == pytest.approx(plan.blocks[2].predicted_time_s)
+    assert "u0 at 0.8000" in s["stopped_early"]
+    assert s["final_exit"] == "u0" and s["final_accuracy"] == pytest.approx(0.80)
+    events = [json.loads(x)["event"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("early_stop") == 1 and events.count("block") == 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopping"]["stopped_at_unit"] == "u1"
+
+
+def test_run_goes_full_depth_while_exits_improve(tmp_path: Path, monkeypatch) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=2, patience=1)
+    script_exits(monkeypatch, RISING)
+    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
+    assert s["stopped_early"] is None and s["stopping"]["full_depth"]
+    assert s["stopping"]["epochs_run"] == {"0": 2, "1": 2, "2": 2} and s["stopping"]["saved_predicted_s"] == 0
+    assert s["final_exit"] == "u2"
+
+
+def test_converged_block_moves_on_and_banks_epochs_for_an_improving_one(tmp_path: Path, monkeypatch) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=3, patience=0, epoch_patience=1, max_extra_epochs=1)
+    table = {(0, 1): {"u0": 0.6}, (0, 2): {"u0": 0.6},                       # converged after 2 of 3 epochs
+             (1, 1): {"u1": 0.6}, (1, 2): {"u1": 0.6},                       # converged too
+             (2, 1): {"u2": 0.7}, (2, 2): {"u2": 0.8}, (2, 3): {"u2": 0.9}, (2, 4): {"u2": 0.95}}
+    script_exits(monkeypatch, table)
+    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
+    assert s["stopping"]["epochs_run"] == {"0": 2, "1": 2, "2": 4}, "one extra epoch, paid by the two saved"
+    decisions = [json.loads(x).get("decision") for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert decisions.count("converged") == 2 and decisions.count("extended") == 1
+    assert s["final_accuracy"] == pytest.approx(0.95)
+
+
+def test_early_stopped_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=2, patience=1)
+    script_exits(monkeypatch, PLATEAU)
+    ref = run_plan(plan, path, RunConfig(out_dir=tmp_path / "ref", device="cpu", export_onnx=False))
+
+    # Interrupted after the stop was checkpointed, before the final model was written.
+    original_finish = _Runner._finish
+
+    def interrupted(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        raise KeyboardInterrupt
+
+    calls = script_exits(monkeypatch, PLATEAU)
+    monkeypatch.setattr(_Runner, "_finish", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
+    assert not (tmp_path / "run" / "summary.json").exists()
+    monkeypatch.setattr(_Runner, "_finish", original_finish)
+    n_before = len(calls)
+    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False, resume=True))
+    assert len(calls) == n_before, "a stopped run trains nothing more on resume"
+    for key in ("final_exit", "final_accuracy", "stopped_early", "final_params"):
+        assert s[key] == ref[key], key
+    assert s["stopping"]["blocks_skipped"] == [2]
+    a = torch.load(tmp_path / "ref" / "final_model.pt")
+    b = torch.load(tmp_path / "run" / "final_model.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
