@@ -32,6 +32,9 @@ def model_imagenet():
     return ResNet(BasicBlock, LAYERS, in_channels=3, num_classes=1000)
 
 
+model_imagenet.INPUT_SHAPE = (3, 224, 224)  # this factory's own shape: the file's INPUT_SHAPE is Fashion-MNIST's
+
+
 def datasets_imagenet():
     from zoo import imagenet_shaped
 

@@ -33,12 +33,12 @@ from neuroflux.planner.problem import (
     candidate_batch_sizes,
     min_feasible_budget_bytes,
 )
+from neuroflux.planner.device_profile import cached_profile, load_profile
 from neuroflux.planner.profile import (
     DeviceSpeed,
     SGDConfig,
     StepProfile,
     forward_flops,
-    measure_device_speed,
     measure_step_time,
     profile_step,
 )
@@ -110,6 +110,8 @@ class PlanConfig:
     time_limit_s: float = 30.0
     seed: int = 0
     cost: Literal["flops", "measure"] = "flops"
+    device_profile: str | None = None
+    """JSON device profile (planner/device_profile.py) for the FLOP cost model."""
     device_flops_per_s: float | None = None
     op_overhead_s: float | None = None
     lr: float = 0.1
@@ -177,7 +179,7 @@ def default_cache_budget_bytes() -> int:
 
 def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode):
     """Input shape, classes, train and val sizes; the fake model and its trace."""
-    shape = mf.constant("INPUT_SHAPE")
+    shape = mf.input_shape()
     train_n, val_n = cfg.train_size, cfg.val_size
     if shape is None or train_n is None or val_n is None:
         if not mf.has_datasets():
@@ -197,14 +199,15 @@ def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode):
     with fake:
         model = mf.build()
     gm = trace(model)  # first: an untraceable model gets the error that names the module
-    classes = mf.constant("NUM_CLASSES")
+    classes = mf.num_classes()
     with fake:
         try:
             out = model(torch.empty(2, *shape))
         except Exception as e:
             raise NeuroFluxError(
                 f"{mf.path}: {mf.factory_name}() model fails on an input of shape (2, {', '.join(map(str, shape))}): "
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; check INPUT_SHAPE"
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; check INPUT_SHAPE (or set "
+                f"{mf.factory_name}.INPUT_SHAPE for this factory)"
             ) from e
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -212,7 +215,8 @@ def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode):
             f"{mf.path}: the model must return logits of shape (batch, classes); for a batch of 2 it returned {got}"
         )
     if classes is not None and int(classes) != out.shape[1]:
-        raise NeuroFluxError(f"{mf.path}: NUM_CLASSES is {classes} but the model outputs {out.shape[1]} classes")
+        raise NeuroFluxError(f"{mf.path}: NUM_CLASSES is {classes} but {mf.factory_name}() outputs {out.shape[1]} classes; "
+                             f"fix NUM_CLASSES, or set {mf.factory_name}.NUM_CLASSES for this factory")
     return shape, int(out.shape[1]), int(train_n), int(val_n), model, gm
 
 
@@ -227,7 +231,7 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
     spans = find_units(gm)
     unit_mods = split_units(gm, [s.nodes for s in spans])
     sgd = SGDConfig(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    speed = _device_speed(cfg)
+    speed, speed_source = _device_speed(cfg)
     dtype_bytes = 2 if cfg.cache_dtype == "float16" else 4
 
     real_mods: list[nn.Module] | None = None
@@ -300,7 +304,7 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
 
     plan = _assemble(
         mf=mf, cfg=cfg, gm=gm, spans=spans, problem=problem, solution=solution, shape=shape, classes=classes,
-        bp=bp, ck=ck, speed=speed, plan_dir=Path(plan_dir), model_params=sum(p.numel() for p in fake_model.parameters()),
+        bp=bp, ck=ck, speed=speed, speed_source=speed_source, plan_dir=Path(plan_dir), model_params=sum(p.numel() for p in fake_model.parameters()),
         wall_s=time.perf_counter() - t_start,
     )
     return PlanResult(plan=plan, problem=problem, solution=solution)
@@ -317,17 +321,26 @@ def _max_block_units(cfg: PlanConfig, n_units: int) -> int | None:
     return cfg.max_block_units
 
 
-def _device_speed(cfg: PlanConfig) -> DeviceSpeed:
+def _device_speed(cfg: PlanConfig) -> tuple[DeviceSpeed, str]:
+    """Speed for the FLOP cost model and where it came from: the flags, a
+    device profile file, or this machine's cached profile (measured once)."""
     if cfg.device_flops_per_s and cfg.op_overhead_s is not None:
-        return DeviceSpeed(flops_per_s=cfg.device_flops_per_s, op_overhead_s=cfg.op_overhead_s)
-    here = "cuda" if cfg.device_kind == "cuda" and torch.cuda.is_available() else "cpu"
-    if cfg.device_kind == "cuda" and here == "cpu" and cfg.device_flops_per_s is None:
-        log.warning("planning for CUDA on a machine without one: times use this CPU's speed unless --device-tflops is given")
-    measured = measure_device_speed(here)
+        return DeviceSpeed(flops_per_s=cfg.device_flops_per_s, op_overhead_s=cfg.op_overhead_s), "flags"
+    if cfg.device_profile is not None:
+        prof, source = load_profile(cfg.device_profile), f"profile {cfg.device_profile}"
+        if prof.kind != cfg.device_kind:
+            log.warning("device profile %s is for %s, the plan targets %s", cfg.device_profile, prof.kind, cfg.device_kind)
+    else:
+        here = "cuda" if cfg.device_kind == "cuda" and torch.cuda.is_available() else "cpu"
+        if cfg.device_kind == "cuda" and here == "cpu" and cfg.device_flops_per_s is None:
+            log.warning("planning for CUDA on a machine without one: times use this CPU's speed; pass "
+                        "--device-profile with the GPU's profile")
+        prof, path = cached_profile(here)
+        source = f"cached profile {path}"
     return DeviceSpeed(
-        flops_per_s=cfg.device_flops_per_s or measured.flops_per_s,
-        op_overhead_s=measured.op_overhead_s if cfg.op_overhead_s is None else cfg.op_overhead_s,
-    )
+        flops_per_s=cfg.device_flops_per_s or prof.flops_per_s,
+        op_overhead_s=prof.op_overhead_s if cfg.op_overhead_s is None else cfg.op_overhead_s,
+    ), f"{source} ({prof.name}, {prof.source} {prof.date})"
 
 
 def _step_time(cfg, speed, prof: StepProfile, span, mod, kind, width, classes, real_mods, device, sgd) -> tuple[float, float]:
@@ -377,7 +390,7 @@ def _raise_infeasible(problem: Problem, solution: Solution, cfg: PlanConfig) -> 
 
 
 def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], problem: Problem, solution: Solution,
-              shape, classes: int, bp: Baseline, ck: Baseline, speed: DeviceSpeed, plan_dir: Path, model_params: int,
+              shape, classes: int, bp: Baseline, ck: Baseline, speed: DeviceSpeed, speed_source: str, plan_dir: Path, model_params: int,
               wall_s: float) -> Plan:
     units = []
     for span, cost, opt_i in zip(spans, problem.units, solution.options):
@@ -454,6 +467,7 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
         profile=ProfileInfo(memory_source="fake", cost_source=cfg.cost,
                             device_flops_per_s=speed.flops_per_s if cfg.cost == "flops" else 0.0,
                             op_overhead_s=speed.op_overhead_s if cfg.cost == "flops" else 0.0,
+                            device_speed_source=speed_source if cfg.cost == "flops" else "measured steps",
                             profile_batch_sizes=[8, 16]),
     )
 

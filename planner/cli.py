@@ -48,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="solver and training seed")
     ap.add_argument("--cost", choices=["flops", "measure"], default="flops",
                     help="step times from FLOPs and device throughput, or measured real steps")
+    ap.add_argument("--device-profile", default=None,
+                    help="device profile JSON for --cost flops, e.g. a GPU's measured with `python -m "
+                    "neuroflux.planner.device_profile --device cuda -o gpu.json` (default: this machine's, measured "
+                    "once and cached, so plans do not change with load)")
     ap.add_argument("--device-tflops", type=float, default=None,
-                    help="throughput for --cost flops (default: measured matmul speed of this machine)")
+                    help="throughput for --cost flops (overrides the profile)")
     ap.add_argument("--op-overhead-us", type=float, default=None,
                     help="fixed cost per dispatched op for --cost flops (default: measured here); with "
                     "--device-tflops it makes plans independent of this machine's load")
@@ -120,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
         strategy=args.strategy, epochs=args.epochs, min_batch=args.min_batch, max_batch=args.max_batch,
         margin=args.margin, cache_budget_bytes=cache_budget, cache_location=args.cache_location,
         cache_dtype=args.cache_dtype, max_blocks=args.max_blocks, time_limit_s=args.time_limit, seed=args.seed,
-        cost=args.cost, device_flops_per_s=args.device_tflops * 1e12 if args.device_tflops else None,
+        cost=args.cost, device_profile=args.device_profile, device_flops_per_s=args.device_tflops * 1e12 if args.device_tflops else None,
         op_overhead_s=args.op_overhead_us * 1e-6 if args.op_overhead_us is not None else None, lr=args.lr,
         patience=args.patience, tolerance=args.tolerance, prefer=args.prefer, train_size=args.train_size,
         epoch_patience=args.epoch_patience, max_extra_epochs=args.max_extra_epochs, head_kind=args.head_kind,

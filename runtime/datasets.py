@@ -71,8 +71,14 @@ def fashion_mnist(
 
 
 def synthetic(shape: tuple[int, ...], *, num_classes: int, train_size: int, val_size: int, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-    """Random inputs and labels of a given shape: for throughput only, never accuracy."""
+    """Random inputs and labels of a given shape: for throughput only, never
+    accuracy. ``NEUROFLUX_LIMIT`` caps the sizes, as for real data."""
+    if os.environ.get(LIMIT_ENV):
+        parts = [int(v) for v in os.environ[LIMIT_ENV].split(",")]
+        train_size = min(train_size, parts[0])
+        val_size = min(val_size, parts[1]) if len(parts) > 1 else val_size
     g = torch.Generator().manual_seed(seed)
+
     def make(n: int) -> TensorDataset:
         return TensorDataset(torch.randn((n, *shape), generator=g), torch.randint(0, num_classes, (n,), generator=g))
     return make(train_size), make(val_size)

@@ -87,6 +87,32 @@ class ModelFile:
     def constant(self, name: str) -> Any:
         return getattr(self.module, name, None)
 
+    def input_shape(self) -> tuple[int, ...] | None:
+        """Declared shape of one sample for this factory/datasets pair, or
+        None (then it is read from a training sample).
+
+        The factory's own ``INPUT_SHAPE`` attribute wins
+        (``model_imagenet.INPUT_SHAPE = (3, 224, 224)``); the file's
+        ``INPUT_SHAPE`` describes the default datasets function and applies
+        only when that one is used."""
+        own = getattr(self._get(self.factory_name, what="model factory"), "INPUT_SHAPE", None)
+        if own is not None:
+            return tuple(int(s) for s in own)
+        if self.datasets_name == "datasets" and self.constant("INPUT_SHAPE") is not None:
+            return tuple(int(s) for s in self.constant("INPUT_SHAPE"))
+        return None
+
+    def num_classes(self) -> int | None:
+        """Declared classes: the factory's ``NUM_CLASSES`` attribute, else the
+        file's ``NUM_CLASSES`` for the default factory ``model``, else None
+        (then read from the model's output)."""
+        own = getattr(self._get(self.factory_name, what="model factory"), "NUM_CLASSES", None)
+        if own is not None:
+            return int(own)
+        if self.factory_name == "model" and self.constant("NUM_CLASSES") is not None:
+            return int(self.constant("NUM_CLASSES"))
+        return None
+
     def augment(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         fn = getattr(self.module, "augment", None)
         return fn if callable(fn) else None

@@ -73,6 +73,10 @@ class RunConfig:
     epoch_patience: int | None = None
     """Override the plan's per-block epochs (0: every block runs its planned epochs)."""
     export_onnx: bool = True
+    max_steps_per_epoch: int | None = None
+    """Dry runs only (nf-bench --dry-run): cut every epoch after this many steps."""
+    throughput_batch: int | None = None
+    """Batch of the inference-throughput measurement (default: export.throughput's)."""
     command: str = field(default_factory=lambda: shlex.join(["nf-run", *sys.argv[1:]]))
 
 
@@ -200,9 +204,8 @@ class _Runner:
             for stage in stages[start:]:
                 if state["stopped"] is not None:
                     break
-                caches = self._run_stage(stage, caches, asm, state, clock, is_last=stage is stages[-1])
+                caches = self._run_stage(stage, caches, asm, state, clock, stages=stages)
                 blocks_bar.update(1)
-                self._apply_depth_policy(stage, stages, state)
                 state["elapsed_s"] = clock()
                 self._save(asm, state, trainers=None)
         finally:
@@ -229,7 +232,7 @@ class _Runner:
         log.info("CUDA allocator capped at %.4f of %d bytes (= budget %d)", frac, total, self.plan.budget_bytes)
 
     # ---------------------------------------------------------------- stage
-    def _run_stage(self, stage: _Stage, caches, asm: Assembled, state, clock: "_Clock", *, is_last: bool):
+    def _run_stage(self, stage: _Stage, caches, asm: Assembled, state, clock: "_Clock", *, stages: list[_Stage]):
         train, val = caches
         dev = self.device
         for t in stage.trainers:
@@ -264,9 +267,11 @@ class _Runner:
             if decision == "converged":
                 break
 
-        # After training: the next block's input cache.
+        # After training: adaptive depth first, so that a run that stops here
+        # never pays for an output cache nobody reads; then the next block's input cache.
+        self._apply_depth_policy(stage, stages, state, accs)
         new_caches = caches
-        if not is_last and self.cfg.method == "neuroflux":
+        if stage is not stages[-1] and self.cfg.method == "neuroflux" and state["stopped"] is None:
             new_caches = self._write_cache(stage, train, val)
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else measured_cpu_peak
         for t in stage.trainers:  # off the device: the next block's budget is its own
@@ -313,6 +318,8 @@ class _Runner:
             else:
                 block_step(stage.trainers, inputs, yb, stats)
             ebar.update(1)
+            if self.cfg.max_steps_per_epoch is not None and step + 1 >= self.cfg.max_steps_per_epoch:
+                break
             if step % 20 == 0:
                 loss, acc = stats.summary()
                 ebar.set_postfix(loss=f"{loss[-1]:.3f}", acc=f"{acc[-1]:.3f}")
@@ -351,12 +358,11 @@ class _Runner:
                 t.extend(blk["limit"] * steps_per_epoch)
         return decision
 
-    def _apply_depth_policy(self, stage: _Stage, stages: list[_Stage], state) -> None:
+    def _apply_depth_policy(self, stage: _Stage, stages: list[_Stage], state, accs: dict[str, float]) -> None:
         """Adaptive depth (``policy.observe_exits``), counted in units; a
         stop skips the remaining blocks."""
         if self.cfg.method != "neuroflux":
             return
-        accs = state["done"][-1]["exit_accuracies"]
         depth = state["depth"]
         observe_exits(depth, [(name, accs[name]) for name in stage.exits], tolerance=self.tolerance)
         pos = stages.index(stage)
@@ -490,8 +496,9 @@ class _Runner:
             export_onnx(final, shape, self.out / "final_model.onnx")
         final_params = sum(p.numel() for p in final.parameters())
         original_params = sum(p.numel() for p in asm.model.parameters())
-        tp_final = throughput(final, shape, device=self.device)
-        tp_orig = throughput(asm.model, shape, device=self.device)
+        reps = 1 if self.cfg.throughput_batch is not None else 5
+        tp_final = throughput(final, shape, device=self.device, batch=self.cfg.throughput_batch, reps=reps)
+        tp_orig = throughput(asm.model, shape, device=self.device, batch=self.cfg.throughput_batch, reps=reps)
         final.to("cpu")
         asm.model.to("cpu")
         summary = {

@@ -286,6 +286,9 @@ class ProfileInfo:
     """Throughput assumed by the FLOP cost model (0 when measured)."""
     op_overhead_s: float
     """Fixed cost per dispatched op assumed by the FLOP cost model."""
+    device_speed_source: str
+    """Where those two came from: flags, a device profile file, or this
+    machine's cached profile (measured once, so plans do not follow load)."""
     profile_batch_sizes: list[int]
 
 

@@ -56,6 +56,7 @@ def test_gpu_preset_cells_are_stringent_and_loose() -> None:
     names = [c.name for c in PRESETS["gpu"]]
     assert any(n.startswith("resnet18") for n in names) and any(n.startswith("vgg16") for n in names)
     assert len({c.budget for c in PRESETS["gpu"] if c.model == "resnet18"}) == 2
+    assert len({c.budget for c in PRESETS["gpu"] if c.model == "vgg16"}) == 2
 
 
 def test_unknown_preset_cell_is_a_clear_error(capsys) -> None:

@@ -29,10 +29,15 @@ def measured_block_peak(plan, asm, block) -> int:
     return sum(dev["Total"] for dev in tracker.get_tracker_snapshot("peak").values())
 
 
-@pytest.mark.parametrize("model,budget", [("small_cnn", 20 * 10**6), ("resnet18", 150 * 10**6), ("mobilenetv2", 120 * 10**6)])
-def test_block_peak_within_2_percent_of_pytorch_accounting(tmp_path, model, budget) -> None:
-    result, _ = plan_for(ROOT / "examples" / f"{model}.py", tmp_path, budget=budget, max_batch=64)
+@pytest.mark.parametrize("model,budget,head_kind", [
+    ("small_cnn", 20 * 10**6, "pooled"), ("small_cnn", 20 * 10**6, "conv"),
+    ("resnet18", 150 * 10**6, "pooled"), ("resnet18", 150 * 10**6, "conv"),
+    ("mobilenetv2", 120 * 10**6, "pooled"),
+])
+def test_block_peak_within_2_percent_of_pytorch_accounting(tmp_path, model, budget, head_kind) -> None:
+    result, _ = plan_for(ROOT / "examples" / f"{model}.py", tmp_path, budget=budget, max_batch=64, head_kind=head_kind)
     plan = result.plan
+    assert {u.aux.kind for u in plan.units if u.aux is not None} == {head_kind}
     assert len(plan.blocks) >= 1
     asm = assemble(plan, load_model_file(ROOT / "examples" / f"{model}.py"))
     for block in plan.blocks:

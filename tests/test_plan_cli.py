@@ -149,3 +149,36 @@ def test_measured_cost_model_on_cpu(tmp_path: Path) -> None:
     assert plan.profile.cost_source == "measure" and plan.profile.device_flops_per_s == 0.0
     assert all(u.profile.step_fixed_s + u.profile.step_per_sample_s > 0 for u in plan.units)
     assert plan.baseline.bp.predicted_time_s > 0
+
+
+def documented_pairs() -> list[tuple[str, str]]:
+    """(model[:factory], datasets) pairs that README.md, BENCHMARKS.md and the
+    nf-bench presets tell users to plan."""
+    import re
+
+    from neuroflux.tools.bench import PRESETS
+
+    pairs = {(c.model, c.datasets) for cells in PRESETS.values() for c in cells}
+    for doc in ("README.md", "BENCHMARKS.md"):
+        for line in (ROOT / doc).read_text().splitlines():
+            if not re.search(r"\bnf-(plan|bench)\b", line):
+                continue
+            ds = re.search(r"--datasets (\w+)", line)
+            for m in re.finditer(r"(?:examples/)?\b(small_cnn|vgg11|vgg16|resnet18|resnet34|mobilenetv2)(?:\.py)?(:\w+)?", line):
+                pairs.add((m.group(1) + (m.group(2) or ""), ds.group(1) if ds else "datasets"))
+    return sorted(pairs)
+
+
+@pytest.mark.parametrize("model,datasets", documented_pairs())
+def test_every_documented_factory_and_datasets_pair_plans(tmp_path: Path, model: str, datasets: str) -> None:
+    """Each factory gets its own input shape (resnet34:model_imagenet is
+    3x224x224, not the file's Fashion-MNIST 1x32x32)."""
+    from neuroflux.tools.bench import _model_path
+
+    out = tmp_path / "plan.json"
+    rc = nf_plan([_model_path(model), "--datasets", datasets, "--budget", "8GB", "-o", str(out), "-q",
+                  "--time-limit", "5", "--device-tflops", "0.1", "--op-overhead-us", "5", "--epochs", "1"])
+    assert rc == 0
+    plan = load_plan(out)
+    if "imagenet" in model:
+        assert plan.model.input_shape == [3, 224, 224] and plan.model.num_classes == 1000

@@ -25,6 +25,9 @@ from typing import Any
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.datasets import DATA_ENV, LIMIT_ENV
 
+#: Dry runs: overrides every cell's data limit (tiny data, one step per epoch).
+DRY_LIMIT_ENV = "NEUROFLUX_DRY_LIMIT"
+
 __all__ = ["main", "run_bench", "time_to_target"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +77,7 @@ ABLATION = (
     ("new heads, fixed depth", (("patience", 0), ("epoch_patience", 0), ("max_block_units", None))),
 )
 
-_HALF = "first 20,000 training / all 10,000 validation images"
+_GPU_METHODS = ("neuroflux", "bp", "bp-checkpoint")
 PRESETS: dict[str, tuple[Cell, ...]] = {
     # CPU (2 cores): half-width models on the first 20,000 training images.
     "cpu": (
@@ -83,18 +86,38 @@ PRESETS: dict[str, tuple[Cell, ...]] = {
         Cell(name="vgg11-half-40MB", model="vgg11:model_half", budget="40MB", epochs=3, limit="20000,10000"),
         Cell(name="resnet18-half-400MB", model="resnet18:model_half", budget="400MB", epochs=3, limit="20000,10000"),
     ),
-    # GPU: full-width models on all of Fashion-MNIST; every cell well under 10 minutes on one H100.
+    # GPU: full-width models on all of Fashion-MNIST, stringent (BP fits batch 16 or less) and loose budgets;
+    # neuroflux-greedy is left out to keep every cell well under 10 minutes on one H100.
     "gpu": (
-        Cell(name="resnet18-250MB", model="resnet18", budget="250MB", epochs=3),
-        Cell(name="resnet18-2GB", model="resnet18", budget="2GB", epochs=3),
-        Cell(name="vgg16-300MB", model="vgg16", budget="300MB", epochs=3),
-        Cell(name="vgg16-2GB", model="vgg16", budget="2GB", epochs=3),
-        Cell(name="resnet34-imagenet-2GB", model="resnet34:model_imagenet", budget="2GB", epochs=1,
-             datasets="datasets_imagenet", data=None, methods=("neuroflux", "bp", "bp-checkpoint")),
+        Cell(name="resnet18-250MB", model="resnet18", budget="250MB", epochs=3, methods=_GPU_METHODS),
+        Cell(name="vgg16-250MB", model="vgg16", budget="250MB", epochs=3, methods=_GPU_METHODS),
+        Cell(name="resnet34-imagenet-8GB", model="resnet34:model_imagenet", budget="8GB", epochs=1,
+             datasets="datasets_imagenet", data=None, methods=_GPU_METHODS),
+        Cell(name="resnet18-2GB", model="resnet18", budget="2GB", epochs=3, methods=_GPU_METHODS),
+        Cell(name="vgg16-2GB", model="vgg16", budget="2GB", epochs=3, methods=_GPU_METHODS),
     ),
     # CI: checks the harness, not speed.
     "smoke": (Cell(name="small_cnn-40MB", model="small_cnn", budget="40MB", epochs=1, limit="512,128", data=None),),
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    device: str = "cpu"
+    """Where the runs execute (resolved: cpu or cuda)."""
+    target: float | None = None
+    time_limit: float = 30.0
+    plan_device: str | None = None
+    """Device kind the plans target (default: ``device``)."""
+    device_profile: str | None = None
+    """Device profile for the FLOP cost model (plans made ahead for a GPU)."""
+    plans: Path | None = None
+    """Read ``<plans>/<cell>/plans.json`` made by an earlier ``--plan-only`` run instead of planning."""
+    plan_only: bool = False
+    max_steps: int | None = None
+    """Dry runs: cut every epoch after this many steps."""
+    skip_runs: tuple[str, ...] = ()
+    """Cells planned and loaded but not trained (dry runs of cells too heavy for a CPU)."""
 
 
 def shared_data_path() -> Path:
@@ -103,21 +126,29 @@ def shared_data_path() -> Path:
     return Path(env) if env else ROOT.parent / "shared" / "data" / "fashion_mnist.npz"
 
 
-def _run_one(plan_path: Path, method: str, out: Path, device: str) -> dict[str, Any]:
+def _run_one(plan_path: Path, method: str, out: Path, opts: BenchOptions) -> dict[str, Any]:
     from neuroflux.runtime.runner import RunConfig, run_plan
     from neuroflux.schemas import load_plan
 
     plan = load_plan(plan_path)
     runtime_method = "neuroflux" if method.startswith("neuroflux") else method
-    s = run_plan(plan, plan_path, RunConfig(out_dir=out, method=runtime_method, device=device, export_onnx=False))
+    s = run_plan(plan, plan_path, RunConfig(out_dir=out, method=runtime_method, device=opts.device, export_onnx=False,
+                                            max_steps_per_epoch=opts.max_steps,
+                                            throughput_batch=8 if opts.max_steps is not None else None))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"summary": s, "metrics": metrics, "plan": plan}
 
 
-def _plan_cell(cell: Cell, cell_dir: Path, dev: str, time_limit: float, log) -> dict[str, Any]:  # noqa: ANN001
-    """Plans for the cell: optimal, greedy and each ablation variant; label -> path or error."""
-    import torch
-
+def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str, Any]:  # noqa: ANN001
+    """Plans for the cell: optimal, greedy and each ablation variant; label ->
+    path or error. Written with an index, ``plans.json``, that ``--plans`` reads."""
+    if opts.plans is not None:
+        index_path = opts.plans / cell.name / "plans.json"
+        if not index_path.is_file():
+            raise NeuroFluxError(f"no prepared plans for cell {cell.name} in {opts.plans}; run nf-bench --plan-only first")
+        index = json.loads(index_path.read_text())
+        return {label: (index_path.parent / v if not v.startswith("error:") else NeuroFluxError(v[6:]))
+                for label, v in index.items()}
     from neuroflux.planner.budget import parse_bytes
     from neuroflux.planner.build import PlanConfig, make_plan
     from neuroflux.schemas import save_plan
@@ -126,27 +157,51 @@ def _plan_cell(cell: Cell, cell_dir: Path, dev: str, time_limit: float, log) -> 
     if "neuroflux-greedy" in cell.methods:
         wanted.append(("neuroflux-greedy", "greedy", ()))
     wanted += [(f"neuroflux ({label})", "optimal", overrides) for label, overrides in cell.variants]
+    kind = opts.plan_device or opts.device
     plans: dict[str, Any] = {}
+    index: dict[str, str] = {}
     for i, (label, strategy, overrides) in enumerate(wanted):
-        cfg = PlanConfig(budget_bytes=parse_bytes(cell.budget), budget_text=cell.budget, device_kind=dev,
-                         device_name=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", strategy=strategy,
-                         epochs=cell.epochs, time_limit_s=time_limit, datasets=cell.datasets, **dict(overrides))
+        cfg = PlanConfig(budget_bytes=parse_bytes(cell.budget), budget_text=cell.budget, device_kind=kind,
+                         device_name=_device_name(kind, opts), strategy=strategy, epochs=cell.epochs,
+                         time_limit_s=opts.time_limit, datasets=cell.datasets, device_profile=opts.device_profile,
+                         **dict(overrides))
         try:
             res = make_plan(_model_path(cell.model), cfg, plan_dir=cell_dir)
         except NeuroFluxError as e:
             log(f"[{cell.name}] {label} plan: {e}")
-            plans[label] = e
+            plans[label], index[label] = e, f"error:{e}"
             continue
         path = cell_dir / f"plan-{i}.json"
         save_plan(res.plan, path)
-        plans[label] = path
+        plans[label], index[label] = path, path.name
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    (cell_dir / "plans.json").write_text(json.dumps(index, indent=1) + "\n")
     return plans
 
 
-def _run_record(r: dict[str, Any], method: str) -> dict[str, Any]:
+def _device_name(kind: str, opts: BenchOptions) -> str:
+    import torch
+
+    if kind == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    if opts.device_profile:
+        from neuroflux.planner.device_profile import load_profile
+
+        return load_profile(opts.device_profile).name
+    return kind
+
+
+def _run_record(r: dict[str, Any], method: str, cell: Cell) -> dict[str, Any]:
+    from neuroflux.planner.budget import parse_bytes
+
     s, plan = r["summary"], r["plan"]
     st = s.get("stopping") or {}
+    measured = max(b["measured_peak_bytes"] for b in s["blocks"])
+    nvml = [b["nvml_process_bytes"] for b in s["blocks"] if "nvml_process_bytes" in b]
     return {
+        "budget_enforced": s.get("budget_enforced", False),
+        "cap_held": measured <= parse_bytes(cell.budget),
+        "nvml_process_bytes": max(nvml) if nvml else None,
         "final_accuracy": s["final_accuracy"], "final_exit": s["final_exit"],
         "wall_time_s": s["wall_time_s"], "train_time_s": s["train_time_s"],
         "measured_peak_bytes": max(b["measured_peak_bytes"] for b in s["blocks"]),
@@ -165,22 +220,30 @@ def _run_record(r: dict[str, Any], method: str) -> dict[str, Any]:
     }
 
 
-def run_cell(cell: Cell, *, out: Path, device: str, target: float | None, time_limit: float, log=print) -> dict[str, Any]:  # noqa: ANN001
+def run_cell(cell: Cell, *, out: Path, opts: BenchOptions, log=print) -> dict[str, Any]:  # noqa: ANN001
     """Plan and run every method of ``cell``; ratios only within the cell."""
     import shutil
 
-    cell_dir = out / cell.name
-    result: dict[str, Any] = {"name": cell.name, "model": cell.model, "budget": cell.budget, "epochs": cell.epochs,
-                              "limit": cell.limit, "datasets": cell.datasets, "runs": {}}
     from neuroflux.planner.budget import parse_bytes
 
-    result["budget_bytes"] = parse_bytes(cell.budget)
-    plans = _plan_cell(cell, cell_dir, device, time_limit, log)
+    cell_dir = out / cell.name
+    result: dict[str, Any] = {"name": cell.name, "model": cell.model, "budget": cell.budget, "epochs": cell.epochs,
+                              "limit": cell.limit, "datasets": cell.datasets, "budget_bytes": parse_bytes(cell.budget),
+                              "runs": {}}
+    plans = _plan_cell(cell, cell_dir, opts, log)
+    if opts.plan_only or cell.name in opts.skip_runs:
+        result["planned_only"] = True
+        for label, plan in plans.items():  # prepared plans must load, on this torch
+            if not isinstance(plan, Exception):
+                from neuroflux.schemas import load_plan
+
+                load_plan(plan)
+        result["plans"] = {k: str(v) for k, v in plans.items()}
+        return result
     labels = [m for m in cell.methods if m != "neuroflux-greedy" or "neuroflux-greedy" in plans]
     labels += [f"neuroflux ({label})" for label, _ in cell.variants]
     for label in labels:
-        plan_label = label if label.startswith("neuroflux") else "neuroflux"
-        plan = plans.get(plan_label)
+        plan = plans.get(label if label.startswith("neuroflux") else "neuroflux")
         if isinstance(plan, Exception) or plan is None:
             result["runs"][label] = {"error": str(plan)}
             continue
@@ -189,15 +252,15 @@ def run_cell(cell: Cell, *, out: Path, device: str, target: float | None, time_l
             shutil.rmtree(run_dir)
         log(f"[{cell.name}] {label} ...")
         try:
-            r = _run_one(plan, label, run_dir, device)
+            r = _run_one(plan, label, run_dir, opts)
         except NeuroFluxError as e:
             result["runs"][label] = {"error": str(e)}
             log(f"  {label}: {e}")
             continue
-        result["runs"][label] = _run_record(r, label)
+        result["runs"][label] = _run_record(r, label, cell)
         s = r["summary"]
         log(f"  acc {s['final_accuracy']:.4f}, {s['wall_time_s']:.1f} s, exit {s['final_exit']}")
-    _compare(result, target)
+    _compare(result, opts.target)
     return result
 
 
@@ -231,14 +294,12 @@ def _compare(cell: dict[str, Any], target: float | None) -> None:
         v["throughput_gain"] = v["throughput_final"] / v["throughput_original"]
 
 
-def run_bench(*, cells: list[Cell], out: Path, device: str, target: float | None, time_limit: float,
-              log=print) -> dict[str, Any]:  # noqa: ANN001
+def run_bench(*, cells: list[Cell], out: Path, opts: BenchOptions, log=print) -> dict[str, Any]:  # noqa: ANN001
     """Run ``cells`` in order; ``results.json`` and ``results.md`` in ``out``
     are rewritten after every cell, so an interrupted run keeps what it
     measured, and cells from earlier invocations in ``out`` are kept."""
     import torch
 
-    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     path = out / "results.json"
     previous = json.loads(path.read_text())["cells"] if path.is_file() else []
     done = {c["name"]: c for c in previous if "name" in c}
@@ -252,11 +313,12 @@ def run_bench(*, cells: list[Cell], out: Path, device: str, target: float | None
                     raise NeuroFluxError(f"cell {cell.name} needs the full Fashion-MNIST file, not found at {data}; "
                                          f"set {DATA_ENV} or pass --data")
                 os.environ[DATA_ENV] = str(data.resolve())
-            if cell.limit:
-                os.environ[LIMIT_ENV] = cell.limit
+            limit = os.environ.get(DRY_LIMIT_ENV) or cell.limit
+            if limit:
+                os.environ[LIMIT_ENV] = limit
             else:
                 os.environ.pop(LIMIT_ENV, None)
-            done[cell.name] = run_cell(cell, out=out, device=dev, target=target, time_limit=time_limit, log=log)
+            done[cell.name] = run_cell(cell, out=out, opts=opts, log=log)
             done[cell.name]["data"] = os.environ.get(DATA_ENV, "shipped subset")
         finally:
             for k, v in saved.items():
@@ -265,7 +327,7 @@ def run_bench(*, cells: list[Cell], out: Path, device: str, target: float | None
                 else:
                     os.environ[k] = v
         results = {
-            "device": torch.cuda.get_device_name(0) if dev == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+            "device": torch.cuda.get_device_name(0) if opts.device == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
             "torch": torch.__version__, "command": shlex.join(["nf-bench", *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%d %H:%M"), "cells": list(done.values()),
         }
@@ -278,6 +340,9 @@ def run_bench(*, cells: list[Cell], out: Path, device: str, target: float | None
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Device: {results['device']}; torch {results['torch']}", f"Command: `{results['command']}`", ""]
     for c in results["cells"]:
+        if c.get("planned_only"):
+            lines += [f"#### {c['name']}: planned only ({', '.join(c.get('plans', {}))})", ""]
+            continue
         data = Path(c.get("data") or "shipped subset").name + (f", first {c['limit']} (train,val)" if c.get("limit") else "")
         target = "-" if c.get("target_accuracy") is None else f"{c['target_accuracy']:.4f} ({c.get('target_rule', '')})"
         lines += [f"#### {c['name']}: {c['model']} @ {c['budget']}, {c['epochs']} epochs per block / BP epochs; data: {data}; "
@@ -348,6 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--time-limit", type=float, default=30.0)
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--smoke", action="store_true", help="tiny CI configuration: checks the harness, not speed")
+    ap.add_argument("--plan-only", action="store_true", help="make the cells' plans (and plans.json indexes) and stop")
+    ap.add_argument("--plans", default=None, help="run prepared plans from this --plan-only output, no solver needed")
+    ap.add_argument("--plan-device", choices=["cpu", "cuda"], default=None,
+                    help="device kind the plans target (default: the run device)")
+    ap.add_argument("--device-profile", default=None, help="device profile JSON for planning (e.g. the GPU's)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU, tiny data, one step per epoch: checks a matrix before scarce GPU time is spent on it")
+    ap.add_argument("--skip-runs", nargs="*", default=[], help="cells to plan and load but not train")
     return ap
 
 
@@ -357,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nf-bench: error: --data {args.data} not found", file=sys.stderr)
         return 2
     saved = os.environ.get(DATA_ENV)
+    saved_dry = os.environ.get(DRY_LIMIT_ENV)
     try:
+        if args.dry_run:
+            os.environ[DRY_LIMIT_ENV] = saved_dry or "64,32"
         cells = resolve_cells(args)
         if args.list:
             for c in cells:
@@ -368,16 +444,27 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[DATA_ENV] = str(Path(args.data).resolve())
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        results = run_bench(cells=cells, out=out, device=args.device, target=args.target, time_limit=args.time_limit,
-                            log=lambda m: print(m, file=sys.stderr, flush=True))
+        import torch
+
+        device = "cpu" if args.dry_run else args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise NeuroFluxError("--device cuda but no CUDA device is available; use --device cpu or --dry-run")
+        opts = BenchOptions(device=device, target=args.target, time_limit=args.time_limit, plan_device=args.plan_device,
+                            device_profile=args.device_profile, plans=Path(args.plans) if args.plans else None,
+                            plan_only=args.plan_only, max_steps=1 if args.dry_run else None,
+                            skip_runs=tuple(args.skip_runs))
+        results = run_bench(cells=cells, out=out, opts=opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     except NeuroFluxError as e:
         print(f"nf-bench: error: {e}", file=sys.stderr)
         return 2
     finally:  # callers (tests, notebooks) get their environment back
-        if saved is None:
-            os.environ.pop(DATA_ENV, None)
-        else:
-            os.environ[DATA_ENV] = saved
+        for key, value in ((DATA_ENV, saved), (DRY_LIMIT_ENV, saved_dry)):
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     print(markdown(results))
     return 0
 

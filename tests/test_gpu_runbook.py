@@ -1,0 +1,41 @@
+"""The GPU runbook's dry run: tools/gpu/prepare.sh then tools/gpu/run.sh
+--dry-run, on this CPU with tiny data and one step per epoch, so that a
+broken runbook is caught before scarce GPU time is spent on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+from helpers import ROOT
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_file(), reason="needs ../shared/data/fashion_mnist.npz")
+def test_gpu_runbook_dry_run(tmp_path: Path) -> None:
+    env = {**os.environ, "NF_GPU_DIR": str(tmp_path / "gpu"), "NF_DRY_OUT": str(tmp_path / "out"),
+           "NEUROFLUX_DATA": str(SHARED_DATA), "NEUROFLUX_CACHE": str(tmp_path / "cache")}
+    prep = subprocess.run(["bash", str(ROOT / "tools/gpu/prepare.sh"), "--no-wheels"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    assert "travelling size" in prep.stdout
+    run = subprocess.run(["bash", str(ROOT / "tools/gpu/run.sh"), "--dry-run"], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    cells = {c["name"]: c for c in results["cells"]}
+    from neuroflux.tools.bench import PRESETS
+
+    assert set(cells) == {c.name for c in PRESETS["gpu"]}
+    for name, cell in cells.items():
+        if cell.get("planned_only"):
+            assert "imagenet" in name
+            continue
+        for method, run_ in cell["runs"].items():
+            assert "error" not in run_, (name, method, run_)
+            assert run_["cap_held"] and run_["measured_peak_bytes"] > 0

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Prepare the GPU matrix on a CPU machine, so that scarce GPU time is spent
+# measuring, not installing, planning or debugging.
+#
+#   tools/gpu/prepare.sh [--no-wheels]
+#
+# 1. wheels of the runtime packages the GPU image lacks (CPython 3.12,
+#    manylinux x86_64) into .gpu/whl;
+# 2. the plans of every `nf-bench --preset gpu` cell, made here with a GPU
+#    device profile (benchmarks/device-profiles/h100.json when a GPU run has
+#    measured one, else the estimated one), so the GPU needs no solver;
+# 3. the full Fashion-MNIST file (already compressed) into .gpu/data;
+# 4. a check that everything that travels (tracked and untracked files, .gpu)
+#    stays under the device's 64 MiB.
+# .gpu is ignored through .git/info/exclude; the device call carries it.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+G=$(realpath -m "${NF_GPU_DIR:-.gpu}")
+LIMIT_MIB=64
+mkdir -p "$G/whl" "$G/data"
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+
+if [ "${1:-}" != "--no-wheels" ]; then
+  # What `import neuroflux.runtime` and the schema check need beyond the GPU
+  # image (KINDS.md's package list): jsonschema and its own dependencies.
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$G/whl" jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==0.30.0
+fi
+
+DATA=${NEUROFLUX_DATA:-../shared/data/fashion_mnist.npz}
+[ -f "$DATA" ] || { echo "prepare: $DATA not found; set NEUROFLUX_DATA to fashion_mnist.npz" >&2; exit 2; }
+cp "$DATA" "$G/data/fashion_mnist.npz"
+
+PROFILE=benchmarks/device-profiles/h100.json
+[ -f "$PROFILE" ] || PROFILE=benchmarks/device-profiles/h100-estimated.json
+echo "prepare: planning the GPU cells with $PROFILE"
+NEUROFLUX_DATA="$G/data/fashion_mnist.npz" nf-bench --preset gpu --plan-only --plan-device cuda \
+  --device-profile "$PROFILE" --out "$G/plans" --time-limit 30 > "$G/plans.log" 2>&1 \
+  || { cat "$G/plans.log" >&2; exit 1; }
+
+tracked=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+extra=$(du -sb "$G" | cut -f1)
+total=$((tracked + extra))
+printf 'prepare: travelling size %.1f MiB (repo %.1f MiB + .gpu %.1f MiB), limit %d MiB\n' \
+  "$(echo "$total/1048576" | bc -l)" "$(echo "$tracked/1048576" | bc -l)" "$(echo "$extra/1048576" | bc -l)" "$LIMIT_MIB"
+if [ "$total" -ge $((LIMIT_MIB * 1048576)) ]; then
+  echo "prepare: over the device's limit; drop wheels or data from $G" >&2
+  exit 1
+fi
+echo "prepare: ready. On the GPU (device tool, carry [\".gpu\"]), one call per line of BENCHMARKS.md's GPU section."

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Run the GPU matrix prepared by tools/gpu/prepare.sh, cell by cell.
+#
+#   tools/gpu/run.sh [--dry-run] [CELL ...]      (default: every cell of `nf-bench --preset gpu`)
+#
+# On the GPU machine: installs the carried wheels (no index), installs this
+# package without building anything, checks torch.cuda and the versions,
+# measures the GPU's device profile (so later plans for it are exact), then
+# runs each cell with its prepared plan. Results go to $OUT (the device tool's
+# folder) or bench-out/gpu, rewritten after every cell, so a run cut off at
+# its time limit keeps every finished cell.
+#
+# --dry-run: the same script on this CPU with tiny data and one step per
+# epoch (the ImageNet-shaped cell is planned and loaded, not trained: one
+# step of it takes minutes on two cores). CI runs it.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+G=$(realpath -m "${NF_GPU_DIR:-.gpu}")
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+RES=${OUT:-bench-out/gpu}
+[ $DRY = 1 ] && RES=${NF_DRY_OUT:-bench-out/gpu-dry}
+mkdir -p "$RES"
+[ -d "$G/plans" ] || { echo "run: no prepared plans in $G/plans; run tools/gpu/prepare.sh first" >&2; exit 2; }
+
+if [ $DRY = 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$G"/whl/*.whl \
+    || { echo "run: installing the carried wheels failed" >&2; exit 2; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    || { echo "run: installing neuroflux failed" >&2; exit 2; }
+  export NEUROFLUX_DATA="$G/data/fashion_mnist.npz" PYTHONUNBUFFERED=1
+  python3 - "$RES/env.json" <<'PY' || exit 2
+import json, sys, platform
+import torch
+if not torch.cuda.is_available():
+    sys.exit("run: torch.cuda is not available on this machine")
+env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+       "device": torch.cuda.get_device_name(0), "total_memory": torch.cuda.get_device_properties(0).total_memory}
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+print("run:", env)
+PY
+  [ -f "$RES/device-profile.json" ] || python3 -m neuroflux.planner.device_profile --device cuda -o "$RES/device-profile.json"
+  ARGS=(--device cuda)
+else
+  ARGS=(--dry-run --skip-runs resnet34-imagenet-8GB)
+fi
+
+CELLS=("$@")
+if [ ${#CELLS[@]} = 0 ]; then
+  mapfile -t CELLS < <(nf-bench --preset gpu --list | cut -d: -f1)
+fi
+status=0
+for c in "${CELLS[@]}"; do
+  echo "run: cell $c"
+  timeout 580 nf-bench --preset gpu --cell "$c" --plans "$G/plans" --out "$RES" "${ARGS[@]}" 2>&1 | tail -40
+  rc=${PIPESTATUS[0]}
+  echo "run: cell $c rc=$rc"
+  [ "$rc" = 0 ] || status=1
+done
+[ -f "$RES/results.md" ] && cat "$RES/results.md"
+exit $status
