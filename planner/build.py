@@ -7,6 +7,7 @@ and bars belong to the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -299,6 +300,11 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
     solver_cfg = SolverConfig(time_limit_s=cfg.time_limit_s, seed=cfg.seed, tie_tolerance=cfg.tie_tolerance)
     greedy = solve_greedy(problem)
     solution = solve_cpsat(problem, solver_cfg, hint=greedy) if cfg.strategy == "optimal" else greedy
+    if solution.status == "timeout" and greedy.status == "feasible":
+        # Never "no plan" when one exists: the greedy plan is always a fallback.
+        log.warning("CP-SAT found no plan within %.0f s; writing the greedy plan (raise --time-limit for a better one)",
+                    cfg.time_limit_s)
+        solution = dataclasses.replace(greedy, message=f"CP-SAT timed out ({solution.message}); greedy fallback")
     if solution.status in ("infeasible", "timeout"):
         _raise_infeasible(problem, solution, cfg)
 

@@ -34,8 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a scheduler's stop) ends the run like Ctrl-C: same resume hint."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):  # noqa: ANN001
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _sigterm_as_interrupt()
     logging.basicConfig(level=logging.WARNING, format="nf-run: %(message)s")
     out = None
     try:
@@ -48,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path("runs") / f"{Path(args.plan).stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
         return _run(args, plan, method, out)
     except NeuroFluxError as e:
+        from neuroflux.runtime.runner import Diverged
+
+        if isinstance(e, Diverged):
+            print(f"nf-run: run failed: {e}. No final model was written; summary.json says so.", file=sys.stderr)
+            return 3
         print(f"nf-run: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

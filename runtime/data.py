@@ -18,13 +18,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["TensorCache", "dataset_tensors", "CacheWriter"]
+__all__ = ["TensorCache", "dataset_tensors", "check_samples", "CacheWriter"]
 
 _DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
 
 
-def dataset_tensors(ds, *, what: str) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - any map-style dataset
-    """(inputs, labels) of a whole map-style dataset, stacked once."""
+def dataset_tensors(ds, *, what: str, input_shape: tuple[int, ...] | None = None,
+                    num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - any map-style dataset
+    """(inputs, labels) of a whole map-style dataset, stacked once, and
+    checked once: float inputs of ``input_shape``, all finite; integer labels
+    in ``[0, num_classes)``. A bad sample is an error naming its index."""
     if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
         x, y = ds.tensors
     else:
@@ -35,7 +38,32 @@ def dataset_tensors(ds, *, what: str) -> tuple[torch.Tensor, torch.Tensor]:  # n
         x, y = torch.cat(parts_x), torch.cat(parts_y)
     if not torch.is_floating_point(x):
         raise NeuroFluxError(f"{what} inputs are {x.dtype}; datasets must yield float tensors")
+    check_samples(x, y, what=what, input_shape=input_shape, num_classes=num_classes)
     return x.float().contiguous(), y.long().contiguous()
+
+
+def check_samples(x: torch.Tensor, y: torch.Tensor, *, what: str, input_shape: tuple[int, ...] | None,
+                  num_classes: int | None) -> None:
+    """Refuse data that would train on garbage, naming the first bad index."""
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise NeuroFluxError(f"{what} samples have shape {tuple(x.shape[1:])}, the plan was made for "
+                             f"{tuple(input_shape)}; fix the datasets function or re-plan")
+    finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise NeuroFluxError(f"{what} sample {i} has NaN or infinite inputs ({int((~finite).sum())} such samples); "
+                             "clean the data before training")
+    if y.dim() != 1 or len(y) != len(x):
+        raise NeuroFluxError(f"{what} labels have shape {tuple(y.shape)}; expected one integer label per sample")
+    if torch.is_floating_point(y) or y.dtype == torch.bool or torch.is_complex(y):
+        raise NeuroFluxError(f"{what} labels are {y.dtype}; labels must be integer class indices (e.g. torch.long), "
+                             "not floats or one-hot vectors")
+    if num_classes is not None:
+        bad = (y < 0) | (y >= num_classes)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise NeuroFluxError(f"{what} sample {i} has label {int(y[i])}, outside [0, {num_classes}) for this "
+                                 f"{num_classes}-class model")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.assemble import Assembled, assemble, open_model_file
-from neuroflux.runtime.checkpoint import append_jsonl, atomic_torch_save, atomic_write_json
+from neuroflux.runtime.checkpoint import RunLock, append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
 from neuroflux.runtime.data import CacheWriter, TensorCache, dataset_tensors, open_disk_cache
 from neuroflux.runtime.export import export_onnx, throughput
 from neuroflux.runtime.modules import Chain, CheckpointedChain
@@ -34,11 +34,15 @@ from neuroflux.runtime.policy import depth_should_stop, epoch_decision, new_bloc
 from neuroflux.runtime.train import StepStats, UnitTrainer, block_step, lr_for_batch
 from neuroflux.schemas.plan import Plan
 
-__all__ = ["RunConfig", "run_plan", "Method", "BarFactory"]
+__all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged"]
 
 log = logging.getLogger(__name__)
 
 Method = Literal["neuroflux", "bp", "bp-checkpoint"]
+
+
+class Diverged(NeuroFluxError):
+    """A non-finite loss: the run failed (exit 3), nothing is exported."""
 
 
 class _NoBar:
@@ -125,14 +129,18 @@ class _Runner:
         if self.cfg.resume:
             if not self.ckpt_path.is_file():
                 raise NeuroFluxError(f"nothing to resume in {self.out} (no checkpoint.pt); start without --resume")
-            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            ckpt = load_checkpoint(self.ckpt_path)
             if ckpt["method"] != self.cfg.method or ckpt["plan_sha"] != self._plan_key():
                 raise NeuroFluxError(
-                    f"{self.out} holds a {ckpt['method']} run of another plan; resume with the same plan and "
-                    f"--baseline, or use a new --out"
+                    f"{self.out} holds a {ckpt['method']} run of another plan (or other epochs, learning rate, "
+                    f"heads, caches or exit policy); resume with the same plan, --baseline and overrides, or use "
+                    f"a new --out"
                 )
+            if ckpt["state"].get("failed"):
+                raise NeuroFluxError(f"the run in {self.out} failed ({ckpt['state']['failed']}); it cannot be resumed: "
+                                     "re-plan (e.g. with a lower --lr) and start a new --out")
             return ckpt
-        if self.out.exists() and any(self.out.iterdir()):
+        if self.out.exists() and any(p.name != ".lock" for p in self.out.iterdir()):
             raise NeuroFluxError(f"run directory {self.out} is not empty; pass --resume to continue it, or a new --out")
         self.out.mkdir(parents=True, exist_ok=True)
         return None
@@ -179,13 +187,31 @@ class _Runner:
 
     # ---------------------------------------------------------------- main
     def run(self) -> dict[str, Any]:
+        if self.out.exists() and not self.out.is_dir():
+            raise NeuroFluxError(f"--out {self.out} is a file; give a directory for the run")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise NeuroFluxError(f"cannot write to the run directory {self.out} ({e.strerror}); choose a writable --out") from None
+        lock = RunLock(self.out)
+        lock.acquire()
+        try:
+            return self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         ckpt = self._prepare_dir()
         asm = assemble(self.plan, self.mf)
         stages = self._stages(asm)
         train_set, val_set = self.mf.datasets()
-        raw_train = TensorCache(*dataset_tensors(train_set, what="train"))
-        raw_val = TensorCache(*dataset_tensors(val_set, what="val"))
+        meta = dict(input_shape=tuple(self.plan.model.input_shape), num_classes=self.plan.model.num_classes)
+        raw_train = TensorCache(*dataset_tensors(train_set, what="train", **meta))
+        raw_val = TensorCache(*dataset_tensors(val_set, what="val", **meta))
         if self.device.type == "cuda":
             self._enforce_budget()
         state = _new_state()
@@ -208,6 +234,13 @@ class _Runner:
                 blocks_bar.update(1)
                 state["elapsed_s"] = clock()
                 self._save(asm, state, trainers=None)
+        except Diverged as e:
+            state["failed"] = str(e)
+            self._save(asm, state, trainers=None)
+            append_jsonl(self.metrics_path, {"event": "diverged", "reason": str(e)})
+            atomic_write_json({"method": self.cfg.method, "status": "diverged", "error": str(e),
+                               "blocks": state["done"], "command": self.cfg.command}, self.out / "summary.json")
+            raise
         finally:
             blocks_bar.close()
         return self._finish(asm, stages, state, clock())
@@ -320,14 +353,28 @@ class _Runner:
             ebar.update(1)
             if self.cfg.max_steps_per_epoch is not None and step + 1 >= self.cfg.max_steps_per_epoch:
                 break
+            if step % 50 == 49:
+                self._check_finite(stage, stats, epoch)
             if step % 20 == 0:
                 loss, acc = stats.summary()
                 ebar.set_postfix(loss=f"{loss[-1]:.3f}", acc=f"{acc[-1]:.3f}")
         ebar.close()
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        self._check_finite(stage, stats, epoch)
         self._last_stats = stats.summary()
         return peak
+
+    def _check_finite(self, stage: _Stage, stats: StepStats, epoch: int) -> None:
+        """A non-finite loss (the sum of the epoch's, one sync) means the unit
+        diverged: stop, name it, suggest the fix."""
+        bad = (~torch.isfinite(stats.loss)).nonzero().flatten().tolist()
+        if not bad:
+            return
+        where = ", ".join(stage.exits[i] if self.cfg.method == "neuroflux" else "the model" for i in bad)
+        raise Diverged(f"training diverged in block {stage.index} at epoch {epoch + 1}: non-finite loss in {where} "
+                       f"(lr {stage.trainers[bad[0]].opt.param_groups[0]['lr']:.3g}); re-plan with a lower --lr "
+                       "(e.g. 10x lower) and start a new --out")
 
     def _tracked_step(self, stage: _Stage, inputs, yb, stats) -> int:
         tracker = MemTracker()
@@ -502,7 +549,7 @@ class _Runner:
         final.to("cpu")
         asm.model.to("cpu")
         summary = {
-            "method": self.cfg.method, "final_accuracy": accs[chosen], "final_exit": chosen,
+            "method": self.cfg.method, "status": "ok", "final_accuracy": accs[chosen], "final_exit": chosen,
             "final_params": final_params, "original_params": original_params,
             "param_reduction": original_params / final_params, "wall_time_s": wall_s,
             "train_time_s": state["train_s"], "blocks": state["done"], "stopped_early": state["stopped"],

@@ -1,0 +1,128 @@
+"""nf-run against hostile but realistic input: crafted or truncated
+checkpoints, divergence, bad data, a changed plan on resume, two runs in one
+directory. Each drives the CLI and checks exit code, message and state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_plan
+from neuroflux.runtime.checkpoint import RunLock
+from neuroflux.runtime.cli import main as nf_run
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = nf_run([*argv, "--device", "cpu", "--no-onnx", "-q"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+class _Payload:
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):  # noqa: ANN204 - runs on unpickling with weights_only=False
+        return (Path.touch, (Path(self.target),))
+
+
+def test_crafted_pickle_checkpoint_does_not_run_its_payload(tmp_path: Path, capsys) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"method": "neuroflux", "payload": _Payload(str(marker))}, run_dir / "checkpoint.pt")
+    rc, err = run_cli(capsys, str(path), "--out", str(run_dir), "--resume")
+    assert rc == 2 and not marker.exists()
+    assert "not a NeuroFlux checkpoint" in err
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=1)
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, str(path), "--out", str(run_dir))[0] == 0
+    data = (run_dir / "checkpoint.pt").read_bytes()
+    (run_dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    rc, err = run_cli(capsys, str(path), "--out", str(run_dir), "--resume")
+    assert rc == 2 and "truncated" in err
+
+
+def test_divergence_is_a_failed_run_not_a_result(tmp_path: Path, capsys) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=1, lr=1e6)
+    rc, err = run_cli(capsys, str(path), "--out", str(tmp_path / "run"))
+    assert rc == 3
+    assert "diverged in block 0" in err and "lower --lr" in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert not (tmp_path / "run" / "final_model.pt").exists()
+    rc, err = run_cli(capsys, str(path), "--out", str(tmp_path / "run"), "--resume")
+    assert rc == 2 and "failed" in err
+
+
+@pytest.mark.parametrize("corruption,message", [
+    ("x[7, 0, 0, 0] = float('nan')", "train sample 7 has NaN"),
+    ("y = y.float()", "labels must be integer class indices"),
+    ("y[3] = 9", "train sample 3 has label 9, outside [0, 4)"),
+])
+def test_bad_data_is_refused_with_the_first_bad_index(tmp_path: Path, capsys, corruption: str, message: str) -> None:
+    plan, path, model = tiny_plan(tmp_path, epochs=1)
+    src = model.read_text().replace(
+        "    return TensorDataset(x[:TRAIN], y[:TRAIN])",
+        f"    {corruption}\n    return TensorDataset(x[:TRAIN], y[:TRAIN])")
+    assert src != model.read_text()
+    model.write_text(src)
+    rc, err = run_cli(capsys, str(path), "--out", str(tmp_path / "run"), "--force")
+    assert rc == 2 and message in err, err
+
+
+def test_resume_refuses_a_plan_with_other_epochs(tmp_path: Path, capsys) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=2)
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, str(path), "--out", str(run_dir))[0] == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    _, path1, _ = tiny_plan(other, epochs=1)
+    rc, err = run_cli(capsys, str(path1), "--out", str(run_dir), "--resume")
+    assert rc == 2 and "another plan" in err
+
+
+def test_second_run_in_a_locked_directory_names_the_holder(tmp_path: Path, capsys) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=1)
+    run_dir = tmp_path / "run"
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+
+        def other() -> None:  # a second process: flock is per open file, per process
+            try:
+                RunLock(run_dir).acquire()
+                q.put("acquired")
+            except Exception as e:  # noqa: BLE001
+                q.put(str(e))
+
+        p = ctx.Process(target=other)
+        p.start()
+        p.join(30)
+        msg = q.get(timeout=5)
+        assert "in use by another nf-run (pid" in msg and str(__import__("os").getpid()) in msg
+    finally:
+        lock.release()
+    # A lock file left by a dead process blocks nothing.
+    (run_dir / ".lock").write_text("999999\n")
+    assert run_cli(capsys, str(path), "--out", str(run_dir))[0] == 0
+
+
+def test_out_naming_a_file_is_refused_before_training(tmp_path: Path, capsys) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=1)
+    f = tmp_path / "afile"
+    f.write_text("x")
+    rc, err = run_cli(capsys, str(path), "--out", str(f))
+    assert rc == 2 and "is a file" in err
