@@ -144,6 +144,11 @@ class PlanConfig:
     def __post_init__(self) -> None:
         if self.budget_bytes <= 0:
             raise ValueError("budget_bytes must be > 0")
+        if self.budget_bytes > 2**48:
+            raise NeuroFluxError(f"--budget {self.budget_text} is {self.budget_bytes} bytes, more than any device has "
+                                 "(limit 256 TiB); give the device's memory, e.g. 80GB")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise NeuroFluxError(f"--lr must be a positive finite number, got {self.lr}")
         if not 0 <= self.margin < 1:
             raise NeuroFluxError(f"--margin must be in [0, 1), got {self.margin}")
         if self.epochs < 1:

@@ -119,6 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise NeuroFluxError(f"-o {out} is a directory; give a file name such as {out / 'plan.json'}")
+    _check_writable(out)
     cfg = PlanConfig(
         budget_bytes=budget_bytes, budget_text=budget_text, budget_source=source, device_kind=kind, device_name=name,
         strategy=args.strategy, epochs=args.epochs, min_batch=args.min_batch, max_batch=args.max_batch,
@@ -187,6 +188,21 @@ def print_plan(plan) -> None:  # noqa: ANN001 - a schemas.Plan
                   f"epochs per block on {plan.recipe.train_size} samples, assuming {plan.predicted.assumes}")
     console.print(line("BP", bl.bp, plan.predicted.speedup_vs_bp))
     console.print(line("BP + checkpointing", bl.bp_checkpoint, plan.predicted.speedup_vs_bp_checkpoint))
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before planning, not after minutes of it."""
+    import os
+    import tempfile
+
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".nf-plan-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise NeuroFluxError(f"cannot write the plan to {out} ({e.strerror}); choose a writable -o path") from None
 
 
 def _head_text(aux) -> str:  # noqa: ANN001 - a schemas.AuxHead

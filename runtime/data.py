@@ -8,6 +8,7 @@ reads); fp16 caches are widened to fp32 on the device.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -133,8 +134,7 @@ class CacheWriter:
         self.path = path
         if location == "disk":
             assert path is not None
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.x = np.lib.format.open_memmap(path, mode="w+", dtype=ndtype, shape=(n, *sample_shape))
+            self.x = _allocate_disk_cache(path, ndtype, (n, *sample_shape))
         else:
             self.x = torch.empty((n, *sample_shape), dtype=tdtype, pin_memory=pin)
         self._tdtype = tdtype
@@ -155,6 +155,34 @@ class CacheWriter:
             self.x.flush()
             return TensorCache(np.load(self.path, mmap_mode="r"), y)
         return TensorCache(self.x, y)
+
+
+def _allocate_disk_cache(path: Path, ndtype, shape: tuple[int, ...]) -> np.memmap:  # noqa: ANN001
+    """A memory-mapped ``.npy`` whose blocks are really allocated: a sparse
+    file on a full disk kills the process with SIGBUS at some later write;
+    this fails now, with how much space is needed and where."""
+    import errno
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    need = int(np.prod(shape)) * np.dtype(ndtype).itemsize
+    free = shutil.disk_usage(path.parent).free
+    if free < need + (16 << 20):
+        raise NeuroFluxError(
+            f"the disk cache {path} needs {need / 2**30:.2f} GiB but {path.parent} has {free / 2**30:.2f} GiB free; "
+            "free space there (or re-plan with --cache-location ram or --cache-dtype float16), then --resume")
+    x = np.lib.format.open_memmap(path, mode="w+", dtype=ndtype, shape=shape)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    except OSError as e:
+        del x
+        path.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise NeuroFluxError(f"no space left for the disk cache {path} ({need / 2**30:.2f} GiB); free space "
+                                 "there, then --resume") from None
+        raise
+    return x
 
 
 def open_disk_cache(path: Path, y: torch.Tensor) -> TensorCache:

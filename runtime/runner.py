@@ -164,6 +164,7 @@ class _Runner:
                                schedule=r.schedule)
 
         if self.cfg.method == "neuroflux":
+            self._check_edited_batches()
             stages = []
             for b in plan.blocks:
                 idx = [plan.unit(u).index for u in b.units]
@@ -184,6 +185,25 @@ class _Runner:
         return [_Stage(index=0, unit_idx=list(range(len(plan.units))), exits=[plan.units[-1].name],
                        trainers=[trainer(whole, None, lr, steps)], batch_size=base.batch_size, epochs=base.epochs,
                        predicted_peak_bytes=base.predicted_peak_bytes, cache=None)]
+
+    def _check_edited_batches(self) -> None:
+        """A block whose batch the plan's own unit profiles say exceeds the
+        budget was edited by hand: refused on CUDA (it would run out of
+        memory or break the cap), a warning on CPU (where it is accounted)."""
+        plan = self.plan
+        cap = plan.budget_bytes * (1 - plan.device.margin_fraction)
+        for b in plan.blocks:
+            units = [plan.unit(u) for u in b.units]
+            peak = sum(u.profile.static_bytes for u in units) + max(
+                u.profile.dyn_fixed_bytes + u.profile.dyn_per_sample_bytes * b.batch_size for u in units)
+            if peak <= cap * 1.001:
+                continue
+            msg = (f"block {b.index} runs at batch {b.batch_size}, whose predicted peak {peak / 2**20:.1f} MiB exceeds "
+                   f"the budget {plan.device.budget_text} (less the {plan.device.margin_fraction:.0%} margin); the plan "
+                   "was edited by hand: re-plan with nf-plan")
+            if self.device.type == "cuda":
+                raise NeuroFluxError(msg)
+            log.warning("%s (CPU: accounted, not enforced)", msg)
 
     # ---------------------------------------------------------------- main
     def run(self) -> dict[str, Any]:

@@ -43,11 +43,19 @@ def _field_schema(name: str, tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Fields that must be at least 1 (a zero would divide or build an empty layer).
+_AT_LEAST_ONE = {("Block", "batch_size"), ("Block", "epochs"), ("Block", "steps"), ("ModelSpec", "num_classes"),
+                 ("Recipe", "epochs_per_block"), ("Recipe", "train_size"), ("Recipe", "val_size"),
+                 ("Recipe", "base_batch_size")}
+
+
 def _object_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     props = {}
     for f in dataclasses.fields(cls):
         prop = _field_schema(f.name, hints[f.name], defs)
+        if (cls.__name__, f.name) in _AT_LEAST_ONE:
+            prop["minimum"] = 1
         doc = _field_doc(cls, f.name)
         if doc:
             prop = {"description": doc, **prop}

@@ -330,6 +330,12 @@ class Plan:
     profile: ProfileInfo
 
     def __post_init__(self) -> None:
+        for i, u in enumerate(self.units):
+            if u.index != i or u.name != f"u{i}":
+                raise PlanError(f"units are out of order: position {i} holds {u.name} (index {u.index}); "
+                                "re-create the plan with nf-plan")
+            if u.aux is not None and u.aux.kind != "linear" and u.aux.width < 1:
+                raise PlanError(f"unit {u.name}'s {u.aux.kind} head has width {u.aux.width}; widths are >= 1")
         names = [u.name for u in self.units]
         planned = [n for b in self.blocks for n in b.units]
         if planned != names:

@@ -126,3 +126,89 @@ def test_out_naming_a_file_is_refused_before_training(tmp_path: Path, capsys) ->
     f.write_text("x")
     rc, err = run_cli(capsys, str(path), "--out", str(f))
     assert rc == 2 and "is a file" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--budget", "99999999999999999999GB"], "more than any device has"),
+    (["--budget", "1GB", "--lr=-1"], "--lr must be a positive finite number"),
+    (["--budget", "1GB", "--lr", "nan"], "--lr must be a positive finite number"),
+    (["--budget", "1GB", "--lr", "inf"], "--lr must be a positive finite number"),
+])
+def test_nf_plan_ordinary_mistakes_are_exit_2(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    from helpers import ROOT
+    from neuroflux.planner.cli import main as nf_plan
+
+    rc = nf_plan([str(ROOT / "examples" / "small_cnn.py"), *args, "-o", str(tmp_path / "p.json"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_nf_plan_refuses_a_read_only_output_before_planning(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A read-only file system, injected at the write (the tests run as root,
+    for whom permissions stop nothing)."""
+    import errno
+    import tempfile
+
+    from helpers import ROOT
+    from neuroflux.planner import build
+    from neuroflux.planner.cli import main as nf_plan
+
+    def read_only(*a, **k):  # noqa: ANN002, ANN003
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    planned = []
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(build, "make_plan", lambda *a, **k: planned.append(1))
+    rc = nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--budget", "1GB", "-o", str(tmp_path / "p.json"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Read-only file system" in err and "writable -o" in err
+    assert not planned, "refused before planning"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["blocks"][0].__setitem__("batch_size", 0), "blocks/0/batch_size"),
+    (lambda d: d["model"].__setitem__("num_classes", 0), "model/num_classes"),
+    (lambda d: d["units"].reverse(), "out of order"),
+    (lambda d: d["units"][0]["aux"].__setitem__("width", 0), "width 0"),
+])
+def test_hand_edited_plans_are_refused(tmp_path: Path, capsys, edit, message: str) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=1)
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    rc, err = run_cli(capsys, str(path), "--out", str(tmp_path / "run"))
+    assert rc == 2 and message in err, err
+
+
+def test_full_disk_is_exit_2_with_the_space_needed_and_resumable(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The disk is full (injected at the free-space check): exit 2 naming the
+    size and the place, the checkpoint intact, and --resume finishes once
+    space is back."""
+    import shutil
+    from collections import namedtuple
+
+    plan, path, _ = tiny_plan(tmp_path, epochs=1, cache_location="disk")
+    real = shutil.disk_usage
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9, 1024))
+    rc, err = run_cli(capsys, str(path), "--out", str(tmp_path / "run"))
+    assert rc == 2 and "needs" in err and "GiB free" in err and "--resume" in err
+    from neuroflux.runtime.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["state"]["epoch"] == 1, "the finished epoch is kept"
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    rc, _ = run_cli(capsys, str(path), "--out", str(tmp_path / "run"), "--resume")
+    assert rc == 0 and json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "ok"
+
+
+def test_batch_edited_past_the_budget_warns_on_cpu(tmp_path: Path, capsys, caplog) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=1)
+    data = json.loads(path.read_text())
+    data["blocks"][0]["batch_size"] = 10**6
+    path.write_text(json.dumps(data))
+    with caplog.at_level("WARNING"):
+        rc, _ = run_cli(capsys, str(path), "--out", str(tmp_path / "run"))
+    assert rc == 0
+    assert any("edited by hand" in r.message for r in caplog.records)

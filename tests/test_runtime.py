@@ -180,12 +180,14 @@ def test_sigkill_after_first_block_resumes_without_repeating(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path, sig) -> None:
+    """Ctrl-C and SIGTERM (a scheduler's stop) end the same way: exit 130, the resume hint."""
     plan, path, _ = tiny_plan(tmp_path, train=4096, epochs=3)
     out = tmp_path / "run"
     proc = _nf_run_proc(str(path), "--out", str(out))
     _wait_for(out / "metrics.jsonl", lambda recs: any(r["event"] == "epoch" for r in recs), proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err

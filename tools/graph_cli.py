@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
 
         out = Path(args.output)
         fmt = graph.format_for(out, args.format)
+        if out.parent and not out.parent.is_dir():
+            if out.parent.exists():
+                raise NeuroFluxError(f"-o {out}: {out.parent} is not a directory")
+            out.parent.mkdir(parents=True)  # a new folder for the views, as nf-plan -o does
         plan = load_plan(args.plan)
         # Every view describes the model file; a changed one means a stale plan.
         open_model_file(plan, Path(args.plan), force=args.force)
