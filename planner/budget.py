@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from neuroflux.common import format_bytes  # noqa: F401 (re-exported)
 from neuroflux.errors import NeuroFluxError
 
 __all__ = ["parse_bytes", "format_bytes", "nvml_free_bytes", "ACCEPTED_FORMS"]
@@ -33,16 +34,6 @@ def parse_bytes(text: str, *, what: str = "budget") -> int:
     if value < 1:
         raise NeuroFluxError(f"{what} {text!r} is less than one byte")
     return int(value)
-
-
-def format_bytes(n: int | float) -> str:
-    """Human form with binary units, e.g. ``1.50 GiB``."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def nvml_free_bytes(index: int = 0) -> tuple[int, str]:

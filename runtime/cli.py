@@ -112,7 +112,7 @@ def print_summary(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from neuroflux.planner.budget import format_bytes
+    from neuroflux.common import format_bytes
 
     t = Table(title=f"{s['method']} on {s['device']}: summary")
     for col in ("block", "units", "batch", "time", "peak measured / predicted", "exit accuracy (val)"):

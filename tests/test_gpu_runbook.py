@@ -24,8 +24,19 @@ def test_gpu_runbook_dry_run(tmp_path: Path) -> None:
                           text=True, timeout=600)
     assert prep.returncode == 0, prep.stdout + prep.stderr
     assert "travelling size" in prep.stdout
-    run = subprocess.run(["bash", str(ROOT / "tools/gpu/run.sh"), "--dry-run"], env=env, capture_output=True, text=True,
-                         timeout=900)
+    # The GPU image has no ortools and no pydot: the run must not need them.
+    blocker = tmp_path / "no_solver"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys, importlib.abc\n"
+        "class _Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('ortools', 'pydot'):\n"
+        "            raise ModuleNotFoundError(name + ' is not on the GPU machine')\n"
+        "sys.meta_path.insert(0, _Block())\n")
+    run_env = {**env, "PYTHONPATH": os.pathsep.join([str(blocker), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    run = subprocess.run(["bash", str(ROOT / "tools/gpu/run.sh"), "--dry-run"], env=run_env, capture_output=True,
+                         text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     cells = {c["name"]: c for c in results["cells"]}

@@ -6,9 +6,11 @@
 # On the GPU machine: installs the carried wheels (no index), installs this
 # package without building anything, checks torch.cuda and the versions,
 # measures the GPU's device profile (so later plans for it are exact), then
-# runs each cell with its prepared plan. Results go to $OUT (the device tool's
-# folder) or bench-out/gpu, rewritten after every cell, so a run cut off at
-# its time limit keeps every finished cell.
+# runs each cell with its prepared plan. Run directories (checkpoints,
+# caches) stay in $NF_GPU_WORK (default /tmp/nf-gpu); results.json,
+# results.md, env.json and device-profile.json are copied after every cell to
+# $OUT (the device tool's folder, at most 8 files come back) or bench-out/gpu,
+# so a run cut off at its time limit keeps every finished cell.
 #
 # --dry-run: the same script on this CPU with tiny data and one step per
 # epoch (the ImageNet-shaped cell is planned and loaded, not trained: one
@@ -20,7 +22,9 @@ DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 RES=${OUT:-bench-out/gpu}
 [ $DRY = 1 ] && RES=${NF_DRY_OUT:-bench-out/gpu-dry}
-mkdir -p "$RES"
+WORK=${NF_GPU_WORK:-/tmp/nf-gpu}
+[ $DRY = 1 ] && WORK="$RES/work"
+mkdir -p "$RES" "$WORK"
 [ -d "$G/plans" ] || { echo "run: no prepared plans in $G/plans; run tools/gpu/prepare.sh first" >&2; exit 2; }
 
 if [ $DRY = 0 ]; then
@@ -41,6 +45,9 @@ json.dump(env, open(sys.argv[1], "w"), indent=1)
 print("run:", env)
 PY
   [ -f "$RES/device-profile.json" ] || python3 -m neuroflux.planner.device_profile --device cuda -o "$RES/device-profile.json"
+  # The runtime's device options (inference_mode, foreach SGD, channels_last), before and after, on this GPU.
+  [ -f "$RES/runtime-micro.json" ] || python3 benchmarks/runtime_micro.py --device cuda --model resnet18 --batch 128 \
+    -o "$RES/runtime-micro.json" || echo "run: runtime micro-benchmark failed (not fatal)"
   ARGS=(--device cuda)
 else
   ARGS=(--dry-run --skip-runs resnet34-imagenet-8GB)
@@ -53,10 +60,11 @@ fi
 status=0
 for c in "${CELLS[@]}"; do
   echo "run: cell $c"
-  timeout 580 nf-bench --preset gpu --cell "$c" --plans "$G/plans" --out "$RES" "${ARGS[@]}" 2>&1 | tail -40
+  timeout 580 nf-bench --preset gpu --cell "$c" --plans "$G/plans" --out "$WORK" "${ARGS[@]}" 2>&1 | tail -40
   rc=${PIPESTATUS[0]}
   echo "run: cell $c rc=$rc"
   [ "$rc" = 0 ] || status=1
+  for f in results.json results.md; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$RES/$f"; done
 done
 [ -f "$RES/results.md" ] && cat "$RES/results.md"
 exit $status
