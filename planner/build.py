@@ -124,7 +124,10 @@ class PlanConfig:
     patience: int = 2
     """Adaptive depth: units in a row without exit improvement before training stops (0: full depth)."""
     tolerance: float = 0.005
-    prefer: Literal["shallowest", "best"] = "shallowest"
+    prefer: Literal["shallowest", "best"] = "best"
+    """Which exit to keep: ``best`` (the design's rule; adaptive depth already
+    stops a few units past it, so it is small) or ``shallowest`` within the
+    tolerance of the best (smaller still, up to ``tolerance`` less accurate)."""
     epoch_patience: int = 1
     """Per-block epochs: epochs without exit improvement before a block moves on (0: planned epochs)."""
     max_extra_epochs: int = 2

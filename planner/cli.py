@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="longest block in units (default: a third of the units, so adaptive depth has places to "
                     "stop; 0: no limit)")
     ap.add_argument("--tolerance", type=float, default=_default("tolerance"), help="accuracy within which exits count as equal")
-    ap.add_argument("--prefer", choices=["shallowest", "best"], default=_default("prefer"))
+    ap.add_argument("--prefer", choices=["shallowest", "best"], default=_default("prefer"),
+                    help="exit to keep: the best, or the shallowest within --tolerance of it (smaller, a little less accurate)")
     ap.add_argument("--train-size", type=int, default=None, help="needed only if the model file has no datasets()")
     ap.add_argument("--val-size", type=int, default=None)
     ap.add_argument("--datasets", default="datasets", help="name of the datasets function in the model file")

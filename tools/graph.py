@@ -185,7 +185,7 @@ def write_html(plan: Plan, path: Path, *, run_dir: Path | None = None) -> None:
     rows = []
     for b in plan.blocks:
         heads = ", ".join(
-            f"{u}: {'model head' if plan.unit(u).aux is None else plan.unit(u).aux.width}"
+            f"{u}: {'model head' if plan.unit(u).aux is None else f'{plan.unit(u).aux.kind} {plan.unit(u).aux.width}'}"
             + (f" ({exit_acc[u]:.1%})" if u in exit_acc else "") for u in b.units)
         m = measured.get(b.index)
         rows.append(
@@ -195,8 +195,10 @@ def write_html(plan: Plan, path: Path, *, run_dir: Path | None = None) -> None:
     bl, pr = plan.baseline, plan.predicted
 
     def speed(b, s) -> str:  # noqa: ANN001
-        return f"batch {b.batch_size}, {b.predicted_time_s:.1f} s: NeuroFlux <b>{s:.2f}x</b> faster" if b.fits and s else \
-            "does not fit the budget at any batch size"
+        if not (b.fits and s):
+            return "does not fit the budget at any batch size"
+        verdict = f"<b>{s:.2f}x</b> faster" if s >= 1 else f"<b>{1 / s:.2f}x</b> slower"
+        return f"batch {b.batch_size}, {b.predicted_time_s:.1f} s: NeuroFlux {verdict} (predicted)"
 
     run_html = ""
     if run:
