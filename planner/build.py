@@ -370,7 +370,7 @@ def _baseline(problem: Problem, prof: StepProfile, speed: DeviceSpeed, cfg: Plan
     fitting = [b for b in problem.batch_sizes if prof.peak_bytes(b) <= problem.cap_bytes]
     if not fitting:
         return Baseline(batch_size=0, predicted_peak_bytes=prof.peak_bytes(problem.batch_sizes[0]), predicted_time_s=0.0,
-                        epochs=cfg.epochs, fits=False)
+                        epochs=cfg.epochs, fits=False, lr=0.0, steps=0)
     b = fitting[-1]
     if real is not None:
         fixed, per = measure_step_time(real, shape, classes, device=device, batches=(8, 32), sgd=sgd)
@@ -378,7 +378,8 @@ def _baseline(problem: Problem, prof: StepProfile, speed: DeviceSpeed, cfg: Plan
     else:
         step = speed.step_s(prof, b)
     return Baseline(batch_size=b, predicted_peak_bytes=prof.peak_bytes(b), predicted_time_s=block_steps(problem, b) * step,
-                    epochs=cfg.epochs, fits=True)
+                    epochs=cfg.epochs, fits=True, steps=block_steps(problem, b),
+                    lr=lr_for_batch(cfg.lr, b, base=cfg.base_batch_size, rule=cfg.lr_scaling))
 
 
 def _raise_infeasible(problem: Problem, solution: Solution, cfg: PlanConfig) -> None:

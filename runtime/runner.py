@@ -22,7 +22,10 @@ from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
-from torch.distributed._tools.mem_tracker import MemTracker
+try:  # private API (torch >= 2.5); only the CPU peak report needs it
+    from torch.distributed._tools.mem_tracker import MemTracker
+except ImportError:  # pragma: no cover - older or trimmed torch builds
+    MemTracker = None  # type: ignore[assignment,misc]
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.assemble import Assembled, assemble, open_model_file
@@ -31,7 +34,7 @@ from neuroflux.runtime.data import CacheWriter, TensorCache, dataset_tensors, op
 from neuroflux.runtime.export import export_onnx, throughput
 from neuroflux.runtime.modules import Chain, CheckpointedChain
 from neuroflux.runtime.policy import depth_should_stop, epoch_decision, new_block_state, new_depth_state, observe_exits
-from neuroflux.runtime.train import StepStats, UnitTrainer, block_step, lr_for_batch
+from neuroflux.runtime.train import StepStats, UnitTrainer, block_step
 from neuroflux.schemas.plan import Plan
 
 __all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged"]
@@ -157,7 +160,6 @@ class _Runner:
 
     def _stages(self, asm: Assembled) -> list[_Stage]:
         plan, r = self.plan, self.plan.recipe
-        n_train = r.train_size
 
         def trainer(unit: nn.Module, head: nn.Module | None, lr: float, steps: int) -> UnitTrainer:
             return UnitTrainer(unit, head, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay, total_steps=steps,
@@ -180,8 +182,7 @@ class _Runner:
                 f"{plan.device.budget_text}; that is the comparison: BP cannot train under this budget"
             )
         whole = asm.model if self.cfg.method == "bp" else CheckpointedChain(asm.units)
-        steps = base.epochs * -(-n_train // base.batch_size)
-        lr = lr_for_batch(r.lr, base.batch_size, base=r.base_batch_size, rule=r.lr_scaling)
+        steps, lr = base.steps, base.lr  # the plan decides; the runtime executes
         return [_Stage(index=0, unit_idx=list(range(len(plan.units))), exits=[plan.units[-1].name],
                        trainers=[trainer(whole, None, lr, steps)], batch_size=base.batch_size, epochs=base.epochs,
                        predicted_peak_bytes=base.predicted_peak_bytes, cache=None)]
@@ -366,7 +367,7 @@ class _Runner:
                 xb = augment(xb)
             inputs = [xb]
             del xb
-            if dev.type == "cpu" and track and step < 2:
+            if dev.type == "cpu" and track and step < 2 and MemTracker is not None:
                 peak = max(peak, self._tracked_step(stage, inputs, yb, stats))
             else:
                 block_step(stage.trainers, inputs, yb, stats)

@@ -234,6 +234,10 @@ class Baseline:
     predicted_time_s: float
     epochs: int
     fits: bool
+    lr: float
+    """Peak learning rate, by the same batch-size rule as the blocks (0 when it does not fit)."""
+    steps: int
+    """Optimizer steps: epochs * ceil(train_size / batch_size) (the cosine schedule's length)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -107,7 +107,7 @@ def test_run_stops_on_a_scripted_plateau_and_says_where_and_why(tmp_path: Path, 
     assert st["blocks_skipped"] == [2] and st["units_skipped"] == ["u2"]
     assert st["saved_predicted_s"] == pytest.approx(plan.blocks[2].predicted_time_s)
     assert "u0 at 0.8000" in s["stopped_early"]
-    assert s["final_exit"] == "u0" and s["final_accuracy"] == pytest.approx(0.80)
+    assert s["final_exit"] == "u1" and s["final_accuracy"] == pytest.approx(0.801), "the best exit is kept"
     events = [json.loads(x)["event"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert events.count("early_stop") == 1 and events.count("block") == 2
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -163,3 +163,10 @@ def test_early_stopped_run_resumes_to_the_same_result(tmp_path: Path, monkeypatc
     b = torch.load(tmp_path / "run" / "final_model.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+
+
+def test_prefer_shallowest_keeps_the_earliest_exit_within_tolerance(tmp_path: Path, monkeypatch) -> None:
+    plan, path, _ = tiny_plan(tmp_path, epochs=2, patience=1, prefer="shallowest")
+    script_exits(monkeypatch, PLATEAU)
+    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
+    assert s["final_exit"] == "u0" and s["final_accuracy"] == pytest.approx(0.80)

@@ -212,3 +212,32 @@ def test_batch_edited_past_the_budget_warns_on_cpu(tmp_path: Path, capsys, caplo
         rc, _ = run_cli(capsys, str(path), "--out", str(tmp_path / "run"))
     assert rc == 0
     assert any("edited by hand" in r.message for r in caplog.records)
+
+
+def test_out_in_a_read_only_place_is_refused_before_training(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A read-only --out (injected at the probe write: the tests run as root)."""
+    import errno
+
+    plan, path, _ = tiny_plan(tmp_path, epochs=1)
+    real_write = Path.write_text
+
+    def read_only(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        if self.name == ".write-test":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    rc, err = run_cli(capsys, str(path), "--out", str(tmp_path / "run"))
+    assert rc == 2 and "Read-only file system" in err and "writable --out" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists(), "nothing trained"
+
+
+def test_nf_graph_writes_into_a_new_folder(tmp_path: Path, capsys) -> None:
+    from neuroflux.tools.graph_cli import main as nf_graph
+
+    plan, path, _ = tiny_plan(tmp_path, epochs=1)
+    out = tmp_path / "views" / "deeper" / "plan.dot"
+    assert nf_graph([str(path), "-o", str(out)]) == 0 and out.is_file()
+    (tmp_path / "afile").write_text("x")
+    assert nf_graph([str(path), "-o", str(tmp_path / "afile" / "plan.dot")]) == 2
+    assert "not a directory" in capsys.readouterr().err
