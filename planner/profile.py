@@ -18,6 +18,7 @@ with throughput and overhead measured on the planning machine (or given);
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -124,8 +125,17 @@ def profile_step(
             tracker = MemTracker()
             tracker.track_external(*t.modules(), t.opt)
             counter = _OpCounter()
-            with tracker, FlopCounterMode(display=False) as fc, counter:
-                _step(t, torch.randn(b, *input_shape), torch.randint(0, num_classes, (b,)))
+            # Reference cycles (activation checkpointing keeps some) are freed
+            # by the garbage collector at whatever moment it runs: collect
+            # first and hold it off during the step, so that the peak is the
+            # same on every call (plans are reproducible in one process too).
+            gc.collect()
+            gc.disable()
+            try:
+                with tracker, FlopCounterMode(display=False) as fc, counter:
+                    _step(t, torch.randn(b, *input_shape), torch.randint(0, num_classes, (b,)))
+            finally:
+                gc.enable()
             snap = tracker.get_tracker_snapshot("peak")
             peaks.append(sum(dev["Total"] for dev in snap.values()))
             flops.append(float(fc.get_total_flops()))

@@ -10,6 +10,7 @@ the plan's units. Every method writes the same files to the run directory:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -401,8 +402,13 @@ class _Runner:
         tracker = MemTracker()
         for t in stage.trainers:
             tracker.track_external(*t.modules(), t.opt)
-        with tracker:
-            block_step(stage.trainers, inputs, yb, stats)
+        gc.collect()  # as the planner's profile does: the collector's timing must not move the peak
+        gc.disable()
+        try:
+            with tracker:
+                block_step(stage.trainers, inputs, yb, stats)
+        finally:
+            gc.enable()
         return sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values())
 
     # ---------------------------------------------------------------- adaptive epochs and depth

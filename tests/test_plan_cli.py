@@ -182,3 +182,52 @@ def test_every_documented_factory_and_datasets_pair_plans(tmp_path: Path, model:
     plan = load_plan(out)
     if "imagenet" in model:
         assert plan.model.input_shape == [3, 224, 224] and plan.model.num_classes == 1000
+
+
+def _decisions(path: Path) -> dict:
+    d = json.loads(path.read_text())
+    return {"blocks": d["blocks"], "units": [(u["name"], u["aux"], u["profile"]) for u in d["units"]],
+            "predicted": d["predicted"], "baseline": d["baseline"], "speed": d["profile"]}
+
+
+def test_same_inputs_give_the_same_plan_whatever_the_load(tmp_path: Path, monkeypatch) -> None:
+    """The device profile is measured once and cached: a second planning run
+    (on a machine whose measured speed now differs) gives the same plan."""
+    from neuroflux.planner import device_profile, profile
+
+    monkeypatch.setenv("NEUROFLUX_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    argv = [str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "-q", "--time-limit", "10"]
+    assert nf_plan([*argv, "-o", str(a)]) == 0
+    assert list((tmp_path / "cache").glob("device-*.json")), "the profile is cached"
+    slower = profile.DeviceSpeed(flops_per_s=1.0, op_overhead_s=1.0)  # a loaded machine, if it were re-measured
+    monkeypatch.setattr(profile, "measure_device_speed", lambda *a, **k: slower)
+    monkeypatch.setattr(device_profile, "measure_profile", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert nf_plan([*argv, "-o", str(b)]) == 0
+    assert _decisions(a) == _decisions(b)
+    assert "cached profile" in json.loads(a.read_text())["profile"]["device_speed_source"]
+
+
+def test_device_profile_file_plans_for_another_device(tmp_path: Path) -> None:
+    prof = ROOT / "benchmarks" / "device-profiles" / "h100-estimated.json"
+    out = tmp_path / "plan.json"
+    assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "--device", "cuda", "-q",
+                    "--device-profile", str(prof), "-o", str(out), "--time-limit", "10"]) == 0
+    plan = load_plan(out)
+    assert plan.device.kind == "cuda" and plan.profile.device_flops_per_s == 4.0e13
+    assert "h100-estimated.json" in plan.profile.device_speed_source
+
+
+def test_solver_timeout_falls_back_to_the_greedy_plan(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Never "no plan" when a feasible one exists."""
+    from neuroflux.planner import build
+    from neuroflux.planner.problem import Solution
+
+    monkeypatch.setattr(build, "solve_cpsat", lambda *a, **k: Solution(status="timeout", message="CP-SAT found no plan"))
+    out = tmp_path / "plan.json"
+    with caplog.at_level("WARNING"):
+        assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "-q", "-o", str(out),
+                        "--device-tflops", "0.1", "--op-overhead-us", "5"]) == 0
+    plan = load_plan(out)
+    assert plan.solver.status == "feasible" and plan.blocks
+    assert any("greedy plan" in r.message for r in caplog.records)
