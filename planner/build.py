@@ -44,6 +44,7 @@ from neuroflux.planner.profile import (
     profile_step,
 )
 from neuroflux.planner.solve_cpsat import SolverConfig, solve_cpsat
+from neuroflux.planner.solve_dp import solve_dp
 from neuroflux.planner.solve_greedy import solve_greedy
 from neuroflux.planner.units import META_UNIT, UnitSpan, activation_graph, find_units, propagate_shapes
 from neuroflux.runtime.graph import split_units, trace
@@ -306,22 +307,43 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
     report("solving", total_jobs, total_jobs)
 
     solver_cfg = SolverConfig(time_limit_s=cfg.time_limit_s, seed=cfg.seed, tie_tolerance=cfg.tie_tolerance)
-    greedy = solve_greedy(problem)
-    solution = solve_cpsat(problem, solver_cfg, hint=greedy) if cfg.strategy == "optimal" else greedy
-    if solution.status == "timeout" and greedy.status == "feasible":
-        # Never "no plan" when one exists: the greedy plan is always a fallback.
-        log.warning("CP-SAT found no plan within %.0f s; writing the greedy plan (raise --time-limit for a better one)",
-                    cfg.time_limit_s)
-        solution = dataclasses.replace(greedy, message=f"CP-SAT timed out ({solution.message}); greedy fallback")
+    solution, engine = _solve(problem, cfg, solver_cfg)
     if solution.status in ("infeasible", "timeout"):
         _raise_infeasible(problem, solution, cfg)
 
     plan = _assemble(
         mf=mf, cfg=cfg, gm=gm, spans=spans, problem=problem, solution=solution, shape=shape, classes=classes,
-        bp=bp, ck=ck, speed=speed, speed_source=speed_source, plan_dir=Path(plan_dir), model_params=sum(p.numel() for p in fake_model.parameters()),
+        bp=bp, ck=ck, speed=speed, speed_source=speed_source, engine=engine, plan_dir=Path(plan_dir), model_params=sum(p.numel() for p in fake_model.parameters()),
         wall_s=time.perf_counter() - t_start,
     )
     return PlanResult(plan=plan, problem=problem, solution=solution)
+
+
+#: Above this many units the exact dynamic program plans alone: CP-SAT's model
+#: grows with units x block length x batch sizes and stops proving in seconds.
+CPSAT_MAX_UNITS = 24
+
+
+def _solve(problem: Problem, cfg: PlanConfig, solver_cfg: SolverConfig) -> tuple[Solution, str]:
+    """The strategy's plan and the engine that made it. ``optimal``: CP-SAT,
+    seeded with the dynamic program's exact least-time plan (or the greedy
+    one), on networks of up to CPSAT_MAX_UNITS units; the dynamic program
+    alone beyond. Never "no plan" when one exists: on a CP-SAT timeout the
+    dynamic program's or the greedy plan is written, with a warning."""
+    greedy = solve_greedy(problem)
+    if cfg.strategy == "greedy":
+        return greedy, "greedy"
+    dp = solve_dp(problem, tie_tolerance=cfg.tie_tolerance)
+    if dp is not None and (problem.n > CPSAT_MAX_UNITS or dp.status == "infeasible"):
+        return dp, "dp"
+    seed = dp if dp is not None else greedy
+    solution = solve_cpsat(problem, solver_cfg, hint=seed)
+    if solution.status == "timeout" and seed.status in ("feasible", "optimal"):
+        log.warning("CP-SAT found no plan within %.0f s; writing the %s plan (raise --time-limit for CP-SAT's)",
+                    cfg.time_limit_s, "dynamic program's" if seed is dp else "greedy")
+        return dataclasses.replace(seed, message=f"CP-SAT timed out ({solution.message})"), \
+            "dp" if seed is dp else "greedy"
+    return solution, "cp-sat"
 
 
 def _options_for(span: UnitSpan, cfg: PlanConfig, *, last: bool) -> list[tuple[str, int]]:
@@ -405,7 +427,7 @@ def _raise_infeasible(problem: Problem, solution: Solution, cfg: PlanConfig) -> 
 
 
 def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], problem: Problem, solution: Solution,
-              shape, classes: int, bp: Baseline, ck: Baseline, speed: DeviceSpeed, speed_source: str, plan_dir: Path, model_params: int,
+              shape, classes: int, bp: Baseline, ck: Baseline, speed: DeviceSpeed, speed_source: str, engine: str, plan_dir: Path, model_params: int,
               wall_s: float) -> Plan:
     units = []
     for span, cost, opt_i in zip(spans, problem.units, solution.options):
@@ -472,7 +494,7 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
             assumes="no early stop: every block runs its planned epochs and every unit trains; adaptive depth and "
                     "per-block epochs only shorten this (extra epochs are paid from time that converged blocks saved)",
         ),
-        solver=SolverInfo(strategy=cfg.strategy, status=solution.status, widths_status=solution.widths_status,
+        solver=SolverInfo(strategy=cfg.strategy, engine=engine, status=solution.status, widths_status=solution.widths_status,
                           wall_time_s=solution.wall_time_s,
                           time_limit_s=cfg.time_limit_s, seed=cfg.seed, objective_time_s=solution.time_s,
                           lower_bound_s=solution.lower_bound_s, tie_tolerance=cfg.tie_tolerance,

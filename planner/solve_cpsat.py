@@ -118,7 +118,7 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solu
     pass_terms = [round(_pass_time_s(p, s, e) * _US) * var for (s, e, k), var in seg.items()]
     time_expr = sum(train_terms) + sum(pass_terms)
     m.minimize(time_expr)
-    if hint is not None and hint.status == "feasible":
+    if hint is not None and hint.status in ("feasible", "optimal"):
         _add_hint(m, p, hint, seg, z)
 
     # ---- solve -----------------------------------------------------------

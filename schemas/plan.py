@@ -262,6 +262,10 @@ class Predicted:
 @dataclass(frozen=True, kw_only=True)
 class SolverInfo:
     strategy: Literal["optimal", "greedy"]
+    engine: Literal["cp-sat", "dp", "greedy"]
+    """What made the plan: CP-SAT (networks of up to 24 units, seeded with
+    the dynamic program's plan), the exact dynamic program (deeper networks,
+    or a CP-SAT timeout), or the greedy heuristic."""
     status: Literal["optimal", "feasible", "infeasible", "timeout"]
     """Of the time objective: ``optimal`` is proven least predicted time."""
     widths_status: Literal["optimal", "feasible", "skipped"]

@@ -218,16 +218,41 @@ def test_device_profile_file_plans_for_another_device(tmp_path: Path) -> None:
     assert "h100-estimated.json" in plan.profile.device_speed_source
 
 
-def test_solver_timeout_falls_back_to_the_greedy_plan(tmp_path: Path, monkeypatch, caplog) -> None:
-    """Never "no plan" when a feasible one exists."""
+@pytest.mark.parametrize("dp_applies", [True, False])
+def test_solver_timeout_falls_back_to_a_plan(tmp_path: Path, monkeypatch, caplog, dp_applies: bool) -> None:
+    """Never "no plan" when a feasible one exists: the dynamic program's plan,
+    or where it does not apply, the greedy one."""
     from neuroflux.planner import build
     from neuroflux.planner.problem import Solution
 
     monkeypatch.setattr(build, "solve_cpsat", lambda *a, **k: Solution(status="timeout", message="CP-SAT found no plan"))
+    if not dp_applies:
+        monkeypatch.setattr(build, "solve_dp", lambda *a, **k: None)
     out = tmp_path / "plan.json"
     with caplog.at_level("WARNING"):
         assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "-q", "-o", str(out),
                         "--device-tflops", "0.1", "--op-overhead-us", "5"]) == 0
     plan = load_plan(out)
-    assert plan.solver.status == "feasible" and plan.blocks
-    assert any("greedy plan" in r.message for r in caplog.records)
+    assert plan.blocks and plan.solver.engine == ("dp" if dp_applies else "greedy")
+    assert plan.solver.status == ("optimal" if dp_applies else "feasible")
+    assert any("CP-SAT found no plan" in r.message for r in caplog.records)
+
+
+def test_deep_model_plans_with_the_dynamic_program(tmp_path: Path) -> None:
+    """A 26-unit network (26 convs) plans past CP-SAT's size with the exact
+    dynamic program (8 channels: one head width per unit, so it profiles fast)."""
+    model = tmp_path / "deep.py"
+    model.write_text(
+        "import torch\nfrom torch import nn\nINPUT_SHAPE = (1, 8, 8)\n"
+        "def model():\n"
+        "    layers = [nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()]\n"
+        "    for _ in range(25):\n"
+        "        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]\n"
+        "    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))\n")
+    out = tmp_path / "plan.json"
+    t0 = time.perf_counter()
+    assert nf_plan([str(model), "--budget", "4MB", "-q", "-o", str(out), "--train-size", "2048", "--val-size", "256",
+                    "--device-tflops", "0.1", "--op-overhead-us", "5"]) == 0
+    plan = load_plan(out)
+    assert len(plan.units) > 24 and plan.solver.engine == "dp" and plan.solver.status == "optimal"
+    assert time.perf_counter() - t0 < 120

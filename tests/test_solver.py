@@ -16,15 +16,20 @@ from neuroflux.planner.problem import (
     plan_time_s,
 )
 from neuroflux.planner.solve_cpsat import SolverConfig, solve_cpsat
+from neuroflux.planner.solve_dp import solve_dp
 from neuroflux.planner.solve_greedy import solve_greedy
 from reference import brute_force
 
 
-def random_problem(rng: random.Random, *, n: int) -> Problem:
+def random_problem(rng: random.Random, *, n: int, monotone: bool = False) -> Problem:
+    """Random instance. ``monotone``: narrower heads are never slower (as in
+    profiled models); otherwise each option's fixed step time is random."""
     units = []
     for i in range(n):
         per_sample = rng.choice([1, 2, 4, 8, 16]) * 1024 * rng.randint(1, 4)
         static = rng.randint(1, 64) * 1024 * 64
+        if monotone:  # drawn only here, so the other instances keep their random stream
+            fixed, per, dyn_fixed = rng.uniform(1e-4, 2e-3), rng.uniform(1e-6, 5e-5), rng.randint(0, 8) * 1024
         opts = []
         for j in range(rng.randint(1, 3)):  # widest first: more memory, more time
             shrink = 2**j
@@ -34,10 +39,10 @@ def random_problem(rng: random.Random, *, n: int) -> Problem:
                     width=64 // shrink,
                     head_params=1000 // shrink,
                     static_bytes=static + 40960 // shrink,
-                    dyn_fixed_bytes=rng.randint(0, 8) * 1024,
+                    dyn_fixed_bytes=dyn_fixed if monotone else rng.randint(0, 8) * 1024,
                     dyn_per_sample_bytes=per_sample + 4096 // shrink,
-                    step_fixed_s=rng.uniform(1e-4, 2e-3),
-                    step_per_sample_s=rng.uniform(1e-6, 5e-5) * (1 + 0.1 / shrink),
+                    step_fixed_s=fixed * (1 + 0.2 / shrink) if monotone else rng.uniform(1e-4, 2e-3),
+                    step_per_sample_s=(per if monotone else rng.uniform(1e-6, 5e-5)) * (1 + 0.1 / shrink),
                 )
             )
         units.append(
@@ -108,3 +113,56 @@ def test_greedy_is_valid_and_never_beats_optimal(seed: int) -> None:
     assert check_solution(p, g) == []
     assert g.time_s == pytest.approx(plan_time_s(p, g.blocks, g.options))
     assert opt.time_s <= g.time_s + 1e-3
+
+
+# ------------------------------------------------------------------ the exact dynamic program
+@pytest.mark.parametrize("seed", range(24))
+def test_dp_matches_brute_force_and_cpsat(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    p = random_problem(rng, n=rng.randint(2, 5), monotone=True)
+    ref = brute_force(p)
+    sol = solve_dp(p)
+    assert sol is not None, "monotone options always have a lightest one"
+    if ref is None:
+        assert sol.status == "infeasible"
+        return
+    assert sol.status == "optimal" and check_solution(p, sol) == []
+    assert sol.time_s == pytest.approx(ref[0], rel=1e-9)
+    cp = solve_cpsat(p, SolverConfig(time_limit_s=20, seed=0, workers=2, tie_tolerance=0.0))
+    assert cp.time_s == pytest.approx(sol.time_s, abs=1e-4 * p.n * 4 + 1e-6)
+
+
+def test_dp_declines_problems_without_a_lightest_option() -> None:
+    opt = lambda t, m: AuxOption(kind="conv", width=8, head_params=1, static_bytes=m, dyn_fixed_bytes=0,  # noqa: E731
+                                 dyn_per_sample_bytes=1, step_fixed_s=t, step_per_sample_s=0.0)
+    p = Problem(units=(UnitCost(name="u0", options=(opt(1.0, 10), opt(2.0, 5)), out_bytes_per_sample=1,
+                                fwd_per_sample_s=0.0),), batch_sizes=(8,), train_size=8, val_size=8, epochs=1,
+                cap_bytes=10**6, cache_budget_bytes=10**9)
+    assert solve_dp(p) is None
+
+
+def test_dp_widening_stays_within_the_tolerance_and_fits() -> None:
+    rng = random.Random(7)
+    for _ in range(20):
+        p = random_problem(rng, n=6, monotone=True)
+        base = solve_dp(p)
+        if base is None or base.status != "optimal":
+            continue
+        wide = solve_dp(p, tie_tolerance=0.1)
+        assert check_solution(p, wide) == []
+        assert wide.time_s <= base.time_s * 1.1 + 1e-9
+        assert sum(wide.options) <= sum(base.options)
+
+
+def test_deep_network_plans_to_the_optimum_in_seconds() -> None:
+    """150 units (ResNet-152 / DenseNet scale), 2 cores: the dynamic program
+    proves the least-time plan well under 10 s."""
+    import time
+
+    p = random_problem(random.Random(3), n=150, monotone=True)
+    p = Problem(**{**p.__dict__, "cap_bytes": 200 * 1024 * 1024, "cache_budget_bytes": 10**12, "max_blocks": None,
+                   "max_block_units": 50})
+    t0 = time.perf_counter()
+    sol = solve_dp(p, tie_tolerance=0.1)
+    assert time.perf_counter() - t0 < 10
+    assert sol.status == "optimal" and check_solution(p, sol) == []
