@@ -402,7 +402,7 @@ class _Runner:
         tracker = MemTracker()
         for t in stage.trainers:
             tracker.track_external(*t.modules(), t.opt)
-        gc.collect()  # as the planner's profile does: the collector's timing must not move the peak
+        gc.collect(0)  # as the planner's profile does: the collector's timing must not move the peak
         gc.disable()
         try:
             with tracker:
