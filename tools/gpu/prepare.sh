@@ -42,8 +42,9 @@ NEUROFLUX_DATA="$G/data/fashion_mnist.npz" nf-bench --preset gpu --plan-only --p
 tracked=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 extra=$(du -sb "$G" | cut -f1)
 total=$((tracked + extra))
-printf 'prepare: travelling size %.1f MiB (repo %.1f MiB + .gpu %.1f MiB), limit %d MiB\n' \
-  "$(echo "$total/1048576" | bc -l)" "$(echo "$tracked/1048576" | bc -l)" "$(echo "$extra/1048576" | bc -l)" "$LIMIT_MIB"
+python3 -c 'import sys; t, r, e, lim = map(int, sys.argv[1:]); m = 1 << 20
+print(f"prepare: travelling size {t / m:.1f} MiB (repo {r / m:.1f} MiB + .gpu {e / m:.1f} MiB), limit {lim} MiB")' \
+  "$total" "$tracked" "$extra" "$LIMIT_MIB"
 if [ "$total" -ge $((LIMIT_MIB * 1048576)) ]; then
   echo "prepare: over the device's limit; drop wheels or data from $G" >&2
   exit 1
