@@ -29,6 +29,17 @@ __all__ = ["EpochDecision", "new_block_state", "epoch_decision", "new_depth_stat
 EpochDecision = Literal["continue", "converged", "extended", "done", "planned"]
 
 
+def _observe(state: dict[str, Any], acc: float, *, tolerance: float) -> bool:
+    """The one improvement rule of both: ``acc`` beats ``state["best"]`` by
+    more than ``tolerance`` (it becomes the best, the stall resets) or the
+    stall grows. Returns whether it improved."""
+    if acc > state["best"] + tolerance:
+        state["best"], state["stall"] = acc, 0
+        return True
+    state["stall"] += 1
+    return False
+
+
 def new_block_state(index: int, epochs: int) -> dict[str, Any]:
     return {"index": index, "limit": epochs, "best": -1.0, "stall": 0, "extra": 0}
 
@@ -39,10 +50,7 @@ def epoch_decision(blk: dict[str, Any], best_here: float, *, epochs_done: int, t
     returns the decision and the change to the time bank (seconds)."""
     if epoch_patience <= 0:
         return "planned", 0.0
-    if best_here > blk["best"] + tolerance:
-        blk["best"], blk["stall"] = best_here, 0
-    else:
-        blk["stall"] += 1
+    _observe(blk, best_here, tolerance=tolerance)
     if epochs_done < blk["limit"]:
         if blk["stall"] >= epoch_patience:
             return "converged", (blk["limit"] - epochs_done) * epoch_s
@@ -61,10 +69,8 @@ def new_depth_state() -> dict[str, Any]:
 def observe_exits(depth: dict[str, Any], exits: Sequence[tuple[str, float]], *, tolerance: float) -> None:
     """Walk a finished block's exits (name, val accuracy) in depth order."""
     for name, acc in exits:
-        if acc > depth["best"] + tolerance:
-            depth["best"], depth["stall"], depth["best_exit"] = acc, 0, name
-        else:
-            depth["stall"] += 1
+        if _observe(depth, acc, tolerance=tolerance):
+            depth["best_exit"] = name
 
 
 def depth_should_stop(depth: dict[str, Any], *, patience: int, is_last_block: bool) -> bool:
