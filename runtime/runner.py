@@ -126,7 +126,6 @@ class _Runner:
         self.tolerance = plan.exit_policy.tolerance if cfg.tolerance is None else cfg.tolerance
         self.epoch_patience = plan.exit_policy.epoch_patience if cfg.epoch_patience is None else cfg.epoch_patience
         self.max_extra_epochs = plan.exit_policy.max_extra_epochs
-        self._last_stats: tuple[list[float], list[float]] = ([], [])
 
     # ---------------------------------------------------------------- setup
     def _prepare_dir(self) -> dict[str, Any] | None:
@@ -144,9 +143,9 @@ class _Runner:
                 raise NeuroFluxError(f"the run in {self.out} failed ({ckpt['state']['failed']}); it cannot be resumed: "
                                      "re-plan (e.g. with a lower --lr) and start a new --out")
             return ckpt
-        if self.out.exists() and any(p.name != ".lock" for p in self.out.iterdir()):
+        # run() has made the directory and holds its lock.
+        if any(p.name != ".lock" for p in self.out.iterdir()):
             raise NeuroFluxError(f"run directory {self.out} is not empty; pass --resume to continue it, or a new --out")
-        self.out.mkdir(parents=True, exist_ok=True)
         return None
 
     def _plan_key(self) -> str:
@@ -304,7 +303,8 @@ class _Runner:
         while state["epoch"] < blk["limit"]:
             epoch = state["epoch"]
             te = time.perf_counter()
-            measured_cpu_peak = max(measured_cpu_peak, self._train_epoch(stage, train, epoch, blk["limit"], track=epoch == first))
+            peak, (loss, acc) = self._train_epoch(stage, train, epoch, blk["limit"], track=epoch == first)
+            measured_cpu_peak = max(measured_cpu_peak, peak)
             state["train_s"] += time.perf_counter() - te
             accs = self._eval_exits(stage, val)
             state["epoch"] = epoch + 1
@@ -313,7 +313,7 @@ class _Runner:
             state["elapsed_s"] = clock()
             rec = {"event": "epoch", "method": self.cfg.method, "block": stage.index, "epoch": epoch + 1,
                    "units": stage.exits if self.cfg.method == "neuroflux" else ["model"],
-                   "train_loss": self._last_stats[0], "train_acc": self._last_stats[1],
+                   "train_loss": loss, "train_acc": acc,
                    "val_exit_acc": accs, "val_acc": max(accs.values()), "decision": decision,
                    "epoch_s": time.perf_counter() - te, "elapsed_s": state["elapsed_s"]}
             # Checkpoint first: a logged epoch is always a saved epoch.
@@ -333,7 +333,6 @@ class _Runner:
             for m in t.modules():
                 m.to("cpu")
         state["exit_acc"].update(accs)
-        state["epochs_run"][str(stage.index)] = state["epoch"]
         result = {"index": stage.index, "units": [self.plan.units[i].name for i in stage.unit_idx],
                   "batch_size": stage.batch_size, "epochs": stage.epochs, "epochs_run": state["epoch"],
                   "measured_peak_bytes": int(peak),
@@ -349,9 +348,11 @@ class _Runner:
         append_jsonl(self.metrics_path, {"event": "block", "method": self.cfg.method, **result})
         return new_caches
 
-    def _train_epoch(self, stage: _Stage, train: TensorCache, epoch: int, limit: int, *, track: bool) -> int:
+    def _train_epoch(self, stage: _Stage, train: TensorCache, epoch: int, limit: int, *,
+                     track: bool) -> tuple[int, tuple[list[float], list[float]]]:
         """One epoch of ``stage`` on ``train``; returns the MemTracker peak of
-        its first steps on CPU when ``track`` (0 otherwise)."""
+        its first steps on CPU when ``track`` (0 otherwise), and each unit's
+        mean train loss and accuracy."""
         dev = self.device
         # Augmentation applies to raw inputs only: block 1 (or the whole model for BP).
         augment = self.mf.augment() if stage.index == 0 else None
@@ -384,8 +385,7 @@ class _Runner:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         self._check_finite(stage, stats, epoch)
-        self._last_stats = stats.summary()
-        return peak
+        return peak, stats.summary()
 
     def _check_finite(self, stage: _Stage, stats: StepStats, epoch: int) -> None:
         """A non-finite loss (the sum of the epoch's, one sync) means the unit
@@ -455,7 +455,7 @@ class _Runner:
     def _stopping_summary(self, stages: list[_Stage], state) -> dict[str, Any]:
         """Where training stopped, why, and the training time that saved."""
         plan = self.plan
-        ran = {int(k): v for k, v in state["epochs_run"].items()}
+        ran = {b["index"]: b["epochs_run"] for b in state["done"]}
         stop = state.get("stop")
         saved_pred = stop["skipped_predicted_s"] if stop else 0.0
         for s in stages:
@@ -510,16 +510,18 @@ class _Runner:
         for t in stage.trainers:
             t.train(False)
         writer = self._writer(stage, len(train) + len(val))
-        bs = max(stage.batch_size, 256)
+        units = Chain([t.unit for t in stage.trainers])
         for data in (train, val):
-            for idx in data.index_batches(bs, shuffle=False):
-                h, _ = data.take(idx, self.device)
-                for t in stage.trainers:
-                    h = t.unit(h)
-                writer.append(h)
+            self._forward_into(units, data, writer, batch=stage.batch_size)
         full = writer.finish(torch.cat([train.y, val.y]))
         n = len(train)
         return TensorCache(full.x[:n], train.y), TensorCache(full.x[n:], val.y)
+
+    def _forward_into(self, units: nn.Module, data: TensorCache, writer: CacheWriter, *, batch: int) -> None:
+        """``data`` through ``units`` in order, outputs appended to ``writer``
+        (callers hold inference mode)."""
+        for idx in data.index_batches(max(batch, 256), shuffle=False):
+            writer.append(units(data.take(idx, self.device)[0]))
 
     @torch.inference_mode()
     def _rebuild_cache(self, stages: list[_Stage], start: int, asm: Assembled, train: TensorCache, val: TensorCache):
@@ -536,8 +538,7 @@ class _Runner:
         for data in (train, val):
             w = CacheWriter(len(data), tuple(self.plan.units[prev.unit_idx[-1]].output_shape), dtype=prev.cache.dtype,
                             location="ram", path=None)
-            for idx in data.index_batches(max(prev.batch_size, 256), shuffle=False):
-                w.append(chain(data.take(idx, self.device)[0]))
+            self._forward_into(chain, data, w, batch=prev.batch_size)
             out.append(w.finish(data.y))
         chain.to("cpu")
         return out[0], out[1]
@@ -604,8 +605,7 @@ class _Clock:
 
 def _new_state() -> dict[str, Any]:
     return {"done": [], "epoch": 0, "exit_acc": {}, "stopped": None, "stop": None, "elapsed_s": 0.0, "train_s": 0.0,
-            "depth": new_depth_state(), "block": None, "last_accs": None, "bank_s": 0.0,
-            "epochs_run": {}}
+            "depth": new_depth_state(), "block": None, "last_accs": None, "bank_s": 0.0}
 
 
 def _nvml_process_bytes() -> int | None:
