@@ -12,6 +12,7 @@ and ``results.md``. Ratios are computed only between runs of one invocation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.datasets import DATA_ENV, LIMIT_ENV
@@ -120,9 +121,23 @@ class BenchOptions:
     """Cells planned and loaded but not trained (dry runs of cells too heavy for a CPU)."""
 
 
+@contextlib.contextmanager
+def _restored_env(*keys: str) -> Iterator[None]:
+    """Give the caller (a test, a notebook) its environment back afterwards."""
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def shared_data_path() -> Path:
     """The full Fashion-MNIST file: $NEUROFLUX_DATA, or ../shared/data beside the repo."""
-    env = os.environ.get("NEUROFLUX_DATA")
+    env = os.environ.get(DATA_ENV)
     return Path(env) if env else ROOT.parent / "shared" / "data" / "fashion_mnist.npz"
 
 
@@ -305,8 +320,7 @@ def run_bench(*, cells: list[Cell], out: Path, opts: BenchOptions, log=print) ->
     done = {c["name"]: c for c in previous if "name" in c}
     results: dict[str, Any] = {}
     for cell in cells:
-        saved = {k: os.environ.get(k) for k in (DATA_ENV, LIMIT_ENV)}
-        try:
+        with _restored_env(DATA_ENV, LIMIT_ENV):
             if cell.data == "fashion_mnist":
                 data = shared_data_path()
                 if not data.is_file():
@@ -320,12 +334,6 @@ def run_bench(*, cells: list[Cell], out: Path, opts: BenchOptions, log=print) ->
                 os.environ.pop(LIMIT_ENV, None)
             done[cell.name] = run_cell(cell, out=out, opts=opts, log=log)
             done[cell.name]["data"] = os.environ.get(DATA_ENV, "shipped subset")
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         results = {
             "device": torch.cuda.get_device_name(0) if opts.device == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
             "torch": torch.__version__, "command": shlex.join(["nf-bench", *sys.argv[1:]]),
@@ -429,44 +437,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.data and not Path(args.data).is_file():
         print(f"nf-bench: error: --data {args.data} not found", file=sys.stderr)
         return 2
-    saved = os.environ.get(DATA_ENV)
-    saved_dry = os.environ.get(DRY_LIMIT_ENV)
     try:
-        if args.dry_run:
-            os.environ[DRY_LIMIT_ENV] = saved_dry or "64,32"
-        cells = resolve_cells(args)
-        if args.list:
-            for c in cells:
-                print(f"{c.name}: {c.model} @ {c.budget}, {c.epochs} epochs, methods {', '.join(c.methods)}"
-                      + (f", limit {c.limit}" if c.limit else "") + (f", {len(c.variants)} ablation runs" if c.variants else ""))
-            return 0
-        if args.data:
-            os.environ[DATA_ENV] = str(Path(args.data).resolve())
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        import torch
-
-        device = "cpu" if args.dry_run else args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise NeuroFluxError("--device cuda but no CUDA device is available; use --device cpu or --dry-run")
-        opts = BenchOptions(device=device, target=args.target, time_limit=args.time_limit, plan_device=args.plan_device,
-                            device_profile=args.device_profile, plans=Path(args.plans) if args.plans else None,
-                            plan_only=args.plan_only, max_steps=1 if args.dry_run else None,
-                            skip_runs=tuple(args.skip_runs))
-        results = run_bench(cells=cells, out=out, opts=opts, log=lambda m: print(m, file=sys.stderr, flush=True))
+        with _restored_env(DATA_ENV, DRY_LIMIT_ENV):
+            results = _main(args)
     except NeuroFluxError as e:
         print(f"nf-bench: error: {e}", file=sys.stderr)
         return 2
-    finally:  # callers (tests, notebooks) get their environment back
-        for key, value in ((DATA_ENV, saved), (DRY_LIMIT_ENV, saved_dry)):
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    print(markdown(results))
+    if results is not None:
+        print(markdown(results))
     return 0
+
+
+def _main(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Resolve the cells and run them; None when only listing them."""
+    if args.dry_run:
+        os.environ[DRY_LIMIT_ENV] = os.environ.get(DRY_LIMIT_ENV) or "64,32"
+    cells = resolve_cells(args)
+    if args.list:
+        for c in cells:
+            print(f"{c.name}: {c.model} @ {c.budget}, {c.epochs} epochs, methods {', '.join(c.methods)}"
+                  + (f", limit {c.limit}" if c.limit else "") + (f", {len(c.variants)} ablation runs" if c.variants else ""))
+        return None
+    if args.data:
+        os.environ[DATA_ENV] = str(Path(args.data).resolve())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    device = "cpu" if args.dry_run else args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise NeuroFluxError("--device cuda but no CUDA device is available; use --device cpu or --dry-run")
+    opts = BenchOptions(device=device, target=args.target, time_limit=args.time_limit, plan_device=args.plan_device,
+                        device_profile=args.device_profile, plans=Path(args.plans) if args.plans else None,
+                        plan_only=args.plan_only, max_steps=1 if args.dry_run else None,
+                        skip_runs=tuple(args.skip_runs))
+    return run_bench(cells=cells, out=out, opts=opts, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":
