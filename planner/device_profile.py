@@ -61,11 +61,9 @@ def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
 
 
 def save_profile(prof: DeviceProfile, path: str | os.PathLike[str]) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(prof), indent=1) + "\n")
-    os.replace(tmp, p)
+    from neuroflux.runtime.checkpoint import atomic_write_json
+
+    atomic_write_json(dataclasses.asdict(prof), Path(path))
 
 
 def measure_profile(device: str = "cpu", *, runs: int = 5) -> DeviceProfile:
