@@ -3,7 +3,7 @@ solver), so that the runtime never imports the planner."""
 
 from __future__ import annotations
 
-__all__ = ["format_bytes"]
+__all__ = ["format_bytes", "speed_verdict"]
 
 
 def format_bytes(n: int | float) -> str:
@@ -14,3 +14,10 @@ def format_bytes(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def speed_verdict(speedup: float, *, bold: tuple[str, str] = ("", "")) -> str:
+    """``1.38x faster``, or ``1.62x slower`` for a speed-up below one (never
+    "0.62x faster"); ``bold`` wraps the number, e.g. ``("<b>", "</b>")``."""
+    a, b = bold
+    return f"{a}{speedup:.2f}x{b} faster" if speedup >= 1 else f"{a}{1 / speedup:.2f}x{b} slower"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from neuroflux.errors import NeuroFluxError
+from neuroflux.common import speed_verdict
 from neuroflux.planner.budget import format_bytes, nvml_free_bytes, parse_bytes
 from neuroflux.runtime.heads import HEAD_KINDS
 
@@ -182,7 +183,7 @@ def print_plan(plan) -> None:  # noqa: ANN001 - a schemas.Plan
             return f"{name}: no batch size >= {plan.solver.min_batch_size} fits the budget"
         if not speedup:
             return f"{name}: batch {b.batch_size}"
-        verdict = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+        verdict = speed_verdict(speedup)
         return f"{name}: batch {b.batch_size}, {b.predicted_time_s:.1f} s predicted -> NeuroFlux {verdict} (predicted)"
 
     console.print(f"NeuroFlux: {plan.predicted.time_s:.1f} s predicted for {plan.recipe.epochs_per_block} "

@@ -12,6 +12,7 @@ from typing import Any
 
 import networkx as nx
 
+from neuroflux.common import speed_verdict
 from neuroflux.errors import NeuroFluxError
 from neuroflux.schemas.plan import Plan
 
@@ -197,7 +198,7 @@ def write_html(plan: Plan, path: Path, *, run_dir: Path | None = None) -> None:
     def speed(b, s) -> str:  # noqa: ANN001
         if not (b.fits and s):
             return "does not fit the budget at any batch size"
-        verdict = f"<b>{s:.2f}x</b> faster" if s >= 1 else f"<b>{1 / s:.2f}x</b> slower"
+        verdict = speed_verdict(s, bold=("<b>", "</b>"))
         return f"batch {b.batch_size}, {b.predicted_time_s:.1f} s: NeuroFlux {verdict} (predicted)"
 
     run_html = ""
