@@ -34,7 +34,14 @@ from neuroflux.planner.problem import (
     candidate_batch_sizes,
     min_feasible_budget_bytes,
 )
-from neuroflux.planner.device_profile import cached_profile, load_profile
+from neuroflux.planner.device_profile import (
+    DEFAULT_CUDA_CALIBRATION,
+    DEFAULT_CUDA_WORKSPACE_BYTES,
+    DeviceProfile,
+    MemoryCalibration,
+    cached_profile,
+    load_profile,
+)
 from neuroflux.planner.profile import (
     DeviceSpeed,
     SGDConfig,
@@ -241,7 +248,8 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
     spans = find_units(gm)
     unit_mods = split_units(gm, [s.nodes for s in spans])
     sgd = SGDConfig(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    speed, speed_source = _device_speed(cfg)
+    speed, speed_source, workspace, cal = _device_speed(cfg)
+    foreach = True if cfg.device_kind == "cuda" else None  # the optimizer step PyTorch runs there
     dtype_bytes = 2 if cfg.cache_dtype == "float16" else 4
 
     real_mods: list[nn.Module] | None = None
@@ -263,7 +271,8 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
             report("profiling units", done, total_jobs)
             with fake:
                 head = None if kind == "model" else build_head(kind, span.output_shape, width, classes)
-            prof = profile_step(mod, head, span.input_shape, classes, fake_mode=fake, sgd=sgd)
+            prof = _calibrated(profile_step(mod, head, span.input_shape, classes, fake_mode=fake, sgd=sgd,
+                                            foreach=foreach), cal)
             step_fixed, step_per = _step_time(cfg, speed, prof, span, mod, kind, width, classes, real_mods, device, sgd)
             options.append(
                 AuxOption(
@@ -292,15 +301,18 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
         train_size=train_n,
         val_size=val_n,
         epochs=cfg.epochs,
-        cap_bytes=int(cfg.budget_bytes * (1 - cfg.margin)),
+        cap_bytes=int(cfg.budget_bytes * (1 - cfg.margin)) - workspace,
+        workspace_bytes=workspace,
+        calibration=(cal.step_overhead_bytes, cal.activation_scale),
         cache_budget_bytes=cfg.cache_budget_bytes or default_cache_budget_bytes(),
         max_blocks=cfg.max_blocks,
         max_block_units=_max_block_units(cfg, len(unit_costs)),
     )
 
     report("profiling baselines", done, total_jobs)
-    bp_prof = profile_step(gm, None, shape, classes, fake_mode=fake, sgd=sgd)
-    ck_prof = profile_step(CheckpointedChain(unit_mods), None, shape, classes, fake_mode=fake, sgd=sgd)
+    bp_prof = _calibrated(profile_step(gm, None, shape, classes, fake_mode=fake, sgd=sgd, foreach=foreach), cal)
+    ck_prof = _calibrated(profile_step(CheckpointedChain(unit_mods), None, shape, classes, fake_mode=fake, sgd=sgd,
+                                       foreach=foreach), cal)
     bp = _baseline(problem, bp_prof, speed, cfg, real=None if real_mods is None else real_gm, shape=shape, classes=classes, device=device, sgd=sgd)
     ck = _baseline(problem, ck_prof, speed, cfg, real=None if real_mods is None else CheckpointedChain(real_mods),
                    shape=shape, classes=classes, device=device, sgd=sgd)
@@ -357,26 +369,44 @@ def _max_block_units(cfg: PlanConfig, n_units: int) -> int | None:
     return cfg.max_block_units
 
 
-def _device_speed(cfg: PlanConfig) -> tuple[DeviceSpeed, str]:
-    """Speed for the FLOP cost model and where it came from: the flags, a
-    device profile file, or this machine's cached profile (measured once)."""
-    if cfg.device_flops_per_s and cfg.op_overhead_s is not None:
-        return DeviceSpeed(flops_per_s=cfg.device_flops_per_s, op_overhead_s=cfg.op_overhead_s), "flags"
+def _device_speed(cfg: PlanConfig) -> tuple[DeviceSpeed, str, int, MemoryCalibration]:
+    """Speed for the FLOP cost model and where it came from (the flags, a
+    device profile file, or this machine's cached profile, measured once),
+    the library workspace every peak on the target includes, and the
+    target's memory calibration (none on the CPU, where the trace is exact)."""
+    prof: DeviceProfile | None = None
     if cfg.device_profile is not None:
         prof, source = load_profile(cfg.device_profile), f"profile {cfg.device_profile}"
         if prof.kind != cfg.device_kind:
             log.warning("device profile %s is for %s, the plan targets %s", cfg.device_profile, prof.kind, cfg.device_kind)
     else:
         here = "cuda" if cfg.device_kind == "cuda" and torch.cuda.is_available() else "cpu"
-        if cfg.device_kind == "cuda" and here == "cpu" and cfg.device_flops_per_s is None:
-            log.warning("planning for CUDA on a machine without one: times use this CPU's speed; pass "
-                        "--device-profile with the GPU's profile")
-        prof, path = cached_profile(here)
-        source = f"cached profile {path}"
+        if cfg.device_flops_per_s and cfg.op_overhead_s is not None:
+            source = "flags"
+        else:
+            if cfg.device_kind == "cuda" and here == "cpu" and cfg.device_flops_per_s is None:
+                log.warning("planning for CUDA on a machine without one: times use this CPU's speed; pass "
+                            "--device-profile with the GPU's profile")
+            prof, path = cached_profile(here)
+            source = f"cached profile {path}"
+    if cfg.device_kind == "cpu":
+        workspace, cal = 0, MemoryCalibration()
+    elif prof is not None and prof.kind == "cuda":
+        workspace, cal = prof.workspace(), prof.calibration()
+    else:
+        workspace, cal = DEFAULT_CUDA_WORKSPACE_BYTES, DEFAULT_CUDA_CALIBRATION
+    if prof is None:
+        return DeviceSpeed(flops_per_s=cfg.device_flops_per_s, op_overhead_s=cfg.op_overhead_s), source, workspace, cal
     return DeviceSpeed(
         flops_per_s=cfg.device_flops_per_s or prof.flops_per_s,
         op_overhead_s=prof.op_overhead_s if cfg.op_overhead_s is None else cfg.op_overhead_s,
-    ), f"{source} ({prof.name}, {prof.source} {prof.date})"
+    ), f"{source} ({prof.name}, {prof.source} {prof.date})", workspace, cal
+
+
+def _calibrated(prof: StepProfile, cal: MemoryCalibration) -> StepProfile:
+    """A step profile as the target device will allocate it."""
+    return dataclasses.replace(prof, dyn_fixed_bytes=prof.dyn_fixed_bytes + cal.step_overhead_bytes,
+                               dyn_per_sample_bytes=math.ceil(prof.dyn_per_sample_bytes * cal.activation_scale))
 
 
 def _step_time(cfg, speed, prof: StepProfile, span, mod, kind, width, classes, real_mods, device, sgd) -> tuple[float, float]:
@@ -390,8 +420,9 @@ def _step_time(cfg, speed, prof: StepProfile, span, mod, kind, width, classes, r
 
 def _baseline(problem: Problem, prof: StepProfile, speed: DeviceSpeed, cfg: PlanConfig, *, real, shape, classes, device, sgd) -> Baseline:
     fitting = [b for b in problem.batch_sizes if prof.peak_bytes(b) <= problem.cap_bytes]
+    ws = problem.workspace_bytes
     if not fitting:
-        return Baseline(batch_size=0, predicted_peak_bytes=prof.peak_bytes(problem.batch_sizes[0]), predicted_time_s=0.0,
+        return Baseline(batch_size=0, predicted_peak_bytes=prof.peak_bytes(problem.batch_sizes[0]) + ws, predicted_time_s=0.0,
                         epochs=cfg.epochs, fits=False, lr=0.0, steps=0)
     b = fitting[-1]
     if real is not None:
@@ -399,7 +430,7 @@ def _baseline(problem: Problem, prof: StepProfile, speed: DeviceSpeed, cfg: Plan
         step = fixed + per * b
     else:
         step = speed.step_s(prof, b)
-    return Baseline(batch_size=b, predicted_peak_bytes=prof.peak_bytes(b), predicted_time_s=block_steps(problem, b) * step,
+    return Baseline(batch_size=b, predicted_peak_bytes=prof.peak_bytes(b) + ws, predicted_time_s=block_steps(problem, b) * step,
                     epochs=cfg.epochs, fits=True, steps=block_steps(problem, b),
                     lr=lr_for_batch(cfg.lr, b, base=cfg.base_batch_size, rule=cfg.lr_scaling))
 
@@ -414,7 +445,9 @@ def _raise_infeasible(problem: Problem, solution: Solution, cfg: PlanConfig) -> 
         raise InfeasibleBudget(
             f"budget {cfg.budget_text} ({cfg.budget_bytes} bytes) is too small: even one unit at batch "
             f"{problem.batch_sizes[0]} with the narrowest aux head needs more. The smallest budget that works is "
-            f"{need} bytes ({format_bytes(need)}, with the {cfg.margin:.0%} margin); pass --budget {need} or more, "
+            f"{need} bytes ({format_bytes(need)}, with the {cfg.margin:.0%} margin"
+            + (f" and the device's {format_bytes(problem.workspace_bytes)} of library workspace" if problem.workspace_bytes else "")
+            + f"); pass --budget {need} or more, "
             "or lower --min-batch",
             min_budget_bytes=need,
         )
@@ -455,7 +488,8 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
                 epochs=cfg.epochs,
                 lr=lr_for_batch(cfg.lr, bc.batch_size, base=cfg.base_batch_size, rule=cfg.lr_scaling),
                 steps=block_steps(problem, bc.batch_size),
-                predicted_peak_bytes=block_peak_bytes(problem, bc.start, bc.end, bc.batch_size, solution.options),
+                predicted_peak_bytes=block_peak_bytes(problem, bc.start, bc.end, bc.batch_size, solution.options)
+                + problem.workspace_bytes,
                 predicted_time_s=block_time_s(problem, bc.start, bc.end, bc.batch_size, solution.options),
                 cache=None if last_block else CacheSpec(location=cfg.cache_location, dtype=cfg.cache_dtype,
                                                          bytes=cache_bytes(problem, bc.end)),
@@ -474,7 +508,8 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
                         input_shape=list(shape), num_classes=classes, params=model_params),
         device=DeviceSpec(kind=cfg.device_kind, name=cfg.device_name, budget_text=cfg.budget_text,
                           budget_bytes=cfg.budget_bytes, budget_source=cfg.budget_source, margin_fraction=cfg.margin,
-                          cache_budget_bytes=problem.cache_budget_bytes),
+                          cache_budget_bytes=problem.cache_budget_bytes, workspace_bytes=problem.workspace_bytes,
+                          step_overhead_bytes=problem.calibration[0], activation_scale=problem.calibration[1]),
         budget_bytes=cfg.budget_bytes,
         recipe=Recipe(optimizer="sgd", lr=cfg.lr, base_batch_size=cfg.base_batch_size, lr_scaling=cfg.lr_scaling,
                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,

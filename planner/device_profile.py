@@ -6,7 +6,21 @@ machine for another (``nf-plan --device-profile h100.json``).
 A profile is a small JSON file::
 
     {"name": "NVIDIA H100 80GB HBM3", "kind": "cuda", "flops_per_s": 3.1e13,
-     "op_overhead_s": 9e-06, "source": "measured", "date": "2026-11-25", "torch": "2.11.0+cu130"}
+     "op_overhead_s": 9e-06, "source": "measured", "date": "2026-11-25", "torch": "2.11.0+cu130",
+     "workspace_bytes": 68157440}
+
+``step_overhead_bytes`` and ``activation_scale`` calibrate the fake-tensor
+memory model to the device: a training step on CUDA allocates more than the
+tensors a CPU trace sees (cuDNN workspaces, the caching allocator's rounding).
+``measure_memory_calibration`` runs a reference network's step on the device
+and compares it with the planner's prediction for it; plans then add the
+overhead to every unit's step and scale its per-sample bytes.
+
+``workspace_bytes`` is the memory the math libraries keep for the whole run
+that no tensor accounts for (cuBLAS allocates a workspace per handle through
+PyTorch's allocator: one for the forward thread, one for autograd's backward
+thread, 32 MiB each on Hopper). Plans include it in every predicted peak.
+Profiles without it get ``DEFAULT_CUDA_WORKSPACE_BYTES`` on CUDA, 0 on CPU.
 
 Without a profile, ``nf-plan`` uses this machine's, measured on first use
 (median of several runs) and cached under ``$NEUROFLUX_CACHE`` (default
@@ -17,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import statistics
@@ -27,7 +42,29 @@ from typing import Literal
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["DeviceProfile", "load_profile", "save_profile", "measure_profile", "cached_profile", "cache_dir"]
+__all__ = ["DeviceProfile", "load_profile", "save_profile", "measure_profile", "cached_profile", "cache_dir",
+           "DEFAULT_CUDA_WORKSPACE_BYTES", "measure_workspace_bytes", "MemoryCalibration", "measure_memory_calibration"]
+
+DEFAULT_CUDA_WORKSPACE_BYTES = 2 * 32 * 2**20 + 2**20
+"""Two cuBLAS handles at Hopper's default 32 MiB workspace, plus the 1 MiB
+measured beside them on an H200 (torch 2.11, CUDA 13): the most any current
+GPU's default needs, so plans made without a measured profile stay safe."""
+
+
+@dataclass(frozen=True)
+class MemoryCalibration:
+    """How a device's training step exceeds the fake-tensor prediction:
+    ``dyn_fixed + step_overhead_bytes`` and ``dyn_per_sample * activation_scale``."""
+
+    step_overhead_bytes: int = 0
+    activation_scale: float = 1.0
+
+
+DEFAULT_CUDA_CALIBRATION = MemoryCalibration(step_overhead_bytes=13_653_600, activation_scale=1.11)
+"""Measured on an H200 (torch 2.11, CUDA 13; benchmarks/results/gpu-h200-memory-probe.json):
+ResNet-18's step at batch 16 and 128 held 13.0 MiB more fixed and 10.8% more
+per sample than the fake-tensor prediction. Used for CUDA profiles measured
+before calibration existed, and for CUDA plans made without a profile."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +76,24 @@ class DeviceProfile:
     source: Literal["measured", "estimated"]
     date: str
     torch: str
+    workspace_bytes: int | None = None
+    """Library workspaces held for the run (see the module doc); None: not measured."""
+    step_overhead_bytes: int | None = None
+    """Bytes a step allocates beyond the predicted tensors; None: not measured."""
+    activation_scale: float | None = None
+    """Measured per-sample bytes over predicted ones; None: not measured."""
+
+    def calibration(self) -> MemoryCalibration:
+        """The memory calibration plans for this device use."""
+        if self.step_overhead_bytes is not None and self.activation_scale is not None:
+            return MemoryCalibration(self.step_overhead_bytes, self.activation_scale)
+        return DEFAULT_CUDA_CALIBRATION if self.kind == "cuda" else MemoryCalibration()
+
+    def workspace(self) -> int:
+        """The workspace a plan adds to its peaks on this device."""
+        if self.workspace_bytes is not None:
+            return self.workspace_bytes
+        return DEFAULT_CUDA_WORKSPACE_BYTES if self.kind == "cuda" else 0
 
 
 def cache_dir() -> Path:
@@ -49,13 +104,15 @@ def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
     p = Path(path)
     try:
         data = json.loads(p.read_text())
-        prof = DeviceProfile(**{f.name: data[f.name] for f in dataclasses.fields(DeviceProfile)})
+        prof = DeviceProfile(**{f.name: data[f.name] for f in dataclasses.fields(DeviceProfile)
+                                if f.name in data or f.default is dataclasses.MISSING})
     except FileNotFoundError:
         raise NeuroFluxError(f"device profile {p} not found; measure one on the target with "
                              "`python -m neuroflux.planner.device_profile -o FILE`") from None
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise NeuroFluxError(f"device profile {p} is not a valid profile ({type(e).__name__}: {e}); re-measure it") from e
-    if not (prof.flops_per_s > 0 and prof.op_overhead_s >= 0):
+    if (not (prof.flops_per_s > 0 and prof.op_overhead_s >= 0) or (prof.workspace_bytes or 0) < 0
+            or (prof.step_overhead_bytes or 0) < 0 or (prof.activation_scale is not None and prof.activation_scale < 1)):
         raise NeuroFluxError(f"device profile {p} has non-positive speeds; re-measure it")
     return prof
 
@@ -73,12 +130,101 @@ def measure_profile(device: str = "cpu", *, runs: int = 5) -> DeviceProfile:
     from neuroflux.planner.profile import measure_device_speed
 
     dev = torch.device(device)
+    workspace = measure_workspace_bytes(dev) if dev.type == "cuda" else 0  # first: before anything uses cuBLAS
+    cal = measure_memory_calibration(dev) if dev.type == "cuda" else MemoryCalibration()
     speeds = [measure_device_speed(dev) for _ in range(runs)]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     return DeviceProfile(name=name, kind="cuda" if dev.type == "cuda" else "cpu",
                          flops_per_s=statistics.median(s.flops_per_s for s in speeds),
                          op_overhead_s=statistics.median(s.op_overhead_s for s in speeds), source="measured",
-                         date=time.strftime("%Y-%m-%d"), torch=torch.__version__)
+                         date=time.strftime("%Y-%m-%d"), torch=torch.__version__, workspace_bytes=workspace,
+                         step_overhead_bytes=cal.step_overhead_bytes, activation_scale=cal.activation_scale)
+
+
+def measure_workspace_bytes(dev) -> int:  # noqa: ANN001
+    """Bytes the allocator holds after one matmul forward and backward once
+    every tensor is freed: the cuBLAS workspaces of the forward thread and of
+    autograd's backward thread. Exact only in a process that has not used
+    cuBLAS yet (``python -m neuroflux.planner.device_profile`` is one); in
+    another it returns the default, since the workspaces already exist."""
+    import torch
+
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    x = torch.randn(64, 64, device=dev, requires_grad=True)
+    (x @ x).sum().backward()
+    del x
+    torch.cuda.synchronize(dev)
+    held = torch.cuda.memory_allocated(dev) - base
+    return held if held > 0 else DEFAULT_CUDA_WORKSPACE_BYTES
+
+
+def measure_memory_calibration(dev, *, batches: tuple[int, int] = (16, 64),  # noqa: ANN001
+                               floor: bool = True) -> MemoryCalibration:
+    """Run a reference network's training step (the runtime's UnitTrainer)
+    on ``dev`` at two batch sizes and compare its memory beyond the resident
+    state with the planner's fake-tensor prediction of the same step. On the
+    CPU the measurement is MemTracker's, which the prediction matches
+    exactly (a test holds it to that, with ``floor=False``: by default a
+    device never calibrates below the prediction)."""
+    import torch
+    from torch import nn
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from neuroflux.planner.profile import SGDConfig, profile_step
+    from neuroflux.runtime.train import UnitTrainer
+
+    def reference() -> nn.Module:
+        def cbr(i: int, o: int, s: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+        return nn.Sequential(*cbr(3, 64), *cbr(64, 64), *cbr(64, 128, 2), *cbr(128, 128), *cbr(128, 256, 2),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
+
+    shape, classes, sgd = (3, 32, 32), 10, SGDConfig()
+    fake = FakeTensorMode()
+    with fake:
+        fake_model = reference()
+    pred = profile_step(fake_model, None, shape, classes, fake_mode=fake, sgd=sgd, foreach=dev.type == "cuda" or None)
+
+    torch.manual_seed(0)
+    model = reference().to(dev)
+    t = UnitTrainer(model, None, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay, total_steps=10**6,
+                    schedule="constant")
+    t.train(True)
+
+    def batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(b, *shape, device=dev), torch.randint(0, classes, (b,), device=dev)
+
+    t.step(*batch(batches[0]))  # momentum buffers, library handles: steady state
+    dyn = []
+    for b in batches:
+        x, y = batch(b)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            start = torch.cuda.memory_allocated(dev)
+            t.step(x, y)
+            torch.cuda.synchronize(dev)
+            dyn.append(torch.cuda.max_memory_allocated(dev) - start)
+        else:
+            from torch.distributed._tools.mem_tracker import MemTracker
+
+            tracker = MemTracker()
+            tracker.track_external(model, t.opt)
+            with tracker:
+                t.step(x, y)
+            static = sum(v.numel() * v.element_size() for v in (*model.parameters(), *model.buffers()))
+            static += sum(v.numel() * v.element_size() for st in t.opt.state.values() for v in st.values()
+                          if isinstance(v, torch.Tensor))
+            dyn.append(sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values()) - static)
+        del x, y
+    per = (dyn[1] - dyn[0]) / (batches[1] - batches[0])
+    fixed = dyn[0] - per * batches[0]
+    scale = math.ceil(1000 * per / pred.dyn_per_sample_bytes) / 1000 if pred.dyn_per_sample_bytes else 1.0
+    overhead = math.ceil(fixed - pred.dyn_fixed_bytes)
+    if floor:
+        scale, overhead = max(1.0, scale), max(0, overhead)
+    return MemoryCalibration(step_overhead_bytes=overhead, activation_scale=scale)
 
 
 def cached_profile(device: str = "cpu") -> tuple[DeviceProfile, Path]:

@@ -84,12 +84,18 @@ class Problem:
     val_size: int
     epochs: int
     cap_bytes: int
-    """Usable device memory: budget * (1 - margin)."""
+    """Usable device memory for tensors: budget * (1 - margin) - workspace_bytes."""
     cache_budget_bytes: int
     cache_bytes_per_s: float = 2e9
     max_blocks: int | None = None
     max_block_units: int | None = None
     """Longest block, in units: block ends are where adaptive depth can stop."""
+    workspace_bytes: int = 0
+    """Library workspaces held all run (cuBLAS on CUDA), already taken out
+    of ``cap_bytes``; a plan's reported peaks add it back."""
+    calibration: tuple[int, float] = (0, 1.0)
+    """(step overhead bytes, activation scale) already applied to every
+    option's dyn bytes; recorded in the plan, not used by the solvers."""
 
     def __post_init__(self) -> None:
         if not self.units:
@@ -231,4 +237,4 @@ def min_feasible_budget_bytes(p: Problem, *, margin_fraction: float) -> int:
     need = 0
     for u in p.units:
         need = max(need, min(o.static_bytes + o.dyn_bytes(b) for o in u.options))
-    return math.ceil(need / (1.0 - margin_fraction))
+    return math.ceil((need + p.workspace_bytes) / (1.0 - margin_fraction))

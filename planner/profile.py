@@ -86,9 +86,9 @@ def _state_bytes(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> in
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _trainer(unit: nn.Module, head: nn.Module | None, sgd: SGDConfig) -> UnitTrainer:
+def _trainer(unit: nn.Module, head: nn.Module | None, sgd: SGDConfig, foreach: bool | None = None) -> UnitTrainer:
     return UnitTrainer(unit, head, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay, total_steps=1_000_000,
-                       schedule="constant")
+                       schedule="constant", foreach=foreach)
 
 
 def _step(t: UnitTrainer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -107,16 +107,19 @@ def profile_step(
     fake_mode: torch._subclasses.fake_tensor.FakeTensorMode,
     batches: tuple[int, int] = (8, 16),
     sgd: SGDConfig = SGDConfig(),
+    foreach: bool | None = None,
 ) -> StepProfile:
     """Memory, FLOPs and op count of one runtime training step
     (``UnitTrainer.step``) of ``unit`` with ``head``, whose parameters live in
-    ``fake_mode``, at two batch sizes."""
+    ``fake_mode``, at two batch sizes. ``foreach=True`` profiles the
+    optimizer step PyTorch runs on CUDA (the fake tensors live on the CPU,
+    where the default is the per-parameter loop)."""
     b1, b2 = batches
     assert b2 > b1
     peaks, flops = [], []
     ops = 0
     with fake_mode:
-        t = _trainer(unit, head, sgd)
+        t = _trainer(unit, head, sgd, foreach)
         t.train(True)
         # A first step creates the momentum buffers (steady-state memory).
         _step(t, torch.randn(b1, *input_shape), torch.randint(0, num_classes, (b1,)))

@@ -14,6 +14,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -41,6 +42,9 @@ from neuroflux.schemas.plan import Plan
 __all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged"]
 
 log = logging.getLogger(__name__)
+CAP_ENV = "NEUROFLUX_CUDA_CAP"
+"""Set to 0 to leave the CUDA allocator uncapped (measuring a plan's true
+peak against its prediction); the summary then says ``budget_enforced: false``."""
 
 Method = Literal["neuroflux", "bp", "bp-checkpoint"]
 
@@ -195,7 +199,7 @@ class _Runner:
         cap = plan.budget_bytes * (1 - plan.device.margin_fraction)
         for b in plan.blocks:
             units = [plan.unit(u) for u in b.units]
-            peak = sum(u.profile.static_bytes for u in units) + max(
+            peak = plan.device.workspace_bytes + sum(u.profile.static_bytes for u in units) + max(
                 u.profile.dyn_fixed_bytes + u.profile.dyn_per_sample_bytes * b.batch_size for u in units)
             if peak <= cap * 1.001:
                 continue
@@ -233,7 +237,8 @@ class _Runner:
         meta = dict(input_shape=tuple(self.plan.model.input_shape), num_classes=self.plan.model.num_classes)
         raw_train = TensorCache(*dataset_tensors(train_set, what="train", **meta))
         raw_val = TensorCache(*dataset_tensors(val_set, what="val", **meta))
-        if self.device.type == "cuda":
+        self.capped = self.device.type == "cuda" and os.environ.get(CAP_ENV, "1") != "0"
+        if self.capped:
             self._enforce_budget()
         state = _new_state()
         if ckpt is not None:
@@ -282,8 +287,14 @@ class _Runner:
     def _enforce_budget(self) -> None:
         total = torch.cuda.get_device_properties(self.device).total_memory
         frac = min(1.0, self.plan.budget_bytes / total)
-        torch.cuda.set_per_process_memory_fraction(frac, self.device)
+        # The cap needs an indexed device ("cuda" alone is refused): the current one.
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(frac, index)
         log.info("CUDA allocator capped at %.4f of %d bytes (= budget %d)", frac, total, self.plan.budget_bytes)
+        if torch.backends.cudnn.benchmark:  # its algorithm search peaked at 2.6 GB for ResNet-18 (H200 probe)
+            log.warning("turning torch.backends.cudnn.benchmark off: its algorithm search allocates far beyond "
+                        "the budget (set NEUROFLUX_CUDA_CAP=0 to run uncapped instead)")
+            torch.backends.cudnn.benchmark = False
 
     # ---------------------------------------------------------------- stage
     def _run_stage(self, stage: _Stage, caches, asm: Assembled, state, clock: "_Clock", *, stages: list[_Stage]):
@@ -494,7 +505,9 @@ class _Runner:
         """Accuracy of every exit of the stage on val."""
         for t in stage.trainers:
             t.train(False)
-        dev, bs = self.device, max(stage.batch_size, 256)
+        # At the training batch: inference needs less than a training step at
+        # the same batch, so evaluation stays inside the budget the plan proved.
+        dev, bs = self.device, stage.batch_size
         correct = torch.zeros(len(stage.trainers), dtype=torch.int64, device=dev)
         for idx in val.index_batches(bs, shuffle=False):
             h, y = val.take(idx, dev)
@@ -520,7 +533,7 @@ class _Runner:
     def _forward_into(self, units: nn.Module, data: TensorCache, writer: CacheWriter, *, batch: int) -> None:
         """``data`` through ``units`` in order, outputs appended to ``writer``
         (callers hold inference mode)."""
-        for idx in data.index_batches(max(batch, 256), shuffle=False):
+        for idx in data.index_batches(batch, shuffle=False):  # the training batch: inside the budget
             writer.append(units(data.take(idx, self.device)[0]))
 
     @torch.inference_mode()
@@ -571,6 +584,9 @@ class _Runner:
             export_onnx(final, shape, self.out / "final_model.onnx")
         final_params = sum(p.numel() for p in final.parameters())
         original_params = sum(p.numel() for p in asm.model.parameters())
+        if self.capped:  # the report's inference throughput is not training: measured with the cap lifted
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
         reps = 1 if self.cfg.throughput_batch is not None else 5
         tp_final = throughput(final, shape, device=self.device, batch=self.cfg.throughput_batch, reps=reps)
         tp_orig = throughput(asm.model, shape, device=self.device, batch=self.cfg.throughput_batch, reps=reps)
@@ -586,7 +602,7 @@ class _Runner:
             "throughput": {"final_images_per_s": tp_final, "original_images_per_s": tp_orig,
                            "speedup": tp_final / tp_orig},
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "budget_bytes": plan.budget_bytes, "budget_enforced": self.device.type == "cuda",
+            "budget_bytes": plan.budget_bytes, "budget_enforced": self.capped,
             "torch": torch.__version__, "command": self.cfg.command,
         }
         atomic_write_json(summary, self.out / "summary.json")

@@ -58,11 +58,17 @@ class Schedule:
 
 class UnitTrainer:
     def __init__(self, unit: nn.Module, head: nn.Module | None, *, lr: float, momentum: float, weight_decay: float,
-                 total_steps: int, schedule: str) -> None:
+                 total_steps: int, schedule: str, foreach: bool | None = None) -> None:
         self.unit = unit
         self.head = head
         params = list(unit.parameters()) + (list(head.parameters()) if head is not None else [])
-        self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        # foreach=None: PyTorch's choice, the multi-tensor step on CUDA. Weight decay is added to the
+        # gradients in place here instead of by SGD, whose multi-tensor step would hold a copy of all
+        # the unit's gradients during the step (a peak of its own, not linear in the batch); the
+        # update is the same (SGD adds weight_decay * param to the gradient before momentum).
+        self.params = params
+        self.weight_decay = weight_decay
+        self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0, foreach=foreach)
         self.schedule = Schedule(schedule, total_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.schedule)
 
@@ -88,6 +94,9 @@ class UnitTrainer:
         logits = self.logits(out)
         loss = F.cross_entropy(logits, y)
         loss.backward()
+        if self.weight_decay:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            torch._foreach_add_(grads, [p for p in self.params if p.grad is not None], alpha=self.weight_decay)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)  # free grads before the next unit runs
         self.sched.step()
@@ -100,6 +109,8 @@ class UnitTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])
+        for g in self.opt.param_groups:  # decay is applied in step(), never by SGD (older checkpoints had it there)
+            g["weight_decay"] = 0.0
         self.sched.load_state_dict(state["sched"])
         if self.head is not None:
             self.head.load_state_dict(state["head"])

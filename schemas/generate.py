@@ -64,7 +64,9 @@ def _object_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
         "type": "object",
         "description": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
         "properties": props,
-        "required": [f.name for f in dataclasses.fields(cls)],
+        # A field with a default was added in a minor version: older plans omit it.
+        "required": [f.name for f in dataclasses.fields(cls)
+                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING],
         "additionalProperties": False,
     }
 

@@ -50,7 +50,7 @@ __all__ = [
 
 #: Major.minor. A reader accepts any plan with the same major and a minor up
 #: to its own; a newer plan is refused with a message to upgrade.
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 
 
 class PlanError(NeuroFluxError):
@@ -93,6 +93,19 @@ class DeviceSpec:
     fragmentation: every predicted peak is at most budget * (1 - margin)."""
     cache_budget_bytes: int
     """Host RAM or disk for one block's input plus output cache."""
+    workspace_bytes: int = 0
+    """Memory the device's math libraries hold for the whole run and no
+    tensor accounts for (on CUDA: a cuBLAS workspace per handle, one for the
+    forward thread and one for autograd's, 32 MiB each on Hopper); included
+    in every predicted peak. Added in 2.1 (0 in older plans)."""
+    step_overhead_bytes: int = 0
+    """Bytes a training step allocates on the device beyond the traced
+    tensors (cuDNN workspaces, allocator rounding), from the device
+    profile's calibration; already in every unit profile's dyn_fixed_bytes."""
+    activation_scale: float = 1.0
+    """Measured over traced per-sample bytes on the device; already applied
+    to every unit profile's dyn_per_sample_bytes (1.0 on CPU, where the
+    trace is exact)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -374,7 +387,8 @@ def _from_json(tp: Any, value: Any) -> Any:
         return [_from_json(item, v) for v in value]
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
-        kwargs = {f.name: _from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)}
+        kwargs = {f.name: _from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)
+                  if f.name in value or f.default is dataclasses.MISSING}
         return tp(**kwargs)
     if tp is float and isinstance(value, int):
         return float(value)

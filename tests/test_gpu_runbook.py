@@ -38,14 +38,14 @@ def test_gpu_runbook_dry_run(tmp_path: Path) -> None:
     # Every cell is planned by prepare.sh; two run through the script here (a
     # Fashion-MNIST cell and the ImageNet-shaped one, planned and loaded), to
     # keep the suite short: the other cells differ only in model and budget.
-    run = subprocess.run(["bash", str(ROOT / "tools/gpu/run.sh"), "--dry-run", "resnet18-250MB",
+    run = subprocess.run(["bash", str(ROOT / "tools/gpu/run.sh"), "--dry-run", "resnet18-350MB",
                           "resnet34-imagenet-8GB"], env=run_env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     cells = {c["name"]: c for c in results["cells"]}
     from neuroflux.tools.bench import PRESETS
 
-    assert set(cells) == {"resnet18-250MB", "resnet34-imagenet-8GB"}
+    assert set(cells) == {"resnet18-350MB", "resnet34-imagenet-8GB"}
     planned = {p.name for p in (tmp_path / "gpu" / "plans").iterdir() if (p / "plans.json").is_file()}
     assert planned == {c.name for c in PRESETS["gpu"]}, "prepare.sh plans every cell"
     for name, cell in cells.items():

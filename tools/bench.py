@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.datasets import DATA_ENV, LIMIT_ENV
@@ -90,8 +91,8 @@ PRESETS: dict[str, tuple[Cell, ...]] = {
     # GPU: full-width models on all of Fashion-MNIST, stringent (BP fits batch 16 or less) and loose budgets;
     # neuroflux-greedy is left out to keep every cell well under 10 minutes on one H100.
     "gpu": (
-        Cell(name="resnet18-250MB", model="resnet18", budget="250MB", epochs=3, methods=_GPU_METHODS),
-        Cell(name="vgg16-250MB", model="vgg16", budget="250MB", epochs=3, methods=_GPU_METHODS),
+        Cell(name="resnet18-350MB", model="resnet18", budget="350MB", epochs=3, methods=_GPU_METHODS),
+        Cell(name="vgg16-350MB", model="vgg16", budget="350MB", epochs=3, methods=_GPU_METHODS),
         Cell(name="resnet34-imagenet-8GB", model="resnet34:model_imagenet", budget="8GB", epochs=1,
              datasets="datasets_imagenet", data=None, methods=_GPU_METHODS),
         Cell(name="resnet18-2GB", model="resnet18", budget="2GB", epochs=3, methods=_GPU_METHODS),
@@ -235,8 +236,11 @@ def _run_record(r: dict[str, Any], method: str, cell: Cell) -> dict[str, Any]:
     }
 
 
-def run_cell(cell: Cell, *, out: Path, opts: BenchOptions, log=print) -> dict[str, Any]:  # noqa: ANN001
-    """Plan and run every method of ``cell``; ratios only within the cell."""
+def run_cell(cell: Cell, *, out: Path, opts: BenchOptions, log=print,  # noqa: ANN001
+             on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Plan and run every method of ``cell``; ratios only within the cell.
+    ``on_run`` gets the partial cell after every method, so a run cut off
+    mid-cell (a device's time limit) keeps the methods it finished."""
     import shutil
 
     from neuroflux.planner.budget import parse_bytes
@@ -275,6 +279,10 @@ def run_cell(cell: Cell, *, out: Path, opts: BenchOptions, log=print) -> dict[st
         result["runs"][label] = _run_record(r, label, cell)
         s = r["summary"]
         log(f"  acc {s['final_accuracy']:.4f}, {s['wall_time_s']:.1f} s, exit {s['final_exit']}")
+        if on_run is not None:
+            partial = copy.deepcopy(result)
+            _compare(partial, opts.target)
+            on_run(partial)
     _compare(result, opts.target)
     return result
 
@@ -309,13 +317,16 @@ def _compare(cell: dict[str, Any], target: float | None) -> None:
         v["throughput_gain"] = v["throughput_final"] / v["throughput_original"]
 
 
-def run_bench(*, cells: list[Cell], out: Path, opts: BenchOptions, log=print) -> dict[str, Any]:  # noqa: ANN001
-    """Run ``cells`` in order; ``results.json`` and ``results.md`` in ``out``
-    are rewritten after every cell, so an interrupted run keeps what it
-    measured, and cells from earlier invocations in ``out`` are kept."""
+def run_bench(*, cells: list[Cell], out: Path, opts: BenchOptions, log=print,  # noqa: ANN001
+              results_dir: Path | None = None) -> dict[str, Any]:
+    """Run ``cells`` in order; ``results.json`` and ``results.md`` in
+    ``results_dir`` (default ``out``) are rewritten after every method, so an
+    interrupted run keeps what it measured, and cells from earlier
+    invocations there are kept."""
     import torch
 
-    path = out / "results.json"
+    res_dir = results_dir or out
+    path = res_dir / "results.json"
     previous = json.loads(path.read_text())["cells"] if path.is_file() else []
     done = {c["name"]: c for c in previous if "name" in c}
     results: dict[str, Any] = {}
@@ -332,16 +343,21 @@ def run_bench(*, cells: list[Cell], out: Path, opts: BenchOptions, log=print) ->
                 os.environ[LIMIT_ENV] = limit
             else:
                 os.environ.pop(LIMIT_ENV, None)
-            done[cell.name] = run_cell(cell, out=out, opts=opts, log=log)
-            done[cell.name]["data"] = os.environ.get(DATA_ENV, "shipped subset")
-        results = {
-            "device": torch.cuda.get_device_name(0) if opts.device == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-            "torch": torch.__version__, "command": shlex.join(["nf-bench", *sys.argv[1:]]),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "cells": list(done.values()),
-        }
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1) + "\n")
-        (out / "results.md").write_text(markdown(results))
+            data_name = os.environ.get(DATA_ENV, "shipped subset")
+
+            def save(cell_result: dict[str, Any], name: str = cell.name, data_name: str = data_name) -> None:
+                nonlocal results
+                done[name] = {**cell_result, "data": data_name}
+                results = {
+                    "device": torch.cuda.get_device_name(0) if opts.device == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+                    "torch": torch.__version__, "command": shlex.join(["nf-bench", *sys.argv[1:]]),
+                    "date": time.strftime("%Y-%m-%d %H:%M"), "cells": list(done.values()),
+                }
+                res_dir.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(results, indent=1) + "\n")
+                (res_dir / "results.md").write_text(markdown(results))
+
+            save(run_cell(cell, out=out, opts=opts, log=log, on_run=save))
     return results
 
 
@@ -420,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--time-limit", type=float, default=30.0)
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--results", default=None,
+                    help="folder for results.json/results.md (default: --out); rewritten after every method")
     ap.add_argument("--smoke", action="store_true", help="tiny CI configuration: checks the harness, not speed")
     ap.add_argument("--plan-only", action="store_true", help="make the cells' plans (and plans.json indexes) and stop")
     ap.add_argument("--plans", default=None, help="run prepared plans from this --plan-only output, no solver needed")
@@ -473,7 +491,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any] | None:
                         device_profile=args.device_profile, plans=Path(args.plans) if args.plans else None,
                         plan_only=args.plan_only, max_steps=1 if args.dry_run else None,
                         skip_runs=tuple(args.skip_runs))
-    return run_bench(cells=cells, out=out, opts=opts, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return run_bench(cells=cells, out=out, opts=opts, log=lambda m: print(m, file=sys.stderr, flush=True),
+                     results_dir=Path(args.results) if args.results else None)
 
 
 if __name__ == "__main__":

@@ -44,10 +44,8 @@ env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": 
 json.dump(env, open(sys.argv[1], "w"), indent=1)
 print("run:", env)
 PY
-  [ -f "$RES/device-profile.json" ] || python3 -m neuroflux.planner.device_profile --device cuda -o "$RES/device-profile.json"
-  # The runtime's device options (inference_mode, foreach SGD, channels_last), before and after, on this GPU.
-  [ -f "$RES/runtime-micro.json" ] || python3 benchmarks/runtime_micro.py --device cuda --model resnet18 --batch 128 \
-    -o "$RES/runtime-micro.json" || echo "run: runtime micro-benchmark failed (not fatal)"
+  [ -f "$RES/device-profile.json" ] || timeout 120 python3 -m neuroflux.planner.device_profile --device cuda \
+    -o "$RES/device-profile.json" || echo "run: device profile failed (not fatal)"
   ARGS=(--device cuda)
 else
   ARGS=(--dry-run --skip-runs resnet34-imagenet-8GB)
@@ -60,11 +58,19 @@ fi
 status=0
 for c in "${CELLS[@]}"; do
   echo "run: cell $c"
-  timeout 580 nf-bench --preset gpu --cell "$c" --plans "$G/plans" --out "$WORK" "${ARGS[@]}" 2>&1 | tail -40
+  # results.json/.md go straight to $RES after every method: a call cut off
+  # mid-cell still brings back the methods it finished.
+  timeout "${NF_CELL_TIMEOUT:-580}" nf-bench --preset gpu --cell "$c" --plans "$G/plans" --out "$WORK" \
+    --results "$RES" "${ARGS[@]}" 2>&1 | tee -a "$RES/log.txt" | tail -40
   rc=${PIPESTATUS[0]}
   echo "run: cell $c rc=$rc"
   [ "$rc" = 0 ] || status=1
-  for f in results.json results.md; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$RES/$f"; done
 done
+if [ $DRY = 0 ] && [ -z "${NF_SKIP_MICRO:-}" ] && [ ! -f "$RES/runtime-micro.json" ]; then
+  # The runtime's device options (inference_mode, foreach SGD, channels_last), before and after, on this GPU;
+  # after the cells, which matter more.
+  timeout 120 python3 benchmarks/runtime_micro.py --device cuda --model resnet18 --batch 128 \
+    -o "$RES/runtime-micro.json" || echo "run: runtime micro-benchmark failed (not fatal)"
+fi
 [ -f "$RES/results.md" ] && cat "$RES/results.md"
 exit $status
