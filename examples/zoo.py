@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 import torch.nn.functional as F
 
@@ -178,3 +179,55 @@ class MobileNetV2(nn.Module):
     def forward(self, x):
         x = self.features(x).mean([2, 3])
         return self.classifier(x)
+
+
+# ---------------------------------------------------------------- DenseNet
+class DenseLayer(nn.Module):
+    """BN-ReLU-1x1 conv (4 x growth) - BN-ReLU-3x3 conv (growth), then the
+    input and the new channels concatenated."""
+
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return torch.cat([x, out], 1)
+
+
+class Transition(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x):
+        return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
+
+
+class DenseNet(nn.Module):
+    def __init__(self, blocks, *, growth: int = 32, reduction: float = 0.5, in_channels: int = 1,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        c = 2 * growth
+        self.stem = nn.Conv2d(in_channels, c, 3, 1, 1, bias=False)
+        stages: list[nn.Module] = []
+        for i, n in enumerate(blocks):
+            for _ in range(n):
+                stages.append(DenseLayer(c, growth))
+                c += growth
+            if i < len(blocks) - 1:
+                cout = int(c * reduction)
+                stages.append(Transition(c, cout))
+                c = cout
+        self.features = nn.Sequential(*stages)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.features(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))

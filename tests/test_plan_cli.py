@@ -212,10 +212,12 @@ def test_same_inputs_give_the_same_plan_whatever_the_load(tmp_path: Path, monkey
 def test_device_profile_file_plans_for_another_device(tmp_path: Path) -> None:
     prof = ROOT / "benchmarks" / "device-profiles" / "h100-estimated.json"
     out = tmp_path / "plan.json"
-    assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "--device", "cuda", "-q",
+    # 128MB: on CUDA the cuBLAS workspace (65 MiB) and the step calibration come on top of the CPU's 16MB
+    assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--budget", "128MB", "--device", "cuda", "-q",
                     "--device-profile", str(prof), "-o", str(out), "--time-limit", "10"]) == 0
     plan = load_plan(out)
     assert plan.device.kind == "cuda" and plan.profile.device_flops_per_s == 4.0e13
+    assert plan.device.workspace_bytes == 68157440 and plan.device.activation_scale == 1.109
     assert "h100-estimated.json" in plan.profile.device_speed_source
 
 
