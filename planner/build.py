@@ -53,7 +53,7 @@ from neuroflux.planner.profile import (
 from neuroflux.planner.solve_cpsat import SolverConfig, solve_cpsat
 from neuroflux.planner.solve_dp import solve_dp
 from neuroflux.planner.solve_greedy import solve_greedy
-from neuroflux.planner.units import META_UNIT, UnitSpan, activation_graph, find_units, propagate_shapes
+from neuroflux.planner.units import META_UNIT, UnitSpan, activation_graph, find_units, propagate_shapes, unit_signature
 from neuroflux.runtime.graph import split_units, trace
 from neuroflux.runtime.heads import build_head, head_widths
 from neuroflux.runtime.model_file import ModelFile, load_model_file
@@ -265,16 +265,28 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
     total_jobs = sum(len(_options_for(s, cfg, last=s.index == last)) for s in spans) + 2
     done = 0
     unit_costs: list[UnitCost] = []
+    # Units that compute the same thing on the same shape (a deep ResNet's
+    # repeated blocks) have the same costs: profile one, reuse its options.
+    seen: dict[tuple[str, bool], tuple[tuple[AuxOption, ...], float]] = {}
     for span, mod in zip(spans, unit_mods):
-        options = []
-        for kind, width in _options_for(span, cfg, last=span.index == last):
+        is_last = span.index == last
+        key = (unit_signature(mod, span.input_shape), is_last)
+        if key in seen:
+            options, fwd_s = seen[key]
+            done += len(options)
+            report("profiling units", done, total_jobs)
+            unit_costs.append(UnitCost(name=f"u{span.index}", options=options,
+                                       out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes, fwd_per_sample_s=fwd_s))
+            continue
+        opts = []
+        for kind, width in _options_for(span, cfg, last=is_last):
             report("profiling units", done, total_jobs)
             with fake:
                 head = None if kind == "model" else build_head(kind, span.output_shape, width, classes)
             prof = _calibrated(profile_step(mod, head, span.input_shape, classes, fake_mode=fake, sgd=sgd,
                                             foreach=foreach), cal)
             step_fixed, step_per = _step_time(cfg, speed, prof, span, mod, kind, width, classes, real_mods, device, sgd)
-            options.append(
+            opts.append(
                 AuxOption(
                     kind=kind,
                     width=width,
@@ -287,7 +299,9 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
                 )
             )
             done += 1
+        options = tuple(opts)
         fwd_s = forward_flops(mod, span.input_shape, fake_mode=fake) / speed.flops_per_s
+        seen[key] = (options, fwd_s)
         unit_costs.append(
             UnitCost(name=f"u{span.index}", options=tuple(options),
                      out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes, fwd_per_sample_s=fwd_s)

@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["UnitSpan", "find_units", "keep_small_blocks_whole", "propagate_shapes", "activation_graph", "META_SHAPE", "META_UNIT"]
+__all__ = ["UnitSpan", "unit_signature", "find_units", "keep_small_blocks_whole", "propagate_shapes", "activation_graph", "META_SHAPE", "META_UNIT"]
 
 #: ``node.meta[META_SHAPE]``: per-sample output shape (tuple of ints) or None.
 META_SHAPE = "neuroflux_shape"
@@ -244,3 +244,36 @@ def find_units(gm: fx.GraphModule, *, keep_whole: KeepWhole = keep_small_blocks_
         )
         prev_node = last
     return units
+
+
+def unit_signature(mod: fx.GraphModule, input_shape: Sequence[int]) -> str:
+    """A key equal for two units that run the same computation on the same
+    input shape (ResNet-101's 22 identical bottlenecks in one stage): each
+    node's op, its target (a submodule by its repr, which holds its shapes
+    and settings, never by its name), its arguments as node positions, and
+    the shapes of the parameters read directly. Units with equal keys have
+    equal profiles, so the planner profiles one of them."""
+    index: dict[fx.Node, int] = {}
+    parts: list[str] = [repr(tuple(input_shape))]
+
+    def arg(a: object) -> object:
+        return fx.node.map_arg(a, lambda n: f"%{index[n]}")
+
+    for i, n in enumerate(mod.graph.nodes):
+        index[n] = i
+        if n.op == "call_module":
+            sub = mod.get_submodule(n.target)
+            target = f"{type(sub).__qualname__}:{sub!r}:" + ",".join(
+                f"{tuple(t.shape)}{t.dtype}{t.requires_grad}" for t in (*sub.parameters(), *sub.buffers()))
+        elif n.op == "get_attr":
+            t: object = mod
+            for part in str(n.target).split("."):
+                t = getattr(t, part)
+            target = f"attr:{tuple(t.shape)}{t.dtype}" if isinstance(t, torch.Tensor) else f"attr:{type(t).__name__}"
+        elif n.op in ("call_function", "call_method"):
+            target = getattr(n.target, "__qualname__", None) or str(n.target)
+            target = f"{getattr(n.target, '__module__', '')}.{target}" if n.op == "call_function" else target
+        else:
+            target = n.op
+        parts.append(f"{n.op}|{target}|{arg(n.args)!r}|{arg(n.kwargs)!r}")
+    return "\n".join(parts)
