@@ -417,6 +417,13 @@ def _device_speed(cfg: PlanConfig) -> tuple[DeviceSpeed, str, int, MemoryCalibra
     ), f"{source} ({prof.name}, {prof.source} {prof.date})", workspace, cal
 
 
+def _device_name(cfg: PlanConfig) -> str:
+    """The target's name: the GPU here, else the device profile's, else what the CLI said."""
+    if cfg.device_kind == "cuda" and not torch.cuda.is_available() and cfg.device_profile is not None:
+        return load_profile(cfg.device_profile).name
+    return cfg.device_name
+
+
 def _calibrated(prof: StepProfile, cal: MemoryCalibration) -> StepProfile:
     """A step profile as the target device will allocate it."""
     return dataclasses.replace(prof, dyn_fixed_bytes=prof.dyn_fixed_bytes + cal.step_overhead_bytes,
@@ -520,7 +527,7 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
         created_by=f"neuroflux {neuroflux.__version__}, torch {torch.__version__}",
         model=ModelSpec(file=model_file, sha256=mf.sha256, factory=mf.factory_name, datasets=mf.datasets_name,
                         input_shape=list(shape), num_classes=classes, params=model_params),
-        device=DeviceSpec(kind=cfg.device_kind, name=cfg.device_name, budget_text=cfg.budget_text,
+        device=DeviceSpec(kind=cfg.device_kind, name=_device_name(cfg), budget_text=cfg.budget_text,
                           budget_bytes=cfg.budget_bytes, budget_source=cfg.budget_source, margin_fraction=cfg.margin,
                           cache_budget_bytes=problem.cache_budget_bytes, workspace_bytes=problem.workspace_bytes,
                           step_overhead_bytes=problem.calibration[0], activation_scale=problem.calibration[1]),

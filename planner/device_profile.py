@@ -263,16 +263,35 @@ def _cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``nf-profile``: measure this machine's device profile once, for
+    ``nf-plan --device-profile`` here or on another machine."""
     import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m neuroflux.planner.device_profile",
-                                 description="Measure this machine's device profile for nf-plan --device-profile.")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("-o", "--output", required=True)
+    import torch
+
+    ap = argparse.ArgumentParser(prog="nf-profile",
+                                 description="Measure this machine's device profile (speed, and on CUDA the library "
+                                             "workspace and memory calibration) for nf-plan --device-profile.")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: the GPU when there is one, else the CPU")
+    ap.add_argument("-o", "--output", required=True, help="profile JSON to write")
     args = ap.parse_args(argv)
-    prof = measure_profile(args.device)
-    save_profile(prof, args.output)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("nf-profile: error: --device cuda, but torch sees no CUDA device here; run it on the GPU machine "
+              "(or --device cpu)", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        print(f"nf-profile: error: folder {out.parent} does not exist; create it or choose another -o", file=sys.stderr)
+        return 2
+    prof = measure_profile(device)
+    try:
+        save_profile(prof, out)
+    except OSError as e:
+        print(f"nf-profile: error: cannot write {out} ({e.strerror}); choose another -o", file=sys.stderr)
+        return 2
     print(json.dumps(dataclasses.asdict(prof)), file=sys.stdout)
     return 0
 

@@ -191,6 +191,22 @@ class _Runner:
                        trainers=[trainer(whole, None, lr, steps)], batch_size=base.batch_size, epochs=base.epochs,
                        predicted_peak_bytes=base.predicted_peak_bytes, cache=None)]
 
+    def _check_device(self) -> None:
+        """Warn when this device is not the one the plan was made for: its
+        times, and on CUDA its memory terms, were predicted for that one."""
+        planned, here = self.plan.device, self.device.type
+        name = torch.cuda.get_device_name(self.device) if here == "cuda" else "cpu"
+        if planned.kind == "cpu" and here == "cuda":
+            log.warning("the plan was made for the CPU and runs on %s: it holds no CUDA library workspace or memory "
+                        "calibration, so the allocator cap may be hit; re-plan with nf-plan --device cuda", name)
+        elif planned.kind == "cuda" and here == "cpu":
+            log.warning("the plan was made for %s and runs on the CPU: predicted times do not apply, and the budget "
+                        "is accounted, not enforced", planned.name)
+        elif here == "cuda" and planned.name != name and "not present" not in planned.name:
+            log.warning("the plan was made for %s and runs on %s: predicted times and the device's memory terms "
+                        "(workspace, calibration) were for that one; re-plan here (or with this device's "
+                        "--device-profile) for exact ones", planned.name, name)
+
     def _check_edited_batches(self) -> None:
         """A block whose batch the plan's own unit profiles say exceeds the
         budget was edited by hand: refused on CUDA (it would run out of
@@ -237,6 +253,7 @@ class _Runner:
         meta = dict(input_shape=tuple(self.plan.model.input_shape), num_classes=self.plan.model.num_classes)
         raw_train = TensorCache(*dataset_tensors(train_set, what="train", **meta))
         raw_val = TensorCache(*dataset_tensors(val_set, what="val", **meta))
+        self._check_device()
         self.capped = self.device.type == "cuda" and os.environ.get(CAP_ENV, "1") != "0"
         if self.capped:
             self._enforce_budget()

@@ -160,3 +160,30 @@ def test_evaluation_and_cache_writes_run_at_the_planned_batch(tmp_path: Path, mo
     monkeypatch.setattr(rdata.TensorCache, "index_batches", spy)
     run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", export_onnx=False, throughput_batch=4))
     assert seen and set(seen) <= {b.batch_size for b in plan.blocks}
+
+
+def test_nf_profile_cli(tmp_path: Path, capsys) -> None:
+    from neuroflux.planner.device_profile import main as nf_profile
+
+    out = tmp_path / "cpu.json"
+    assert nf_profile(["--device", "cpu", "-o", str(out)]) == 0
+    prof = load_profile(out)
+    assert prof.kind == "cpu" and prof.source == "measured" and prof.workspace() == 0
+    assert nf_profile(["-o", str(tmp_path / "missing" / "p.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert nf_profile(["--device", "cuda", "-o", str(out)]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_nf_run_warns_when_the_plan_was_for_another_device(tmp_path: Path, caplog) -> None:
+    from neuroflux.runtime.runner import RunConfig, run_plan
+    from neuroflux.schemas import save_plan
+
+    plan, path, _ = tiny_plan(tmp_path, train=64)
+    gpu_plan = dataclasses.replace(plan, device=dataclasses.replace(plan.device, kind="cuda", name="NVIDIA H200"))
+    save_plan(gpu_plan, path)
+    with caplog.at_level("WARNING"):
+        run_plan(gpu_plan, path, RunConfig(out_dir=tmp_path / "run", export_onnx=False, throughput_batch=4,
+                                           max_steps_per_epoch=1))
+    assert "made for NVIDIA H200 and runs on the CPU" in caplog.text
