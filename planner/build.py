@@ -215,7 +215,10 @@ def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode):
     shape = tuple(int(s) for s in shape)
     with fake:
         model = mf.build()
-    gm = trace(model)  # first: an untraceable model gets the error that names the module
+    gm = trace(model, shape)  # first: an untraceable model gets the error that names the module
+    if gm.meta.get("neuroflux_capture") == "shape-specialized":
+        log.warning("%s: torch.fx cannot trace %s() symbolically (shape arithmetic in forward); traced it with the "
+                    "input shape %s fixed instead (the batch stays free)", mf.path.name, mf.factory_name, shape)
     classes = mf.num_classes()
     with fake:
         try:
@@ -255,7 +258,7 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
     real_mods: list[nn.Module] | None = None
     if cfg.cost == "measure":
         torch.manual_seed(cfg.seed)
-        real_gm = trace(mf.build())
+        real_gm = trace(mf.build(), shape)
         real_mods = split_units(real_gm, [s.nodes for s in spans])
     device = torch.device(cfg.device_kind if cfg.cost == "measure" else "cpu")
     if cfg.cost == "measure" and cfg.device_kind == "cuda" and not torch.cuda.is_available():
@@ -526,7 +529,8 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
         schema_version=SCHEMA_VERSION,
         created_by=f"neuroflux {neuroflux.__version__}, torch {torch.__version__}",
         model=ModelSpec(file=model_file, sha256=mf.sha256, factory=mf.factory_name, datasets=mf.datasets_name,
-                        input_shape=list(shape), num_classes=classes, params=model_params),
+                        input_shape=list(shape), num_classes=classes, params=model_params,
+                        capture=gm.meta.get("neuroflux_capture", "symbolic")),
         device=DeviceSpec(kind=cfg.device_kind, name=_device_name(cfg), budget_text=cfg.budget_text,
                           budget_bytes=cfg.budget_bytes, budget_source=cfg.budget_source, margin_fraction=cfg.margin,
                           cache_budget_bytes=problem.cache_budget_bytes, workspace_bytes=problem.workspace_bytes,

@@ -49,7 +49,7 @@ def assemble(plan: Plan, mf: ModelFile, *, seed: int | None = None) -> Assembled
     """Build the model (seeded), split it into the plan's units, build heads."""
     torch.manual_seed(plan.recipe.seed if seed is None else seed)
     model = mf.build()
-    gm = trace(model)
+    gm = trace(model, plan.model.input_shape)
     units = split_units(gm, [u.nodes for u in plan.units])
     heads: list[nn.Module | None] = []
     for u in plan.units:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -42,26 +43,159 @@ class _PathTracer(fx.Tracer):
             self.stack.pop()
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model``; a failure names the innermost module."""
+class _ShapeProxy(fx.Proxy):
+    """A proxy that knows its value's shape: every dimension but the batch
+    is a plain int, so shape arithmetic (``int(x.size(1) * r)``, ``if
+    x.shape[-1] > 8``) runs in Python; the batch stays symbolic, so the graph
+    works at any batch size."""
+
+    value: Any = None
+
+    def size(self, dim: int | None = None) -> Any:  # noqa: D102
+        v = self.value
+        if not isinstance(v, torch.Tensor):
+            return self.tracer.create_proxy("call_method", "size", (self,) if dim is None else (self, dim), {})
+        if dim is None:
+            batch = self.tracer.create_proxy("call_method", "size", (self, 0), {})
+            return (batch, *(int(d) for d in v.shape[1:]))
+        if dim % v.dim() == 0:
+            return self.tracer.create_proxy("call_method", "size", (self, dim), {})
+        return int(v.shape[dim])
+
+    @property
+    def shape(self) -> Any:  # noqa: D102
+        return self.size()
+
+    def dim(self) -> Any:  # noqa: D102
+        return self.value.dim() if isinstance(self.value, torch.Tensor) else super().__getattr__("dim")()
+
+    @property
+    def ndim(self) -> Any:  # noqa: D102
+        return self.dim()
+
+
+class _ShapeTracer(_PathTracer):
+    """Symbolic tracing that also runs every op on fake tensors of the
+    model's static input shape, so that shape arithmetic sees numbers.
+    Module calls, and so the user's module names, stay as symbolic tracing
+    records them; only control flow on tensor values is still refused."""
+
+    def __init__(self, example: torch.Tensor, fake_mode: Any) -> None:
+        super().__init__()
+        self.example = example
+        self.fake_mode = fake_mode
+        self._forwards: list[Any] = []
+        self._raw_getattr = 0
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._raw_getattr:  # computing a value: the module's own tensors, not proxies
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self._forwards.append(forward)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._forwards.pop()
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # noqa: ANN001
+        rv = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if not isinstance(rv, _ShapeProxy):
+            return rv
+        if kind == "placeholder":
+            rv.value = self.example
+            return rv
+        unwrap = lambda a: a.value if isinstance(a, _ShapeProxy) else a  # noqa: E731
+        vargs = fx.node.map_aggregate(args, unwrap)
+        vkwargs = fx.node.map_aggregate(kwargs, unwrap)
+        self._raw_getattr += 1
+        try:
+            with self.fake_mode:
+                if kind == "call_function":
+                    rv.value = target(*vargs, **vkwargs)
+                elif kind == "call_method":
+                    rv.value = getattr(vargs[0], target)(*vargs[1:], **vkwargs)
+                elif kind == "call_module":
+                    rv.value = self._forwards[-1](*vargs, **vkwargs)
+                elif kind == "get_attr":
+                    v: Any = self.root
+                    for part in str(target).split("."):
+                        v = getattr(v, part)
+                    rv.value = v
+        finally:
+            self._raw_getattr -= 1
+        return rv
+
+
+def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> fx.GraphModule:
+    """Symbolically trace ``model``; a failure names the innermost module.
+
+    When symbolic tracing fails and ``input_shape`` (one sample's shape) is
+    given, the model is traced again with that shape known, which captures
+    shape arithmetic in ``forward``; ``gm.meta["neuroflux_capture"]`` says
+    which capture was used ("symbolic" or "shape-specialized")."""
     tracer = _PathTracer()
     try:
-        graph = tracer.trace(model)
-    except Exception as e:
-        where = tracer.failed_in or "(top-level forward)"
-        mod = model.get_submodule(tracer.failed_in) if tracer.failed_in else model
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TraceFailure(
-            f"torch.fx cannot trace module '{where}' ({type(mod).__name__}): {reason}. "
-            "NeuroFlux needs a traceable forward: replace data-dependent Python control flow "
-            "(if/for on tensor values) with tensor ops, or wrap the module with "
-            "torch.fx.wrap / make it a leaf module"
-        ) from e
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        graph, capture = tracer.trace(model), "symbolic"
+    except Exception as first:
+        if input_shape is None:
+            raise _failure(model, tracer, first) from first
+        graph, tracer, capture = _trace_with_shape(model, tuple(input_shape), first), None, "shape-specialized"
+    gm = fx.GraphModule(model, graph, type(model).__name__)
     # GraphModule keeps only the modules the graph calls; the planner's
     # policies look at the enclosing blocks, so keep the original at hand.
     gm.meta["neuroflux_root"] = model
+    gm.meta["neuroflux_capture"] = capture
     return gm
+
+
+def _trace_with_shape(model: nn.Module, shape: tuple[int, ...], first: Exception) -> fx.Graph:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        example = torch.empty(2, *shape)
+    tracer = _ShapeTracer(example, fake)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        raise _failure(model, tracer, e, shape_known=True) from e
+    # The batch must have stayed symbolic: the graph at another batch size
+    # gives that batch size back.
+    check = fx.GraphModule(model, graph, type(model).__name__)
+    try:
+        with fake:
+            out = check(torch.empty(3, *shape))
+        ok = isinstance(out, torch.Tensor) and out.shape[0] == 3
+    except Exception:  # noqa: BLE001
+        ok = False
+    if not ok:
+        raise TraceFailure(
+            f"torch.fx could not trace {type(model).__name__} symbolically ({_reason(first)}), and tracing it with "
+            f"its input shape {shape} fixed the batch size into the graph; compute sizes from x.size(0) or use -1 "
+            "in view/reshape for the batch dimension"
+        )
+    return graph
+
+
+def _reason(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _failure(model: nn.Module, tracer: _PathTracer, e: Exception, *, shape_known: bool = False) -> TraceFailure:
+    where = tracer.failed_in or "(top-level forward)"
+    mod = model.get_submodule(tracer.failed_in) if tracer.failed_in else model
+    known = " even with the input shape known (so it branches on tensor values, not shapes)" if shape_known else ""
+    return TraceFailure(
+        f"torch.fx cannot trace module '{where}' ({type(mod).__name__}){known}: {_reason(e)}. "
+        "NeuroFlux needs a traceable forward: replace data-dependent Python control flow "
+        "(if/for on tensor values) with tensor ops, or wrap the module with "
+        "torch.fx.wrap / make it a leaf module"
+    )
 
 
 class UnitModule(fx.GraphModule):

@@ -74,6 +74,10 @@ class ModelSpec:
     num_classes: int
     params: int
     """Parameters of the original model, its own head included."""
+    capture: Literal["symbolic", "shape-specialized"] = "symbolic"
+    """How the graph was captured: torch.fx symbolic tracing, or (when the
+    forward does shape arithmetic that refuses it) tracing with the input
+    shape fixed and the batch symbolic. Added in 2.1."""
 
 
 @dataclass(frozen=True, kw_only=True)
