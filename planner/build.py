@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ from neuroflux.schemas.plan import (
     UnitProfile,
 )
 
-__all__ = ["PlanConfig", "PlanResult", "InfeasibleBudget", "make_plan", "default_cache_budget_bytes"]
+__all__ = ["PlanConfig", "PlanResult", "InfeasibleBudget", "make_plan", "make_plans", "default_cache_budget_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +241,56 @@ def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode):
 
 
 def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", progress: Progress | None = None) -> PlanResult:
+    """Trace, profile and solve: the plan for ``cfg.budget_bytes``."""
     t_start = time.perf_counter()
-    report = progress or (lambda desc, done, total: None)
+    prof = _profile_model(model_spec, cfg, progress or (lambda desc, done, total: None))
+    return _plan_at(prof, cfg, plan_dir=Path(plan_dir), t_start=t_start)
+
+
+def make_plans(model_spec: str, cfg: PlanConfig, budgets: Sequence[tuple[int, str]], *, plan_dir: str | Path = ".",
+               progress: Progress | None = None) -> list[PlanResult | NeuroFluxError]:
+    """Plans for several budgets ((bytes, text) pairs), profiling the model
+    once: a budget changes the solve, not the units' costs. A budget with no
+    plan gives its error in its place."""
+    t_start = time.perf_counter()
+    prof = _profile_model(model_spec, cfg, progress or (lambda desc, done, total: None))
+    out: list[PlanResult | NeuroFluxError] = []
+    for nbytes, text in budgets:
+        c = dataclasses.replace(cfg, budget_bytes=nbytes, budget_text=text, budget_source="flag")
+        try:
+            out.append(_plan_at(prof, c, plan_dir=Path(plan_dir), t_start=t_start))
+        except NeuroFluxError as e:
+            out.append(e)
+        t_start = time.perf_counter()
+    return out
+
+
+@dataclass
+class _Profiled:
+    """Everything about a model that does not depend on the budget."""
+
+    mf: ModelFile
+    gm: Any
+    spans: list[UnitSpan]
+    shape: tuple[int, ...]
+    classes: int
+    train_n: int
+    val_n: int
+    model_params: int
+    unit_costs: list[UnitCost]
+    bp_prof: StepProfile
+    ck_prof: StepProfile
+    speed: DeviceSpeed
+    speed_source: str
+    workspace: int
+    cal: MemoryCalibration
+    real: Any
+    """Real modules for --cost measure: (whole model, checkpointed chain), else None."""
+    device: Any
+    sgd: SGDConfig
+
+
+def _profile_model(model_spec: str, cfg: PlanConfig, report: Progress) -> _Profiled:
     torch.manual_seed(cfg.seed)
     mf = load_model_file(model_spec, factory=cfg.factory, datasets=cfg.datasets)
     fake = FakeTensorMode()
@@ -310,6 +358,21 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
                      out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes, fwd_per_sample_s=fwd_s)
         )
 
+    report("profiling baselines", done, total_jobs)
+    bp_prof = _calibrated(profile_step(gm, None, shape, classes, fake_mode=fake, sgd=sgd, foreach=foreach), cal)
+    ck_prof = _calibrated(profile_step(CheckpointedChain(unit_mods), None, shape, classes, fake_mode=fake, sgd=sgd,
+                                       foreach=foreach), cal)
+    report("solving", total_jobs, total_jobs)
+    return _Profiled(mf=mf, gm=gm, spans=spans, shape=shape, classes=classes, train_n=train_n, val_n=val_n,
+                     model_params=sum(p.numel() for p in fake_model.parameters()), unit_costs=unit_costs,
+                     bp_prof=bp_prof, ck_prof=ck_prof, speed=speed, speed_source=speed_source, workspace=workspace,
+                     cal=cal, real=None if real_mods is None else (real_gm, CheckpointedChain(real_mods)),
+                     device=device, sgd=sgd)
+
+
+def _plan_at(pr: _Profiled, cfg: PlanConfig, *, plan_dir: Path, t_start: float) -> PlanResult:
+    """The budget's problem, baselines and solution, as a plan."""
+    train_n, val_n, cal, workspace, unit_costs = pr.train_n, pr.val_n, pr.cal, pr.workspace, pr.unit_costs
     max_batch = cfg.max_batch or max(cfg.min_batch, min(512, train_n // 32))
     max_batch = min(max_batch, train_n) if train_n >= cfg.min_batch else cfg.min_batch
     problem = Problem(
@@ -326,14 +389,9 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
         max_block_units=_max_block_units(cfg, len(unit_costs)),
     )
 
-    report("profiling baselines", done, total_jobs)
-    bp_prof = _calibrated(profile_step(gm, None, shape, classes, fake_mode=fake, sgd=sgd, foreach=foreach), cal)
-    ck_prof = _calibrated(profile_step(CheckpointedChain(unit_mods), None, shape, classes, fake_mode=fake, sgd=sgd,
-                                       foreach=foreach), cal)
-    bp = _baseline(problem, bp_prof, speed, cfg, real=None if real_mods is None else real_gm, shape=shape, classes=classes, device=device, sgd=sgd)
-    ck = _baseline(problem, ck_prof, speed, cfg, real=None if real_mods is None else CheckpointedChain(real_mods),
-                   shape=shape, classes=classes, device=device, sgd=sgd)
-    report("solving", total_jobs, total_jobs)
+    common = dict(shape=pr.shape, classes=pr.classes, device=pr.device, sgd=pr.sgd)
+    bp = _baseline(problem, pr.bp_prof, pr.speed, cfg, real=None if pr.real is None else pr.real[0], **common)
+    ck = _baseline(problem, pr.ck_prof, pr.speed, cfg, real=None if pr.real is None else pr.real[1], **common)
 
     solver_cfg = SolverConfig(time_limit_s=cfg.time_limit_s, seed=cfg.seed, tie_tolerance=cfg.tie_tolerance)
     solution, engine = _solve(problem, cfg, solver_cfg)
@@ -341,9 +399,9 @@ def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", p
         _raise_infeasible(problem, solution, cfg)
 
     plan = _assemble(
-        mf=mf, cfg=cfg, gm=gm, spans=spans, problem=problem, solution=solution, shape=shape, classes=classes,
-        bp=bp, ck=ck, speed=speed, speed_source=speed_source, engine=engine, plan_dir=Path(plan_dir), model_params=sum(p.numel() for p in fake_model.parameters()),
-        wall_s=time.perf_counter() - t_start,
+        mf=pr.mf, cfg=cfg, gm=pr.gm, spans=pr.spans, problem=problem, solution=solution, shape=pr.shape,
+        classes=pr.classes, bp=bp, ck=ck, speed=pr.speed, speed_source=pr.speed_source, engine=engine,
+        plan_dir=plan_dir, model_params=pr.model_params, wall_s=time.perf_counter() - t_start,
     )
     return PlanResult(plan=plan, problem=problem, solution=solution)
 

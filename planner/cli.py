@@ -31,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("model", help="model file, optionally with a factory: model.py or model.py:build_net")
     ap.add_argument("--budget", help="device memory for training tensors, e.g. 1GB, 512MiB, 1.5G, 1000000000 "
                     "(default: free memory NVML reports on GPU 0)")
-    ap.add_argument("-o", "--output", default="plan.json", help="where to write the plan")
+    ap.add_argument("-o", "--output", default=None,
+                    help="where to write the plan (default plan.json); with --sweep, a folder (default sweep)")
+    ap.add_argument("--sweep", default=None, metavar="BUDGETS",
+                    help="plan at several budgets instead of --budget, profiling once: a list (100MB,200MB,1GB) or a "
+                         "log-spaced range LOW:HIGH:COUNT (100MB:2GB:6); writes one plan per budget, sweep.json and "
+                         "sweep.html (predicted time against budget for NeuroFlux, BP and BP with checkpointing)")
     ap.add_argument("--strategy", choices=["optimal", "greedy"], default="optimal",
                     help="optimal: CP-SAT; greedy: our reconstruction of the paper's heuristic")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="target device kind")
@@ -108,21 +113,115 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from neuroflux.planner.build import PlanConfig, make_plan
+    from neuroflux.planner.build import make_plan
     from neuroflux.schemas import save_plan
 
     kind, name = _device(args.device)
+    if args.sweep is not None:
+        return _run_sweep(args, kind, name)
     if args.budget is not None:
         budget_bytes, budget_text, source = parse_bytes(args.budget), args.budget, "flag"
     else:
         budget_bytes, gpu = nvml_free_bytes(0)
         budget_text, source, name = f"{budget_bytes} (NVML free on {gpu})", "nvml", gpu
-    cache_budget = parse_bytes(args.cache_budget, what="cache budget") if args.cache_budget else None
-    out = Path(args.output)
+    out = Path(args.output or "plan.json")
     if out.is_dir():
         raise NeuroFluxError(f"-o {out} is a directory; give a file name such as {out / 'plan.json'}")
     _check_writable(out)
-    cfg = PlanConfig(
+    cfg = _config(args, budget_bytes=budget_bytes, budget_text=budget_text, source=source, kind=kind, name=name)
+    bar, progress = _progress(args.quiet)
+    try:
+        result = make_plan(args.model, cfg, plan_dir=out.parent, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    save_plan(result.plan, out)
+    if not args.quiet:
+        print_plan(result.plan)
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace, kind: str, name: str) -> int:
+    from neuroflux.planner.build import make_plans
+    from neuroflux.planner.sweep import parse_sweep, sweep_row, write_sweep
+    from neuroflux.schemas import save_plan
+
+    if args.budget is not None:
+        raise NeuroFluxError("give either --budget or --sweep, not both")
+    budgets = parse_sweep(args.sweep)
+    out = Path(args.output or "sweep")
+    if out.exists() and not out.is_dir():
+        raise NeuroFluxError(f"-o {out} is a file; with --sweep, -o names a folder for the plans")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out / "sweep.json")
+    cfg = _config(args, budget_bytes=budgets[0][0], budget_text=budgets[0][1], source="flag", kind=kind, name=name)
+    bar, progress = _progress(args.quiet)
+    try:
+        results = make_plans(args.model, cfg, budgets, plan_dir=out, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    rows = []
+    for (nbytes, text), res in zip(budgets, results):
+        plan_file = None
+        if not isinstance(res, Exception):
+            plan_file = f"plan-{''.join(c if c.isalnum() or c in '.-' else '_' for c in text)}.json"
+            save_plan(res.plan, out / plan_file)
+        rows.append(sweep_row(res, text, nbytes, plan_file))
+    write_sweep(rows, out, model=Path(args.model.split(":")[0]).name)
+    if not args.quiet:
+        _print_sweep(rows)
+    print(f"wrote {len([r for r in rows if r.plan_file])} plans, sweep.json and sweep.html to {out}")
+    return 0 if any(r.plan_file for r in rows) else 2
+
+
+def _print_sweep(rows) -> None:  # noqa: ANN001
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="NeuroFlux budget sweep (predicted)")
+    for col in ("budget", "NeuroFlux", "least", "blocks", "batches", "BP", "BP + ckpt", "vs BP"):
+        t.add_column(col, justify="left" if col in ("budget", "batches") else "right")
+    for r in rows:
+        if r.error:
+            t.add_row(r.budget_text, "no plan", "-", "-", "-", "-", "-", "-")
+            continue
+        bp = f"{r.bp_time_s:.1f} s (b{r.bp_batch})" if r.bp_time_s else "does not fit"
+        ck = f"{r.bp_checkpoint_time_s:.1f} s (b{r.bp_checkpoint_batch})" if r.bp_checkpoint_time_s else "does not fit"
+        verdict = speed_verdict(r.bp_time_s / r.neuroflux_time_s) if r.bp_time_s else "BP cannot train"
+        least = f"{r.neuroflux_least_time_s:.1f} s" if r.neuroflux_least_time_s is not None else "-"
+        t.add_row(r.budget_text, f"{r.neuroflux_time_s:.1f} s", least, str(r.blocks),
+                  ",".join(map(str, r.batch_sizes or [])), bp, ck, verdict)
+    console = Console()
+    console.print(t)
+    for r in rows:
+        if r.error:
+            console.print(f"{r.budget_text}: {r.error}")
+
+
+def _progress(quiet: bool):  # noqa: ANN202
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=1, desc="planning", unit="job", leave=False, file=sys.stderr, disable=None)
+
+    def progress(desc: str, done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.set_description(desc)
+            bar.n = done
+            bar.refresh()
+
+    return bar, progress
+
+
+def _config(args: argparse.Namespace, *, budget_bytes: int, budget_text: str, source: str, kind: str, name: str):  # noqa: ANN202
+    from neuroflux.planner.build import PlanConfig
+
+    cache_budget = parse_bytes(args.cache_budget, what="cache budget") if args.cache_budget else None
+    return PlanConfig(
         budget_bytes=budget_bytes, budget_text=budget_text, budget_source=source, device_kind=kind, device_name=name,
         strategy=args.strategy, epochs=args.epochs, min_batch=args.min_batch, max_batch=args.max_batch,
         margin=args.margin, cache_budget_bytes=cache_budget, cache_location=args.cache_location,
@@ -135,29 +234,6 @@ def _run(args: argparse.Namespace) -> int:
         max_block_units=-1 if args.max_block_units is None else (args.max_block_units or None),
         val_size=args.val_size, datasets=args.datasets,
     )
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=1, desc="planning", unit="job", leave=False, file=sys.stderr, disable=None)
-
-    def progress(desc: str, done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.set_description(desc)
-            bar.n = done
-            bar.refresh()
-
-    try:
-        result = make_plan(args.model, cfg, plan_dir=out.parent, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
-    save_plan(result.plan, out)
-    if not args.quiet:
-        print_plan(result.plan)
-    print(f"wrote {out}")
-    return 0
 
 
 def print_plan(plan) -> None:  # noqa: ANN001 - a schemas.Plan

@@ -259,3 +259,36 @@ def test_deep_model_plans_with_the_dynamic_program(tmp_path: Path) -> None:
     plan = load_plan(out)
     assert len(plan.units) > 24 and plan.solver.engine == "dp" and plan.solver.status == "optimal"
     assert time.perf_counter() - t0 < 120
+
+
+def test_sweep_profiles_once_and_more_budget_is_never_slower(tmp_path: Path, capsys) -> None:
+    import math
+
+    from neuroflux.planner.sweep import parse_sweep
+
+    out = tmp_path / "sweep"
+    assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--sweep", "4MB:256MB:6", "-o", str(out),
+                    "--device-tflops", "0.1", "--op-overhead-us", "5", "--train-size", "2048", "--val-size", "256",
+                    "--time-limit", "10"]) == 0
+    report = capsys.readouterr().out
+    assert "budget sweep" in report and "too small" in report  # 4MB has no plan, and says why
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["budget_bytes"] for r in rows] == [b for b, _ in parse_sweep("4MB:256MB:6")]
+    planned = [r for r in rows if r["plan_file"]]
+    assert rows[0]["plan_file"] is None and len(planned) >= 4
+    for r in planned:
+        plan = load_plan(out / r["plan_file"])
+        assert plan.budget_bytes == r["budget_bytes"] and plan.predicted.time_s == r["neuroflux_time_s"]
+    least = [r["neuroflux_least_time_s"] for r in planned]
+    assert all(t is not None for t in least)
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(least, least[1:])), least  # more budget never predicts slower
+    bp = [r["bp_time_s"] for r in planned if r["bp_time_s"]]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(bp, bp[1:]))
+    assert "<svg" in (out / "sweep.html").read_text() and math.isfinite(least[-1])
+
+
+@pytest.mark.parametrize("spec,message", [("100MB:1GB", "LOW:HIGH:COUNT"), ("1GB:100MB:3", "HIGH must be larger"),
+                                          ("1GB,1000MB", "twice"), ("1GB,lots", "sweep budget")])
+def test_sweep_spec_errors(spec: str, message: str, capsys) -> None:
+    assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--sweep", spec, "-q"]) == 2
+    assert message in capsys.readouterr().err
