@@ -171,7 +171,7 @@ def measure_memory_calibration(dev, *, batches: tuple[int, int] = (16, 64),  # n
     from torch import nn
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from neuroflux.planner.profile import SGDConfig, profile_step
+    from neuroflux.planner.profile import SGDConfig, peak_tracker, profile_step, state_bytes
     from neuroflux.runtime.train import UnitTrainer
 
     def reference() -> nn.Module:
@@ -206,17 +206,13 @@ def measure_memory_calibration(dev, *, batches: tuple[int, int] = (16, 64),  # n
             t.step(x, y)
             torch.cuda.synchronize(dev)
             dyn.append(torch.cuda.max_memory_allocated(dev) - start)
-        else:
-            from torch.distributed._tools.mem_tracker import MemTracker
-
-            tracker = MemTracker()
+        else:  # the planner's own accounting, on real tensors
+            tracker = peak_tracker()
             tracker.track_external(model, t.opt)
             with tracker:
                 t.step(x, y)
-            static = sum(v.numel() * v.element_size() for v in (*model.parameters(), *model.buffers()))
-            static += sum(v.numel() * v.element_size() for st in t.opt.state.values() for v in st.values()
-                          if isinstance(v, torch.Tensor))
-            dyn.append(sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values()) - static)
+            peak = sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values())
+            dyn.append(peak - state_bytes([model], t.opt))
         del x, y
     per = (dyn[1] - dyn[0]) / (batches[1] - batches[0])
     fixed = dyn[0] - per * batches[0]

@@ -45,7 +45,7 @@ class _PeakTracker(MemTracker):
                 self._peak_mem_snap[dev] = dict(snap)
 
 
-def _tracker() -> MemTracker:
+def peak_tracker() -> MemTracker:
     """The lean tracker where this torch's MemTracker has the internals it
     relies on, else the stock one."""
     probe = MemTracker()
@@ -56,7 +56,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from neuroflux.runtime.train import UnitTrainer
 
-__all__ = ["StepProfile", "DeviceSpeed", "profile_step", "forward_flops", "measure_device_speed", "measure_step_time", "SGDConfig"]
+__all__ = ["StepProfile", "DeviceSpeed", "profile_step", "forward_flops", "measure_device_speed", "measure_step_time", "SGDConfig",
+           "peak_tracker", "state_bytes"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +100,7 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _state_bytes(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> int:
+def state_bytes(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> int:
     """Params, buffers and optimizer state: resident for the whole block."""
     tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
     for state in opt.state.values():
@@ -150,9 +151,9 @@ def profile_step(
             for group in t.opt.param_groups:
                 for p in group["params"]:
                     t.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        static = _state_bytes(t.modules(), t.opt)
+        static = state_bytes(t.modules(), t.opt)
         for b in batches:
-            tracker = _tracker()
+            tracker = peak_tracker()
             tracker.track_external(*t.modules(), t.opt)
             counter = _OpCounter()
             # Reference cycles (activation checkpointing keeps some) are freed

@@ -214,9 +214,7 @@ class _Runner:
         plan = self.plan
         cap = plan.budget_bytes * (1 - plan.device.margin_fraction)
         for b in plan.blocks:
-            units = [plan.unit(u) for u in b.units]
-            peak = plan.device.workspace_bytes + sum(u.profile.static_bytes for u in units) + max(
-                u.profile.dyn_fixed_bytes + u.profile.dyn_per_sample_bytes * b.batch_size for u in units)
+            peak = plan.block_peak_bytes(b)
             if peak <= cap * 1.001:
                 continue
             msg = (f"block {b.index} runs at batch {b.batch_size}, whose predicted peak {peak / 2**20:.1f} MiB exceeds "
@@ -304,14 +302,17 @@ class _Runner:
     def _enforce_budget(self) -> None:
         total = torch.cuda.get_device_properties(self.device).total_memory
         frac = min(1.0, self.plan.budget_bytes / total)
-        # The cap needs an indexed device ("cuda" alone is refused): the current one.
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(frac, index)
+        self._set_cap(frac)
         log.info("CUDA allocator capped at %.4f of %d bytes (= budget %d)", frac, total, self.plan.budget_bytes)
         if torch.backends.cudnn.benchmark:  # its algorithm search peaked at 2.6 GB for ResNet-18 (H200 probe)
             log.warning("turning torch.backends.cudnn.benchmark off: its algorithm search allocates far beyond "
                         "the budget (set NEUROFLUX_CUDA_CAP=0 to run uncapped instead)")
             torch.backends.cudnn.benchmark = False
+
+    def _set_cap(self, fraction: float) -> None:
+        # The cap needs an indexed device ("cuda" alone is refused): the current one.
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(fraction, index)
 
     # ---------------------------------------------------------------- stage
     def _run_stage(self, stage: _Stage, caches, asm: Assembled, state, clock: "_Clock", *, stages: list[_Stage]):
@@ -602,8 +603,7 @@ class _Runner:
         final_params = sum(p.numel() for p in final.parameters())
         original_params = sum(p.numel() for p in asm.model.parameters())
         if self.capped:  # the report's inference throughput is not training: measured with the cap lifted
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            torch.cuda.set_per_process_memory_fraction(1.0, index)
+            self._set_cap(1.0)
         reps = 1 if self.cfg.throughput_batch is not None else 5
         tp_final = throughput(final, shape, device=self.device, batch=self.cfg.throughput_batch, reps=reps)
         tp_orig = throughput(asm.model, shape, device=self.device, batch=self.cfg.throughput_batch, reps=reps)

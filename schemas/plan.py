@@ -376,6 +376,14 @@ class Plan:
                 return u
         raise KeyError(name)
 
+    def block_peak_bytes(self, block: Block) -> int:
+        """The peak the plan's own unit profiles predict for ``block`` at its
+        batch: the device workspace, every unit's resident state, and the
+        largest one-unit step (units step one at a time)."""
+        units = [self.unit(u) for u in block.units]
+        return self.device.workspace_bytes + sum(u.profile.static_bytes for u in units) + max(
+            u.profile.dyn_fixed_bytes + u.profile.dyn_per_sample_bytes * block.batch_size for u in units)
+
 
 # --------------------------------------------------------------------------
 # dict <-> dataclass, driven by the type hints above.
