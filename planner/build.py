@@ -280,10 +280,7 @@ class _Profiled:
     unit_costs: list[UnitCost]
     bp_prof: StepProfile
     ck_prof: StepProfile
-    speed: DeviceSpeed
-    speed_source: str
-    workspace: int
-    cal: MemoryCalibration
+    target: _Target
     real: Any
     """Real modules for --cost measure: (whole model, checkpointed chain), else None."""
     device: Any
@@ -299,7 +296,8 @@ def _profile_model(model_spec: str, cfg: PlanConfig, report: Progress) -> _Profi
     spans = find_units(gm)
     unit_mods = split_units(gm, [s.nodes for s in spans])
     sgd = SGDConfig(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    speed, speed_source, workspace, cal = _device_speed(cfg)
+    target = _device_target(cfg)
+    speed, cal = target.speed, target.cal
     foreach = True if cfg.device_kind == "cuda" else None  # the optimizer step PyTorch runs there
     dtype_bytes = 2 if cfg.cache_dtype == "float16" else 4
 
@@ -315,6 +313,26 @@ def _profile_model(model_spec: str, cfg: PlanConfig, report: Progress) -> _Profi
     last = len(spans) - 1
     total_jobs = sum(len(_options_for(s, cfg, last=s.index == last)) for s in spans) + 2
     done = 0
+
+    def profile_options(span: UnitSpan, mod: nn.Module, is_last: bool) -> tuple[tuple[AuxOption, ...], float]:
+        """The unit's aux options (memory and step time per head) and its forward time per sample."""
+        nonlocal done
+        options = []
+        for kind, width in _options_for(span, cfg, last=is_last):
+            report("profiling units", done, total_jobs)
+            with fake:
+                head = None if kind == "model" else build_head(kind, span.output_shape, width, classes)
+            prof = _calibrated(profile_step(mod, head, span.input_shape, classes, fake_mode=fake, sgd=sgd,
+                                            foreach=foreach), cal)
+            step_fixed, step_per = _step_time(cfg, speed, prof, span, mod, kind, width, classes, real_mods, device, sgd)
+            options.append(AuxOption(
+                kind=kind, width=width, head_params=0 if head is None else sum(p.numel() for p in head.parameters()),
+                static_bytes=prof.static_bytes, dyn_fixed_bytes=prof.dyn_fixed_bytes,
+                dyn_per_sample_bytes=prof.dyn_per_sample_bytes, step_fixed_s=step_fixed, step_per_sample_s=step_per,
+            ))
+            done += 1
+        return tuple(options), forward_flops(mod, span.input_shape, fake_mode=fake) / speed.flops_per_s
+
     unit_costs: list[UnitCost] = []
     # Units that compute the same thing on the same shape (a deep ResNet's
     # repeated blocks) have the same costs: profile one, reuse its options.
@@ -323,40 +341,12 @@ def _profile_model(model_spec: str, cfg: PlanConfig, report: Progress) -> _Profi
         is_last = span.index == last
         key = (unit_signature(mod, span.input_shape), is_last)
         if key in seen:
-            options, fwd_s = seen[key]
-            done += len(options)
-            report("profiling units", done, total_jobs)
-            unit_costs.append(UnitCost(name=f"u{span.index}", options=options,
-                                       out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes, fwd_per_sample_s=fwd_s))
-            continue
-        opts = []
-        for kind, width in _options_for(span, cfg, last=is_last):
-            report("profiling units", done, total_jobs)
-            with fake:
-                head = None if kind == "model" else build_head(kind, span.output_shape, width, classes)
-            prof = _calibrated(profile_step(mod, head, span.input_shape, classes, fake_mode=fake, sgd=sgd,
-                                            foreach=foreach), cal)
-            step_fixed, step_per = _step_time(cfg, speed, prof, span, mod, kind, width, classes, real_mods, device, sgd)
-            opts.append(
-                AuxOption(
-                    kind=kind,
-                    width=width,
-                    head_params=0 if head is None else sum(p.numel() for p in head.parameters()),
-                    static_bytes=prof.static_bytes,
-                    dyn_fixed_bytes=prof.dyn_fixed_bytes,
-                    dyn_per_sample_bytes=prof.dyn_per_sample_bytes,
-                    step_fixed_s=step_fixed,
-                    step_per_sample_s=step_per,
-                )
-            )
-            done += 1
-        options = tuple(opts)
-        fwd_s = forward_flops(mod, span.input_shape, fake_mode=fake) / speed.flops_per_s
-        seen[key] = (options, fwd_s)
-        unit_costs.append(
-            UnitCost(name=f"u{span.index}", options=tuple(options),
-                     out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes, fwd_per_sample_s=fwd_s)
-        )
+            done += len(seen[key][0])
+        else:
+            seen[key] = profile_options(span, mod, is_last)
+        options, fwd_s = seen[key]
+        unit_costs.append(UnitCost(name=f"u{span.index}", options=options,
+                                   out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes, fwd_per_sample_s=fwd_s))
 
     report("profiling baselines", done, total_jobs)
     bp_prof = _calibrated(profile_step(gm, None, shape, classes, fake_mode=fake, sgd=sgd, foreach=foreach), cal)
@@ -365,14 +355,13 @@ def _profile_model(model_spec: str, cfg: PlanConfig, report: Progress) -> _Profi
     report("solving", total_jobs, total_jobs)
     return _Profiled(mf=mf, gm=gm, spans=spans, shape=shape, classes=classes, train_n=train_n, val_n=val_n,
                      model_params=sum(p.numel() for p in fake_model.parameters()), unit_costs=unit_costs,
-                     bp_prof=bp_prof, ck_prof=ck_prof, speed=speed, speed_source=speed_source, workspace=workspace,
-                     cal=cal, real=None if real_mods is None else (real_gm, CheckpointedChain(real_mods)),
-                     device=device, sgd=sgd)
+                     bp_prof=bp_prof, ck_prof=ck_prof, target=target,
+                     real=None if real_mods is None else (real_gm, CheckpointedChain(real_mods)), device=device, sgd=sgd)
 
 
 def _plan_at(pr: _Profiled, cfg: PlanConfig, *, plan_dir: Path, t_start: float) -> PlanResult:
     """The budget's problem, baselines and solution, as a plan."""
-    train_n, val_n, cal, workspace, unit_costs = pr.train_n, pr.val_n, pr.cal, pr.workspace, pr.unit_costs
+    train_n, val_n, workspace, unit_costs = pr.train_n, pr.val_n, pr.target.workspace, pr.unit_costs
     max_batch = cfg.max_batch or max(cfg.min_batch, min(512, train_n // 32))
     max_batch = min(max_batch, train_n) if train_n >= cfg.min_batch else cfg.min_batch
     problem = Problem(
@@ -383,15 +372,14 @@ def _plan_at(pr: _Profiled, cfg: PlanConfig, *, plan_dir: Path, t_start: float) 
         epochs=cfg.epochs,
         cap_bytes=int(cfg.budget_bytes * (1 - cfg.margin)) - workspace,
         workspace_bytes=workspace,
-        calibration=(cal.step_overhead_bytes, cal.activation_scale),
         cache_budget_bytes=cfg.cache_budget_bytes or default_cache_budget_bytes(),
         max_blocks=cfg.max_blocks,
         max_block_units=_max_block_units(cfg, len(unit_costs)),
     )
 
     common = dict(shape=pr.shape, classes=pr.classes, device=pr.device, sgd=pr.sgd)
-    bp = _baseline(problem, pr.bp_prof, pr.speed, cfg, real=None if pr.real is None else pr.real[0], **common)
-    ck = _baseline(problem, pr.ck_prof, pr.speed, cfg, real=None if pr.real is None else pr.real[1], **common)
+    bp = _baseline(problem, pr.bp_prof, pr.target.speed, cfg, real=None if pr.real is None else pr.real[0], **common)
+    ck = _baseline(problem, pr.ck_prof, pr.target.speed, cfg, real=None if pr.real is None else pr.real[1], **common)
 
     solver_cfg = SolverConfig(time_limit_s=cfg.time_limit_s, seed=cfg.seed, tie_tolerance=cfg.tie_tolerance)
     solution, engine = _solve(problem, cfg, solver_cfg)
@@ -400,7 +388,7 @@ def _plan_at(pr: _Profiled, cfg: PlanConfig, *, plan_dir: Path, t_start: float) 
 
     plan = _assemble(
         mf=pr.mf, cfg=cfg, gm=pr.gm, spans=pr.spans, problem=problem, solution=solution, shape=pr.shape,
-        classes=pr.classes, bp=bp, ck=ck, speed=pr.speed, speed_source=pr.speed_source, engine=engine,
+        classes=pr.classes, bp=bp, ck=ck, target=pr.target, engine=engine,
         plan_dir=plan_dir, model_params=pr.model_params, wall_s=time.perf_counter() - t_start,
     )
     return PlanResult(plan=plan, problem=problem, solution=solution)
@@ -444,11 +432,25 @@ def _max_block_units(cfg: PlanConfig, n_units: int) -> int | None:
     return cfg.max_block_units
 
 
-def _device_speed(cfg: PlanConfig) -> tuple[DeviceSpeed, str, int, MemoryCalibration]:
-    """Speed for the FLOP cost model and where it came from (the flags, a
+@dataclass(frozen=True)
+class _Target:
+    """What the plan assumes of the device it targets, resolved once."""
+
+    speed: DeviceSpeed
+    speed_source: str
+    """Where the speed came from: the flags, a profile file, or this machine's cached profile."""
+    workspace: int
+    """Library workspace every peak on the target includes."""
+    cal: MemoryCalibration
+    """Memory calibration (none on the CPU, where the trace is exact)."""
+    name: str
+
+
+def _device_target(cfg: PlanConfig) -> _Target:
+    """The target device's speed for the FLOP cost model (the flags, a
     device profile file, or this machine's cached profile, measured once),
-    the library workspace every peak on the target includes, and the
-    target's memory calibration (none on the CPU, where the trace is exact)."""
+    its memory terms and its name (the GPU here, else the device profile's,
+    else what the CLI said)."""
     prof: DeviceProfile | None = None
     if cfg.device_profile is not None:
         prof, source = load_profile(cfg.device_profile), f"profile {cfg.device_profile}"
@@ -470,19 +472,16 @@ def _device_speed(cfg: PlanConfig) -> tuple[DeviceSpeed, str, int, MemoryCalibra
         workspace, cal = prof.workspace(), prof.calibration()
     else:
         workspace, cal = DEFAULT_CUDA_WORKSPACE_BYTES, DEFAULT_CUDA_CALIBRATION
-    if prof is None:
-        return DeviceSpeed(flops_per_s=cfg.device_flops_per_s, op_overhead_s=cfg.op_overhead_s), source, workspace, cal
-    return DeviceSpeed(
-        flops_per_s=cfg.device_flops_per_s or prof.flops_per_s,
-        op_overhead_s=prof.op_overhead_s if cfg.op_overhead_s is None else cfg.op_overhead_s,
-    ), f"{source} ({prof.name}, {prof.source} {prof.date})", workspace, cal
-
-
-def _device_name(cfg: PlanConfig) -> str:
-    """The target's name: the GPU here, else the device profile's, else what the CLI said."""
+    name = cfg.device_name
     if cfg.device_kind == "cuda" and not torch.cuda.is_available() and cfg.device_profile is not None:
-        return load_profile(cfg.device_profile).name
-    return cfg.device_name
+        name = prof.name
+    if prof is None:
+        speed = DeviceSpeed(flops_per_s=cfg.device_flops_per_s, op_overhead_s=cfg.op_overhead_s)
+    else:
+        speed = DeviceSpeed(flops_per_s=cfg.device_flops_per_s or prof.flops_per_s,
+                            op_overhead_s=prof.op_overhead_s if cfg.op_overhead_s is None else cfg.op_overhead_s)
+        source = f"{source} ({prof.name}, {prof.source} {prof.date})"
+    return _Target(speed=speed, speed_source=source, workspace=workspace, cal=cal, name=name)
 
 
 def _calibrated(prof: StepProfile, cal: MemoryCalibration) -> StepProfile:
@@ -542,8 +541,9 @@ def _raise_infeasible(problem: Problem, solution: Solution, cfg: PlanConfig) -> 
 
 
 def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], problem: Problem, solution: Solution,
-              shape, classes: int, bp: Baseline, ck: Baseline, speed: DeviceSpeed, speed_source: str, engine: str, plan_dir: Path, model_params: int,
-              wall_s: float) -> Plan:
+              shape, classes: int, bp: Baseline, ck: Baseline, target: _Target, engine: str, plan_dir: Path,
+              model_params: int, wall_s: float) -> Plan:
+    speed = target.speed
     units = []
     for span, cost, opt_i in zip(spans, problem.units, solution.options):
         o = cost.options[opt_i]
@@ -589,10 +589,11 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
         model=ModelSpec(file=model_file, sha256=mf.sha256, factory=mf.factory_name, datasets=mf.datasets_name,
                         input_shape=list(shape), num_classes=classes, params=model_params,
                         capture=gm.meta.get("neuroflux_capture", "symbolic")),
-        device=DeviceSpec(kind=cfg.device_kind, name=_device_name(cfg), budget_text=cfg.budget_text,
+        device=DeviceSpec(kind=cfg.device_kind, name=target.name, budget_text=cfg.budget_text,
                           budget_bytes=cfg.budget_bytes, budget_source=cfg.budget_source, margin_fraction=cfg.margin,
                           cache_budget_bytes=problem.cache_budget_bytes, workspace_bytes=problem.workspace_bytes,
-                          step_overhead_bytes=problem.calibration[0], activation_scale=problem.calibration[1]),
+                          step_overhead_bytes=target.cal.step_overhead_bytes,
+                          activation_scale=target.cal.activation_scale),
         budget_bytes=cfg.budget_bytes,
         recipe=Recipe(optimizer="sgd", lr=cfg.lr, base_batch_size=cfg.base_batch_size, lr_scaling=cfg.lr_scaling,
                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
@@ -622,7 +623,7 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
         profile=ProfileInfo(memory_source="fake", cost_source=cfg.cost,
                             device_flops_per_s=speed.flops_per_s if cfg.cost == "flops" else 0.0,
                             op_overhead_s=speed.op_overhead_s if cfg.cost == "flops" else 0.0,
-                            device_speed_source=speed_source if cfg.cost == "flops" else "measured steps",
+                            device_speed_source=target.speed_source if cfg.cost == "flops" else "measured steps",
                             profile_batch_sizes=[8, 16]),
     )
 

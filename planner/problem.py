@@ -93,9 +93,6 @@ class Problem:
     workspace_bytes: int = 0
     """Library workspaces held all run (cuBLAS on CUDA), already taken out
     of ``cap_bytes``; a plan's reported peaks add it back."""
-    calibration: tuple[int, float] = (0, 1.0)
-    """(step overhead bytes, activation scale) already applied to every
-    option's dyn bytes; recorded in the plan, not used by the solvers."""
 
     def __post_init__(self) -> None:
         if not self.units:
