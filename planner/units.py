@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from neuroflux.errors import NeuroFluxError
+from neuroflux.runtime.graph import attr_at
 
 __all__ = ["UnitSpan", "unit_signature", "find_units", "keep_small_blocks_whole", "propagate_shapes", "activation_graph", "META_SHAPE", "META_UNIT"]
 
@@ -266,9 +267,7 @@ def unit_signature(mod: fx.GraphModule, input_shape: Sequence[int]) -> str:
             target = f"{type(sub).__qualname__}:{sub!r}:" + ",".join(
                 f"{tuple(t.shape)}{t.dtype}{t.requires_grad}" for t in (*sub.parameters(), *sub.buffers()))
         elif n.op == "get_attr":
-            t: object = mod
-            for part in str(n.target).split("."):
-                t = getattr(t, part)
+            t = attr_at(mod, str(n.target))
             target = f"attr:{tuple(t.shape)}{t.dtype}" if isinstance(t, torch.Tensor) else f"attr:{type(t).__name__}"
         elif n.op in ("call_function", "call_method"):
             target = getattr(n.target, "__qualname__", None) or str(n.target)

@@ -15,7 +15,7 @@ from torch import nn
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["TraceFailure", "trace", "split_units", "UnitModule"]
+__all__ = ["TraceFailure", "trace", "split_units", "UnitModule", "attr_at"]
 
 
 class TraceFailure(NeuroFluxError):
@@ -43,6 +43,14 @@ class _PathTracer(fx.Tracer):
             self.stack.pop()
 
 
+def attr_at(root: nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` node's dotted ``target`` names under ``root``."""
+    v: Any = root
+    for part in target.split("."):
+        v = getattr(v, part)
+    return v
+
+
 class _ShapeProxy(fx.Proxy):
     """A proxy that knows its value's shape: every dimension but the batch
     is a plain int, so shape arithmetic (``int(x.size(1) * r)``, ``if
@@ -67,7 +75,9 @@ class _ShapeProxy(fx.Proxy):
         return self.size()
 
     def dim(self) -> Any:  # noqa: D102
-        return self.value.dim() if isinstance(self.value, torch.Tensor) else super().__getattr__("dim")()
+        if isinstance(self.value, torch.Tensor):
+            return self.value.dim()
+        return self.tracer.create_proxy("call_method", "dim", (self,), {})
 
     @property
     def ndim(self) -> Any:  # noqa: D102
@@ -122,10 +132,7 @@ class _ShapeTracer(_PathTracer):
                 elif kind == "call_module":
                     rv.value = self._forwards[-1](*vargs, **vkwargs)
                 elif kind == "get_attr":
-                    v: Any = self.root
-                    for part in str(target).split("."):
-                        v = getattr(v, part)
-                    rv.value = v
+                    rv.value = attr_at(self.root, str(target))
         finally:
             self._raw_getattr -= 1
         return rv
