@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import platform
@@ -237,7 +238,7 @@ def _run_record(r: dict[str, Any], method: str, cell: Cell) -> dict[str, Any]:
 
 
 def run_cell(cell: Cell, *, out: Path, opts: BenchOptions, log=print,  # noqa: ANN001
-             on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+             on_run: Callable[[dict[str, Any]], object] | None = None) -> dict[str, Any]:
     """Plan and run every method of ``cell``; ratios only within the cell.
     ``on_run`` gets the partial cell after every method, so a run cut off
     mid-cell (a device's time limit) keeps the methods it finished."""
@@ -323,8 +324,6 @@ def run_bench(*, cells: list[Cell], out: Path, opts: BenchOptions, log=print,  #
     ``results_dir`` (default ``out``) are rewritten after every method, so an
     interrupted run keeps what it measured, and cells from earlier
     invocations there are kept."""
-    import torch
-
     res_dir = results_dir or out
     path = res_dir / "results.json"
     previous = json.loads(path.read_text())["cells"] if path.is_file() else []
@@ -343,21 +342,25 @@ def run_bench(*, cells: list[Cell], out: Path, opts: BenchOptions, log=print,  #
                 os.environ[LIMIT_ENV] = limit
             else:
                 os.environ.pop(LIMIT_ENV, None)
-            data_name = os.environ.get(DATA_ENV, "shipped subset")
+            save = functools.partial(_save_results, done, res_dir, opts, os.environ.get(DATA_ENV, "shipped subset"))
+            results = save(run_cell(cell, out=out, opts=opts, log=log, on_run=save))
+    return results
 
-            def save(cell_result: dict[str, Any], name: str = cell.name, data_name: str = data_name) -> None:
-                nonlocal results
-                done[name] = {**cell_result, "data": data_name}
-                results = {
-                    "device": torch.cuda.get_device_name(0) if opts.device == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-                    "torch": torch.__version__, "command": shlex.join(["nf-bench", *sys.argv[1:]]),
-                    "date": time.strftime("%Y-%m-%d %H:%M"), "cells": list(done.values()),
-                }
-                res_dir.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(results, indent=1) + "\n")
-                (res_dir / "results.md").write_text(markdown(results))
 
-            save(run_cell(cell, out=out, opts=opts, log=log, on_run=save))
+def _save_results(done: dict[str, Any], res_dir: Path, opts: BenchOptions, data_name: str,
+                  cell_result: dict[str, Any]) -> dict[str, Any]:
+    """Record ``cell_result`` (whole or partial) in ``done`` and rewrite
+    ``results.json`` and ``results.md`` with every cell so far."""
+    import torch
+
+    done[cell_result["name"]] = {**cell_result, "data": data_name}
+    device = torch.cuda.get_device_name(0) if opts.device == "cuda" else \
+        f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    results = {"device": device, "torch": torch.__version__, "command": shlex.join(["nf-bench", *sys.argv[1:]]),
+               "date": time.strftime("%Y-%m-%d %H:%M"), "cells": list(done.values())}
+    res_dir.mkdir(parents=True, exist_ok=True)
+    (res_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (res_dir / "results.md").write_text(markdown(results))
     return results
 
 
