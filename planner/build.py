@@ -336,10 +336,10 @@ def _profile_model(model_spec: str, cfg: PlanConfig, report: Progress) -> _Profi
     unit_costs: list[UnitCost] = []
     # Units that compute the same thing on the same shape (a deep ResNet's
     # repeated blocks) have the same costs: profile one, reuse its options.
-    seen: dict[tuple[str, bool], tuple[tuple[AuxOption, ...], float]] = {}
+    seen: dict[tuple[str, tuple[int, ...], bool], tuple[tuple[AuxOption, ...], float]] = {}
     for span, mod in zip(spans, unit_mods):
         is_last = span.index == last
-        key = (unit_signature(mod, span.input_shape), is_last)
+        key = (unit_signature(mod, span.input_shape), tuple(span.output_shape), is_last)
         if key in seen:
             done += len(seen[key][0])
         else:
