@@ -49,7 +49,9 @@ from neuroflux.planner.profile import (
     forward_flops,
     measure_step_time,
     profile_step,
+    profile_unit_options,
 )
+from neuroflux.planner.parallel import map_forked, usable_cpus
 from neuroflux.planner.solve_cpsat import SolverConfig, solve_cpsat
 from neuroflux.planner.solve_dp import solve_dp
 from neuroflux.planner.solve_greedy import solve_greedy
@@ -58,7 +60,7 @@ from neuroflux.runtime.graph import split_units, trace
 from neuroflux.runtime.heads import build_head, head_widths
 from neuroflux.runtime.model_file import ModelFile, load_model_file
 from neuroflux.runtime.train import lr_for_batch
-from neuroflux.runtime.modules import CheckpointedChain, WithExit  # noqa: F401 (measure mode)
+from neuroflux.runtime.modules import CheckpointedChain, WithExit
 from neuroflux.schemas.plan import (
     SCHEMA_VERSION,
     AuxHead,
@@ -148,6 +150,9 @@ class PlanConfig:
     factory: str | None = None
     datasets: str = "datasets"
     max_aux_options: int = 4
+    workers: int = 0
+    """Processes that profile units (0: every core this process may use). The
+    plan is the same for any number; ``--cost measure`` always uses one."""
     tie_tolerance: float = 0.10
     """The accuracy rule for aux heads: the widest heads whose plan costs at
     most this share more predicted time than the fastest plan."""
@@ -176,6 +181,8 @@ class PlanConfig:
             raise NeuroFluxError("--patience, --epoch-patience and --max-extra-epochs must be >= 0")
         if self.max_block_units is not None and self.max_block_units != -1 and self.max_block_units < 1:
             raise NeuroFluxError(f"--max-block-units must be >= 1 (or 0 for no limit), got {self.max_block_units}")
+        if self.workers < 0:
+            raise NeuroFluxError(f"--workers must be >= 0 (0: every core), got {self.workers}")
         if not 0 <= self.tie_tolerance < 1:
             raise NeuroFluxError(f"--head-time-tolerance must be in [0, 1), got {self.tie_tolerance}")
 
@@ -311,48 +318,66 @@ def _profile_model(model_spec: str, cfg: PlanConfig, report: Progress) -> _Profi
         raise NeuroFluxError("--cost measure with a CUDA target needs a CUDA device here; use --cost flops")
 
     last = len(spans) - 1
-    total_jobs = sum(len(_options_for(s, cfg, last=s.index == last)) for s in spans) + 2
-    done = 0
+    option_lists = [_options_for(s, cfg, last=s.index == last) for s in spans]
 
-    def profile_options(span: UnitSpan, mod: nn.Module, is_last: bool) -> tuple[tuple[AuxOption, ...], float]:
-        """The unit's aux options (memory and step time per head) and its forward time per sample."""
-        nonlocal done
+    def profile_options(k: int) -> tuple[tuple[AuxOption, ...], float]:
+        """Unit ``k``'s aux options (memory and step time per head) and its forward time per sample."""
+        span, mod = spans[k], unit_mods[k]
+        with fake:
+            heads = [None if kind == "model" else build_head(kind, span.output_shape, width, classes)
+                     for kind, width in option_lists[k]]
+        if None in heads:
+            profs = [profile_step(mod, h, span.input_shape, classes, fake_mode=fake, sgd=sgd, foreach=foreach)
+                     for h in heads]
+        else:
+            profs = profile_unit_options(mod, heads, span.input_shape, span.output_shape, classes, fake_mode=fake,
+                                         sgd=sgd, foreach=foreach)
         options = []
-        for kind, width in _options_for(span, cfg, last=is_last):
-            report("profiling units", done, total_jobs)
-            with fake:
-                head = None if kind == "model" else build_head(kind, span.output_shape, width, classes)
-            prof = _calibrated(profile_step(mod, head, span.input_shape, classes, fake_mode=fake, sgd=sgd,
-                                            foreach=foreach), cal)
+        for (kind, width), head, prof in zip(option_lists[k], heads, profs):
+            prof = _calibrated(prof, cal)
             step_fixed, step_per = _step_time(cfg, speed, prof, span, mod, kind, width, classes, real_mods, device, sgd)
             options.append(AuxOption(
                 kind=kind, width=width, head_params=0 if head is None else sum(p.numel() for p in head.parameters()),
                 static_bytes=prof.static_bytes, dyn_fixed_bytes=prof.dyn_fixed_bytes,
                 dyn_per_sample_bytes=prof.dyn_per_sample_bytes, step_fixed_s=step_fixed, step_per_sample_s=step_per,
             ))
-            done += 1
         return tuple(options), forward_flops(mod, span.input_shape, fake_mode=fake) / speed.flops_per_s
 
-    unit_costs: list[UnitCost] = []
     # Units that compute the same thing on the same shape (a deep ResNet's
     # repeated blocks) have the same costs: profile one, reuse its options.
-    seen: dict[tuple[str, tuple[int, ...], bool], tuple[tuple[AuxOption, ...], float]] = {}
+    first_of: dict[tuple[str, tuple[int, ...], bool], int] = {}
+    same_as = []
     for span, mod in zip(spans, unit_mods):
-        is_last = span.index == last
-        key = (unit_signature(mod, span.input_shape), tuple(span.output_shape), is_last)
-        if key in seen:
-            done += len(seen[key][0])
-        else:
-            seen[key] = profile_options(span, mod, is_last)
-        options, fwd_s = seen[key]
+        key = (unit_signature(mod, span.input_shape), tuple(span.output_shape), span.index == last)
+        same_as.append(first_of.setdefault(key, span.index))
+    distinct = sorted(first_of.values())
+    baselines = {-1: gm, -2: CheckpointedChain(unit_mods)}
+
+    def job(k: int):  # noqa: ANN202
+        if k < 0:  # the BP baselines: whole-model steps, the longest jobs
+            return _calibrated(profile_step(baselines[k], None, shape, classes, fake_mode=fake, sgd=sgd,
+                                            foreach=foreach), cal)
+        return profile_options(k)
+
+    weight = {k: len(option_lists[k]) for k in distinct} | {-1: 2 * len(spans), -2: 3 * len(spans)}
+    total, done = sum(weight.values()), 0
+
+    def finished(k: int) -> None:
+        nonlocal done
+        done += weight[k]
+        report("profiling units and baselines", done, total)
+
+    report("profiling units and baselines", 0, total)
+    # Timed steps (--cost measure) must have the machine to themselves.
+    workers = 1 if cfg.cost == "measure" else (cfg.workers or usable_cpus())
+    results = map_forked(job, [-2, -1, *distinct], workers=workers, on_done=finished)
+    unit_costs = []
+    for span in spans:
+        options, fwd_s = results[same_as[span.index]]
         unit_costs.append(UnitCost(name=f"u{span.index}", options=options,
                                    out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes, fwd_per_sample_s=fwd_s))
-
-    report("profiling baselines", done, total_jobs)
-    bp_prof = _calibrated(profile_step(gm, None, shape, classes, fake_mode=fake, sgd=sgd, foreach=foreach), cal)
-    ck_prof = _calibrated(profile_step(CheckpointedChain(unit_mods), None, shape, classes, fake_mode=fake, sgd=sgd,
-                                       foreach=foreach), cal)
-    report("solving", total_jobs, total_jobs)
+    bp_prof, ck_prof = results[-1], results[-2]
+    report("solving", total, total)
     return _Profiled(mf=mf, gm=gm, spans=spans, shape=shape, classes=classes, train_n=train_n, val_n=val_n,
                      model_params=sum(p.numel() for p in fake_model.parameters()), unit_costs=unit_costs,
                      bp_prof=bp_prof, ck_prof=ck_prof, target=target,

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-size", type=int, default=None, help="needed only if the model file has no datasets()")
     ap.add_argument("--val-size", type=int, default=None)
     ap.add_argument("--datasets", default="datasets", help="name of the datasets function in the model file")
+    ap.add_argument("--workers", type=int, default=_default("workers"),
+                    help="processes that profile units (default 0: every core; the plan is the same for any number)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     return ap
 
@@ -232,7 +234,7 @@ def _config(args: argparse.Namespace, *, budget_bytes: int, budget_text: str, so
         epoch_patience=args.epoch_patience, max_extra_epochs=args.max_extra_epochs, head_kind=args.head_kind,
         tie_tolerance=args.head_time_tolerance,
         max_block_units=-1 if args.max_block_units is None else (args.max_block_units or None),
-        val_size=args.val_size, datasets=args.datasets,
+        val_size=args.val_size, datasets=args.datasets, workers=args.workers,
     )
 
 

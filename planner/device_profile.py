@@ -171,7 +171,9 @@ def measure_memory_calibration(dev, *, batches: tuple[int, int] = (16, 64),  # n
     from torch import nn
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from neuroflux.planner.profile import SGDConfig, peak_tracker, profile_step, state_bytes
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from neuroflux.planner.profile import SGDConfig, profile_step, state_bytes
     from neuroflux.runtime.train import UnitTrainer
 
     def reference() -> nn.Module:
@@ -207,7 +209,7 @@ def measure_memory_calibration(dev, *, batches: tuple[int, int] = (16, 64),  # n
             torch.cuda.synchronize(dev)
             dyn.append(torch.cuda.max_memory_allocated(dev) - start)
         else:  # the planner's own accounting, on real tensors
-            tracker = peak_tracker()
+            tracker = MemTracker()
             tracker.track_external(model, t.opt)
             with tracker:
                 t.step(x, y)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import math
+import weakref
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,37 +28,14 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.distributed._tools.mem_tracker import MemTracker
-
-
-class _PeakTracker(MemTracker):
-    """MemTracker's accounting, keeping only the whole-step peak. The stock
-    tracker also refreshes every tracked module's own peak after each op
-    (a loop over all modules per op: two thirds of planning time on deep
-    networks); the step's total peak, all the planner reads, is the same."""
-
-    _TOTAL = "Total"
-
-    def _update_peak_stats(self, peak_state) -> None:  # noqa: ANN001
-        for dev, snap in self._curr_mem_snap.items():
-            if self._peak_mem.get(dev, 0) < snap[self._TOTAL]:
-                self._peak_mem[dev] = snap[self._TOTAL]
-                self._peak_mem_snap[dev] = dict(snap)
-
-
-def peak_tracker() -> MemTracker:
-    """The lean tracker where this torch's MemTracker has the internals it
-    relies on, else the stock one."""
-    probe = MemTracker()
-    ok = all(hasattr(probe, a) for a in ("_curr_mem_snap", "_peak_mem", "_peak_mem_snap", "_update_peak_stats"))
-    return _PeakTracker() if ok else probe
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from neuroflux.runtime.train import UnitTrainer
 
 __all__ = ["StepProfile", "DeviceSpeed", "profile_step", "forward_flops", "measure_device_speed", "measure_step_time", "SGDConfig",
-           "peak_tracker", "state_bytes"]
+           "StepMeter", "state_bytes", "profile_unit_options"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,14 +68,125 @@ class DeviceSpeed:
         return p.ops * self.op_overhead_s + (p.flops_fixed + p.flops_per_sample * batch) / self.flops_per_s
 
 
-class _OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
+class StepMeter(TorchDispatchMode):
+    """Peak tensor memory, FLOPs and dispatched ops of the code run under it,
+    in one dispatch mode.
+
+    Memory is PyTorch's own accounting as ``MemTracker`` keeps it (every
+    storage an op returns counts its bytes until the storage dies; storages
+    of ``external`` tensors count from the start), keeping only the running
+    total and its peak: no per-module bookkeeping and no module hooks, which
+    made up most of planning time on deep networks. FLOPs use
+    ``FlopCounterMode``'s formulas, decomposing an op without one the way
+    it does; ``ops`` counts the ops dispatched to this mode (not their
+    decompositions, nor metadata queries such as ``prim.device``: whether
+    those reach a dispatch mode at all changes once another mode has run in
+    the process, and they launch no kernel). A test holds all three to MemTracker and
+    FlopCounterMode on the zoo's units."""
+
+    def __init__(self, external: Sequence[torch.Tensor] = ()) -> None:
         super().__init__()
-        self.count = 0
+        self._live: dict[int, tuple[weakref.ref, int]] = {}
+        self.current = 0
+        self.flops = 0
+        self.ops = 0
+        self._nested = 0
+        for t in external:
+            self._track(t)
+        self.peak = self._segment_peak = self.current
+        self.marks: list[tuple[int, int]] = []
+        """(memory now, peak since the previous mark) at every ``mark()``."""
+
+    def mark(self) -> None:
+        """Close a phase of the step: record the memory now and the phase's peak."""
+        self.marks.append((self.current, self._segment_peak))
+        self._segment_peak = self.current
+
+    @property
+    def segment_peak(self) -> int:
+        """Peak since the last mark."""
+        return self._segment_peak
+
+    def _freed(self, key: int, size: int) -> None:
+        if self._live.pop(key, None) is not None:
+            self.current -= size
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._live:
+            return
+        size = st.nbytes()
+        if t.device.type == "cuda":  # the caching allocator's rounding, as MemTracker counts it
+            size = math.ceil(size / _CUDA_MIN_ALLOC) * _CUDA_MIN_ALLOC
+        self._live[key] = (weakref.ref(st, lambda _, k=key, n=size: self._freed(k, n)), size)
+        self.current += size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func in _METADATA:  # queries, not kernels; whether one reaches a mode at all varies within a process
+            return func(*args, **kwargs)
+        if not self._nested:
+            self.ops += 1
+        if _decomposes(func):
+            self._nested += 1
+            try:
+                with self:
+                    r = func.decompose(*args, **kwargs)
+            finally:
+                self._nested -= 1
+            if r is not NotImplemented:
+                return r
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        if self.current > self._segment_peak:
+            self._segment_peak = self.current
+            if self.current > self.peak:
+                self.peak = self.current
+        return out
+
+
+_METADATA = frozenset({
+    torch.ops.prim.device.default, torch.ops.prim.layout.default,
+    torch.ops.aten.sym_is_contiguous.default, torch.ops.aten.is_contiguous.default,
+    torch.ops.aten.is_contiguous.memory_format, torch.ops.aten.is_strides_like_format.default,
+    torch.ops.aten.is_non_overlapping_and_dense.default, torch.ops.aten.size.default,
+    torch.ops.aten.sym_size.default, torch.ops.aten.stride.default, torch.ops.aten.sym_stride.default,
+    torch.ops.aten.storage_offset.default, torch.ops.aten.sym_storage_offset.default,
+    torch.ops.aten.numel.default, torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default,
+})
+_DECOMPOSES: dict = {}
+
+
+def _decomposes(func) -> bool:  # noqa: ANN001
+    """Whether ``func`` has a CompositeImplicitAutograd kernel (the ops
+    ``FlopCounterMode`` splits into counted parts); asked once per op."""
+    known = _DECOMPOSES.get(func)
+    if known is None:
+        key = torch._C.DispatchKey.CompositeImplicitAutograd
+        known = _DECOMPOSES[func] = (
+            key in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key))
+    return known
+
+_CUDA_MIN_ALLOC = 512
+
+
+def _state_tensors(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Params, buffers, their gradients and the optimizer's state tensors, once each."""
+    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+    for p in list(tensors.values()):
+        if p.grad is not None:
+            tensors[id(p.grad)] = p.grad
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                tensors[id(v)] = v
+    return list(tensors.values())
 
 
 def state_bytes(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> int:
@@ -122,6 +211,66 @@ def _step(t: UnitTrainer, x: torch.Tensor, y: torch.Tensor) -> None:
     del out
 
 
+def _prepared(unit: nn.Module, head: nn.Module | None, sgd: SGDConfig, foreach: bool | None) -> UnitTrainer:
+    t = _trainer(unit, head, sgd, foreach)
+    t.train(True)
+    # Steady-state memory: the momentum buffers a first step would create,
+    # made directly (a fake step costs as much as a profiled one).
+    if sgd.momentum:
+        for group in t.opt.param_groups:
+            for p in group["params"]:
+                t.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return t
+
+
+def _measure(t: UnitTrainer, input_shape: Sequence[int], num_classes: int, batch: int, *,
+             mark_head: bool = False) -> StepMeter:
+    """One step of ``t`` under a StepMeter. ``mark_head``: mark where the
+    head starts and where the unit's backward starts (the gradient of the
+    unit's output is complete: the head's backward, parameter gradients
+    included, is over; autograd runs AccumulateGrad before any other node)."""
+    meter = StepMeter(_state_tensors(t.modules(), t.opt))
+    handles = []
+    if mark_head:
+        handles.append(t.head.register_forward_pre_hook(lambda m, a: meter.mark()))
+
+        def on_output(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            out.register_hook(lambda grad: meter.mark())
+
+        handles.append(t.unit.register_forward_hook(on_output))
+    # Reference cycles (activation checkpointing keeps some) are freed by the
+    # garbage collector at whatever moment it runs: hold it off during the
+    # step, so that the peak is the same on every call (plans are
+    # reproducible in one process too). A young-generation pass first is
+    # cheap (a full collection costs 0.2 s here).
+    gc.collect(0)
+    gc.disable()
+    try:
+        with meter:
+            _step(t, torch.randn(batch, *input_shape), torch.randint(0, num_classes, (batch,)))
+    finally:
+        gc.enable()
+        for h in handles:
+            h.remove()
+    if mark_head and len(meter.marks) != 2:
+        raise RuntimeError(f"expected the head and the unit's backward to start once each, saw {len(meter.marks)} marks")
+    return meter
+
+
+def _fit(static: int, peaks: Sequence[int], flops: Sequence[float], ops: int, batches: tuple[int, int]) -> StepProfile:
+    b1, b2 = batches
+    per_sample = max(0, math.ceil((peaks[1] - peaks[0]) / (b2 - b1)))
+    f_per = max(0.0, (flops[1] - flops[0]) / (b2 - b1))
+    return StepProfile(
+        static_bytes=static,
+        dyn_fixed_bytes=max(0, peaks[0] - static - per_sample * b1),
+        dyn_per_sample_bytes=per_sample,
+        flops_fixed=max(0.0, flops[0] - f_per * b1),
+        flops_per_sample=f_per,
+        ops=ops,
+    )
+
+
 def profile_step(
     unit: nn.Module,
     head: nn.Module | None,
@@ -138,51 +287,80 @@ def profile_step(
     ``fake_mode``, at two batch sizes. ``foreach=True`` profiles the
     optimizer step PyTorch runs on CUDA (the fake tensors live on the CPU,
     where the default is the per-parameter loop)."""
-    b1, b2 = batches
-    assert b2 > b1
-    peaks, flops = [], []
-    ops = 0
+    assert batches[1] > batches[0]
     with fake_mode:
-        t = _trainer(unit, head, sgd, foreach)
-        t.train(True)
-        # Steady-state memory: the momentum buffers a first step would create,
-        # made directly (a fake step costs as much as a profiled one).
-        if sgd.momentum:
-            for group in t.opt.param_groups:
-                for p in group["params"]:
-                    t.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        t = _prepared(unit, head, sgd, foreach)
+        meters = [_measure(t, input_shape, num_classes, b) for b in batches]
         static = state_bytes(t.modules(), t.opt)
-        for b in batches:
-            tracker = peak_tracker()
-            tracker.track_external(*t.modules(), t.opt)
-            counter = _OpCounter()
-            # Reference cycles (activation checkpointing keeps some) are freed
-            # by the garbage collector at whatever moment it runs: hold it off
-            # during the step, so that the peak is the same on every call
-            # (plans are reproducible in one process too). A young-generation
-            # pass first is cheap (a full collection costs 0.2 s here).
-            gc.collect(0)
-            gc.disable()
-            try:
-                with tracker, FlopCounterMode(display=False) as fc, counter:
-                    _step(t, torch.randn(b, *input_shape), torch.randint(0, num_classes, (b,)))
-            finally:
-                gc.enable()
-            snap = tracker.get_tracker_snapshot("peak")
-            peaks.append(sum(dev["Total"] for dev in snap.values()))
-            flops.append(float(fc.get_total_flops()))
-            ops = counter.count
-    per_sample = max(0, math.ceil((peaks[1] - peaks[0]) / (b2 - b1)))
-    dyn_fixed = max(0, peaks[0] - static - per_sample * b1)
-    f_per = max(0.0, (flops[1] - flops[0]) / (b2 - b1))
-    return StepProfile(
-        static_bytes=static,
-        dyn_fixed_bytes=dyn_fixed,
-        dyn_per_sample_bytes=per_sample,
-        flops_fixed=max(0.0, flops[0] - f_per * b1),
-        flops_per_sample=f_per,
-        ops=ops,
-    )
+    return _fit(static, [m.peak for m in meters], [float(m.flops) for m in meters], meters[-1].ops, batches)
+
+
+class _GradSource(nn.Module):
+    """Stands in for a unit when a head is profiled alone: its output needs a
+    gradient (as a unit's does) and has a backward node of its own, so the
+    head's phase ends exactly as it does after a real unit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.requires_grad_() * 1.0
+
+
+def profile_unit_options(
+    unit: nn.Module,
+    heads: Sequence[nn.Module],
+    input_shape: Sequence[int],
+    output_shape: Sequence[int],
+    num_classes: int,
+    *,
+    fake_mode: torch._subclasses.fake_tensor.FakeTensorMode,
+    batches: tuple[int, int] = (8, 16),
+    sgd: SGDConfig = SGDConfig(),
+    foreach: bool | None = None,
+) -> list[StepProfile]:
+    """``[profile_step(unit, h, ...) for h in heads]``, composed from one
+    step of the unit (with the first head) and one step of each head alone,
+    instead of a full step per head.
+
+    A step runs in three phases: the unit's forward; the head's forward,
+    loss and backward (parameter gradients included); the unit's backward and
+    the optimizer step. A head changes only the middle phase, and what it
+    leaves for the last one (its logits and gradients, of fixed size), so
+    with ``m`` the memory at the head's start and ``r`` what the head leaves:
+
+        peak(h) = max(peak before the head,
+                      m + head phase peak(h) - m_h,
+                      last phase peak(h*) - r(h*) + r(h))  + static(h) - static(h*)
+
+    FLOPs and ops add up: unit step(h*) - head alone(h*) + head alone(h).
+    Equal to the full steps byte for byte (a test holds it to that on every
+    zoo unit and head)."""
+    if len(heads) < 2:
+        return [profile_step(unit, h, input_shape, num_classes, fake_mode=fake_mode, batches=batches, sgd=sgd,
+                             foreach=foreach) for h in heads]
+    assert batches[1] > batches[0]
+    with fake_mode:
+        ref = _prepared(unit, heads[0], sgd, foreach)
+        whole = [_measure(ref, input_shape, num_classes, b, mark_head=True) for b in batches]
+        ref_static = state_bytes(ref.modules(), ref.opt)
+        alone = []
+        for h in heads:
+            t = _prepared(_GradSource(), h, sgd, foreach)
+            alone.append((state_bytes(t.modules(), t.opt), [_measure(t, output_shape, num_classes, b, mark_head=True)
+                                                              for b in batches]))
+    out = []
+    _, ref_alone = alone[0]
+    for head_static, head_alone in alone:
+        static = ref_static + head_static - alone[0][0]
+        peaks, flops = [], []
+        for w, ra, ha in zip(whole, ref_alone, head_alone):
+            (start, before), (bwd_start, _) = w.marks
+            (h_start, _), (h_end, h_peak) = ha.marks
+            (r_start, _), (r_end, _) = ra.marks
+            left, ref_left = h_end - h_start, r_end - r_start
+            peaks.append(max(before, start + h_peak - h_start, w.segment_peak - ref_left + left) + static - ref_static)
+            flops.append(float(w.flops - ra.flops + ha.flops))
+        ops = whole[-1].ops - ref_alone[-1].ops + head_alone[-1].ops
+        out.append(_fit(static, peaks, flops, ops, batches))
+    return out
 
 
 def forward_flops(module: nn.Module, input_shape: Sequence[int], *, fake_mode, batch: int = 8) -> float:

@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ortools.sat.python import cp_model
+if TYPE_CHECKING:
+    from ortools.sat.python import cp_model
 
 from neuroflux.planner.problem import (
     BlockChoice,
@@ -61,6 +63,8 @@ class SolverConfig:
 
 def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solution | None = None) -> Solution:
     """Optimal plan for ``p``. ``hint`` (e.g. the greedy plan) seeds the search."""
+    from ortools.sat.python import cp_model  # here: importing OR-Tools costs 0.3 s, and deep networks never need it
+
     t0 = time.perf_counter()
     n, K = p.n, len(p.batch_sizes)
 
