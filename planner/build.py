@@ -58,7 +58,7 @@ from neuroflux.planner.solve_greedy import solve_greedy
 from neuroflux.planner.units import META_UNIT, UnitSpan, activation_graph, find_units, propagate_shapes, unit_signature
 from neuroflux.runtime.graph import split_units, trace
 from neuroflux.runtime.heads import build_head, head_widths
-from neuroflux.runtime.model_file import ModelFile, load_model_file
+from neuroflux.runtime.model_file import ModelFile, ModelObject, load_model_file
 from neuroflux.runtime.train import lr_for_batch
 from neuroflux.runtime.modules import CheckpointedChain, WithExit
 from neuroflux.schemas.plan import (
@@ -147,6 +147,9 @@ class PlanConfig:
     least three block boundaries where adaptive depth can stop; None: no limit."""
     train_size: int | None = None
     val_size: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    """One sample's shape, e.g. (3, 32, 32); default: the model file's
+    INPUT_SHAPE, else a training sample's."""
     factory: str | None = None
     datasets: str = "datasets"
     max_aux_options: int = 4
@@ -181,6 +184,8 @@ class PlanConfig:
             raise NeuroFluxError("--patience, --epoch-patience and --max-extra-epochs must be >= 0")
         if self.max_block_units is not None and self.max_block_units != -1 and self.max_block_units < 1:
             raise NeuroFluxError(f"--max-block-units must be >= 1 (or 0 for no limit), got {self.max_block_units}")
+        if self.input_shape is not None and (not self.input_shape or any(int(d) < 1 for d in self.input_shape)):
+            raise NeuroFluxError(f"--input-shape must be positive sizes such as 3,32,32, got {self.input_shape}")
         if self.workers < 0:
             raise NeuroFluxError(f"--workers must be >= 0 (0: every core), got {self.workers}")
         if not 0 <= self.tie_tolerance < 1:
@@ -201,9 +206,9 @@ def default_cache_budget_bytes() -> int:
         return 8 * 2**30
 
 
-def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode):
+def _infer_meta(mf: ModelFile | ModelObject, cfg: PlanConfig, fake: FakeTensorMode):
     """Input shape, classes, train and val sizes; the fake model and its trace."""
-    shape = mf.input_shape()
+    shape = cfg.input_shape or mf.input_shape()
     train_n, val_n = cfg.train_size, cfg.val_size
     if shape is None or train_n is None or val_n is None:
         if not mf.has_datasets():
@@ -220,8 +225,7 @@ def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode):
                 raise NeuroFluxError(f"{mf.path}: datasets must yield (tensor, int) pairs, got {type(sample).__name__}")
             shape = tuple(sample.shape)
     shape = tuple(int(s) for s in shape)
-    with fake:
-        model = mf.build()
+    model = mf.build_fake(fake)
     gm = trace(model, shape)  # first: an untraceable model gets the error that names the module
     if gm.meta.get("neuroflux_capture") == "shape-specialized":
         log.warning("%s: torch.fx cannot trace %s() symbolically (shape arithmetic in forward); traced it with the "
@@ -247,14 +251,14 @@ def _infer_meta(mf: ModelFile, cfg: PlanConfig, fake: FakeTensorMode):
     return shape, int(out.shape[1]), int(train_n), int(val_n), model, gm
 
 
-def make_plan(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path = ".", progress: Progress | None = None) -> PlanResult:
+def make_plan(model_spec: str | ModelObject, cfg: PlanConfig, *, plan_dir: str | Path = ".", progress: Progress | None = None) -> PlanResult:
     """Trace, profile and solve: the plan for ``cfg.budget_bytes``."""
     t_start = time.perf_counter()
     prof = _profile_model(model_spec, cfg, progress or (lambda desc, done, total: None))
     return _plan_at(prof, cfg, plan_dir=Path(plan_dir), t_start=t_start)
 
 
-def make_plans(model_spec: str, cfg: PlanConfig, budgets: Sequence[tuple[int, str]], *, plan_dir: str | Path = ".",
+def make_plans(model_spec: str | ModelObject, cfg: PlanConfig, budgets: Sequence[tuple[int, str]], *, plan_dir: str | Path = ".",
                progress: Progress | None = None) -> list[PlanResult | NeuroFluxError]:
     """Plans for several budgets ((bytes, text) pairs), profiling the model
     once: a budget changes the solve, not the units' costs. A budget with no
@@ -276,7 +280,7 @@ def make_plans(model_spec: str, cfg: PlanConfig, budgets: Sequence[tuple[int, st
 class _Profiled:
     """Everything about a model that does not depend on the budget."""
 
-    mf: ModelFile
+    mf: ModelFile | ModelObject
     gm: Any
     spans: list[UnitSpan]
     shape: tuple[int, ...]
@@ -294,9 +298,10 @@ class _Profiled:
     sgd: SGDConfig
 
 
-def _profile_model(model_spec: str, cfg: PlanConfig, report: Progress) -> _Profiled:
+def _profile_model(model_spec: str | ModelObject, cfg: PlanConfig, report: Progress) -> _Profiled:
     torch.manual_seed(cfg.seed)
-    mf = load_model_file(model_spec, factory=cfg.factory, datasets=cfg.datasets)
+    mf = model_spec if isinstance(model_spec, ModelObject) else \
+        load_model_file(model_spec, factory=cfg.factory, datasets=cfg.datasets)
     fake = FakeTensorMode()
     shape, classes, train_n, val_n, fake_model, gm = _infer_meta(mf, cfg, fake)
     propagate_shapes(gm, shape, fake)
@@ -565,7 +570,7 @@ def _raise_infeasible(problem: Problem, solution: Solution, cfg: PlanConfig) -> 
     )
 
 
-def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], problem: Problem, solution: Solution,
+def _assemble(*, mf: ModelFile | ModelObject, cfg: PlanConfig, gm, spans: list[UnitSpan], problem: Problem, solution: Solution,
               shape, classes: int, bp: Baseline, ck: Baseline, target: _Target, engine: str, plan_dir: Path,
               model_params: int, wall_s: float) -> Plan:
     speed = target.speed
@@ -603,17 +608,20 @@ def _assemble(*, mf: ModelFile, cfg: PlanConfig, gm, spans: list[UnitSpan], prob
             )
         )
     total = sum(b.predicted_time_s for b in blocks)
-    try:
-        model_file = os.path.relpath(mf.path, plan_dir.resolve())
-    except ValueError:  # another drive on Windows
-        model_file = str(mf.path)
+    if mf.source != "file":  # an installed module's import name, or a model object's class
+        model_file = mf.import_name if mf.source == "import" else mf.label
+    else:
+        try:
+            model_file = os.path.relpath(mf.path, plan_dir.resolve())
+        except ValueError:  # another drive on Windows
+            model_file = str(mf.path)
     nodes, edges = _graph_records(gm)
     return Plan(
         schema_version=SCHEMA_VERSION,
         created_by=f"neuroflux {neuroflux.__version__}, torch {torch.__version__}",
         model=ModelSpec(file=model_file, sha256=mf.sha256, factory=mf.factory_name, datasets=mf.datasets_name,
                         input_shape=list(shape), num_classes=classes, params=model_params,
-                        capture=gm.meta.get("neuroflux_capture", "symbolic")),
+                        capture=gm.meta.get("neuroflux_capture", "symbolic"), source=mf.source),
         device=DeviceSpec(kind=cfg.device_kind, name=target.name, budget_text=cfg.budget_text,
                           budget_bytes=cfg.budget_bytes, budget_source=cfg.budget_source, margin_fraction=cfg.margin,
                           cache_budget_bytes=problem.cache_budget_bytes, workspace_bytes=problem.workspace_bytes,

@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Plan block-wise local-learning training of a CNN under a GPU memory budget.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ap.add_argument("model", help="model file, optionally with a factory: model.py or model.py:build_net")
+    ap.add_argument("model", help="model file, optionally with a factory (model.py, model.py:build_net), or an installed "
+                    "module's factory (mypkg.models:resnet18)")
     ap.add_argument("--budget", help="device memory for training tensors, e.g. 1GB, 512MiB, 1.5G, 1000000000 "
                     "(default: free memory NVML reports on GPU 0)")
     ap.add_argument("-o", "--output", default=None,
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tolerance", type=float, default=_default("tolerance"), help="accuracy within which exits count as equal")
     ap.add_argument("--prefer", choices=["shallowest", "best"], default=_default("prefer"),
                     help="exit to keep: the best, or the shallowest within --tolerance of it (smaller, a little less accurate)")
+    ap.add_argument("--input-shape", default=None, metavar="C,H,W",
+                    help="one sample's shape, e.g. 3,224,224 (default: the model file's INPUT_SHAPE, else a sample's)")
     ap.add_argument("--train-size", type=int, default=None, help="needed only if the model file has no datasets()")
     ap.add_argument("--val-size", type=int, default=None)
     ap.add_argument("--datasets", default="datasets", help="name of the datasets function in the model file")
@@ -235,7 +238,20 @@ def _config(args: argparse.Namespace, *, budget_bytes: int, budget_text: str, so
         tie_tolerance=args.head_time_tolerance,
         max_block_units=-1 if args.max_block_units is None else (args.max_block_units or None),
         val_size=args.val_size, datasets=args.datasets, workers=args.workers,
+        input_shape=parse_shape(args.input_shape) if args.input_shape else None,
     )
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``3,224,224`` (or ``3x224x224``) -> (3, 224, 224)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise NeuroFluxError(f"--input-shape {text!r}: give positive sizes separated by commas, e.g. 3,224,224")
+    return shape
 
 
 def print_plan(plan) -> None:  # noqa: ANN001 - a schemas.Plan

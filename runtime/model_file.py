@@ -1,14 +1,22 @@
-"""Loading a user's model file (``model.py`` or ``model.py:factory``).
+"""Where a model comes from: a model file (``model.py`` or
+``model.py:factory``), an installed module's factory (``mypkg.models:net``),
+or a model object in Python (``ModelObject``).
 
 The model-file contract (README, "Model files"): ``model() -> nn.Module``
 (required), ``datasets() -> (train, val)`` (required to run), optional
-``INPUT_SHAPE`` (C, H, W), ``NUM_CLASSES`` and ``augment(x) -> x``.
+``INPUT_SHAPE`` (C, H, W), ``NUM_CLASSES`` and ``augment(x) -> x``. An
+installed module follows the same contract. All three give the planner and
+the runtime the same interface (``build``, ``build_fake``, ``datasets``,
+``input_shape``, ``num_classes``, ``augment``).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import importlib
 import importlib.util
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -21,7 +29,10 @@ from torch import nn
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["ModelFile", "load_model_file", "sha256_of", "split_spec"]
+__all__ = ["ModelFile", "ModelObject", "load_model_file", "sha256_of", "split_spec", "fingerprint", "IMPORT_SPEC"]
+
+#: ``package.module:factory``: a factory in an installed (importable) module.
+IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 
 def sha256_of(path: str | Path) -> str:
@@ -40,6 +51,17 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
     return Path(spec), None
 
 
+def fingerprint(model: nn.Module) -> str:
+    """A model's structure: its class, and every parameter's and buffer's
+    name, shape and dtype (not their values). Two models with the same
+    fingerprint split into the same units with the same shapes."""
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            h.update(f"{kind} {name} {tuple(t.shape)} {t.dtype};".encode())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class ModelFile:
     path: Path
@@ -47,6 +69,22 @@ class ModelFile:
     module: ModuleType
     factory_name: str
     datasets_name: str
+    import_name: str | None = None
+    """The module's import name when it was loaded as ``package.module:factory``."""
+
+    @property
+    def source(self) -> str:
+        return "file" if self.import_name is None else "import"
+
+    @property
+    def label(self) -> str:
+        """How messages and plans name it: the file, or ``package.module:factory``."""
+        return str(self.path) if self.import_name is None else f"{self.import_name}:{self.factory_name}"
+
+    def build_fake(self, fake_mode) -> nn.Module:  # noqa: ANN001
+        """The model with its parameters in ``fake_mode`` (no memory)."""
+        with fake_mode:
+            return self.build()
 
     def build(self) -> nn.Module:
         """Call the factory; any exception becomes a NeuroFluxError with its reason."""
@@ -129,7 +167,10 @@ class ModelFile:
 
 
 def load_model_file(spec: str | Path, *, factory: str | None = None, datasets: str = "datasets") -> ModelFile:
-    """Import a model file by path. ``spec`` may be ``path.py:factory``."""
+    """Import a model file by path (``spec`` may be ``path.py:factory``), or
+    an installed module's factory (``package.module:factory``)."""
+    if not Path(str(spec)).exists() and IMPORT_SPEC.match(str(spec)) and ".py:" not in str(spec):
+        return _load_import(str(spec), factory=factory, datasets=datasets)
     path, spec_factory = split_spec(str(spec))
     factory = factory or spec_factory or "model"
     if not path.is_file():
@@ -155,6 +196,85 @@ def load_model_file(spec: str | Path, *, factory: str | None = None, datasets: s
     mf = ModelFile(path=path, sha256=sha256_of(path), module=module, factory_name=factory, datasets_name=datasets)
     mf._get(factory, what="model factory")
     return mf
+
+
+def _load_import(spec: str, *, factory: str | None, datasets: str) -> ModelFile:
+    name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise NeuroFluxError(f"cannot import {name!r} for model {spec!r} ({e}); install the package, or give a model "
+                             f"file path instead") from e
+    except Exception as e:
+        raise NeuroFluxError(f"importing {name} raised {type(e).__name__}: {e}") from e
+    file = getattr(module, "__file__", None)
+    if file is None:
+        raise NeuroFluxError(f"{name} has no source file (a namespace package?); name a module with the factory in it")
+    mf = ModelFile(path=Path(file).resolve(), sha256=sha256_of(file), module=module, factory_name=factory or attr,
+                   datasets_name=datasets, import_name=name)
+    mf._get(mf.factory_name, what="model factory")
+    return mf
+
+
+class ModelObject:
+    """A model object (or a factory) and, optionally, its datasets, given
+    in Python instead of a file: what ``neuroflux.plan`` and
+    ``neuroflux.train`` take. ``build()`` returns a copy of the model, with
+    the weights it has now; the object itself is never changed."""
+
+    factory_name = "<object>"
+    datasets_name = "<datasets>"
+    source = "object"
+
+    def __init__(self, model: nn.Module, *, datasets: tuple[Any, Any] | None = None,
+                 input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise NeuroFluxError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._datasets = datasets
+        self._input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        self._num_classes = num_classes
+        self._augment = augment
+        cls = type(model)
+        self.label = f"{cls.__module__}.{cls.__qualname__}"
+        self.path = Path(f"<{cls.__qualname__} object>")
+        self.sha256 = fingerprint(model)
+
+    def build(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def build_fake(self, fake_mode) -> nn.Module:  # noqa: ANN001
+        # Copy the module with every tensor replaced by a fake one of its shape: no memory, no real copy.
+        memo: dict[int, Any] = {}
+        for p in self.model.parameters():
+            memo[id(p)] = nn.Parameter(fake_mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+        for b in self.model.buffers():
+            memo[id(b)] = fake_mode.from_tensor(b)
+        return copy.deepcopy(self.model, memo)
+
+    def has_datasets(self) -> bool:
+        return self._datasets is not None
+
+    def datasets(self) -> tuple[Any, Any]:
+        if self._datasets is None:
+            raise NeuroFluxError("no datasets were given with the model object; pass train_set and val_set")
+        for part, ds in zip(("train", "val"), self._datasets):
+            if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")) or len(ds) == 0:
+                raise NeuroFluxError(f"the {part} set must be a non-empty map-style dataset")
+        return self._datasets
+
+    def input_shape(self) -> tuple[int, ...] | None:
+        return self._input_shape
+
+    def num_classes(self) -> int | None:
+        return self._num_classes
+
+    def augment(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self._augment
+
+    def constant(self, name: str) -> Any:
+        return None
 
 
 def _user_frames(e: BaseException, path: Path) -> str:

@@ -30,7 +30,9 @@ except ImportError:  # pragma: no cover - older or trimmed torch builds
     MemTracker = None  # type: ignore[assignment,misc]
 
 from neuroflux.errors import NeuroFluxError
-from neuroflux.runtime.assemble import Assembled, assemble, open_model_file
+from neuroflux.runtime.assemble import Assembled, assemble, check_model_object, open_model_file
+from neuroflux.runtime.model_file import ModelObject
+from neuroflux.schemas.summary import BlockResult, RunSummary, summary_from_dict, summary_to_dict
 from neuroflux.runtime.checkpoint import RunLock, append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
 from neuroflux.runtime.data import CacheWriter, TensorCache, dataset_tensors, open_disk_cache
 from neuroflux.runtime.export import export_onnx, throughput
@@ -113,17 +115,26 @@ def _device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def run_plan(plan: Plan, plan_path: Path, cfg: RunConfig, *, bar: BarFactory = _NoBar) -> dict[str, Any]:
-    """Execute ``plan`` (or a baseline of it); returns the summary dict."""
-    return _Runner(plan, Path(plan_path), cfg, bar).run()
+def run_plan(plan: Plan, plan_path: Path | None, cfg: RunConfig, *, bar: BarFactory = _NoBar,
+             source: ModelObject | None = None) -> dict[str, Any]:
+    """Execute ``plan`` (or a baseline of it); returns the summary dict. The
+    model comes from the plan's model file (``plan_path`` locates a relative
+    one) or, for a plan made in Python, from ``source``, whose structure
+    must be the planned one."""
+    return _Runner(plan, plan_path, cfg, bar, source).run()
 
 
 class _Runner:
-    def __init__(self, plan: Plan, plan_path: Path, cfg: RunConfig, bar: BarFactory) -> None:
+    def __init__(self, plan: Plan, plan_path: Path | None, cfg: RunConfig, bar: BarFactory,
+                 source: ModelObject | None = None) -> None:
         self.plan, self.cfg, self.bar = plan, cfg, bar
         self.out = cfg.out_dir
         self.device = _device(cfg.device)
-        self.mf = open_model_file(plan, plan_path, force=cfg.force)
+        if source is not None:
+            check_model_object(plan, source, force=cfg.force)
+            self.mf = source
+        else:
+            self.mf = open_model_file(plan, Path(plan_path or "."), force=cfg.force)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.metrics_path = self.out / "metrics.jsonl"
         self.patience = plan.exit_policy.patience if cfg.patience is None else cfg.patience
@@ -279,8 +290,9 @@ class _Runner:
             state["failed"] = str(e)
             self._save(asm, state, trainers=None)
             append_jsonl(self.metrics_path, {"event": "diverged", "reason": str(e)})
-            atomic_write_json({"method": self.cfg.method, "status": "diverged", "error": str(e),
-                               "blocks": state["done"], "command": self.cfg.command}, self.out / "summary.json")
+            diverged = RunSummary(method=self.cfg.method, status="diverged", error=str(e),
+                                  blocks=[BlockResult(**b) for b in state["done"]], command=self.cfg.command)
+            atomic_write_json(summary_to_dict(diverged), self.out / "summary.json")
             raise
         finally:
             blocks_bar.close()
@@ -622,6 +634,8 @@ class _Runner:
             "budget_bytes": plan.budget_bytes, "budget_enforced": self.capped,
             "torch": torch.__version__, "command": self.cfg.command,
         }
+        # Typed on the way out: a field missing or misnamed fails here, not in a reader.
+        summary = summary_to_dict(summary_from_dict(summary))
         atomic_write_json(summary, self.out / "summary.json")
         return summary
 

@@ -1,7 +1,9 @@
-"""The plan format: JSON Schema (``plan.schema.json``) and typed records.
+"""The plan and run formats: JSON Schemas (``plan.schema.json``,
+``summary.schema.json``) and typed records.
 
 ``load_plan`` is the one way into a plan: it validates against the schema and
-returns frozen dataclasses. Nothing below it passes string-keyed dicts around.
+returns frozen dataclasses. ``load_summary`` is the one way into a run's
+``summary.json``. Nothing below them passes string-keyed dicts around.
 """
 
 from neuroflux.schemas.plan import (
@@ -30,6 +32,8 @@ from neuroflux.schemas.plan import (
     save_plan,
     schema,
 )
+from neuroflux.schemas.summary import BlockResult, RunSummary, Stopping, Throughput, load_summary, summary_from_dict
+
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -56,4 +60,10 @@ __all__ = [
     "plan_to_dict",
     "save_plan",
     "schema",
+    "BlockResult",
+    "RunSummary",
+    "Stopping",
+    "Throughput",
+    "load_summary",
+    "summary_from_dict",
 ]

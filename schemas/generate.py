@@ -1,8 +1,9 @@
-"""Generate ``plan.schema.json`` from the plan dataclasses.
+"""Generate ``plan.schema.json`` and ``summary.schema.json`` from the typed
+records (``plan.py``, ``summary.py``).
 
-The schema file is committed (it is the published format); this generator
-keeps it in step with the typed records, and a test fails when they drift.
-Run ``python -m neuroflux.schemas.generate`` after changing ``plan.py``.
+The schema files are committed (they are the published formats); this
+generator keeps them in step with the records, and a test fails when they
+drift. Run ``python -m neuroflux.schemas.generate`` after changing either.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from neuroflux.schemas.plan import SCHEMA_VERSION, Plan
+from neuroflux.schemas.summary import RunSummary
 
-__all__ = ["generate_schema"]
+__all__ = ["generate_schema", "generate_summary_schema"]
 
 _NONNEG_SUFFIXES = ("_bytes", "_s", "params", "epochs", "steps", "index", "bytes", "width")
 
@@ -31,6 +33,10 @@ def _field_schema(name: str, tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
     if origin is list:
         (item,) = typing.get_args(tp)
         return {"type": "array", "items": _field_schema(name, item, defs)}
+    if origin is dict:
+        key, value = typing.get_args(tp)
+        assert key is str, "JSON object keys are strings"
+        return {"type": "object", "additionalProperties": _field_schema(name, value, defs)}
     if dataclasses.is_dataclass(tp):
         _add_def(tp, defs)
         return {"$ref": f"#/$defs/{tp.__name__}"}
@@ -109,10 +115,26 @@ def generate_schema() -> dict[str, Any]:
     }
 
 
+def generate_summary_schema() -> dict[str, Any]:
+    defs: dict[str, Any] = {}
+    top = _object_schema(RunSummary, defs)
+    # A finished run has every field; a diverged one only the required few and its error.
+    top["if"] = {"properties": {"status": {"const": "ok"}}}
+    top["then"] = {"required": [f.name for f in dataclasses.fields(RunSummary) if f.name not in ("error", "stopped_early")]}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://neuroflux.dev/schemas/summary.json",
+        "title": "NeuroFlux run summary (summary.json)",
+        **top,
+        "$defs": dict(sorted(defs.items())),
+    }
+
+
 def main() -> None:
-    path = Path(__file__).with_name("plan.schema.json")
-    path.write_text(json.dumps(generate_schema(), indent=2) + "\n")
-    print(f"wrote {path}")
+    for name, schema in (("plan.schema.json", generate_schema()), ("summary.schema.json", generate_summary_schema())):
+        path = Path(__file__).with_name(name)
+        path.write_text(json.dumps(schema, indent=2) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ __all__ = [
 
 #: Major.minor. A reader accepts any plan with the same major and a minor up
 #: to its own; a newer plan is refused with a message to upgrade.
-SCHEMA_VERSION = "2.1"
+SCHEMA_VERSION = "2.2"
 
 
 class PlanError(NeuroFluxError):
@@ -59,7 +59,7 @@ class PlanError(NeuroFluxError):
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """The model file a plan was made for."""
+    """The model a plan was made for."""
 
     file: str
     """Path of the model file, absolute or relative to the plan file."""
@@ -78,6 +78,13 @@ class ModelSpec:
     """How the graph was captured: torch.fx symbolic tracing, or (when the
     forward does shape arithmetic that refuses it) tracing with the input
     shape fixed and the batch symbolic. Added in 2.1."""
+    source: Literal["file", "import", "object"] = "file"
+    """Where the model came from: a model file (``file`` is its path and
+    ``sha256`` the file's digest), an installed module's factory (``file`` is
+    the module's import name, ``sha256`` its source file's digest), or a
+    model object in Python (``file`` is its class, ``sha256`` its structural
+    fingerprint: parameter and buffer names, shapes and dtypes). Added in
+    2.2."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -369,6 +376,10 @@ class Plan:
             )
         if self.budget_bytes != self.device.budget_bytes:
             raise PlanError("budget_bytes differs from device.budget_bytes")
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as JSON (atomically), as ``nf-plan -o`` does."""
+        save_plan(self, path)
 
     def unit(self, name: str) -> Unit:
         for u in self.units:

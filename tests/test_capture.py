@@ -4,12 +4,10 @@ control flow on tensor values is refused."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from helpers import ROOT, plan_for
 from neuroflux.runtime.graph import TraceFailure, trace

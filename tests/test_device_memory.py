@@ -22,7 +22,6 @@ from neuroflux.planner.device_profile import (
     load_profile,
     measure_memory_calibration,
 )
-from neuroflux.planner.problem import block_peak_bytes
 from neuroflux.runtime.train import UnitTrainer
 from neuroflux.schemas import load_plan, plan_from_dict, plan_to_dict
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from helpers import ROOT, plan_for
 from neuroflux.runtime.assemble import assemble, open_model_file
 from neuroflux.runtime.modules import Chain
 from neuroflux.tools.graph_cli import main as nf_graph
-from neuroflux.tools.screenshot import find_browser, png_distinct_rows, screenshot
+from neuroflux.schemas.summary import BlockResult, RunSummary, Stopping, Throughput, summary_to_dict
+from neuroflux.tools.screenshot import color_bands, dump_dom, find_browser, png_distinct_rows, screenshot, tallest_column
 
 
 @pytest.fixture(scope="module")
@@ -89,23 +91,51 @@ def test_html_has_one_bar_per_block_and_overlays_a_run(resnet_plan, tmp_path: Pa
     assert len(re.findall(r'class="bar pred"', svg)) == len(plan.blocks)
     run = tmp_path / "run"
     run.mkdir()
-    summary = {"method": "neuroflux", "device": "cpu", "final_exit": "u3", "final_accuracy": 0.9, "final_params": 10,
-               "original_params": 100, "wall_time_s": 1.0, "exit_accuracies": {"u0": 0.5},
-               "blocks": [{"index": b.index, "measured_peak_bytes": b.predicted_peak_bytes, "time_s": 1.5} for b in plan.blocks]}
-    (run / "summary.json").write_text(json.dumps(summary))
-    assert nf_graph([str(path), "-o", str(out), "--run", str(run)]) == 0
-    page = out.read_text()
+    blocks = [BlockResult(index=b.index, units=list(b.units), batch_size=b.batch_size, epochs=b.epochs, epochs_run=b.epochs,
+                          measured_peak_bytes=b.predicted_peak_bytes, predicted_peak_bytes=b.predicted_peak_bytes,
+                          peak_source="test", exit_accuracies={b.units[0]: 0.5}, exit_accuracy=0.5, time_s=1.5,
+                          elapsed_s=1.5 * (b.index + 1)) for b in plan.blocks]
+    stopping = Stopping(stopped_at_unit="u3", stopped_after_block=0, full_depth=False, reason="test", blocks_skipped=[],
+                        units_skipped=[], epochs_planned={}, epochs_run={}, saved_predicted_s=0.0, saved_estimated_s=0.0,
+                        patience_units=2, epoch_patience=1, tolerance=0.005)
+    summary = RunSummary(method="neuroflux", status="ok", blocks=blocks, command="test", final_accuracy=0.9,
+                         final_exit="u3", final_params=10, original_params=100, param_reduction=10.0, wall_time_s=1.0,
+                         train_time_s=1.0, stopping=stopping, exit_accuracies={"u0": 0.5},
+                         throughput=Throughput(final_images_per_s=2.0, original_images_per_s=1.0, speedup=2.0),
+                         device="cpu", budget_bytes=plan.budget_bytes, budget_enforced=False, torch="test")
+    (run / "summary.json").write_text(json.dumps(summary_to_dict(summary)))
+    overlaid = tmp_path / "overlaid.html"
+    assert nf_graph([str(path), "-o", str(overlaid), "--run", str(run)]) == 0
+    page = overlaid.read_text()
     aux = plan.unit("u0").aux
     assert page.count('class="bar meas"') == 2 * len(plan.blocks) and f"u0: {aux.kind} {aux.width} (50.0%)" in page
+    assert 'class="bar meas"' not in out.read_text(), "the plan-only page is left as it was"
 
 
-@pytest.mark.skipif(find_browser() is None, reason="no Chromium installed")
-def test_html_screenshot_in_headless_chromium(resnet_plan, tmp_path: Path) -> None:
+def test_html_report_in_headless_chromium(resnet_plan, tmp_path: Path) -> None:
+    """What a person sees in a real browser: the blocks table, one blue bar
+    per block in each chart (peak memory, time), and the red budget line.
+    Skips only outside CI; .ci/run installs Chromium, and there a missing
+    browser fails the test."""
+    if find_browser() is None:
+        if os.environ.get("NEUROFLUX_CI"):
+            pytest.fail("no Chromium in CI: .ci/run installs Debian's chromium; see its log")
+        pytest.skip("no Chromium installed (apt-get install chromium)")
     plan, path = resnet_plan
-    assert nf_graph([str(path), "-o", str(tmp_path / "plan.html")]) == 0
+    page = tmp_path / "plan.html"
+    assert nf_graph([str(path), "-o", str(page)]) == 0
     png = tmp_path / "plan.png"
-    screenshot(tmp_path / "plan.html", png)
+    screenshot(page, png, height=2600)
     assert png_distinct_rows(png) > 50, "the screenshot is (nearly) blank"
+    blue, red = (0x3B, 0x6F, 0xD8), (0xC6, 0x28, 0x28)
+    bars = color_bands(png, blue, min_pixels=5)
+    assert len(bars) == 2 * len(plan.blocks), bars
+    assert all(6 <= last - first + 1 <= 16 for first, last in bars), bars  # 12 px bars, not merged, not slivers
+    assert tallest_column(png, red) >= 20 * len(plan.blocks) // 2, "no budget line"
+    dom = dump_dom(page)
+    table = dom[dom.index("<table"): dom.index("</table>")]
+    assert table.count("<tr>") == len(plan.blocks) + 1
+    assert all(f"<td>{b.batch_size}</td>" in table for b in plan.blocks)
 
 
 def test_graph_errors(resnet_plan, tmp_path: Path, capsys) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import plan_for, tiny_plan
+from helpers import tiny_plan
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.heads import build_head
 from neuroflux.runtime.runner import RunConfig, _Runner, run_plan
-from neuroflux.schemas import load_plan
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,6 +38,7 @@ def test_unit_matches_plain_pytorch_local_learning(tmp_path: Path) -> None:
     torch.manual_seed(r.seed)
     net = tiny.model()
     u0 = plan.units[0]
+    torch.manual_seed(r.seed + 1)  # heads are seeded apart from the model (runtime/assemble.py)
     head = build_head(u0.aux.kind, u0.output_shape, u0.aux.width, plan.model.num_classes)
     params = [net.conv1.weight, net.conv1.bias, net.bn1.weight, net.bn1.bias, *head.parameters()]
     opt = torch.optim.SGD(params, lr=b0.lr, momentum=r.momentum, weight_decay=r.weight_decay)

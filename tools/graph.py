@@ -15,6 +15,7 @@ import networkx as nx
 from neuroflux.common import speed_verdict
 from neuroflux.errors import NeuroFluxError
 from neuroflux.schemas.plan import Plan
+from neuroflux.schemas.summary import load_summary
 
 __all__ = ["FORMATS", "unit_graph", "write_dot", "write_graphml", "write_onnx", "write_html", "format_for"]
 
@@ -134,13 +135,12 @@ def write_onnx(plan: Plan, plan_path: Path, path: Path, *, force: bool = False) 
 
 # ---------------------------------------------------------------- HTML
 
-def _load_run(run_dir: Path | None) -> dict[str, Any] | None:
+def _load_run(run_dir: Path | None):  # noqa: ANN202 - a RunSummary or None
     if run_dir is None:
         return None
-    p = Path(run_dir) / "summary.json"
-    if not p.is_file():
+    if not (Path(run_dir) / "summary.json").is_file():
         raise NeuroFluxError(f"--run {run_dir}: no summary.json there (is the run finished?)")
-    return json.loads(p.read_text())
+    return load_summary(run_dir)
 
 
 def _mib(n: float) -> str:
@@ -174,15 +174,15 @@ def _bar_chart(title: str, rows: list[tuple[str, float, float | None]], *, limit
 
 def write_html(plan: Plan, path: Path, *, run_dir: Path | None = None) -> None:
     run = _load_run(run_dir)
-    measured = {b["index"]: b for b in run["blocks"]} if run and run.get("method") == "neuroflux" else {}
+    measured = {b.index: b for b in run.blocks} if run and run.method == "neuroflux" else {}
     peak_rows = [(f"block {b.index}", float(b.predicted_peak_bytes),
-                  float(measured[b.index]["measured_peak_bytes"]) if b.index in measured else None) for b in plan.blocks]
-    time_rows = [(f"block {b.index}", b.predicted_time_s, measured[b.index]["time_s"] if b.index in measured else None)
+                  float(measured[b.index].measured_peak_bytes) if b.index in measured else None) for b in plan.blocks]
+    time_rows = [(f"block {b.index}", b.predicted_time_s, measured[b.index].time_s if b.index in measured else None)
                  for b in plan.blocks]
     peak_svg = _bar_chart("Peak memory per block against the budget", peak_rows, limit=float(plan.budget_bytes),
                           unit="B", fmt=_mib)
     time_svg = _bar_chart("Training time per block", time_rows, limit=None, unit="s", fmt=lambda v: f"{v:.1f} s")
-    exit_acc = run.get("exit_accuracies", {}) if run else {}
+    exit_acc = run.exit_accuracies if run else {}
     rows = []
     for b in plan.blocks:
         heads = ", ".join(
@@ -191,8 +191,8 @@ def write_html(plan: Plan, path: Path, *, run_dir: Path | None = None) -> None:
         m = measured.get(b.index)
         rows.append(
             f"<tr><td>{b.index}</td><td>{html.escape(heads)}</td><td>{b.batch_size}</td><td>{b.epochs}</td>"
-            f"<td>{_mib(b.predicted_peak_bytes)}" + (f" / {_mib(m['measured_peak_bytes'])}" if m else "") + "</td>"
-            f"<td>{b.predicted_time_s:.1f} s" + (f" / {m['time_s']:.1f} s" if m else "") + "</td></tr>")
+            f"<td>{_mib(b.predicted_peak_bytes)}" + (f" / {_mib(m.measured_peak_bytes)}" if m else "") + "</td>"
+            f"<td>{b.predicted_time_s:.1f} s" + (f" / {m.time_s:.1f} s" if m else "") + "</td></tr>")
     bl, pr = plan.baseline, plan.predicted
 
     def speed(b, s) -> str:  # noqa: ANN001
@@ -203,10 +203,10 @@ def write_html(plan: Plan, path: Path, *, run_dir: Path | None = None) -> None:
 
     run_html = ""
     if run:
-        run_html = (f"<h2>Run: {html.escape(run['method'])} on {html.escape(run['device'])}</h2><p>final exit "
-                    f"<b>{html.escape(run['final_exit'])}</b>, val accuracy <b>{run['final_accuracy']:.2%}</b>, "
-                    f"{run['final_params']:,} params vs {run['original_params']:,} original, wall time "
-                    f"{run['wall_time_s']:.1f} s</p>")
+        run_html = (f"<h2>Run: {html.escape(run.method)} on {html.escape(run.device or '?')}</h2><p>final exit "
+                    f"<b>{html.escape(run.final_exit or '-')}</b>, val accuracy <b>{run.final_accuracy or 0:.2%}</b>, "
+                    f"{run.final_params or 0:,} params vs {run.original_params or 0:,} original, wall time "
+                    f"{run.wall_time_s or 0:.1f} s</p>")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>NeuroFlux plan: {html.escape(Path(plan.model.file).name)}</title>
 <style>

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["find_browser", "screenshot", "png_distinct_rows"]
+__all__ = ["find_browser", "screenshot", "dump_dom", "png_distinct_rows", "png_rows", "color_bands", "tallest_column"]
 
 _BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
@@ -41,8 +41,56 @@ def screenshot(page: Path, png: Path, *, width: int = 1100, height: int = 1300, 
         raise NeuroFluxError(f"Chromium failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}")
 
 
+def dump_dom(page: Path, *, timeout_s: float = 60) -> str:
+    """The page's DOM as Chromium parsed and laid it out (``--dump-dom``)."""
+    browser = find_browser()
+    if browser is None:
+        raise NeuroFluxError("no Chromium found; install it (apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--dump-dom",
+               Path(page).resolve().as_uri()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise NeuroFluxError(f"Chromium failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
 def png_distinct_rows(png: Path) -> int:
     """Number of distinct pixel rows of an 8-bit PNG (1 means a blank page)."""
+    return len(set(png_rows(png)[2]))
+
+
+def color_bands(png: Path, rgb: tuple[int, int, int], *, tol: int = 12, min_pixels: int = 3) -> list[tuple[int, int]]:
+    """Runs of consecutive pixel rows with at least ``min_pixels`` pixels of
+    colour ``rgb`` (each channel within ``tol``), as (first row, last row):
+    what an eye sees as separate horizontal bars of that colour."""
+    width, channels, rows = png_rows(png)
+    bands: list[tuple[int, int]] = []
+    for y, line in enumerate(rows):
+        hits = sum(1 for x in range(0, width * channels, channels)
+                   if all(abs(line[x + c] - rgb[c]) <= tol for c in range(3)))
+        if hits >= min_pixels:
+            if bands and bands[-1][1] == y - 1:
+                bands[-1] = (bands[-1][0], y)
+            else:
+                bands.append((y, y))
+    return bands
+
+
+def tallest_column(png: Path, rgb: tuple[int, int, int], *, tol: int = 12) -> int:
+    """Most pixels of colour ``rgb`` in one pixel column (a vertical line's length, gaps included)."""
+    width, channels, rows = png_rows(png)
+    counts = [0] * width
+    for line in rows:
+        for i, x in enumerate(range(0, width * channels, channels)):
+            if all(abs(line[x + c] - rgb[c]) <= tol for c in range(3)):
+                counts[i] += 1
+    return max(counts, default=0)
+
+
+def png_rows(png: Path) -> tuple[int, int, list[bytes]]:
+    """(width, channels, pixel rows) of an 8-bit PNG."""
     data = Path(png).read_bytes()
     if data[:8] != b"\x89PNG\r\n\x1a\n":
         raise ValueError(f"{png} is not a PNG")
@@ -60,7 +108,7 @@ def png_distinct_rows(png: Path) -> int:
         pos += 12 + length
     raw = zlib.decompress(idat)
     stride = width * channels
-    rows, prev = set(), bytearray(stride)
+    rows, prev = [], bytearray(stride)
     for i in range(0, len(raw), stride + 1):
         f, line = raw[i], bytearray(raw[i + 1 : i + 1 + stride])
         for x in range(stride):  # undo PNG filters
@@ -76,9 +124,9 @@ def png_distinct_rows(png: Path) -> int:
                 p = a + b - c
                 pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
                 line[x] = (line[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
-        rows.add(bytes(line))
+        rows.append(bytes(line))
         prev = line
-    return len(rows)
+    return width, channels, rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,145 @@
+"""NeuroFlux from Python: plan and train a model object, no files needed.
+
+    import neuroflux
+
+    plan = neuroflux.plan(model, budget="1GB", input_shape=(3, 32, 32), train_size=50_000, val_size=10_000)
+    plan.save("plan.json")                      # nf-graph, nf-run --help etc. read it
+    result = neuroflux.train(plan, model, train_set, val_set, out="runs/x")
+    result.model                                # the final early-exit nn.Module
+    result.summary["final_accuracy"]
+
+These are the functions ``nf-plan`` and ``nf-run`` run (``make_plan``,
+``run_plan``): the same plan for the same model, the same training.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from torch import nn
+
+from neuroflux.errors import NeuroFluxError
+
+__all__ = ["plan", "train", "load_plan", "Result"]
+
+
+def _source(model: nn.Module | str | Path | Callable[[], nn.Module], **kw: Any):  # noqa: ANN202
+    from neuroflux.runtime.model_file import ModelObject
+
+    if isinstance(model, nn.Module):
+        return ModelObject(model, **kw)
+    if isinstance(model, (str, Path)):
+        return str(model)
+    if callable(model):
+        return ModelObject(model(), **kw)
+    raise NeuroFluxError(f"model must be an nn.Module, a factory returning one, or a model file path; "
+                         f"got {type(model).__name__}")
+
+
+def plan(
+    model: nn.Module | str | Path | Callable[[], nn.Module],
+    budget: str | int = "1GB",
+    *,
+    input_shape: Sequence[int] | None = None,
+    train_size: int | None = None,
+    val_size: int | None = None,
+    num_classes: int | None = None,
+    device: Literal["cpu", "cuda"] = "cpu",
+    progress: Callable[[str, int, int], None] | None = None,
+    **options: Any,
+):
+    """Plan ``model`` under ``budget`` (``"1GB"``, ``"512MiB"`` or bytes).
+
+    ``model``: an ``nn.Module`` (its structure is planned; its weights are
+    not touched), a factory returning one, or a model file / import path as
+    ``nf-plan`` takes. For a module, give ``input_shape`` (one sample, e.g.
+    ``(3, 32, 32)``) and the training and validation set sizes. ``device``
+    is the target's kind; a device profile (``device_profile="gpu.json"``)
+    plans for a device elsewhere. ``options`` are ``PlanConfig`` fields,
+    named as the ``nf-plan`` flags are (``epochs=5``, ``head_kind="pooled"``,
+    ``max_batch=256``, ``strategy="greedy"``, ...). Returns the typed
+    ``Plan``; ``plan.save(path)`` writes it.
+    """
+    from neuroflux.planner.budget import parse_bytes
+    from neuroflux.planner.build import PlanConfig, make_plan
+
+    known = {f.name for f in fields(PlanConfig)} - {"budget_bytes", "budget_text", "device_kind", "device_name"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise NeuroFluxError(f"unknown plan option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    if device not in ("cpu", "cuda"):
+        raise NeuroFluxError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    budget_bytes = int(budget) if isinstance(budget, int) else parse_bytes(str(budget), what="budget")
+    source = _source(model, num_classes=num_classes)
+    cfg = PlanConfig(budget_bytes=budget_bytes, budget_text=str(budget), device_kind=device,
+                     device_name=device, train_size=train_size, val_size=val_size,
+                     input_shape=None if input_shape is None else tuple(int(s) for s in input_shape), **options)
+    return make_plan(source, cfg, plan_dir=Path.cwd(), progress=progress).plan
+
+
+@dataclass(frozen=True)
+class Result:
+    """What ``train`` gives back."""
+
+    summary: dict[str, Any]
+    """``summary.json``: per-block times, peaks and exit accuracies, the final exit and its accuracy."""
+    model: nn.Module
+    """The final model (the network up to the chosen exit, with its head; for a baseline, the whole network), on the CPU, in eval mode."""
+    out: Path
+    """The run directory (checkpoint, metrics, ``final_model.pt``, ``final_model.onnx``)."""
+
+
+def train(
+    plan,  # noqa: ANN001 - a neuroflux.schemas.Plan
+    model: nn.Module | Callable[[], nn.Module],
+    train_set: Any,
+    val_set: Any,
+    *,
+    out: str | Path | None = None,
+    device: Literal["auto", "cuda", "cpu"] = "auto",
+    method: Literal["neuroflux", "bp", "bp-checkpoint"] = "neuroflux",
+    augment: Callable[[Any], Any] | None = None,
+    resume: bool = False,
+    force: bool = False,
+    export_onnx: bool = True,
+    progress: bool = False,
+) -> Result:
+    """Train ``model`` as ``plan`` says (``method="bp"`` or
+    ``"bp-checkpoint"``: the plan's baselines). ``model`` must have the
+    planned structure (parameter and buffer names, shapes and dtypes; a
+    changed model is refused unless ``force``); training starts from its
+    current weights and leaves the object unchanged. ``train_set`` and
+    ``val_set`` are map-style datasets of ``(tensor, int)`` pairs.
+    """
+    from neuroflux.runtime.assemble import load_final_model
+    from neuroflux.runtime.model_file import ModelObject
+    from neuroflux.runtime.runner import RunConfig, run_plan
+
+    source = _source(model, datasets=(train_set, val_set), augment=augment)
+    if not isinstance(source, ModelObject):
+        raise NeuroFluxError("train() takes the model object; for a model file use nf-run plan.json")
+    out = Path(out) if out is not None else Path("runs") / f"{source.path.stem.strip('<>').split()[0]}-{method}-" \
+        f"{time.strftime('%Y%m%d-%H%M%S')}"
+    bar = _bars() if progress else None
+    cfg = RunConfig(out_dir=out, method=method, device=device, resume=resume, force=force, export_onnx=export_onnx,
+                    command=f"neuroflux.train(plan, {source.label}, ...)")
+    summary = run_plan(plan, None, cfg, source=source, **({"bar": bar} if bar else {}))
+    return Result(summary=summary, model=load_final_model(plan, source, out, summary), out=out)
+
+
+def _bars():  # noqa: ANN202
+    import sys
+
+    from tqdm import tqdm
+
+    return lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
+
+
+def load_plan(path: str | Path):  # noqa: ANN201
+    """Read and validate a plan file (``nf-plan -o``'s or ``Plan.save``'s)."""
+    from neuroflux.schemas import load_plan as _load
+
+    return _load(path)

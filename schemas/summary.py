@@ -1,0 +1,168 @@
+"""Typed run records: ``summary.json`` as ``nf-run`` (and ``neuroflux.train``)
+writes it, and its one loader.
+
+The published format is ``summary.schema.json``, generated from these
+records (``python -m neuroflux.schemas.generate``). A finished run has
+``status: "ok"`` and every field; a run that diverged has ``status:
+"diverged"``, its ``error`` and the blocks it finished, and nothing after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from neuroflux.errors import NeuroFluxError
+
+__all__ = ["BlockResult", "Stopping", "Throughput", "RunSummary", "load_summary", "summary_from_dict", "summary_to_dict"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockResult:
+    """One trained block (for a baseline, the whole model as block 0)."""
+
+    index: int
+    units: list[str]
+    batch_size: int
+    epochs: int
+    """Epochs planned."""
+    epochs_run: int
+    measured_peak_bytes: int
+    predicted_peak_bytes: int
+    peak_source: str
+    """torch.cuda.max_memory_allocated, or MemTracker over the first steps on a CPU."""
+    exit_accuracies: dict[str, float]
+    """Validation accuracy of every exit trained in this block."""
+    exit_accuracy: float
+    time_s: float
+    elapsed_s: float
+    """Run time when the block finished (resumed runs included)."""
+    nvml_process_bytes: int | None = None
+    """The process's GPU memory as NVML sees it (CUDA context included); CUDA only."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stopping:
+    """Where adaptive depth stopped the run, why, and what that saved."""
+
+    stopped_at_unit: str | None
+    stopped_after_block: int | None
+    full_depth: bool
+    reason: str
+    blocks_skipped: list[int]
+    units_skipped: list[str]
+    epochs_planned: dict[str, int]
+    epochs_run: dict[str, int]
+    saved_predicted_s: float
+    saved_estimated_s: float
+    """The predicted saving scaled by measured / predicted time of the blocks that ran."""
+    patience_units: int
+    epoch_patience: int
+    tolerance: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Throughput:
+    """Inference throughput of the final model against the original (cap lifted)."""
+
+    final_images_per_s: float
+    original_images_per_s: float
+    speedup: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    """A run's summary (``summary.json``)."""
+
+    method: Literal["neuroflux", "bp", "bp-checkpoint"]
+    status: Literal["ok", "diverged"]
+    blocks: list[BlockResult]
+    command: str
+    """What started the run (an nf-run command line, or the Python call)."""
+    error: str | None = None
+    """Why a diverged run stopped."""
+    final_accuracy: float | None = None
+    final_exit: str | None = None
+    final_params: int | None = None
+    original_params: int | None = None
+    param_reduction: float | None = None
+    wall_time_s: float | None = None
+    train_time_s: float | None = None
+    stopped_early: str | None = None
+    """Adaptive depth's reason, when it stopped before the last block."""
+    stopping: Stopping | None = None
+    exit_accuracies: dict[str, float] = field(default_factory=dict)
+    throughput: Throughput | None = None
+    device: str | None = None
+    budget_bytes: int | None = None
+    budget_enforced: bool | None = None
+    """Whether the CUDA allocator was capped at the budget."""
+    torch: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status == "ok":
+            missing = [f.name for f in dataclasses.fields(self)
+                       if f.name not in ("error", "stopped_early") and getattr(self, f.name) is None]
+            if missing:
+                raise ValueError(f"a finished run's summary lacks {', '.join(missing)}")
+
+
+def summary_to_dict(s: RunSummary) -> dict[str, Any]:
+    """JSON-ready, without the fields a diverged run does not have."""
+    out = dataclasses.asdict(s)
+    if s.status != "ok":
+        out = {k: v for k, v in out.items() if k in ("method", "status", "blocks", "command", "error")}
+    for b in out["blocks"]:
+        if b.get("nvml_process_bytes") is None:
+            b.pop("nvml_process_bytes", None)
+    return out
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise NeuroFluxError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise NeuroFluxError(f"{where}: unknown field(s) {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        inner = hints[name]
+        if typing.get_origin(inner) in (typing.Union, types.UnionType):  # X | None
+            inner = next(a for a in typing.get_args(inner) if a is not type(None))
+        if dataclasses.is_dataclass(inner) and value is not None:
+            value = _build(inner, value, f"{where}.{name}")
+        elif typing.get_origin(inner) is list and value is not None:
+            (item,) = typing.get_args(inner)
+            if dataclasses.is_dataclass(item):
+                value = [_build(item, v, f"{where}.{name}[{i}]") for i, v in enumerate(value)]
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise NeuroFluxError(f"{where}: {e}") from e
+
+
+def summary_from_dict(data: dict[str, Any]) -> RunSummary:
+    return _build(RunSummary, data, "summary")
+
+
+def load_summary(path: str | os.PathLike[str]) -> RunSummary:
+    """Read a run's ``summary.json`` (a file, or the run directory)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "summary.json"
+    if not p.is_file():
+        raise NeuroFluxError(f"{p}: no summary.json (is the run finished?)")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise NeuroFluxError(f"{p} is not valid JSON ({e})") from e
+    return summary_from_dict(data)
