@@ -1,11 +1,83 @@
-"""Helpers shared by the planner, the runtime and the tools (no torch, no
-solver), so that the runtime never imports the planner."""
+"""Helpers shared by the planner, the runtime and the tools (no solver;
+torch only inside the functions that need it), so that the runtime never
+imports the planner: byte formatting, the speed wording, atomic file
+writes, the auto/cuda/cpu device choice, and timing a call with the device
+synchronized."""
 
 from __future__ import annotations
 
-__all__ = ["format_bytes", "speed_verdict"]
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["format_bytes", "speed_verdict", "atomic_write", "resolve_device", "seconds_per_call", "tracker_peak_bytes"]
 
 
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> None:
+    """``write(tmp_path)`` then rename over ``path``: readers see the old
+    file or the new one, never half of one (a crash leaves no temp file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tracker_peak_bytes(tracker: Any) -> int:
+    """A ``MemTracker``'s peak over every device it saw, in bytes."""
+    return int(sum(dev["Total"] for dev in tracker.get_tracker_snapshot("peak").values()))
+
+
+def resolve_device(choice: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; others as given."""
+    if choice == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice not in ("cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {choice!r}")
+    return choice
+
+
+def seconds_per_call(fn: Callable[[], Any], *, device: Any = "cpu", reps: int = 10, warmup: int = 1,
+                     median: bool = False) -> float:
+    """Wall time of one ``fn()`` after ``warmup`` calls, the device
+    synchronized around the clock (CUDA runs asynchronously: an
+    unsynchronized clock times the launches only). ``median``: each call
+    timed on its own and the median returned (robust to a stray slow call);
+    else the mean over ``reps`` back-to-back calls (for calls too short to
+    time one by one)."""
+    import statistics
+
+    import torch
+
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    if not median:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / reps
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
 def format_bytes(n: int | float) -> str:
     """Human form with binary units, e.g. ``1.50 GiB``."""
     n = float(n)

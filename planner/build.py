@@ -55,11 +55,11 @@ from neuroflux.planner.parallel import map_forked, usable_cpus
 from neuroflux.planner.solve_cpsat import SolverConfig, solve_cpsat
 from neuroflux.planner.solve_dp import solve_dp
 from neuroflux.planner.solve_greedy import solve_greedy
-from neuroflux.planner.units import META_UNIT, UnitSpan, activation_graph, find_units, propagate_shapes, unit_signature
-from neuroflux.runtime.graph import split_units, trace
+from neuroflux.planner.units import UnitSpan, activation_graph, find_units, propagate_shapes, unit_signature
+from neuroflux.runtime.graph import META_CAPTURE, META_SHAPE, META_UNIT, split_units, trace
 from neuroflux.runtime.heads import build_head, head_widths
 from neuroflux.runtime.model_file import ModelFile, ModelObject, load_model_file
-from neuroflux.runtime.train import lr_for_batch
+from neuroflux.runtime.train import lr_for_batch, shuffle_seed
 from neuroflux.runtime.modules import CheckpointedChain, WithExit
 from neuroflux.schemas.plan import (
     SCHEMA_VERSION,
@@ -99,7 +99,10 @@ class InfeasibleBudget(NeuroFluxError):
 
 @dataclass(frozen=True, kw_only=True)
 class PlanConfig:
-    """Everything ``nf-plan`` decides with (CLI flags map 1:1)."""
+    """Everything ``nf-plan`` decides with. Most fields are a flag of the
+    same name (``max_batch``: ``--max-batch``); ``budget_*`` come from
+    ``--budget`` (or NVML), ``device_*`` from ``--device``, ``factory`` from
+    ``MODEL:factory``, ``tie_tolerance`` is ``--head-time-tolerance``."""
 
     budget_bytes: int
     budget_text: str
@@ -125,11 +128,11 @@ class PlanConfig:
     """JSON device profile (planner/device_profile.py) for the FLOP cost model."""
     device_flops_per_s: float | None = None
     op_overhead_s: float | None = None
-    lr: float = 0.1
+    lr: float = SGDConfig.lr
     base_batch_size: int = 128
     lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = SGDConfig.momentum
+    weight_decay: float = SGDConfig.weight_decay
     schedule: Literal["cosine", "constant"] = "cosine"
     patience: int = 2
     """Adaptive depth: units in a row without exit improvement before training stops (0: full depth)."""
@@ -206,7 +209,21 @@ def default_cache_budget_bytes() -> int:
         return 8 * 2**30
 
 
-def _infer_meta(mf: ModelFile | ModelObject, cfg: PlanConfig, fake: FakeTensorMode):
+@dataclass(frozen=True)
+class _Meta:
+    """What planning learns from the model and its data before profiling."""
+
+    shape: tuple[int, ...]
+    classes: int
+    train_n: int
+    val_n: int
+    model: nn.Module
+    """The model on fake tensors."""
+    gm: Any
+    """Its trace (an fx.GraphModule)."""
+
+
+def _infer_meta(mf: ModelFile | ModelObject, cfg: PlanConfig, fake: FakeTensorMode) -> _Meta:
     """Input shape, classes, train and val sizes; the fake model and its trace."""
     shape = cfg.input_shape or mf.input_shape()
     train_n, val_n = cfg.train_size, cfg.val_size
@@ -227,7 +244,7 @@ def _infer_meta(mf: ModelFile | ModelObject, cfg: PlanConfig, fake: FakeTensorMo
     shape = tuple(int(s) for s in shape)
     model = mf.build_fake(fake)
     gm = trace(model, shape)  # first: an untraceable model gets the error that names the module
-    if gm.meta.get("neuroflux_capture") == "shape-specialized":
+    if gm.meta.get(META_CAPTURE) == "shape-specialized":
         log.warning("%s: torch.fx cannot trace %s() symbolically (shape arithmetic in forward); traced it with the "
                     "input shape %s fixed instead (the batch stays free)", mf.path.name, mf.factory_name, shape)
     classes = mf.num_classes()
@@ -248,7 +265,7 @@ def _infer_meta(mf: ModelFile | ModelObject, cfg: PlanConfig, fake: FakeTensorMo
     if classes is not None and int(classes) != out.shape[1]:
         raise NeuroFluxError(f"{mf.path}: NUM_CLASSES is {classes} but {mf.factory_name}() outputs {out.shape[1]} classes; "
                              f"fix NUM_CLASSES, or set {mf.factory_name}.NUM_CLASSES for this factory")
-    return shape, int(out.shape[1]), int(train_n), int(val_n), model, gm
+    return _Meta(shape=shape, classes=int(out.shape[1]), train_n=int(train_n), val_n=int(val_n), model=model, gm=gm)
 
 
 def make_plan(model_spec: str | ModelObject, cfg: PlanConfig, *, plan_dir: str | Path = ".", progress: Progress | None = None) -> PlanResult:
@@ -303,90 +320,120 @@ def _profile_model(model_spec: str | ModelObject, cfg: PlanConfig, report: Progr
     mf = model_spec if isinstance(model_spec, ModelObject) else \
         load_model_file(model_spec, factory=cfg.factory, datasets=cfg.datasets)
     fake = FakeTensorMode()
-    shape, classes, train_n, val_n, fake_model, gm = _infer_meta(mf, cfg, fake)
-    propagate_shapes(gm, shape, fake)
-    spans = find_units(gm)
-    unit_mods = split_units(gm, [s.nodes for s in spans])
-    sgd = SGDConfig(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    target = _device_target(cfg)
-    speed, cal = target.speed, target.cal
-    foreach = True if cfg.device_kind == "cuda" else None  # the optimizer step PyTorch runs there
-    dtype_bytes = 2 if cfg.cache_dtype == "float16" else 4
-
-    real_mods: list[nn.Module] | None = None
+    meta = _infer_meta(mf, cfg, fake)
+    propagate_shapes(meta.gm, meta.shape, fake)
+    spans = find_units(meta.gm)
+    prof = _Profiler(cfg=cfg, fake=fake, meta=meta, spans=spans, unit_mods=split_units(meta.gm, [s.nodes for s in spans]),
+                     target=_device_target(cfg), sgd=SGDConfig(lr=cfg.lr, momentum=cfg.momentum,
+                                                               weight_decay=cfg.weight_decay))
     if cfg.cost == "measure":
+        if cfg.device_kind == "cuda" and not torch.cuda.is_available():
+            raise NeuroFluxError("--cost measure with a CUDA target needs a CUDA device here; use --cost flops")
         torch.manual_seed(cfg.seed)
-        real_gm = trace(mf.build(), shape)
-        real_mods = split_units(real_gm, [s.nodes for s in spans])
-    device = torch.device(cfg.device_kind if cfg.cost == "measure" else "cpu")
-    if cfg.cost == "measure" and cfg.device_kind == "cuda" and not torch.cuda.is_available():
-        raise NeuroFluxError("--cost measure with a CUDA target needs a CUDA device here; use --cost flops")
+        real_gm = trace(mf.build(), meta.shape)
+        prof.real_mods = split_units(real_gm, [s.nodes for s in spans])
+        prof.device = torch.device(cfg.device_kind)
+    unit_costs, bp_prof, ck_prof = prof.run(report)
+    return _Profiled(mf=mf, gm=meta.gm, spans=spans, shape=meta.shape, classes=meta.classes, train_n=meta.train_n,
+                     val_n=meta.val_n, model_params=sum(p.numel() for p in meta.model.parameters()),
+                     unit_costs=unit_costs, bp_prof=bp_prof, ck_prof=ck_prof, target=prof.target,
+                     real=None if prof.real_mods is None else (real_gm, CheckpointedChain(prof.real_mods)),
+                     device=prof.device, sgd=prof.sgd)
 
-    last = len(spans) - 1
-    option_lists = [_options_for(s, cfg, last=s.index == last) for s in spans]
 
-    def profile_options(k: int) -> tuple[tuple[AuxOption, ...], float]:
+@dataclass
+class _Profiler:
+    """Every unit's aux options and the two baselines, profiled as jobs on
+    this machine's cores (``map_forked``)."""
+
+    cfg: PlanConfig
+    fake: FakeTensorMode
+    meta: _Meta
+    spans: list[UnitSpan]
+    unit_mods: list[nn.Module]
+    target: _Target
+    sgd: SGDConfig
+    real_mods: list[nn.Module] | None = None
+    """Real units for --cost measure."""
+    device: torch.device = torch.device("cpu")
+    """Where --cost measure times steps."""
+
+    @property
+    def foreach(self) -> bool | None:
+        return True if self.cfg.device_kind == "cuda" else None  # the optimizer step PyTorch runs there
+
+    def run(self, report: Progress) -> tuple[list[UnitCost], StepProfile, StepProfile]:
+        spans, cfg = self.spans, self.cfg
+        last = len(spans) - 1
+        self.option_lists = [_options_for(s, cfg, last=s.index == last) for s in spans]
+        # Units that compute the same thing on the same shape (a deep ResNet's
+        # repeated blocks) have the same costs: profile one, reuse its options.
+        first_of: dict[tuple[str, tuple[int, ...], bool], int] = {}
+        same_as = [first_of.setdefault((unit_signature(mod, span.input_shape), tuple(span.output_shape),
+                                        span.index == last), span.index) for span, mod in zip(spans, self.unit_mods)]
+        distinct = sorted(first_of.values())
+        weight = {k: len(self.option_lists[k]) for k in distinct} | {-1: 2 * len(spans), -2: 3 * len(spans)}
+        total, done = sum(weight.values()), 0
+
+        def finished(k: int) -> None:
+            nonlocal done
+            done += weight[k]
+            report("profiling units and baselines", done, total)
+
+        report("profiling units and baselines", 0, total)
+        # Timed steps (--cost measure) must have the machine to themselves.
+        workers = 1 if cfg.cost == "measure" else (cfg.workers or usable_cpus())
+        results = map_forked(self.job, [-2, -1, *distinct], workers=workers, on_done=finished)
+        dtype_bytes = 2 if cfg.cache_dtype == "float16" else 4
+        unit_costs = [UnitCost(name=f"u{span.index}", options=results[same_as[span.index]][0],
+                               out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes,
+                               fwd_per_sample_s=results[same_as[span.index]][1]) for span in spans]
+        report("solving", total, total)
+        return unit_costs, results[-1], results[-2]
+
+    def job(self, k: int):  # noqa: ANN201
+        """Unit ``k``'s options, or for -1 and -2 the BP and BP-checkpointing steps (whole-model, the longest jobs)."""
+        if k >= 0:
+            return self.options(k)
+        model = self.meta.gm if k == -1 else CheckpointedChain(self.unit_mods)
+        return _calibrated(profile_step(model, None, self.meta.shape, self.meta.classes, fake_mode=self.fake,
+                                        sgd=self.sgd, foreach=self.foreach), self.target.cal)
+
+    def options(self, k: int) -> tuple[tuple[AuxOption, ...], float]:
         """Unit ``k``'s aux options (memory and step time per head) and its forward time per sample."""
-        span, mod = spans[k], unit_mods[k]
+        span, mod, classes, fake = self.spans[k], self.unit_mods[k], self.meta.classes, self.fake
         with fake:
             heads = [None if kind == "model" else build_head(kind, span.output_shape, width, classes)
-                     for kind, width in option_lists[k]]
+                     for kind, width in self.option_lists[k]]
         if None in heads:
-            profs = [profile_step(mod, h, span.input_shape, classes, fake_mode=fake, sgd=sgd, foreach=foreach)
+            profs = [profile_step(mod, h, span.input_shape, classes, fake_mode=fake, sgd=self.sgd, foreach=self.foreach)
                      for h in heads]
         else:
             profs = profile_unit_options(mod, heads, span.input_shape, span.output_shape, classes, fake_mode=fake,
-                                         sgd=sgd, foreach=foreach)
+                                         sgd=self.sgd, foreach=self.foreach)
         options = []
-        for (kind, width), head, prof in zip(option_lists[k], heads, profs):
-            prof = _calibrated(prof, cal)
-            step_fixed, step_per = _step_time(cfg, speed, prof, span, mod, kind, width, classes, real_mods, device, sgd)
+        for (kind, width), head, prof in zip(self.option_lists[k], heads, profs):
+            prof = _calibrated(prof, self.target.cal)
+            step_fixed, step_per = self.step_time(prof, k, kind, width)
             options.append(AuxOption(
                 kind=kind, width=width, head_params=0 if head is None else sum(p.numel() for p in head.parameters()),
                 static_bytes=prof.static_bytes, dyn_fixed_bytes=prof.dyn_fixed_bytes,
                 dyn_per_sample_bytes=prof.dyn_per_sample_bytes, step_fixed_s=step_fixed, step_per_sample_s=step_per,
             ))
-        return tuple(options), forward_flops(mod, span.input_shape, fake_mode=fake) / speed.flops_per_s
+        return tuple(options), forward_flops(mod, span.input_shape, fake_mode=fake) / self.target.speed.flops_per_s
 
-    # Units that compute the same thing on the same shape (a deep ResNet's
-    # repeated blocks) have the same costs: profile one, reuse its options.
-    first_of: dict[tuple[str, tuple[int, ...], bool], int] = {}
-    same_as = []
-    for span, mod in zip(spans, unit_mods):
-        key = (unit_signature(mod, span.input_shape), tuple(span.output_shape), span.index == last)
-        same_as.append(first_of.setdefault(key, span.index))
-    distinct = sorted(first_of.values())
-    baselines = {-1: gm, -2: CheckpointedChain(unit_mods)}
-
-    def job(k: int):  # noqa: ANN202
-        if k < 0:  # the BP baselines: whole-model steps, the longest jobs
-            return _calibrated(profile_step(baselines[k], None, shape, classes, fake_mode=fake, sgd=sgd,
-                                            foreach=foreach), cal)
-        return profile_options(k)
-
-    weight = {k: len(option_lists[k]) for k in distinct} | {-1: 2 * len(spans), -2: 3 * len(spans)}
-    total, done = sum(weight.values()), 0
-
-    def finished(k: int) -> None:
-        nonlocal done
-        done += weight[k]
-        report("profiling units and baselines", done, total)
-
-    report("profiling units and baselines", 0, total)
-    # Timed steps (--cost measure) must have the machine to themselves.
-    workers = 1 if cfg.cost == "measure" else (cfg.workers or usable_cpus())
-    results = map_forked(job, [-2, -1, *distinct], workers=workers, on_done=finished)
-    unit_costs = []
-    for span in spans:
-        options, fwd_s = results[same_as[span.index]]
-        unit_costs.append(UnitCost(name=f"u{span.index}", options=options,
-                                   out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes, fwd_per_sample_s=fwd_s))
-    bp_prof, ck_prof = results[-1], results[-2]
-    report("solving", total, total)
-    return _Profiled(mf=mf, gm=gm, spans=spans, shape=shape, classes=classes, train_n=train_n, val_n=val_n,
-                     model_params=sum(p.numel() for p in fake_model.parameters()), unit_costs=unit_costs,
-                     bp_prof=bp_prof, ck_prof=ck_prof, target=target,
-                     real=None if real_mods is None else (real_gm, CheckpointedChain(real_mods)), device=device, sgd=sgd)
+    def step_time(self, prof: StepProfile, k: int, kind: str, width: int) -> tuple[float, float]:
+        """(fixed_s, per_sample_s) of unit ``k``'s step with that head: from
+        FLOPs and ops, or (--cost measure) timed on real tensors."""
+        speed = self.target.speed
+        if self.cfg.cost == "flops":
+            return prof.ops * speed.op_overhead_s + prof.flops_fixed / speed.flops_per_s, \
+                prof.flops_per_sample / speed.flops_per_s
+        assert self.real_mods is not None
+        span = self.spans[k]
+        head = None if kind == "model" else build_head(kind, span.output_shape, width, self.meta.classes)
+        return measure_step_time(WithExit(self.real_mods[k], head), span.input_shape, self.meta.classes,
+                                 device=self.device, batches=(8, 32), sgd=self.sgd)
 
 
 def _plan_at(pr: _Profiled, cfg: PlanConfig, *, plan_dir: Path, t_start: float) -> PlanResult:
@@ -520,15 +567,6 @@ def _calibrated(prof: StepProfile, cal: MemoryCalibration) -> StepProfile:
                                dyn_per_sample_bytes=math.ceil(prof.dyn_per_sample_bytes * cal.activation_scale))
 
 
-def _step_time(cfg, speed, prof: StepProfile, span, mod, kind, width, classes, real_mods, device, sgd) -> tuple[float, float]:
-    if cfg.cost == "flops":
-        return prof.ops * speed.op_overhead_s + prof.flops_fixed / speed.flops_per_s, prof.flops_per_sample / speed.flops_per_s
-    assert real_mods is not None
-    head = None if kind == "model" else build_head(kind, span.output_shape, width, classes)
-    module = WithExit(real_mods[span.index], head)
-    return measure_step_time(module, span.input_shape, classes, device=device, batches=(8, 32), sgd=sgd)
-
-
 def _baseline(problem: Problem, prof: StepProfile, speed: DeviceSpeed, cfg: PlanConfig, *, real, shape, classes, device, sgd) -> Baseline:
     fitting = [b for b in problem.batch_sizes if prof.peak_bytes(b) <= problem.cap_bytes]
     ws = problem.workspace_bytes
@@ -574,54 +612,16 @@ def _assemble(*, mf: ModelFile | ModelObject, cfg: PlanConfig, gm, spans: list[U
               shape, classes: int, bp: Baseline, ck: Baseline, target: _Target, engine: str, plan_dir: Path,
               model_params: int, wall_s: float) -> Plan:
     speed = target.speed
-    units = []
-    for span, cost, opt_i in zip(spans, problem.units, solution.options):
-        o = cost.options[opt_i]
-        is_last = span.index == len(spans) - 1
-        units.append(
-            Unit(
-                name=cost.name, index=span.index, nodes=list(span.nodes), input_node=span.input_node,
-                output_node=span.output_node, input_shape=list(span.input_shape), output_shape=list(span.output_shape),
-                params=span.params, out_bytes_per_sample=cost.out_bytes_per_sample, is_last=is_last,
-                aux=None if is_last else AuxHead(kind=o.kind, width=o.width, params=o.head_params),
-                profile=UnitProfile(
-                    static_bytes=o.static_bytes, dyn_fixed_bytes=o.dyn_fixed_bytes,
-                    dyn_per_sample_bytes=o.dyn_per_sample_bytes, step_fixed_s=o.step_fixed_s,
-                    step_per_sample_s=o.step_per_sample_s, fwd_per_sample_s=cost.fwd_per_sample_s,
-                ),
-            )
-        )
-    blocks = []
-    for i, bc in enumerate(solution.blocks):
-        last_block = bc.end == problem.n - 1
-        blocks.append(
-            Block(
-                index=i, units=[problem.units[u].name for u in range(bc.start, bc.end + 1)], batch_size=bc.batch_size,
-                epochs=cfg.epochs,
-                lr=lr_for_batch(cfg.lr, bc.batch_size, base=cfg.base_batch_size, rule=cfg.lr_scaling),
-                steps=block_steps(problem, bc.batch_size),
-                predicted_peak_bytes=block_peak_bytes(problem, bc.start, bc.end, bc.batch_size, solution.options)
-                + problem.workspace_bytes,
-                predicted_time_s=block_time_s(problem, bc.start, bc.end, bc.batch_size, solution.options),
-                cache=None if last_block else CacheSpec(location=cfg.cache_location, dtype=cfg.cache_dtype,
-                                                         bytes=cache_bytes(problem, bc.end)),
-            )
-        )
+    units = _unit_records(spans, problem, solution)
+    blocks = _block_records(problem, solution, cfg)
     total = sum(b.predicted_time_s for b in blocks)
-    if mf.source != "file":  # an installed module's import name, or a model object's class
-        model_file = mf.import_name if mf.source == "import" else mf.label
-    else:
-        try:
-            model_file = os.path.relpath(mf.path, plan_dir.resolve())
-        except ValueError:  # another drive on Windows
-            model_file = str(mf.path)
     nodes, edges = _graph_records(gm)
     return Plan(
         schema_version=SCHEMA_VERSION,
         created_by=f"neuroflux {neuroflux.__version__}, torch {torch.__version__}",
-        model=ModelSpec(file=model_file, sha256=mf.sha256, factory=mf.factory_name, datasets=mf.datasets_name,
+        model=ModelSpec(file=_model_file(mf, plan_dir), sha256=mf.sha256, factory=mf.factory_name, datasets=mf.datasets_name,
                         input_shape=list(shape), num_classes=classes, params=model_params,
-                        capture=gm.meta.get("neuroflux_capture", "symbolic"), source=mf.source),
+                        capture=gm.meta.get(META_CAPTURE, "symbolic"), source=mf.source),
         device=DeviceSpec(kind=cfg.device_kind, name=target.name, budget_text=cfg.budget_text,
                           budget_bytes=cfg.budget_bytes, budget_source=cfg.budget_source, margin_fraction=cfg.margin,
                           cache_budget_bytes=problem.cache_budget_bytes, workspace_bytes=problem.workspace_bytes,
@@ -661,6 +661,60 @@ def _assemble(*, mf: ModelFile | ModelObject, cfg: PlanConfig, gm, spans: list[U
     )
 
 
+def _model_file(mf: ModelFile | ModelObject, plan_dir: Path) -> str:
+    """How the plan names its model: the file relative to the plan, an
+    installed module's import name, or a model object's class."""
+    if mf.source != "file":
+        return mf.import_name if mf.source == "import" else mf.label
+    try:
+        return os.path.relpath(mf.path, plan_dir.resolve())
+    except ValueError:  # another drive on Windows
+        return str(mf.path)
+
+
+def _unit_records(spans: list[UnitSpan], problem: Problem, solution: Solution) -> list[Unit]:
+    units = []
+    for span, cost, opt_i in zip(spans, problem.units, solution.options):
+        o = cost.options[opt_i]
+        is_last = span.index == len(spans) - 1
+        units.append(
+            Unit(
+                name=cost.name, index=span.index, nodes=list(span.nodes), input_node=span.input_node,
+                output_node=span.output_node, input_shape=list(span.input_shape), output_shape=list(span.output_shape),
+                params=span.params, out_bytes_per_sample=cost.out_bytes_per_sample, is_last=is_last,
+                aux=None if is_last else AuxHead(kind=o.kind, width=o.width, params=o.head_params),
+                profile=UnitProfile(
+                    static_bytes=o.static_bytes, dyn_fixed_bytes=o.dyn_fixed_bytes,
+                    dyn_per_sample_bytes=o.dyn_per_sample_bytes, step_fixed_s=o.step_fixed_s,
+                    step_per_sample_s=o.step_per_sample_s, fwd_per_sample_s=cost.fwd_per_sample_s,
+                ),
+            )
+        )
+    return units
+
+
+def _block_records(problem: Problem, solution: Solution, cfg: PlanConfig) -> list[Block]:
+    blocks = []
+    for i, bc in enumerate(solution.blocks):
+        last_block = bc.end == problem.n - 1
+        blocks.append(
+            Block(
+                index=i, units=[problem.units[u].name for u in range(bc.start, bc.end + 1)], batch_size=bc.batch_size,
+                epochs=cfg.epochs,
+                lr=lr_for_batch(cfg.lr, bc.batch_size, base=cfg.base_batch_size, rule=cfg.lr_scaling),
+                steps=block_steps(problem, bc.batch_size),
+                predicted_peak_bytes=block_peak_bytes(problem, bc.start, bc.end, bc.batch_size, solution.options)
+                + problem.workspace_bytes,
+                predicted_time_s=block_time_s(problem, bc.start, bc.end, bc.batch_size, solution.options),
+                cache=None if last_block else CacheSpec(
+                    location=cfg.cache_location, dtype=cfg.cache_dtype, bytes=cache_bytes(problem, bc.end),
+                    file=f"cache/block{i}.npy" if cfg.cache_location == "disk" else None),
+                shuffle_seed=shuffle_seed(cfg.seed, i),
+            )
+        )
+    return blocks
+
+
 def _graph_records(gm) -> tuple[list[GraphNode], list[GraphEdge]]:
     """The traced graph's activation nodes and data edges, with their units."""
     g = activation_graph(gm)
@@ -669,7 +723,7 @@ def _graph_records(gm) -> tuple[list[GraphNode], list[GraphEdge]]:
         if n.name not in g:
             continue
         unit = n.meta.get(META_UNIT)
-        shape = n.meta.get("neuroflux_shape")
+        shape = n.meta.get(META_SHAPE)
         target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
         nodes.append(GraphNode(name=n.name, op=n.op, target=str(target), unit=None if unit is None else f"u{unit}",
                                shape=None if shape is None else list(shape)))

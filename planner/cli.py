@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from neuroflux.errors import NeuroFluxError
-from neuroflux.common import speed_verdict
+from neuroflux.common import resolve_device, speed_verdict
 from neuroflux.planner.budget import format_bytes, nvml_free_bytes, parse_bytes
 from neuroflux.runtime.heads import HEAD_KINDS
 
@@ -38,22 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="plan at several budgets instead of --budget, profiling once: a list (100MB,200MB,1GB) or a "
                          "log-spaced range LOW:HIGH:COUNT (100MB:2GB:6); writes one plan per budget, sweep.json and "
                          "sweep.html (predicted time against budget for NeuroFlux, BP and BP with checkpointing)")
-    ap.add_argument("--strategy", choices=["optimal", "greedy"], default="optimal",
+    ap.add_argument("--strategy", choices=["optimal", "greedy"], default=_default("strategy"),
                     help="optimal: CP-SAT; greedy: our reconstruction of the paper's heuristic")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="target device kind")
-    ap.add_argument("--epochs", type=int, default=5, help="epochs per block (and for the BP baselines)")
-    ap.add_argument("--min-batch", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=_default("epochs"), help="epochs per block (and for the BP baselines)")
+    ap.add_argument("--min-batch", type=int, default=_default("min_batch"))
     ap.add_argument("--max-batch", type=int, default=None, help="default: min(512, train size / 32)")
-    ap.add_argument("--margin", type=float, default=0.10, help="share of the budget kept free for allocator rounding "
+    ap.add_argument("--margin", type=float, default=_default("margin"), help="share of the budget kept free for allocator rounding "
                     "and fragmentation")
     ap.add_argument("--cache-budget", default=None, help="host RAM (or disk) for one block's input+output cache "
                     "(default: half of this machine's RAM)")
-    ap.add_argument("--cache-location", choices=["ram", "disk"], default="ram")
-    ap.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16")
+    ap.add_argument("--cache-location", choices=["ram", "disk"], default=_default("cache_location"))
+    ap.add_argument("--cache-dtype", choices=["float16", "float32"], default=_default("cache_dtype"))
     ap.add_argument("--max-blocks", type=int, default=None)
-    ap.add_argument("--time-limit", type=float, default=30.0, help="CP-SAT seconds per solve phase")
-    ap.add_argument("--seed", type=int, default=0, help="solver and training seed")
-    ap.add_argument("--cost", choices=["flops", "measure"], default="flops",
+    ap.add_argument("--time-limit", type=float, default=_default("time_limit_s"), help="CP-SAT seconds per solve phase")
+    ap.add_argument("--seed", type=int, default=_default("seed"), help="solver and training seed")
+    ap.add_argument("--cost", choices=["flops", "measure"], default=_default("cost"),
                     help="step times from FLOPs and device throughput, or measured real steps")
     ap.add_argument("--device-profile", default=None,
                     help="device profile JSON for --cost flops, e.g. a GPU's measured with `python -m "
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--op-overhead-us", type=float, default=None,
                     help="fixed cost per dispatched op for --cost flops (default: measured here); with "
                     "--device-tflops it makes plans independent of this machine's load")
-    ap.add_argument("--lr", type=float, default=0.1, help="base learning rate at batch 128 (sqrt-scaled per block)")
+    ap.add_argument("--lr", type=float, default=_default("lr"), help="base learning rate at batch 128 (sqrt-scaled per block)")
     ap.add_argument("--head-kind", choices=list(HEAD_KINDS), default=_default("head_kind"),
                     help="aux head family: pooled (DGL-style: pool to 4x4, 1x1-conv MLP; cheap, so wide) or conv "
                     "(3x3 conv at full resolution)")
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one sample's shape, e.g. 3,224,224 (default: the model file's INPUT_SHAPE, else a sample's)")
     ap.add_argument("--train-size", type=int, default=None, help="needed only if the model file has no datasets()")
     ap.add_argument("--val-size", type=int, default=None)
-    ap.add_argument("--datasets", default="datasets", help="name of the datasets function in the model file")
+    ap.add_argument("--datasets", default=_default("datasets"), help="name of the datasets function in the model file")
     ap.add_argument("--workers", type=int, default=_default("workers"),
                     help="processes that profile units (default 0: every core; the plan is the same for any number)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
@@ -97,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _device(choice: str) -> tuple[str, str]:
     import torch
 
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = resolve_device(choice)
     if choice == "cuda" and torch.cuda.is_available():
         return "cuda", torch.cuda.get_device_name(0)
     return choice, "cpu" if choice == "cpu" else "cuda (not present when planned)"

@@ -173,6 +173,7 @@ def measure_memory_calibration(dev, *, batches: tuple[int, int] = (16, 64),  # n
 
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    from neuroflux.common import tracker_peak_bytes
     from neuroflux.planner.profile import SGDConfig, profile_step, state_bytes
     from neuroflux.runtime.train import UnitTrainer
 
@@ -213,7 +214,7 @@ def measure_memory_calibration(dev, *, batches: tuple[int, int] = (16, 64),  # n
             tracker.track_external(model, t.opt)
             with tracker:
                 t.step(x, y)
-            peak = sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values())
+            peak = tracker_peak_bytes(tracker)
             dyn.append(peak - state_bytes([model], t.opt))
         del x, y
     per = (dyn[1] - dyn[0]) / (batches[1] - batches[0])

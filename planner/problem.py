@@ -169,10 +169,10 @@ def block_steps(p: Problem, batch: int) -> int:
 def block_time_s(p: Problem, start: int, end: int, batch: int, options: Sequence[int]) -> float:
     units = range(start, end + 1)
     train = block_steps(p, batch) * sum(p.units[u].options[options[u]].step_s(batch) for u in units)
-    return train + _pass_time_s(p, start, end)
+    return train + pass_time_s(p, start, end)
 
 
-def _pass_time_s(p: Problem, start: int, end: int) -> float:
+def pass_time_s(p: Problem, start: int, end: int) -> float:
     """Cost of the pass after training: val for the exits, plus the train
     set and the cache write when a block follows."""
     fwd = sum(p.units[u].fwd_per_sample_s for u in range(start, end + 1))

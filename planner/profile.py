@@ -21,8 +21,6 @@ from __future__ import annotations
 import gc
 import math
 import weakref
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from neuroflux.common import seconds_per_call
 from neuroflux.runtime.train import UnitTrainer
 
 __all__ = ["StepProfile", "DeviceSpeed", "profile_step", "forward_flops", "measure_device_speed", "measure_step_time", "SGDConfig",
@@ -40,6 +39,9 @@ __all__ = ["StepProfile", "DeviceSpeed", "profile_step", "forward_flops", "measu
 
 @dataclass(frozen=True, kw_only=True)
 class SGDConfig:
+    """The local optimizer's recipe. These defaults are the only ones:
+    ``PlanConfig`` and ``nf-plan``'s flags take theirs from here."""
+
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -377,28 +379,13 @@ def forward_flops(module: nn.Module, input_shape: Sequence[int], *, fake_mode, b
 def measure_device_speed(device: torch.device | str = "cpu") -> DeviceSpeed:
     """Matmul throughput and per-op dispatch overhead of this device."""
     device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n = 2048 if device.type == "cuda" else 512
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    for _ in range(3):
-        a @ b
-    sync()
-    reps = 20 if device.type == "cuda" else 10
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    flops_per_s = 2 * n**3 * reps / (time.perf_counter() - t0)
+    matmul_s = seconds_per_call(lambda: a @ b, device=device, reps=20 if device.type == "cuda" else 10, warmup=3)
+    flops_per_s = 2 * n**3 / matmul_s
     x = torch.ones(8, device=device)
-    for _ in range(50):
-        x = x + 1
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(500):
-        x = x + 1
-    sync()
-    overhead = (time.perf_counter() - t0) / 500
+    overhead = seconds_per_call(lambda: x + 1, device=device, reps=500, warmup=50)
     return DeviceSpeed(flops_per_s=flops_per_s, op_overhead_s=overhead)
 
 
@@ -414,7 +401,6 @@ def measure_step_time(
 ) -> tuple[float, float]:
     """(fixed_s, per_sample_s) of a real training step on ``device``
     (median of ``reps`` after a warm-up), from two batch sizes."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     module.to(device)
     t = _trainer(module, None, SGDConfig(lr=0.0, momentum=sgd.momentum))  # lr 0: profiling leaves weights alone
     t.train(True)
@@ -422,15 +408,7 @@ def measure_step_time(
     for b in batches:
         x = torch.randn(b, *input_shape, device=device)
         y = torch.randint(0, num_classes, (b,), device=device)
-        _step(t, x, y)
-        sync()
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            _step(t, x, y)
-            sync()
-            samples.append(time.perf_counter() - t0)
-        times.append(statistics.median(samples))
+        times.append(seconds_per_call(lambda: _step(t, x, y), device=device, reps=reps, median=True))
     per = max(0.0, (times[1] - times[0]) / (batches[1] - batches[0]))
     return max(0.0, times[0] - per * batches[0]), per
 

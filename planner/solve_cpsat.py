@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ortools.sat.python import cp_model
@@ -29,7 +29,7 @@ from neuroflux.planner.problem import (
     BlockChoice,
     Problem,
     Solution,
-    _pass_time_s,
+    pass_time_s,
     block_allowed,
     block_steps,
     plan_time_s,
@@ -62,37 +62,80 @@ class SolverConfig:
 
 
 def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solution | None = None) -> Solution:
-    """Optimal plan for ``p``. ``hint`` (e.g. the greedy plan) seeds the search."""
+    """Optimal plan for ``p``. ``hint`` (e.g. the greedy plan) seeds the search.
+
+    Phase 1 minimises predicted time; phase 2 keeps the time within
+    ``tie_tolerance`` of it and widens heads (the accuracy rule)."""
     from ortools.sat.python import cp_model  # here: importing OR-Tools costs 0.3 s, and deep networks never need it
 
     t0 = time.perf_counter()
-    n, K = p.n, len(p.batch_sizes)
+    model = _build_model(p, cp_model)
+    if hint is not None and hint.status in ("feasible", "optimal"):
+        _add_hint(model.m, p, hint, model.seg, model.z)
+    solver = _solver(cp_model, config, config.time_limit_s)
+    status = solver.solve(model.m)
+    n_vars, n_cons = len(model.m.proto.variables), len(model.m.proto.constraints)
+    stats = {"phase1_wall_s": solver.wall_time, "phase1_branches": float(solver.num_branches)}
+    failed = dict(wall_time_s=0.0, num_variables=n_vars, num_constraints=n_cons, stats=stats)
+    if status == cp_model.INFEASIBLE or (status == cp_model.UNKNOWN and not model.seg):
+        failed["wall_time_s"] = time.perf_counter() - t0
+        return Solution(status="infeasible", message="no split into blocks fits the memory and cache budgets", **failed)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        failed["wall_time_s"] = time.perf_counter() - t0
+        return Solution(status="timeout", message=f"CP-SAT found no plan within {config.time_limit_s}s "
+                        f"({solver.status_name(status)}); raise --time-limit", **failed)
+    chosen, widths_status = _widen_heads(model, solver, config, cp_model, stats)
+    blocks = sorted((BlockChoice(start=s, end=e, batch_size=p.batch_sizes[k])
+                     for (s, e, k), var in model.seg.items() if chosen.boolean_value(var)), key=lambda b: b.start)
+    options = tuple(next(o for o in range(len(p.units[u].options)) for k in range(len(p.batch_sizes))
+                         if chosen.boolean_value(model.z[u, k, o])) for u in range(p.n))
+    return Solution(
+        status="optimal" if status == cp_model.OPTIMAL else "feasible",
+        widths_status=widths_status,
+        blocks=tuple(blocks),
+        options=options,
+        time_s=plan_time_s(p, blocks, options),
+        lower_bound_s=solver.best_objective_bound / _US,
+        wall_time_s=time.perf_counter() - t0,
+        num_variables=n_vars,
+        num_constraints=n_cons,
+        stats=stats,
+    )
 
-    # ---- data: which (s, e, k) blocks can exist at all -------------------
-    # A block is possible if its caches fit and, with every unit at its
-    # lightest head, it fits device memory (a cheap prefilter; the exact
-    # constraint below still decides).
+
+@dataclass
+class _Model:
+    m: Any
+    """The cp_model.CpModel."""
+    seg: dict[tuple[int, int, int], Any]
+    """seg[s, e, k]: block s..e at batch k is chosen."""
+    z: dict[tuple[int, int, int], Any]
+    """z[u, k, o]: unit u takes option o, its block running at batch k."""
+    time_expr: Any
+    """Predicted time in microseconds (the phase-1 objective)."""
+
+
+def _possible_blocks(p: Problem) -> list[tuple[int, int, int]]:
+    """The (s, e, k) blocks that can exist at all: caches fit and, with every
+    unit at its lightest head, device memory fits (a cheap prefilter; the
+    exact constraint still decides)."""
+
     def lightest_peak(s: int, e: int, b: int) -> int:
         units = p.units[s : e + 1]
         static = sum(min(o.static_bytes for o in u.options) for u in units)
         return static + max(min(o.dyn_bytes(b) for o in u.options) for u in units)
 
-    possible = [
-        (s, e, k)
-        for s in range(n)
-        for e in range(s, n)
-        if block_allowed(p, s, e)
-        for k in range(K)
-        if lightest_peak(s, e, p.batch_sizes[k]) <= p.cap_bytes
-    ]
+    return [(s, e, k) for s in range(p.n) for e in range(s, p.n) if block_allowed(p, s, e)
+            for k in range(len(p.batch_sizes)) if lightest_peak(s, e, p.batch_sizes[k]) <= p.cap_bytes]
 
-    # ---- variables -------------------------------------------------------
+
+def _build_model(p: Problem, cp_model) -> _Model:  # noqa: ANN001
+    """Variables, constraints and the time objective."""
+    n, K = p.n, len(p.batch_sizes)
     m = cp_model.CpModel()
-    seg = {(s, e, k): m.new_bool_var(f"seg[{s},{e},{k}]") for (s, e, k) in possible}
+    seg = {(s, e, k): m.new_bool_var(f"seg[{s},{e},{k}]") for (s, e, k) in _possible_blocks(p)}
     opts = [range(len(u.options)) for u in p.units]
     z = {(u, k, o): m.new_bool_var(f"z[{u},{k},{o}]") for u in range(n) for k in range(K) for o in opts[u]}
-
-    # ---- constraints -----------------------------------------------------
     # Partition: every unit is covered by exactly one chosen block.
     for u in range(n):
         m.add_exactly_one(seg[s, e, k] for (s, e, k) in seg if s <= u <= e)
@@ -113,92 +156,43 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solu
             m.add(static + dyn <= p.cap_bytes).only_enforce_if(var)
     if p.max_blocks is not None:
         m.add(sum(seg.values()) <= p.max_blocks)
-
-    # ---- objective (phase 1: time) -------------------------------------
     train_terms = [
         round(block_steps(p, p.batch_sizes[k]) * p.units[u].options[o].step_s(p.batch_sizes[k]) * _US) * var
         for (u, k, o), var in z.items()
     ]
-    pass_terms = [round(_pass_time_s(p, s, e) * _US) * var for (s, e, k), var in seg.items()]
+    pass_terms = [round(pass_time_s(p, s, e) * _US) * var for (s, e, k), var in seg.items()]
     time_expr = sum(train_terms) + sum(pass_terms)
     m.minimize(time_expr)
-    if hint is not None and hint.status in ("feasible", "optimal"):
-        _add_hint(m, p, hint, seg, z)
+    return _Model(m=m, seg=seg, z=z, time_expr=time_expr)
 
-    # ---- solve -----------------------------------------------------------
+
+def _solver(cp_model, config: SolverConfig, time_limit_s: float):  # noqa: ANN001, ANN202
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = config.time_limit_s
+    solver.parameters.max_time_in_seconds = time_limit_s
     solver.parameters.random_seed = config.seed
     if config.workers:
         solver.parameters.num_workers = config.workers
-    status = solver.solve(m)
-    n_vars, n_cons = len(m.proto.variables), len(m.proto.constraints)
-    stats = {"phase1_wall_s": solver.wall_time, "phase1_branches": float(solver.num_branches)}
+    return solver
 
-    # ---- status check ----------------------------------------------------
-    if status == cp_model.INFEASIBLE or (status == cp_model.UNKNOWN and not possible):
-        return Solution(
-            status="infeasible",
-            wall_time_s=time.perf_counter() - t0,
-            num_variables=n_vars,
-            num_constraints=n_cons,
-            message="no split into blocks fits the memory and cache budgets",
-            stats=stats,
-        )
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return Solution(
-            status="timeout",
-            wall_time_s=time.perf_counter() - t0,
-            num_variables=n_vars,
-            num_constraints=n_cons,
-            message=f"CP-SAT found no plan within {config.time_limit_s}s ({solver.status_name(status)}); "
-            "raise --time-limit",
-            stats=stats,
-        )
-    optimal = status == cp_model.OPTIMAL
-    best_us = round(solver.objective_value)
-    bound_s = solver.best_objective_bound / _US
 
-    # ---- phase 2: widest heads at (nearly) the same time -----------------
-    # Lexicographic: fewest narrowing steps first, then least time, so the
-    # slack buys wider heads and never an arbitrary slower batch size.
-    limit_us = math.floor(best_us * (1 + config.tie_tolerance))
-    m.add(time_expr <= limit_us)
-    m.minimize((limit_us + 1) * sum(o * var for (u, k, o), var in z.items()) + time_expr)
+def _widen_heads(model: _Model, solver, config: SolverConfig, cp_model, stats: dict) -> tuple[Any, str]:  # noqa: ANN001
+    """Phase 2: the widest heads within the time tolerance. Lexicographic:
+    fewest narrowing steps first, then least time, so the slack buys wider
+    heads and never an arbitrary slower batch size. Returns the solver
+    whose solution to read, and phase 2's status."""
+    m, z = model.m, model.z
+    limit_us = math.floor(round(solver.objective_value) * (1 + config.tie_tolerance))
+    m.add(model.time_expr <= limit_us)
+    m.minimize((limit_us + 1) * sum(o * var for (u, k, o), var in z.items()) + model.time_expr)
     m.clear_hints()
-    for var in (*z.values(), *seg.values()):  # start from the phase-1 solution
+    for var in (*z.values(), *model.seg.values()):  # start from the phase-1 solution
         m.add_hint(var, solver.boolean_value(var))
-    chosen = solver
-    solver2 = cp_model.CpSolver()
-    solver2.parameters.max_time_in_seconds = min(config.time_limit_s, config.tie_time_limit_s)
-    solver2.parameters.random_seed = config.seed
-    if config.workers:
-        solver2.parameters.num_workers = config.workers
+    solver2 = _solver(cp_model, config, min(config.time_limit_s, config.tie_time_limit_s))
     status2 = solver2.solve(m)
     stats["phase2_wall_s"] = solver2.wall_time
-    widths_status = "optimal" if status2 == cp_model.OPTIMAL else "feasible" if status2 == cp_model.FEASIBLE else "skipped"
     if status2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        chosen = solver2
-
-    blocks = sorted(
-        (BlockChoice(start=s, end=e, batch_size=p.batch_sizes[k]) for (s, e, k), var in seg.items() if chosen.boolean_value(var)),
-        key=lambda b: b.start,
-    )
-    options = tuple(
-        next(o for o in opts[u] for k in range(K) if chosen.boolean_value(z[u, k, o])) for u in range(n)
-    )
-    return Solution(
-        status="optimal" if optimal else "feasible",
-        widths_status=widths_status,
-        blocks=tuple(blocks),
-        options=options,
-        time_s=plan_time_s(p, blocks, options),
-        lower_bound_s=bound_s,
-        wall_time_s=time.perf_counter() - t0,
-        num_variables=n_vars,
-        num_constraints=n_cons,
-        stats=stats,
-    )
+        return solver2, "optimal" if status2 == cp_model.OPTIMAL else "feasible"
+    return solver, "skipped"
 
 
 def _add_hint(m: cp_model.CpModel, p: Problem, hint: Solution, seg: dict, z: dict) -> None:

@@ -32,7 +32,7 @@ from neuroflux.planner.problem import (
     BlockChoice,
     Problem,
     Solution,
-    _pass_time_s,
+    pass_time_s,
     block_allowed,
     block_peak_bytes,
     block_steps,
@@ -95,7 +95,7 @@ def solve_dp(p: Problem, *, tie_tolerance: float = 0.0) -> Solution | None:
             if not fits:
                 continue
             k = min(fits, key=lambda kk: (train[kk], -kk))
-            cost = train[k] + _pass_time_s(p, s, e)
+            cost = train[k] + pass_time_s(p, s, e)
             for j in reach:
                 if best[j][s] + cost < best[j + 1][e + 1]:
                     best[j + 1][e + 1] = best[j][s] + cost

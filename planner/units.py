@@ -25,14 +25,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from neuroflux.errors import NeuroFluxError
-from neuroflux.runtime.graph import attr_at
+from neuroflux.runtime.graph import META_ROOT, META_SHAPE, META_UNIT, attr_at
 
 __all__ = ["UnitSpan", "unit_signature", "find_units", "keep_small_blocks_whole", "propagate_shapes", "activation_graph", "META_SHAPE", "META_UNIT"]
 
-#: ``node.meta[META_SHAPE]``: per-sample output shape (tuple of ints) or None.
-META_SHAPE = "neuroflux_shape"
-#: ``node.meta[META_UNIT]``: index of the unit that executes the node.
-META_UNIT = "neuroflux_unit"
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -118,7 +114,7 @@ def _is_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _orig(gm: fx.GraphModule, path: str) -> nn.Module:
     """The module at ``path`` in the traced model (GraphModule rebuilds the
     enclosing modules as plain ``nn.Module``; ``trace`` keeps the original)."""
-    root = gm.meta.get("neuroflux_root", gm)
+    root = gm.meta.get(META_ROOT, gm)
     return root.get_submodule(path)
 
 
@@ -166,19 +162,37 @@ def find_units(gm: fx.GraphModule, *, keep_whole: KeepWhole = keep_small_blocks_
     """Units of a shape-propagated GraphModule; writes ``META_UNIT``.
 
     ``keep_whole`` is the policy for cuts inside modules: a cut between two
-    nodes that both run inside a module it accepts is not used.
-    """
+    nodes that both run inside a module it accepts is not used. Five passes:
+    spans between cut points, spans merged where the policy keeps a module
+    whole, spans grouped into units (a unit starts at a compute layer; the
+    classifier joins the last), parameters checked to belong to one unit,
+    and the unit records."""
     g = activation_graph(gm)
     nodes = list(gm.graph.nodes)
-    order = {n.name: i for i, n in enumerate(nodes)}
     inp = next(n for n in nodes if n.op == "placeholder")
+    spans = _spans_between_cuts(gm, g, nodes, inp)
+    groups = _group_into_units(gm, _merge_kept_whole(gm, spans, keep_whole))
+    _check_params_owned_once(gm, groups)
+    units = []
+    prev_node = inp
+    for i, grp in enumerate(groups):
+        for n in grp:
+            n.meta[META_UNIT] = i
+        last = grp[-1]
+        units.append(UnitSpan(index=i, nodes=tuple(n.name for n in grp), input_node=prev_node.name,
+                              output_node=last.name, input_shape=tuple(prev_node.meta[META_SHAPE]),
+                              output_shape=tuple(last.meta[META_SHAPE]), params=sum(_params_of(gm, grp).values())))
+        prev_node = last
+    return units
+
+
+def _spans_between_cuts(gm: fx.GraphModule, g, nodes: list[fx.Node], inp: fx.Node) -> list[list[fx.Node]]:  # noqa: ANN001
+    """Activation nodes between consecutive cut points (the output is always one)."""
+    order = {n.name: i for i, n in enumerate(nodes)}
     cuts = _cut_points(gm, g)
-    out_node = next(n for n in nodes if n.op == "output")
-    final = out_node.args[0]
+    final = next(n for n in nodes if n.op == "output").args[0]
     if not cuts or cuts[-1] is not final:
         cuts.append(final)
-
-    # Spans between consecutive cut points (activation nodes only).
     spans: list[list[fx.Node]] = []
     prev = order[inp.name]
     for c in cuts:
@@ -186,8 +200,11 @@ def find_units(gm: fx.GraphModule, *, keep_whole: KeepWhole = keep_small_blocks_
         if span:
             spans.append(span)
         prev = order[c.name]
+    return spans
 
-    # Drop cuts that fall inside a module the policy keeps whole.
+
+def _merge_kept_whole(gm: fx.GraphModule, spans: list[list[fx.Node]], keep_whole: KeepWhole) -> list[list[fx.Node]]:
+    """Drop cuts that fall inside a module the policy keeps whole."""
     merged: list[list[fx.Node]] = []
     for span in spans:
         if merged:
@@ -196,10 +213,14 @@ def find_units(gm: fx.GraphModule, *, keep_whole: KeepWhole = keep_small_blocks_
                 merged[-1].extend(span)
                 continue
         merged.append(list(span))
+    return merged
 
-    # Group: a span with a compute layer starts a unit; others join the last.
+
+def _group_into_units(gm: fx.GraphModule, spans: list[list[fx.Node]]) -> list[list[fx.Node]]:
+    """A span with a compute layer starts a unit; others join the last. The
+    classifier (everything after the last feature map) joins the last unit."""
     groups: list[list[fx.Node]] = []
-    for span in merged:
+    for span in spans:
         if any(_is_compute(gm, n) for n in span) or not groups:
             groups.append(list(span))
         else:
@@ -207,15 +228,17 @@ def find_units(gm: fx.GraphModule, *, keep_whole: KeepWhole = keep_small_blocks_
     if len(groups) > 1 and not any(_is_compute(gm, n) for n in groups[0]):
         groups[1] = groups[0] + groups[1]
         groups.pop(0)
-    # The classifier (everything after the last feature map) joins the last unit.
     spatial = [
         i for i, grp in enumerate(groups) if any(_is_compute(gm, n) and len(n.meta.get(META_SHAPE) or ()) >= 2 for n in grp)
     ]
     if spatial and spatial[-1] < len(groups) - 1:
         k = spatial[-1]
         groups[k:] = [[n for grp in groups[k:] for n in grp]]
+    return groups
 
-    # Each parameter in exactly one unit: local learning cannot share weights.
+
+def _check_params_owned_once(gm: fx.GraphModule, groups: list[list[fx.Node]]) -> None:
+    """Each parameter in exactly one unit: local learning cannot share weights."""
     owner: dict[str, int] = {}
     for i, grp in enumerate(groups):
         for pname in _params_of(gm, grp):
@@ -225,26 +248,6 @@ def find_units(gm: fx.GraphModule, *, keep_whole: KeepWhole = keep_small_blocks_
                     "parameter inside one unit (untie the weights, or fuse those layers into one module)"
                 )
             owner[pname] = i
-
-    units = []
-    prev_node = inp
-    for i, grp in enumerate(groups):
-        for n in grp:
-            n.meta[META_UNIT] = i
-        last = grp[-1]
-        units.append(
-            UnitSpan(
-                index=i,
-                nodes=tuple(n.name for n in grp),
-                input_node=prev_node.name,
-                output_node=last.name,
-                input_shape=tuple(prev_node.meta[META_SHAPE]),
-                output_shape=tuple(last.meta[META_SHAPE]),
-                params=sum(_params_of(gm, grp).values()),
-            )
-        )
-        prev_node = last
-    return units
 
 
 def unit_signature(mod: fx.GraphModule, input_shape: Sequence[int]) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from neuroflux.common import atomic_write
 
 __all__ = ["atomic_torch_save", "atomic_write_json", "append_jsonl", "load_checkpoint", "RunLock"]
 
@@ -16,22 +17,8 @@ _CKPT_KEYS = {"method": str, "plan_sha": str, "model": dict, "heads": list, "sta
 _STATE_KEYS = {"done": list, "epoch": int, "exit_acc": dict, "elapsed_s": float, "train_s": float}
 
 
-def _atomic(path: Path, write) -> None:  # noqa: ANN001
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:
@@ -40,7 +27,7 @@ def atomic_write_json(obj: Any, path: Path) -> None:
             json.dump(obj, f, indent=1)
             f.write("\n")
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -100,9 +100,9 @@ def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:  # noqa
 
 def _bars(quiet: bool):  # noqa: ANN202
     if quiet:
-        from neuroflux.runtime.runner import _NoBar
+        from neuroflux.runtime.runner import NoBar
 
-        return _NoBar
+        return NoBar
     from tqdm import tqdm
 
     return lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, **kw)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from neuroflux.common import seconds_per_call
 
 __all__ = ["export_onnx", "throughput"]
 
@@ -48,16 +49,6 @@ def throughput(module: nn.Module, input_shape: Sequence[int], *, device: torch.d
     if batch is None:
         batch = 128 if math.prod(input_shape) <= 3 * 64 * 64 else 32
     module = module.eval().to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         x = torch.randn(batch, *input_shape, device=device)
-        module(x)
-        sync()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            module(x)
-            sync()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return batch / times[len(times) // 2]
+        return batch / seconds_per_call(lambda: module(x), device=device, reps=reps, median=True)

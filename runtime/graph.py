@@ -15,7 +15,18 @@ from torch import nn
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["TraceFailure", "trace", "split_units", "UnitModule", "attr_at"]
+__all__ = ["TraceFailure", "trace", "split_units", "UnitModule", "attr_at", "META_ROOT", "META_CAPTURE", "META_SHAPE",
+           "META_UNIT"]
+
+# Metadata keys NeuroFlux writes on traced graphs, in one place.
+#: ``gm.meta[META_ROOT]``: the original model (the graph keeps only the modules it calls).
+META_ROOT = "neuroflux_root"
+#: ``gm.meta[META_CAPTURE]``: ``"symbolic"`` or ``"shape-specialized"``.
+META_CAPTURE = "neuroflux_capture"
+#: ``node.meta[META_SHAPE]``: per-sample output shape (tuple of ints) or None.
+META_SHAPE = "neuroflux_shape"
+#: ``node.meta[META_UNIT]``: index of the unit that executes the node.
+META_UNIT = "neuroflux_unit"
 
 
 class TraceFailure(NeuroFluxError):
@@ -143,7 +154,7 @@ def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> fx.Grap
 
     When symbolic tracing fails and ``input_shape`` (one sample's shape) is
     given, the model is traced again with that shape known, which captures
-    shape arithmetic in ``forward``; ``gm.meta["neuroflux_capture"]`` says
+    shape arithmetic in ``forward``; ``gm.meta[META_CAPTURE]`` says
     which capture was used ("symbolic" or "shape-specialized")."""
     tracer = _PathTracer()
     try:
@@ -155,8 +166,8 @@ def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> fx.Grap
     gm = fx.GraphModule(model, graph, type(model).__name__)
     # GraphModule keeps only the modules the graph calls; the planner's
     # policies look at the enclosing blocks, so keep the original at hand.
-    gm.meta["neuroflux_root"] = model
-    gm.meta["neuroflux_capture"] = capture
+    gm.meta[META_ROOT] = model
+    gm.meta[META_CAPTURE] = capture
     return gm
 
 

@@ -1,6 +1,7 @@
-"""Modules the runtime assembles from units: a unit with its exit, the
-checkpointed chain for the BP-checkpoint baseline, the final early-exit model.
-The planner profiles these same classes, so predictions and execution agree.
+"""Modules built from units: the final early-exit model (``Chain``), BP
+with activation checkpointing (``CheckpointedChain``, which the runtime
+trains and the planner profiles), and a unit with its exit (``WithExit``,
+which the planner times under ``--cost measure``).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - older or trimmed torch builds
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.assemble import Assembled, assemble, check_model_object, open_model_file
+from neuroflux.common import resolve_device, tracker_peak_bytes
 from neuroflux.runtime.model_file import ModelObject
 from neuroflux.schemas.summary import BlockResult, RunSummary, summary_from_dict, summary_to_dict
 from neuroflux.runtime.checkpoint import RunLock, append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
@@ -38,7 +39,7 @@ from neuroflux.runtime.data import CacheWriter, TensorCache, dataset_tensors, op
 from neuroflux.runtime.export import export_onnx, throughput
 from neuroflux.runtime.modules import Chain, CheckpointedChain
 from neuroflux.runtime.policy import depth_should_stop, epoch_decision, new_block_state, new_depth_state, observe_exits
-from neuroflux.runtime.train import StepStats, UnitTrainer, block_step
+from neuroflux.runtime.train import StepStats, UnitTrainer, block_step, shuffle_seed
 from neuroflux.schemas.plan import Plan
 
 __all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged"]
@@ -55,7 +56,7 @@ class Diverged(NeuroFluxError):
     """A non-finite loss: the run failed (exit 3), nothing is exported."""
 
 
-class _NoBar:
+class NoBar:
     def __init__(self, *a: Any, **k: Any) -> None:
         pass
 
@@ -105,26 +106,26 @@ class _Stage:
     epochs: int
     predicted_peak_bytes: int
     cache: Any
+    shuffle_seed: int
 
 
 def _device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choice = resolve_device(choice)
     if choice == "cuda" and not torch.cuda.is_available():
         raise NeuroFluxError("--device cuda but no CUDA device is available; use --device cpu or auto")
     return torch.device(choice)
 
 
-def run_plan(plan: Plan, plan_path: Path | None, cfg: RunConfig, *, bar: BarFactory = _NoBar,
+def run_plan(plan: Plan, plan_path: Path | None, cfg: RunConfig, *, bar: BarFactory = NoBar,
              source: ModelObject | None = None) -> dict[str, Any]:
     """Execute ``plan`` (or a baseline of it); returns the summary dict. The
     model comes from the plan's model file (``plan_path`` locates a relative
     one) or, for a plan made in Python, from ``source``, whose structure
     must be the planned one."""
-    return _Runner(plan, plan_path, cfg, bar, source).run()
+    return Runner(plan, plan_path, cfg, bar, source).run()
 
 
-class _Runner:
+class Runner:
     def __init__(self, plan: Plan, plan_path: Path | None, cfg: RunConfig, bar: BarFactory,
                  source: ModelObject | None = None) -> None:
         self.plan, self.cfg, self.bar = plan, cfg, bar
@@ -188,7 +189,9 @@ class _Runner:
                 stages.append(_Stage(index=b.index, unit_idx=idx, exits=list(b.units),
                                      trainers=[trainer(asm.units[i], asm.heads[i], b.lr, b.steps) for i in idx],
                                      batch_size=b.batch_size, epochs=b.epochs,
-                                     predicted_peak_bytes=b.predicted_peak_bytes, cache=b.cache))
+                                     predicted_peak_bytes=b.predicted_peak_bytes, cache=b.cache,
+                                     shuffle_seed=shuffle_seed(plan.recipe.seed, b.index) if b.shuffle_seed is None
+                                     else b.shuffle_seed))
             return stages
         base = plan.baseline.bp if self.cfg.method == "bp" else plan.baseline.bp_checkpoint
         if not base.fits:
@@ -200,7 +203,8 @@ class _Runner:
         steps, lr = base.steps, base.lr  # the plan decides; the runtime executes
         return [_Stage(index=0, unit_idx=list(range(len(plan.units))), exits=[plan.units[-1].name],
                        trainers=[trainer(whole, None, lr, steps)], batch_size=base.batch_size, epochs=base.epochs,
-                       predicted_peak_bytes=base.predicted_peak_bytes, cache=None)]
+                       predicted_peak_bytes=base.predicted_peak_bytes, cache=None,
+                       shuffle_seed=shuffle_seed(plan.recipe.seed, 0))]
 
     def _check_device(self) -> None:
         """Warn when this device is not the one the plan was made for: its
@@ -400,7 +404,7 @@ class _Runner:
         for t in stage.trainers:
             t.train(True)
         stats = StepStats(len(stage.trainers), dev)
-        gen = torch.Generator().manual_seed(self.plan.recipe.seed * 1_000_003 + stage.index * 1009 + epoch)
+        gen = torch.Generator().manual_seed(stage.shuffle_seed + epoch)
         steps_per_epoch = -(-len(train) // stage.batch_size)
         ebar = self.bar(total=steps_per_epoch, desc=f"block {stage.index} epoch {epoch + 1}/{limit}", leave=False)
         peak = 0
@@ -450,7 +454,7 @@ class _Runner:
                 block_step(stage.trainers, inputs, yb, stats)
         finally:
             gc.enable()
-        return sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values())
+        return tracker_peak_bytes(tracker)
 
     # ---------------------------------------------------------------- adaptive epochs and depth
     def _epoch_s(self, stage: _Stage, steps_per_epoch: int) -> float:
@@ -526,7 +530,7 @@ class _Runner:
     def _writer(self, stage: _Stage, n: int) -> CacheWriter:
         unit = self.plan.units[stage.unit_idx[-1]]
         spec = stage.cache
-        path = self.out / "cache" / f"block{stage.index}.npy" if spec.location == "disk" else None
+        path = self.out / (spec.file or f"cache/block{stage.index}.npy") if spec.location == "disk" else None
         return CacheWriter(n, tuple(unit.output_shape), dtype=spec.dtype, location=spec.location, path=path,
                            pin=self.device.type == "cuda")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UnitTrainer", "block_step", "StepStats", "lr_for_batch", "Schedule"]
+__all__ = ["UnitTrainer", "block_step", "StepStats", "lr_for_batch", "Schedule", "shuffle_seed"]
 
 
 def lr_for_batch(lr: float, batch: int, *, base: int, rule: str) -> float:
@@ -114,6 +114,12 @@ class UnitTrainer:
         self.sched.load_state_dict(state["sched"])
         if self.head is not None:
             self.head.load_state_dict(state["head"])
+
+
+def shuffle_seed(seed: int, block: int) -> int:
+    """The shuffle seed of ``block``'s epoch 0 (epoch ``e`` adds ``e``); the
+    planner records it in the plan, and older plans derive it here."""
+    return seed * 1_000_003 + block * 1009
 
 
 def block_step(trainers: Sequence[UnitTrainer], inputs: list[torch.Tensor], y: torch.Tensor, stats: StepStats | None = None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from neuroflux.common import atomic_write
 from neuroflux.errors import NeuroFluxError
 
 __all__ = [
@@ -186,6 +186,8 @@ class CacheSpec:
     dtype: Literal["float32", "float16"]
     bytes: int
     """Train plus val outputs of the block at this dtype."""
+    file: str | None = None
+    """With ``location: disk``: the cache file, relative to the run directory. Added in 2.2."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +208,9 @@ class Block:
     """Training steps plus writing the output cache."""
     cache: CacheSpec | None
     """Output cache; None for the last block."""
+    shuffle_seed: int | None = None
+    """Epoch ``e`` draws its batches with ``torch.Generator().manual_seed(shuffle_seed + e)``. Added in 2.2
+    (older plans: derived from the recipe's seed by the same rule)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -491,14 +496,8 @@ def _validate(data: dict[str, Any]) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)

@@ -17,7 +17,7 @@ from neuroflux.runtime.policy import (
     new_depth_state,
     observe_exits,
 )
-from neuroflux.runtime.runner import RunConfig, _Runner, run_plan
+from neuroflux.runtime.runner import RunConfig, Runner, run_plan
 
 TOL = 0.005
 
@@ -86,7 +86,7 @@ def script_exits(monkeypatch, table: dict[tuple[int, int], dict[str, float]]) ->
             e -= 1
         return dict(table[stage.index, e])
 
-    monkeypatch.setattr(_Runner, "_eval_exits", fake_eval)
+    monkeypatch.setattr(Runner, "_eval_exits", fake_eval)
     return calls
 
 
@@ -142,17 +142,17 @@ def test_early_stopped_run_resumes_to_the_same_result(tmp_path: Path, monkeypatc
     ref = run_plan(plan, path, RunConfig(out_dir=tmp_path / "ref", device="cpu", export_onnx=False))
 
     # Interrupted after the stop was checkpointed, before the final model was written.
-    original_finish = _Runner._finish
+    original_finish = Runner._finish
 
     def interrupted(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
         raise KeyboardInterrupt
 
     calls = script_exits(monkeypatch, PLATEAU)
-    monkeypatch.setattr(_Runner, "_finish", interrupted)
+    monkeypatch.setattr(Runner, "_finish", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
     assert not (tmp_path / "run" / "summary.json").exists()
-    monkeypatch.setattr(_Runner, "_finish", original_finish)
+    monkeypatch.setattr(Runner, "_finish", original_finish)
     n_before = len(calls)
     s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False, resume=True))
     assert len(calls) == n_before, "a stopped run trains nothing more on resume"
@@ -170,3 +170,43 @@ def test_prefer_shallowest_keeps_the_earliest_exit_within_tolerance(tmp_path: Pa
     script_exits(monkeypatch, PLATEAU)
     s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
     assert s["final_exit"] == "u0" and s["final_accuracy"] == pytest.approx(0.80)
+
+
+def test_prefer_best_keeps_the_most_accurate_exit(tmp_path: Path, monkeypatch) -> None:
+    """The design's rule: the best exit, the shallower one on a tie."""
+    plan, path, _ = tiny_plan(tmp_path, epochs=2, patience=10, prefer="best")
+    script_exits(monkeypatch, {(0, 1): {"u0": 0.60}, (1, 1): {"u1": 0.90}, (2, 1): {"u2": 0.90}})
+    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
+    assert s["final_exit"] == "u1" and s["final_accuracy"] == pytest.approx(0.90)
+    assert s["final_params"] < s["original_params"]
+
+
+def test_resume_rebuilds_a_ram_cache_and_ends_as_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
+    """A RAM cache dies with the process: resuming after block 0 recomputes
+    block 0's outputs from its checkpointed weights, and block 1 then trains
+    on exactly what it would have seen."""
+    plan, path, _ = tiny_plan(tmp_path, epochs=1, patience=10, cache_location="ram")
+    assert len(plan.blocks) == 3 and plan.blocks[0].cache.location == "ram"
+    ref = run_plan(plan, path, RunConfig(out_dir=tmp_path / "ref", device="cpu", export_onnx=False))
+
+    original = Runner._run_stage
+    ran: list[int] = []
+
+    def stop_after_block_0(self, stage, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        if stage.index == 1:
+            raise KeyboardInterrupt
+        ran.append(stage.index)
+        return original(self, stage, *a, **k)
+
+    monkeypatch.setattr(Runner, "_run_stage", stop_after_block_0)
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
+    assert ran == [0] and not (tmp_path / "run" / "summary.json").exists()
+    monkeypatch.setattr(Runner, "_run_stage", original)
+    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False, resume=True))
+    assert s["exit_accuracies"] == ref["exit_accuracies"]
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["block"] for r in recs if r["event"] == "epoch"] == [0, 1, 2], "block 0 is not trained again"
+    a, b = torch.load(tmp_path / "ref" / "final_model.pt"), torch.load(tmp_path / "run" / "final_model.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])

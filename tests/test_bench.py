@@ -25,7 +25,8 @@ def test_smoke_benchmark_reports_every_method(tmp_path: Path, monkeypatch) -> No
         assert "error" not in run, (method, run)
         assert 0 <= run["final_accuracy"] <= 1 and run["wall_time_s"] > 0
         assert run["measured_peak_bytes"] <= cell["budget_bytes"]
-    assert "speedup_vs_bp_wall" in cell["runs"]["neuroflux"]
+    nf, bp = cell["runs"]["neuroflux"], cell["runs"]["bp"]
+    assert nf["speedup_vs_bp_wall"] == pytest.approx(bp["wall_time_s"] / nf["wall_time_s"], rel=1e-3)
     assert cell["target_rule"] == "BP final - 1 point"
     assert cell["target_accuracy"] == pytest.approx(cell["runs"]["bp"]["final_accuracy"] - 0.01)
     assert cell["runs"]["neuroflux"]["stopped_at_unit"] and cell["runs"]["neuroflux"]["epochs_run"]

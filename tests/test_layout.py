@@ -18,3 +18,25 @@ def test_runtime_never_imports_the_planner(path) -> None:
             [node.module or ""] if isinstance(node, ast.ImportFrom) else []
         for name in names:
             assert not name.startswith("neuroflux.planner"), f"{path.name} imports {name}"
+
+
+def test_no_function_over_70_lines() -> None:
+    """Long functions are split into named phases (planner, runtime, schemas, tools, neuroflux)."""
+    long = []
+    for folder in ("planner", "runtime", "schemas", "tools", "neuroflux"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 70:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, long
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    crossing = []
+    for folder in ("planner", "runtime", "schemas", "tools", "neuroflux"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("neuroflux"):
+                    crossing += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names
+                                 if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not crossing, crossing

@@ -38,7 +38,7 @@ def test_block_peak_within_2_percent_of_pytorch_accounting(tmp_path, model, budg
     result, _ = plan_for(ROOT / "examples" / f"{model}.py", tmp_path, budget=budget, max_batch=64, head_kind=head_kind)
     plan = result.plan
     assert {u.aux.kind for u in plan.units if u.aux is not None} == {head_kind}
-    assert len(plan.blocks) >= 1
+    assert len(plan.blocks) >= 2, "a budget that splits the model: the blocks' own peaks are checked"
     asm = assemble(plan, load_model_file(ROOT / "examples" / f"{model}.py"))
     for block in plan.blocks:
         assert block.predicted_peak_bytes <= plan.budget_bytes

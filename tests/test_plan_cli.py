@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import jsonschema
@@ -40,9 +39,8 @@ def test_committed_schema_matches_the_dataclasses() -> None:
 @pytest.mark.parametrize("name", ZOO)
 def test_every_zoo_model_plans_at_1gb(tmp_path: Path, name: str, capsys) -> None:
     out = tmp_path / "plan.json"
-    t0 = time.perf_counter()
+    # How long planning takes is a benchmark (benchmarks/plan_times.py), not an assertion.
     assert nf_plan([str(ROOT / "examples" / f"{name}.py"), "--budget", "1GB", "-o", str(out), "--time-limit", "20"]) == 0
-    assert time.perf_counter() - t0 < 60
     data = json.loads(out.read_text())
     jsonschema.validate(data, schema())
     plan = load_plan(out)
@@ -50,9 +48,12 @@ def test_every_zoo_model_plans_at_1gb(tmp_path: Path, name: str, capsys) -> None
     for b in data["blocks"]:
         assert b["predicted_peak_bytes"] <= data["budget_bytes"]
         assert isinstance(b["batch_size"], int) and isinstance(b["predicted_time_s"], float)
-    for key in ("bp", "bp_checkpoint"):
-        assert {"batch_size", "predicted_time_s"} <= set(data["baseline"][key])
-    assert {"time_s", "speedup_vs_bp"} <= set(data["predicted"])
+    for b in (plan.baseline.bp, plan.baseline.bp_checkpoint):  # the keys are the schema's; these are the values
+        assert b.fits == (b.batch_size > 0) and (not b.fits or b.predicted_peak_bytes <= plan.budget_bytes)
+    pr = plan.predicted
+    assert pr.time_s == pytest.approx(sum(b.predicted_time_s for b in plan.blocks))
+    assert pr.speedup_vs_bp is None or pr.speedup_vs_bp == pytest.approx(plan.baseline.bp.predicted_time_s / pr.time_s)
+    assert all(b.predicted_peak_bytes <= plan.budget_bytes for b in plan.blocks)
     assert plan.solver.status == "optimal"
     shown = capsys.readouterr().out
     assert "predicted" in shown and "BP + checkpointing" in shown
@@ -253,12 +254,11 @@ def test_deep_model_plans_with_the_dynamic_program(tmp_path: Path) -> None:
         "        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]\n"
         "    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))\n")
     out = tmp_path / "plan.json"
-    t0 = time.perf_counter()
     assert nf_plan([str(model), "--budget", "4MB", "-q", "-o", str(out), "--train-size", "2048", "--val-size", "256",
                     "--device-tflops", "0.1", "--op-overhead-us", "5"]) == 0
     plan = load_plan(out)
     assert len(plan.units) > 24 and plan.solver.engine == "dp" and plan.solver.status == "optimal"
-    assert time.perf_counter() - t0 < 120
+    assert plan.solver.wall_time_s < 10, "the solver's share (the whole run's time is benchmarks/plan_times.py's)"
 
 
 def test_sweep_profiles_once_and_more_budget_is_never_slower(tmp_path: Path, capsys) -> None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from helpers import tiny_plan
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.heads import build_head
-from neuroflux.runtime.runner import RunConfig, _Runner, run_plan
+from neuroflux.runtime.runner import RunConfig, Runner, run_plan
 
 HERE = Path(__file__).resolve().parent
 
@@ -85,7 +85,7 @@ def test_later_blocks_never_run_earlier_modules(tmp_path: Path, monkeypatch) -> 
     plan, path, _ = tiny_plan(tmp_path, epochs=1)
     current = {"stage": None}
     calls: list[tuple[int, str]] = []
-    original_run_stage = _Runner._run_stage
+    original_run_stage = Runner._run_stage
 
     def run_stage(self, stage, *a, **k):
         current["stage"] = stage.index
@@ -97,7 +97,7 @@ def test_later_blocks_never_run_earlier_modules(tmp_path: Path, monkeypatch) -> 
         finally:
             current["stage"] = None  # after training: export and throughput may run anything
 
-    monkeypatch.setattr(_Runner, "_run_stage", run_stage)
+    monkeypatch.setattr(Runner, "_run_stage", run_stage)
     run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
     assert calls, "hooks never fired"
     assert {stage for stage, _ in calls if stage is not None} == {0}, "a module of block 0 ran while a later block trained"
@@ -233,3 +233,13 @@ def test_resume_needs_a_checkpoint_and_out_must_be_fresh(tmp_path: Path, capsys)
     (used / "x").write_text("x")
     assert nf_run([str(path), "--out", str(used), "-q"]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rule,expected", [("sqrt", 0.2), ("linear", 0.4), ("none", 0.1)])
+def test_lr_for_batch_scales_from_the_base_batch(rule: str, expected: float) -> None:
+    from neuroflux.runtime.train import lr_for_batch
+
+    assert lr_for_batch(0.1, 512, base=128, rule=rule) == pytest.approx(expected)
+    assert lr_for_batch(0.1, 128, base=128, rule=rule) == pytest.approx(0.1)
+    with pytest.raises(KeyError):
+        lr_for_batch(0.1, 64, base=128, rule="cubic")

@@ -102,17 +102,24 @@ def test_infeasible_budget_and_minimum() -> None:
     assert solve_cpsat(ok).status == "optimal"
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_greedy_is_valid_and_never_beats_optimal(seed: int) -> None:
-    p = random_problem(random.Random(100 + seed), n=5)
-    p = Problem(**{**p.__dict__, "cache_budget_bytes": 10**12})
-    g = solve_greedy(p)
-    opt = solve_cpsat(p, SolverConfig(tie_tolerance=0.0))
-    if g.status == "infeasible":
-        return
-    assert check_solution(p, g) == []
-    assert g.time_s == pytest.approx(plan_time_s(p, g.blocks, g.options))
-    assert opt.time_s <= g.time_s + 1e-3
+def test_greedy_is_valid_and_never_beats_optimal() -> None:
+    """On random problems where greedy finds a plan (at least 7 of 10: a
+    vacuous run fails), the plan is valid and optimal is never slower; where
+    greedy finds none, optimal still may, never the reverse."""
+    feasible = 0
+    for seed in range(10):
+        p = random_problem(random.Random(100 + seed), n=5)
+        p = Problem(**{**p.__dict__, "cache_budget_bytes": 10**12})
+        g = solve_greedy(p)
+        opt = solve_cpsat(p, SolverConfig(tie_tolerance=0.0))
+        if g.status == "infeasible":
+            continue
+        feasible += 1
+        assert opt.status == "optimal"
+        assert check_solution(p, g) == []
+        assert g.time_s == pytest.approx(plan_time_s(p, g.blocks, g.options))
+        assert opt.time_s <= g.time_s + 1e-3
+    assert feasible >= 7, f"only {feasible} of 10 random problems were feasible for greedy"
 
 
 # ------------------------------------------------------------------ the exact dynamic program

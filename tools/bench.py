@@ -151,6 +151,7 @@ def _run_one(plan_path: Path, method: str, out: Path, opts: BenchOptions) -> dic
     runtime_method = "neuroflux" if method.startswith("neuroflux") else method
     s = run_plan(plan, plan_path, RunConfig(out_dir=out, method=runtime_method, device=opts.device, export_onnx=False,
                                             max_steps_per_epoch=opts.max_steps,
+                                            command=f"nf-bench ({method} of {plan_path.name})",
                                             throughput_batch=8 if opts.max_steps is not None else None))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"summary": s, "metrics": metrics, "plan": plan}
@@ -342,9 +343,21 @@ def run_bench(*, cells: list[Cell], out: Path, opts: BenchOptions, log=print,  #
                 os.environ[LIMIT_ENV] = limit
             else:
                 os.environ.pop(LIMIT_ENV, None)
-            save = functools.partial(_save_results, done, res_dir, opts, os.environ.get(DATA_ENV, "shipped subset"))
+            save = functools.partial(_save_results, done, res_dir, opts, _portable(os.environ.get(DATA_ENV, "shipped subset")))
             results = save(run_cell(cell, out=out, opts=opts, log=log, on_run=save))
     return results
+
+
+def _portable(path: str) -> str:
+    """A path as results files record it: relative to the repository where
+    it can be (``../shared/data/...``), so results name no machine's layout."""
+    p = Path(path)
+    if not p.is_absolute():
+        return path
+    try:
+        return os.path.relpath(p, ROOT)
+    except ValueError:  # another drive on Windows
+        return path
 
 
 def _save_results(done: dict[str, Any], res_dir: Path, opts: BenchOptions, data_name: str,

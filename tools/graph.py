@@ -172,6 +172,37 @@ def _bar_chart(title: str, rows: list[tuple[str, float, float | None]], *, limit
     return "\n".join(parts)
 
 
+def _block_rows(plan: Plan, measured: dict, exit_acc: dict[str, float]) -> list[str]:
+    """The blocks table's rows: heads (with exit accuracies after a run), batch, epochs, peak and time."""
+    rows = []
+    for b in plan.blocks:
+        heads = ", ".join(
+            f"{u}: {'model head' if plan.unit(u).aux is None else f'{plan.unit(u).aux.kind} {plan.unit(u).aux.width}'}"
+            + (f" ({exit_acc[u]:.1%})" if u in exit_acc else "") for u in b.units)
+        m = measured.get(b.index)
+        rows.append(
+            f"<tr><td>{b.index}</td><td>{html.escape(heads)}</td><td>{b.batch_size}</td><td>{b.epochs}</td>"
+            f"<td>{_mib(b.predicted_peak_bytes)}" + (f" / {_mib(m.measured_peak_bytes)}" if m else "") + "</td>"
+            f"<td>{b.predicted_time_s:.1f} s" + (f" / {m.time_s:.1f} s" if m else "") + "</td></tr>")
+    return rows
+
+
+def _speed(b, s) -> str:  # noqa: ANN001 - a Baseline and NeuroFlux's predicted speed-up over it
+    if not (b.fits and s):
+        return "does not fit the budget at any batch size"
+    verdict = speed_verdict(s, bold=("<b>", "</b>"))
+    return f"batch {b.batch_size}, {b.predicted_time_s:.1f} s: NeuroFlux {verdict} (predicted)"
+
+
+def _run_html(run) -> str:  # noqa: ANN001 - a RunSummary or None
+    if not run:
+        return ""
+    return (f"<h2>Run: {html.escape(run.method)} on {html.escape(run.device or '?')}</h2><p>final exit "
+            f"<b>{html.escape(run.final_exit or '-')}</b>, val accuracy <b>{run.final_accuracy or 0:.2%}</b>, "
+            f"{run.final_params or 0:,} params vs {run.original_params or 0:,} original, wall time "
+            f"{run.wall_time_s or 0:.1f} s</p>")
+
+
 def write_html(plan: Plan, path: Path, *, run_dir: Path | None = None) -> None:
     run = _load_run(run_dir)
     measured = {b.index: b for b in run.blocks} if run and run.method == "neuroflux" else {}
@@ -183,30 +214,9 @@ def write_html(plan: Plan, path: Path, *, run_dir: Path | None = None) -> None:
                           unit="B", fmt=_mib)
     time_svg = _bar_chart("Training time per block", time_rows, limit=None, unit="s", fmt=lambda v: f"{v:.1f} s")
     exit_acc = run.exit_accuracies if run else {}
-    rows = []
-    for b in plan.blocks:
-        heads = ", ".join(
-            f"{u}: {'model head' if plan.unit(u).aux is None else f'{plan.unit(u).aux.kind} {plan.unit(u).aux.width}'}"
-            + (f" ({exit_acc[u]:.1%})" if u in exit_acc else "") for u in b.units)
-        m = measured.get(b.index)
-        rows.append(
-            f"<tr><td>{b.index}</td><td>{html.escape(heads)}</td><td>{b.batch_size}</td><td>{b.epochs}</td>"
-            f"<td>{_mib(b.predicted_peak_bytes)}" + (f" / {_mib(m.measured_peak_bytes)}" if m else "") + "</td>"
-            f"<td>{b.predicted_time_s:.1f} s" + (f" / {m.time_s:.1f} s" if m else "") + "</td></tr>")
+    rows = _block_rows(plan, measured, exit_acc)
     bl, pr = plan.baseline, plan.predicted
-
-    def speed(b, s) -> str:  # noqa: ANN001
-        if not (b.fits and s):
-            return "does not fit the budget at any batch size"
-        verdict = speed_verdict(s, bold=("<b>", "</b>"))
-        return f"batch {b.batch_size}, {b.predicted_time_s:.1f} s: NeuroFlux {verdict} (predicted)"
-
-    run_html = ""
-    if run:
-        run_html = (f"<h2>Run: {html.escape(run.method)} on {html.escape(run.device or '?')}</h2><p>final exit "
-                    f"<b>{html.escape(run.final_exit or '-')}</b>, val accuracy <b>{run.final_accuracy or 0:.2%}</b>, "
-                    f"{run.final_params or 0:,} params vs {run.original_params or 0:,} original, wall time "
-                    f"{run.wall_time_s or 0:.1f} s</p>")
+    run_html = _run_html(run)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>NeuroFlux plan: {html.escape(Path(plan.model.file).name)}</title>
 <style>
@@ -241,7 +251,7 @@ svg .lim {{ fill: #c62828; }}
 <h2>Time</h2>
 {time_svg}
 <h2>Baselines at the same budget</h2>
-<ul><li>BP: {speed(bl.bp, pr.speedup_vs_bp)}</li><li>BP with checkpointing: {speed(bl.bp_checkpoint, pr.speedup_vs_bp_checkpoint)}</li></ul>
+<ul><li>BP: {_speed(bl.bp, pr.speedup_vs_bp)}</li><li>BP with checkpointing: {_speed(bl.bp_checkpoint, pr.speedup_vs_bp_checkpoint)}</li></ul>
 <p class="sub">Blue: predicted by the planner. Orange: measured by nf-run. Red line: the budget.</p>
 </body></html>
 """
