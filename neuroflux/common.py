@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["format_bytes", "speed_verdict", "atomic_write", "resolve_device", "seconds_per_call", "tracker_peak_bytes"]
+__all__ = ["format_bytes", "format_mib", "speed_verdict", "atomic_write", "resolve_device", "seconds_per_call", "tracker_peak_bytes"]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> None:
@@ -86,6 +86,11 @@ def format_bytes(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def format_mib(n: int | float) -> str:
+    """Bytes in MiB with one decimal, e.g. ``12.4 MiB``: tables and charts of peaks."""
+    return f"{n / 2**20:.1f} MiB"
 
 
 def speed_verdict(speedup: float, *, bold: tuple[str, str] = ("", "")) -> str:

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 
 from neuroflux.common import atomic_write
+from neuroflux.schemas.summary import check_run_state
 
 __all__ = ["atomic_torch_save", "atomic_write_json", "append_jsonl", "load_checkpoint", "RunLock"]
 
 _CKPT_KEYS = {"method": str, "plan_sha": str, "model": dict, "heads": list, "state": dict}
-_STATE_KEYS = {"done": list, "epoch": int, "exit_acc": dict, "elapsed_s": float, "train_s": float}
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -47,10 +47,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     for key, tp in _CKPT_KEYS.items():
         if not isinstance(ckpt.get(key), tp):
             raise NeuroFluxError(f"{path} lacks '{key}' ({tp.__name__}); {hint}")
-    for key, tp in _STATE_KEYS.items():
-        value = ckpt["state"].get(key)
-        if not isinstance(value, tp) and not (tp is float and isinstance(value, int)):
-            raise NeuroFluxError(f"{path}: state.{key} is missing or not a {tp.__name__}; {hint}")
+    try:
+        check_run_state(ckpt["state"], str(path))
+    except NeuroFluxError as e:
+        raise NeuroFluxError(f"{e}; {hint}") from None
     return ckpt
 
 

@@ -31,9 +31,9 @@ except ImportError:  # pragma: no cover - older or trimmed torch builds
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.assemble import Assembled, assemble, check_model_object, open_model_file
-from neuroflux.common import resolve_device, tracker_peak_bytes
+from neuroflux.common import format_mib, resolve_device, tracker_peak_bytes
 from neuroflux.runtime.model_file import ModelObject
-from neuroflux.schemas.summary import BlockResult, RunSummary, summary_from_dict, summary_to_dict
+from neuroflux.schemas.summary import BlockResult, RunState, RunSummary, summary_from_dict, summary_to_dict
 from neuroflux.runtime.checkpoint import RunLock, append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
 from neuroflux.runtime.data import CacheWriter, TensorCache, dataset_tensors, open_disk_cache
 from neuroflux.runtime.export import export_onnx, throughput
@@ -232,7 +232,7 @@ class Runner:
             peak = plan.block_peak_bytes(b)
             if peak <= cap * 1.001:
                 continue
-            msg = (f"block {b.index} runs at batch {b.batch_size}, whose predicted peak {peak / 2**20:.1f} MiB exceeds "
+            msg = (f"block {b.index} runs at batch {b.batch_size}, whose predicted peak {format_mib(peak)} exceeds "
                    f"the budget {plan.device.budget_text} (less the {plan.device.margin_fraction:.0%} margin); the plan "
                    "was edited by hand: re-plan with nf-plan")
             if self.device.type == "cuda":
@@ -302,7 +302,7 @@ class Runner:
             blocks_bar.close()
         return self._finish(asm, stages, state, clock())
 
-    def _restore(self, ckpt: dict[str, Any], asm: Assembled, stages: list[_Stage]) -> dict[str, Any]:
+    def _restore(self, ckpt: dict[str, Any], asm: Assembled, stages: list[_Stage]) -> RunState:
         asm.model.load_state_dict(ckpt["model"])
         for h, hs in zip(asm.heads, ckpt["heads"]):
             if h is not None and hs is not None:
@@ -331,7 +331,7 @@ class Runner:
         torch.cuda.set_per_process_memory_fraction(fraction, index)
 
     # ---------------------------------------------------------------- stage
-    def _run_stage(self, stage: _Stage, caches, asm: Assembled, state, clock: "_Clock", *, stages: list[_Stage]):
+    def _run_stage(self, stage: _Stage, caches, asm: Assembled, state: RunState, clock: "_Clock", *, stages: list[_Stage]):
         train, val = caches
         dev = self.device
         for t in stage.trainers:
@@ -497,7 +497,7 @@ class Runner:
                          "skipped_predicted_s": sum(self.plan.blocks[s.index].predicted_time_s for s in skipped)}
         append_jsonl(self.metrics_path, {"event": "early_stop", "reason": state["stopped"], **state["stop"]})
 
-    def _stopping_summary(self, stages: list[_Stage], state) -> dict[str, Any]:
+    def _stopping_summary(self, stages: list[_Stage], state: RunState) -> dict[str, Any]:
         """Where training stopped, why, and the training time that saved."""
         plan = self.plan
         ran = {b["index"]: b["epochs_run"] for b in state["done"]}
@@ -654,9 +654,9 @@ class _Clock:
         return self.before + time.perf_counter() - self.t_start
 
 
-def _new_state() -> dict[str, Any]:
-    return {"done": [], "epoch": 0, "exit_acc": {}, "stopped": None, "stop": None, "elapsed_s": 0.0, "train_s": 0.0,
-            "depth": new_depth_state(), "block": None, "last_accs": None, "bank_s": 0.0}
+def _new_state() -> RunState:
+    return RunState(done=[], epoch=0, exit_acc={}, stopped=None, stop=None, elapsed_s=0.0, train_s=0.0,
+                    depth=new_depth_state(), block=None, last_accs=None, bank_s=0.0)
 
 
 def _nvml_process_bytes() -> int | None:

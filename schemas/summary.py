@@ -16,11 +16,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["BlockResult", "Stopping", "Throughput", "RunSummary", "load_summary", "summary_from_dict", "summary_to_dict"]
+__all__ = ["BlockResult", "Stopping", "Throughput", "RunSummary", "RunState", "load_summary", "summary_from_dict",
+           "summary_to_dict", "check_run_state"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,3 +167,47 @@ def load_summary(path: str | os.PathLike[str]) -> RunSummary:
     except json.JSONDecodeError as e:
         raise NeuroFluxError(f"{p} is not valid JSON ({e})") from e
     return summary_from_dict(data)
+
+
+class RunState(TypedDict, total=False):
+    """What a checkpoint carries of a run's progress (``checkpoint.pt``'s
+    ``state``): enough to resume exactly where it stopped."""
+
+    done: list[dict[str, Any]]
+    """A BlockResult (as a dict) per finished block."""
+    epoch: int
+    """Epochs finished in the current block."""
+    exit_acc: dict[str, float]
+    stopped: str | None
+    """Adaptive depth's reason, once it stopped the run."""
+    stop: dict[str, Any] | None
+    """Where it stopped: after_block, at_unit, best_exit, blocks_skipped, units_skipped, skipped_predicted_s."""
+    elapsed_s: float
+    train_s: float
+    depth: dict[str, Any]
+    """Adaptive depth's running state (runtime/policy.py)."""
+    block: dict[str, Any] | None
+    """The current block's epoch-policy state."""
+    last_accs: dict[str, float] | None
+    bank_s: float
+    """Training time banked by blocks that converged early (spent on extra epochs)."""
+    failed: str
+    """Set when the run diverged: it cannot be resumed."""
+
+
+#: The fields every saved state has, and their types (the loader checks them).
+_REQUIRED_STATE = {"done": list, "epoch": int, "exit_acc": dict, "elapsed_s": float, "train_s": float}
+
+
+def check_run_state(state: Any, where: str) -> RunState:
+    """``state`` if it has RunState's required fields with their types; else a NeuroFluxError."""
+    if not isinstance(state, dict):
+        raise NeuroFluxError(f"{where}: the run state is a {type(state).__name__}, not a record")
+    for key, tp in _REQUIRED_STATE.items():
+        value = state.get(key)
+        if not isinstance(value, tp) and not (tp is float and isinstance(value, int)):
+            raise NeuroFluxError(f"{where}: state.{key} is missing or not a {tp.__name__}")
+    unknown = set(state) - set(RunState.__annotations__)
+    if unknown:
+        raise NeuroFluxError(f"{where}: unknown state field(s) {sorted(unknown)}")
+    return state  # type: ignore[return-value]

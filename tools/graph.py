@@ -12,7 +12,7 @@ from typing import Any
 
 import networkx as nx
 
-from neuroflux.common import speed_verdict
+from neuroflux.common import format_mib, speed_verdict
 from neuroflux.errors import NeuroFluxError
 from neuroflux.schemas.plan import Plan
 from neuroflux.schemas.summary import load_summary
@@ -72,7 +72,7 @@ def write_dot(plan: Plan, path: Path) -> None:
     clusters: dict[str, pydot.Cluster] = {}
     for b in plan.blocks:
         bc = pydot.Cluster(f"block{b.index}", label=f"block {b.index}: batch {b.batch_size}, "
-                           f"peak {b.predicted_peak_bytes / 2**20:.1f} MiB, {b.predicted_time_s:.1f} s",
+                           f"peak {format_mib(b.predicted_peak_bytes)}, {b.predicted_time_s:.1f} s",
                            style="filled", fillcolor="#eef3fb" if b.index % 2 == 0 else "#fbf3ea")
         dot.add_subgraph(bc)
         for name in b.units:
@@ -143,10 +143,6 @@ def _load_run(run_dir: Path | None):  # noqa: ANN202 - a RunSummary or None
     return load_summary(run_dir)
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
 def _bar_chart(title: str, rows: list[tuple[str, float, float | None]], *, limit: float | None, unit: str, fmt) -> str:
     """Horizontal bars (predicted, optional measured) with an optional limit line."""
     w, label_w, row_h = 760, 90, 34
@@ -182,7 +178,7 @@ def _block_rows(plan: Plan, measured: dict, exit_acc: dict[str, float]) -> list[
         m = measured.get(b.index)
         rows.append(
             f"<tr><td>{b.index}</td><td>{html.escape(heads)}</td><td>{b.batch_size}</td><td>{b.epochs}</td>"
-            f"<td>{_mib(b.predicted_peak_bytes)}" + (f" / {_mib(m.measured_peak_bytes)}" if m else "") + "</td>"
+            f"<td>{format_mib(b.predicted_peak_bytes)}" + (f" / {format_mib(m.measured_peak_bytes)}" if m else "") + "</td>"
             f"<td>{b.predicted_time_s:.1f} s" + (f" / {m.time_s:.1f} s" if m else "") + "</td></tr>")
     return rows
 
@@ -211,7 +207,7 @@ def write_html(plan: Plan, path: Path, *, run_dir: Path | None = None) -> None:
     time_rows = [(f"block {b.index}", b.predicted_time_s, measured[b.index].time_s if b.index in measured else None)
                  for b in plan.blocks]
     peak_svg = _bar_chart("Peak memory per block against the budget", peak_rows, limit=float(plan.budget_bytes),
-                          unit="B", fmt=_mib)
+                          unit="B", fmt=format_mib)
     time_svg = _bar_chart("Training time per block", time_rows, limit=None, unit="s", fmt=lambda v: f"{v:.1f} s")
     exit_acc = run.exit_accuracies if run else {}
     rows = _block_rows(plan, measured, exit_acc)
@@ -238,7 +234,7 @@ svg .lim {{ fill: #c62828; }}
 <div class="card">predicted time<b>{pr.time_s:.1f} s</b></div>
 <div class="card">vs BP<b>{f"{pr.speedup_vs_bp:.2f}x" if pr.speedup_vs_bp else "BP does not fit"}</b></div>
 <div class="card">vs BP + checkpointing<b>{f"{pr.speedup_vs_bp_checkpoint:.2f}x" if pr.speedup_vs_bp_checkpoint else "does not fit"}</b></div>
-<div class="card">largest block peak<b>{_mib(pr.peak_bytes)}</b></div>
+<div class="card">largest block peak<b>{format_mib(pr.peak_bytes)}</b></div>
 </div>
 {run_html}
 <h2>Blocks</h2>
