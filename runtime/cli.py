@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 import time
@@ -70,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         where = f" --out {out}" if out else ""
-        print(f"\nnf-run: interrupted; finished epochs are saved. Continue with: nf-run {args.plan} --resume{where}"
-              + (f" --baseline {args.baseline}" if args.baseline else ""), file=sys.stderr)
+        again = f"nf-run {args.plan} --resume{where}" + (f" --baseline {args.baseline}" if args.baseline else "")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            again = f"the same torchrun command (--nproc-per-node {os.environ['WORLD_SIZE']} in all) with: {again}"
+        print(f"\nnf-run: interrupted; finished epochs are saved. Continue with {again}", file=sys.stderr)
         return 130
 
 

@@ -99,6 +99,11 @@ class TensorCache:
             return torch.from_numpy(np.ascontiguousarray(self.x[sorted_idx.numpy()]))[torch.argsort(inverse)]
         return self.x.index_select(0, idx)
 
+    def subset(self, idx: torch.Tensor) -> "TensorCache":
+        """The samples ``idx`` as a cache of their own (a copy: a data-parallel
+        rank keeps only its shard)."""
+        return TensorCache(self._gather(idx), self.y.index_select(0, idx))
+
     def take(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch on ``device`` as float32, with its labels."""
         yb = self.y.index_select(0, idx)

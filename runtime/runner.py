@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - older or trimmed torch builds
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.assemble import Assembled, assemble, check_model_object, open_model_file
 from neuroflux.common import format_mib, resolve_device, tracker_peak_bytes
+from neuroflux.runtime.distributed import from_env, shard_indices
 from neuroflux.runtime.model_file import ModelObject
 from neuroflux.schemas.summary import BlockResult, RunState, RunSummary, summary_from_dict, summary_to_dict
 from neuroflux.runtime.checkpoint import RunLock, append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
@@ -131,6 +132,7 @@ class Runner:
         self.plan, self.cfg, self.bar = plan, cfg, bar
         self.out = cfg.out_dir
         self.device = _device(cfg.device)
+        self.dist = from_env(self.device.type)
         if source is not None:
             check_model_object(plan, source, force=cfg.force)
             self.mf = source
@@ -155,6 +157,12 @@ class Runner:
                     f"heads, caches or exit policy); resume with the same plan, --baseline and overrides, or use "
                     f"a new --out"
                 )
+            if ckpt.get("world_size", 1) != self.dist.world:
+                n = ckpt.get("world_size", 1)
+                raise NeuroFluxError(
+                    f"the run in {self.out} was trained on {n} process{'es' if n > 1 else ''} and this is "
+                    f"{self.dist.world}: each rank's data shard and cache depend on it. Resume with the same number "
+                    f"({'torchrun --nproc-per-node ' + str(n) + ' ...' if n > 1 else 'plain nf-run'} --resume)")
             if ckpt["state"].get("failed"):
                 raise NeuroFluxError(f"the run in {self.out} failed ({ckpt['state']['failed']}); it cannot be resumed: "
                                      "re-plan (e.g. with a lower --lr) and start a new --out")
@@ -177,9 +185,11 @@ class Runner:
     def _stages(self, asm: Assembled) -> list[_Stage]:
         plan, r = self.plan, self.plan.recipe
 
-        def trainer(unit: nn.Module, head: nn.Module | None, lr: float, steps: int) -> UnitTrainer:
+        def trainer(unit: nn.Module, head: nn.Module | None, lr: float, steps: int, batch: int, epochs: int) -> UnitTrainer:
+            if self.dist.enabled:  # each rank steps through its shard: the schedule spans the steps it really takes
+                steps = epochs * -(-(r.train_size // self.dist.world) // batch)
             return UnitTrainer(unit, head, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay, total_steps=steps,
-                               schedule=r.schedule)
+                               schedule=r.schedule, grad_sync=self.dist.average_grads if self.dist.enabled else None)
 
         if self.cfg.method == "neuroflux":
             self._check_edited_batches()
@@ -187,7 +197,8 @@ class Runner:
             for b in plan.blocks:
                 idx = [plan.unit(u).index for u in b.units]
                 stages.append(_Stage(index=b.index, unit_idx=idx, exits=list(b.units),
-                                     trainers=[trainer(asm.units[i], asm.heads[i], b.lr, b.steps) for i in idx],
+                                     trainers=[trainer(asm.units[i], asm.heads[i], b.lr, b.steps, b.batch_size, b.epochs)
+                                               for i in idx],
                                      batch_size=b.batch_size, epochs=b.epochs,
                                      predicted_peak_bytes=b.predicted_peak_bytes, cache=b.cache,
                                      shuffle_seed=shuffle_seed(plan.recipe.seed, b.index) if b.shuffle_seed is None
@@ -202,7 +213,7 @@ class Runner:
         whole = asm.model if self.cfg.method == "bp" else CheckpointedChain(asm.units)
         steps, lr = base.steps, base.lr  # the plan decides; the runtime executes
         return [_Stage(index=0, unit_idx=list(range(len(plan.units))), exits=[plan.units[-1].name],
-                       trainers=[trainer(whole, None, lr, steps)], batch_size=base.batch_size, epochs=base.epochs,
+                       trainers=[trainer(whole, None, lr, steps, base.batch_size, base.epochs)], batch_size=base.batch_size, epochs=base.epochs,
                        predicted_peak_bytes=base.predicted_peak_bytes, cache=None,
                        shuffle_seed=shuffle_seed(plan.recipe.seed, 0))]
 
@@ -241,6 +252,24 @@ class Runner:
 
     # ---------------------------------------------------------------- main
     def run(self) -> dict[str, Any]:
+        try:
+            if not self.dist.main:  # rank 0 checks and locks the directory; the others follow it
+                self.dist.barrier()
+                self.out.mkdir(parents=True, exist_ok=True)
+                return self._run_locked()
+            return self._run_main()
+        except RuntimeError as e:
+            if self.dist.enabled and ("timed out" in str(e).lower() or "connection" in str(e).lower()
+                                      or "gloo" in str(e).lower() or "nccl" in str(e).lower()):
+                raise NeuroFluxError(
+                    f"rank {self.dist.rank}: a collective with the other processes failed ({str(e).splitlines()[0]}); "
+                    f"another rank probably died. The last checkpoint in {self.out} is kept: run the same torchrun "
+                    "command with --resume") from e
+            raise
+        finally:
+            self.dist.close()
+
+    def _run_main(self) -> dict[str, Any]:
         if self.out.exists() and not self.out.is_dir():
             raise NeuroFluxError(f"--out {self.out} is a file; give a directory for the run")
         try:
@@ -253,19 +282,27 @@ class Runner:
         lock = RunLock(self.out)
         lock.acquire()
         try:
+            if self.dist.enabled:
+                ckpt = self._prepare_dir()  # checked here, before the other ranks start
+                self.dist.barrier()
+                return self._run_locked(ckpt)
             return self._run_locked()
         finally:
             lock.release()
 
-    def _run_locked(self) -> dict[str, Any]:
+    def _run_locked(self, ckpt: dict[str, Any] | None | bool = False) -> dict[str, Any]:
         t_start = time.perf_counter()
-        ckpt = self._prepare_dir()
+        if ckpt is False:  # not prepared by rank 0 already
+            ckpt = self._prepare_dir() if self.dist.main else (load_checkpoint(self.ckpt_path) if self.cfg.resume else None)
         asm = assemble(self.plan, self.mf)
         stages = self._stages(asm)
         train_set, val_set = self.mf.datasets()
         meta = dict(input_shape=tuple(self.plan.model.input_shape), num_classes=self.plan.model.num_classes)
         raw_train = TensorCache(*dataset_tensors(train_set, what="train", **meta))
         raw_val = TensorCache(*dataset_tensors(val_set, what="val", **meta))
+        if self.dist.enabled:  # this rank's shards: its caches hold only these
+            raw_train = raw_train.subset(shard_indices(len(raw_train), self.dist, equal=True))
+            raw_val = raw_val.subset(shard_indices(len(raw_val), self.dist, equal=False))
         self._check_device()
         self.capped = self.device.type == "cuda" and os.environ.get(CAP_ENV, "1") != "0"
         if self.capped:
@@ -293,10 +330,11 @@ class Runner:
         except Diverged as e:
             state["failed"] = str(e)
             self._save(asm, state, trainers=None)
-            append_jsonl(self.metrics_path, {"event": "diverged", "reason": str(e)})
+            self._log({"event": "diverged", "reason": str(e)})
             diverged = RunSummary(method=self.cfg.method, status="diverged", error=str(e),
                                   blocks=[BlockResult(**b) for b in state["done"]], command=self.cfg.command)
-            atomic_write_json(summary_to_dict(diverged), self.out / "summary.json")
+            if self.dist.main:
+                atomic_write_json(summary_to_dict(diverged), self.out / "summary.json")
             raise
         finally:
             blocks_bar.close()
@@ -363,7 +401,7 @@ class Runner:
                    "epoch_s": time.perf_counter() - te, "elapsed_s": state["elapsed_s"]}
             # Checkpoint first: a logged epoch is always a saved epoch.
             self._save(asm, state, trainers=stage.trainers)
-            append_jsonl(self.metrics_path, rec)
+            self._log(rec)
             if decision == "converged":
                 break
 
@@ -390,7 +428,7 @@ class Runner:
             result["nvml_process_bytes"] = nv
         state["done"].append(result)
         state["epoch"], state["block"], state["last_accs"] = 0, None, None
-        append_jsonl(self.metrics_path, {"event": "block", "method": self.cfg.method, **result})
+        self._log({"event": "block", "method": self.cfg.method, **result})
         return new_caches
 
     def _train_epoch(self, stage: _Stage, train: TensorCache, epoch: int, limit: int, *,
@@ -435,7 +473,8 @@ class Runner:
     def _check_finite(self, stage: _Stage, stats: StepStats, epoch: int) -> None:
         """A non-finite loss (the sum of the epoch's, one sync) means the unit
         diverged: stop, name it, suggest the fix."""
-        bad = (~torch.isfinite(stats.loss)).nonzero().flatten().tolist()
+        flags = self.dist.all_sum((~torch.isfinite(stats.loss)).to(torch.int64))  # every rank stops together
+        bad = flags.nonzero().flatten().tolist()
         if not bad:
             return
         where = ", ".join(stage.exits[i] if self.cfg.method == "neuroflux" else "the model" for i in bad)
@@ -495,7 +534,7 @@ class Runner:
                          "blocks_skipped": [s.index for s in skipped],
                          "units_skipped": [u for s in skipped for u in s.exits],
                          "skipped_predicted_s": sum(self.plan.blocks[s.index].predicted_time_s for s in skipped)}
-        append_jsonl(self.metrics_path, {"event": "early_stop", "reason": state["stopped"], **state["stop"]})
+        self._log({"event": "early_stop", "reason": state["stopped"], **state["stop"]})
 
     def _stopping_summary(self, stages: list[_Stage], state: RunState) -> dict[str, Any]:
         """Where training stopped, why, and the training time that saved."""
@@ -530,7 +569,7 @@ class Runner:
     def _writer(self, stage: _Stage, n: int) -> CacheWriter:
         unit = self.plan.units[stage.unit_idx[-1]]
         spec = stage.cache
-        path = self.out / (spec.file or f"cache/block{stage.index}.npy") if spec.location == "disk" else None
+        path = self._cache_file(stage.index, spec) if spec.location == "disk" else None
         return CacheWriter(n, tuple(unit.output_shape), dtype=spec.dtype, location=spec.location, path=path,
                            pin=self.device.type == "cuda")
 
@@ -539,6 +578,7 @@ class Runner:
         """Accuracy of every exit of the stage on val."""
         for t in stage.trainers:
             t.train(False)
+            self.dist.broadcast_buffers(t.modules())
         # At the training batch: inference needs less than a training step at
         # the same batch, so evaluation stays inside the budget the plan proved.
         dev, bs = self.device, stage.batch_size
@@ -548,14 +588,16 @@ class Runner:
             for i, t in enumerate(stage.trainers):
                 h = t.unit(h)
                 correct[i] += (t.logits(h).argmax(1) == y).sum()
-        n = len(val)
-        return {name: c / n for name, c in zip(stage.exits, correct.tolist())}
+        counts = self.dist.all_sum(torch.cat([correct, torch.tensor([len(val)], device=dev)]))
+        n = int(counts[-1])
+        return {name: c / n for name, c in zip(stage.exits, counts[:-1].tolist())}
 
     @torch.inference_mode()
     def _write_cache(self, stage: _Stage, train: TensorCache, val: TensorCache) -> tuple[TensorCache, TensorCache]:
         """The block's outputs for train then val: the next block's input cache."""
         for t in stage.trainers:
             t.train(False)
+            self.dist.broadcast_buffers(t.modules())
         writer = self._writer(stage, len(train) + len(val))
         units = Chain([t.unit for t in stage.trainers])
         for data in (train, val):
@@ -576,7 +618,7 @@ class Runner:
         recompute it with the finished blocks (inference only, no training)."""
         prev = stages[start - 1]
         if prev.cache is not None and prev.cache.location == "disk":
-            full = open_disk_cache(self.out / "cache" / f"block{prev.index}.npy", torch.cat([train.y, val.y]))
+            full = open_disk_cache(self._cache_file(prev.index, prev.cache), torch.cat([train.y, val.y]))
             n = len(train)
             return TensorCache(full.x[:n], train.y), TensorCache(full.x[n:], val.y)
         log.info("recomputing the input cache of block %d from the finished blocks", start)
@@ -591,11 +633,25 @@ class Runner:
         return out[0], out[1]
 
     def _save(self, asm: Assembled, state, *, trainers: list[UnitTrainer] | None) -> None:
+        if not self.dist.main:
+            return
         atomic_torch_save({
+            "world_size": self.dist.world,
             "method": self.cfg.method, "plan_sha": self._plan_key(), "model": asm.model.state_dict(),
             "heads": [None if h is None else h.state_dict() for h in asm.heads],
             "trainers": None if trainers is None else [t.state_dict() for t in trainers], "state": state,
         }, self.ckpt_path)
+
+    def _cache_file(self, index: int, spec) -> Path:  # noqa: ANN001 - a CacheSpec
+        """Block ``index``'s disk cache: the plan's file, one per rank when data-parallel."""
+        rel = Path(spec.file or f"cache/block{index}.npy")
+        if self.dist.enabled:
+            rel = rel.with_name(f"{rel.stem}.rank{self.dist.rank}{rel.suffix}")
+        return self.out / rel
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.main:
+            append_jsonl(self.metrics_path, record)
 
     # ---------------------------------------------------------------- final
     def _finish(self, asm: Assembled, stages: list[_Stage], state, wall_s: float) -> dict[str, Any]:
@@ -613,8 +669,9 @@ class Runner:
         else:
             final = asm.model
         shape = plan.model.input_shape
-        torch.save(final.state_dict(), self.out / "final_model.pt")
-        if self.cfg.export_onnx:
+        if self.dist.main:
+            torch.save(final.state_dict(), self.out / "final_model.pt")
+        if self.cfg.export_onnx and self.dist.main:
             export_onnx(final, shape, self.out / "final_model.onnx")
         final_params = sum(p.numel() for p in final.parameters())
         original_params = sum(p.numel() for p in asm.model.parameters())
@@ -636,11 +693,12 @@ class Runner:
                            "speedup": tp_final / tp_orig},
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "budget_bytes": plan.budget_bytes, "budget_enforced": self.capped,
-            "torch": torch.__version__, "command": self.cfg.command,
+            "torch": torch.__version__, "command": self.cfg.command, "world_size": self.dist.world,
         }
         # Typed on the way out: a field missing or misnamed fails here, not in a reader.
         summary = summary_to_dict(summary_from_dict(summary))
-        atomic_write_json(summary, self.out / "summary.json")
+        if self.dist.main:
+            atomic_write_json(summary, self.out / "summary.json")
         return summary
 
 

@@ -10,7 +10,7 @@ unit's activations are alive at a time (the planner's memory model).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,8 @@ class Schedule:
 
 class UnitTrainer:
     def __init__(self, unit: nn.Module, head: nn.Module | None, *, lr: float, momentum: float, weight_decay: float,
-                 total_steps: int, schedule: str, foreach: bool | None = None) -> None:
+                 total_steps: int, schedule: str, foreach: bool | None = None,
+                 grad_sync: Callable[[list[torch.Tensor]], None] | None = None) -> None:
         self.unit = unit
         self.head = head
         params = list(unit.parameters()) + (list(head.parameters()) if head is not None else [])
@@ -68,6 +69,9 @@ class UnitTrainer:
         # update is the same (SGD adds weight_decay * param to the gradient before momentum).
         self.params = params
         self.weight_decay = weight_decay
+        self.grad_sync = grad_sync
+        """Called on the parameters after backward, before decay and the step:
+        data-parallel ranks average their gradients there (runtime/distributed.py)."""
         self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0, foreach=foreach)
         self.schedule = Schedule(schedule, total_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.schedule)
@@ -94,6 +98,8 @@ class UnitTrainer:
         logits = self.logits(out)
         loss = F.cross_entropy(logits, y)
         loss.backward()
+        if self.grad_sync is not None:
+            self.grad_sync(self.params)
         if self.weight_decay:
             grads = [p.grad for p in self.params if p.grad is not None]
             torch._foreach_add_(grads, [p for p in self.params if p.grad is not None], alpha=self.weight_decay)

@@ -105,6 +105,8 @@ class RunSummary:
     budget_enforced: bool | None = None
     """Whether the CUDA allocator was capped at the budget."""
     torch: str | None = None
+    world_size: int = 1
+    """Processes that trained the run (torchrun's --nproc-per-node x --nnodes)."""
 
     def __post_init__(self) -> None:
         if self.status == "ok":
