@@ -245,12 +245,17 @@ class ModelObject:
         return copy.deepcopy(self.model)
 
     def build_fake(self, fake_mode) -> nn.Module:  # noqa: ANN001
-        # Copy the module with every tensor replaced by a fake one of its shape: no memory, no real copy.
+        # Copy the module with every tensor replaced by a fake CPU tensor of its shape and dtype: no memory,
+        # no real copy, and the same plan whether the object lives on a GPU, the CPU or the meta device.
+        def fake(t: torch.Tensor) -> torch.Tensor:
+            with fake_mode:
+                return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+
         memo: dict[int, Any] = {}
         for p in self.model.parameters():
-            memo[id(p)] = nn.Parameter(fake_mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+            memo[id(p)] = nn.Parameter(fake(p), requires_grad=p.requires_grad)
         for b in self.model.buffers():
-            memo[id(b)] = fake_mode.from_tensor(b)
+            memo[id(b)] = fake(b)
         return copy.deepcopy(self.model, memo)
 
     def has_datasets(self) -> bool:

@@ -76,6 +76,16 @@ def test_train_on_a_model_object_matches_nf_run_on_the_same_plan(tmp_path: Path)
     assert result.summary["final_params"] == sum(p.numel() for p in result.model.parameters())
 
 
+def test_a_model_object_on_another_device_plans_the_same(tmp_path: Path) -> None:
+    """Planning copies only shapes and dtypes: a model on the meta device (as
+    one on a GPU) gives the CPU object's plan, and is not moved."""
+    tiny = _tiny()
+    kw = dict(budget="2MB", input_shape=tiny.INPUT_SHAPE, train_size=512, val_size=128, epochs=1, **FIXED)
+    on_meta = tiny.Tiny().to("meta")
+    assert _decisions(neuroflux.plan(on_meta, **kw)) == _decisions(neuroflux.plan(tiny.Tiny(), **kw))
+    assert next(on_meta.parameters()).device.type == "meta"
+
+
 def test_a_changed_model_object_is_refused(tmp_path: Path) -> None:
     tiny = _tiny()
     plan = neuroflux.plan(tiny.Tiny(), budget="2MB", input_shape=tiny.INPUT_SHAPE, train_size=512, val_size=128,
