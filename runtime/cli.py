@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(0: planned epochs)")
     ap.add_argument("--tolerance", type=float, default=None, help="override the plan's exit tolerance")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the final model")
+    ap.add_argument("--nproc", type=int, default=None, metavar="N",
+                    help="train on N processes on this machine: runs torchrun --standalone --nproc-per-node N for you "
+                    "(one per GPU; see README, 'Several processes and GPUs')")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
     return ap
 
@@ -47,8 +50,38 @@ def _sigterm_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _torchrun_argv(argv: list[str], n: int) -> list[str]:
+    """This command under torchrun on ``n`` local processes, without --nproc."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+            "-m", "neuroflux.runtime.cli", *rest]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.nproc is not None:
+        if args.nproc < 1:
+            print("nf-run: error: --nproc must be >= 1", file=sys.stderr)
+            return 2
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            print("nf-run: error: --nproc under torchrun: give torchrun's --nproc-per-node instead", file=sys.stderr)
+            return 2
+        if args.nproc > 1:
+            import signal
+            import subprocess
+
+            proc = subprocess.Popen(_torchrun_argv(argv, args.nproc))
+            # Ctrl-C reaches torchrun and its workers (one process group): they checkpoint and stop; wait for them.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return proc.wait()
     _sigterm_as_interrupt()
     logging.basicConfig(level=logging.WARNING, format="nf-run: %(message)s")
     out = None
@@ -83,7 +116,8 @@ def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:  # noqa
 
     from neuroflux.runtime.runner import RunConfig, run_plan
 
-    bar = _bars(args.quiet)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone reports
+    bar = _bars(args.quiet or not main_rank)
     cfg = RunConfig(out_dir=out, method=method, device=args.device, resume=args.resume, force=args.force,
                     patience=args.patience, tolerance=args.tolerance, epoch_patience=args.epoch_patience,
                     export_onnx=not args.no_onnx)
@@ -95,9 +129,10 @@ def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:  # noqa
             f"checkpoint in {out} is kept. Re-plan with a larger --margin (now {plan.device.margin_fraction}) or "
             f"budget, then start a new run"
         ) from e
-    if not args.quiet:
-        print_summary(summary)
-    print(f"run directory: {out}")
+    if main_rank:
+        if not args.quiet:
+            print_summary(summary)
+        print(f"run directory: {out}")
     return 0
 
 
@@ -117,7 +152,8 @@ def print_summary(s: dict) -> None:
 
     from neuroflux.common import format_bytes
 
-    t = Table(title=f"{s['method']} on {s['device']}: summary")
+    procs = f" x {s['world_size']} processes" if s.get("world_size", 1) > 1 else ""
+    t = Table(title=f"{s['method']} on {s['device']}{procs}: summary")
     for col in ("block", "units", "batch", "time", "peak measured / predicted", "exit accuracy (val)"):
         t.add_column(col, justify="left" if col in ("units", "exit accuracy (val)") else "right")
     for b in s["blocks"]:
