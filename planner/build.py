@@ -357,6 +357,12 @@ class _Profiler:
     """Real units for --cost measure."""
     device: torch.device = torch.device("cpu")
     """Where --cost measure times steps."""
+    option_lists: list[list[tuple[str, int]]] = dataclasses.field(init=False)
+    """Every unit's (kind, width) options, widest first."""
+
+    def __post_init__(self) -> None:
+        last = len(self.spans) - 1
+        self.option_lists = [_options_for(s, self.cfg, last=s.index == last) for s in self.spans]
 
     @property
     def foreach(self) -> bool | None:
@@ -365,7 +371,6 @@ class _Profiler:
     def run(self, report: Progress) -> tuple[list[UnitCost], StepProfile, StepProfile]:
         spans, cfg = self.spans, self.cfg
         last = len(spans) - 1
-        self.option_lists = [_options_for(s, cfg, last=s.index == last) for s in spans]
         # Units that compute the same thing on the same shape (a deep ResNet's
         # repeated blocks) have the same costs: profile one, reuse its options.
         first_of: dict[tuple[str, tuple[int, ...], bool], int] = {}
