@@ -16,11 +16,11 @@ and ``Plan.save``.
 from neuroflux.errors import NeuroFluxError
 
 __version__ = "0.1.0"
-__all__ = ["NeuroFluxError", "__version__", "plan", "train", "load_plan", "Result"]
+__all__ = ["NeuroFluxError", "__version__", "plan", "train", "load_plan", "export_onnx", "Result"]
 
 
 def __getattr__(name: str):  # noqa: ANN202 - the API loads torch and the planner only when first used
-    if name in ("plan", "train", "load_plan", "Result"):
+    if name in ("plan", "train", "load_plan", "export_onnx", "Result"):
         from neuroflux import api
 
         return getattr(api, name)

@@ -23,7 +23,7 @@ from torch import nn
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["plan", "train", "load_plan", "Result"]
+__all__ = ["plan", "train", "load_plan", "export_onnx", "Result"]
 
 
 def _source(model: nn.Module | str | Path | Callable[[], nn.Module], **kw: Any):  # noqa: ANN202
@@ -136,6 +136,24 @@ def _bars():  # noqa: ANN202
     from tqdm import tqdm
 
     return lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
+
+
+def export_onnx(plan, model: nn.Module, path: str | Path) -> Path:  # noqa: ANN001 - a neuroflux.schemas.Plan
+    """The planned model as ONNX, every node naming its unit and block (what
+    ``nf-graph plan.json -o plan.onnx`` writes for a model file), for a plan
+    made from ``model``. Its structure must be the planned one."""
+    from neuroflux.runtime.assemble import check_model_object
+    from neuroflux.runtime.model_file import ModelObject
+    from neuroflux.tools.graph import write_onnx
+
+    source = _source(model)
+    if not isinstance(source, ModelObject):
+        raise NeuroFluxError("export_onnx() takes the model object; for a model file use nf-graph plan.json -o plan.onnx")
+    check_model_object(plan, source)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_onnx(plan, None, path, source=source)
+    return path
 
 
 def load_plan(path: str | Path):  # noqa: ANN201

@@ -135,3 +135,24 @@ def test_quickstart_script_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "NeuroFlux: val accuracy" in proc.stdout and "BP       : val accuracy" in proc.stdout
     assert (tmp_path / "qs" / "plan.json").is_file() and (tmp_path / "qs" / "final_model_full.pt").is_file()
+
+
+def test_views_of_a_plan_made_from_an_object(tmp_path: Path, capsys) -> None:
+    """DOT, GraphML and HTML need only the plan; ONNX needs the object (from Python)."""
+    from neuroflux.tools.graph_cli import main as nf_graph
+
+    tiny = _tiny()
+    model = tiny.Tiny()
+    plan = neuroflux.plan(model, budget="2MB", input_shape=tiny.INPUT_SHAPE, train_size=512, val_size=128, epochs=1,
+                          **FIXED)
+    plan.save(tmp_path / "plan.json")
+    for ext in ("html", "dot", "graphml"):
+        assert nf_graph([str(tmp_path / "plan.json"), "-o", str(tmp_path / f"plan.{ext}")]) == 0
+    assert nf_graph([str(tmp_path / "plan.json"), "-o", str(tmp_path / "plan.onnx")]) == 2
+    assert "neuroflux.export_onnx" in capsys.readouterr().err
+    import onnx
+
+    out = neuroflux.export_onnx(plan, model, tmp_path / "api.onnx")
+    m = onnx.load(str(out))
+    assert {p.value for n in m.graph.node for p in n.metadata_props if p.key == "neuroflux.unit"} == \
+        {u.name for u in plan.units}

@@ -91,7 +91,7 @@ def write_dot(plan: Plan, path: Path) -> None:
     path.write_text(dot.to_string())
 
 
-def write_onnx(plan: Plan, plan_path: Path, path: Path, *, force: bool = False) -> None:
+def write_onnx(plan: Plan, plan_path: Path | None, path: Path, *, force: bool = False, source=None) -> None:  # noqa: ANN001
     """The planned model (initial weights) as ONNX; every node carries its
     unit and block in ``doc_string`` and ``metadata_props``.
 
@@ -104,7 +104,7 @@ def write_onnx(plan: Plan, plan_path: Path, path: Path, *, force: bool = False) 
     from neuroflux.runtime.assemble import assemble, open_model_file
     from neuroflux.runtime.export import export_onnx
 
-    asm = assemble(plan, open_model_file(plan, plan_path, force=force))
+    asm = assemble(plan, source if source is not None else open_model_file(plan, plan_path, force=force))
     block_of = {u: b.index for b in plan.blocks for u in b.units}
     merged = None
     last = len(plan.units) - 1

@@ -31,8 +31,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise NeuroFluxError(f"-o {out}: {out.parent} is not a directory")
             out.parent.mkdir(parents=True)  # a new folder for the views, as nf-plan -o does
         plan = load_plan(args.plan)
-        # Every view describes the model file; a changed one means a stale plan.
-        open_model_file(plan, Path(args.plan), force=args.force)
+        if plan.model.source == "object":  # no file to check: the views but ONNX need only the plan
+            if fmt == "onnx":
+                raise NeuroFluxError(
+                    f"this plan was made in Python from a {plan.model.file} object; its ONNX view needs the object: "
+                    "neuroflux.export_onnx(plan, model, 'plan.onnx') (DOT, GraphML and HTML need only the plan)")
+        else:
+            # Every view describes the model file; a changed one means a stale plan.
+            open_model_file(plan, Path(args.plan), force=args.force)
         if fmt == "onnx":
             graph.write_onnx(plan, Path(args.plan), out, force=True)
         elif fmt == "dot":
