@@ -18,27 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from neuroflux.common import seconds_per_call
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _timeit(fn, reps: int, sync) -> float:  # noqa: ANN001
-    fn()
-    sync()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     from neuroflux.runtime.model_file import load_model_file
 
     dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     file, _, factory = args.model.partition(":")
     mf = load_model_file(ROOT / "examples" / f"{file}.py", factory=factory or None)
     torch.manual_seed(0)
@@ -101,17 +88,17 @@ def main(argv: list[str] | None = None) -> int:
 
     for m in (*units, *heads):
         m.eval()
-    rows = {"eval: no_grad": _timeit(eval_no_grad, args.reps, sync),
-            "eval: inference_mode": _timeit(eval_inference, args.reps, sync)}
+    rows = {"eval: no_grad": seconds_per_call(eval_no_grad, device=dev, reps=args.reps, median=True),
+            "eval: inference_mode": seconds_per_call(eval_inference, device=dev, reps=args.reps, median=True)}
     for m in (*units, *heads):
         m.train()
     o_loop, o_each = opts(False), opts(True)
-    rows["train step: SGD foreach=False"] = _timeit(lambda: train_step(o_loop, x), args.reps, sync)
-    rows["train step: SGD foreach=True"] = _timeit(lambda: train_step(o_each, x), args.reps, sync)
+    rows["train step: SGD foreach=False"] = seconds_per_call(lambda: train_step(o_loop, x), device=dev, reps=args.reps, median=True)
+    rows["train step: SGD foreach=True"] = seconds_per_call(lambda: train_step(o_each, x), device=dev, reps=args.reps, median=True)
     for m in (*units, *heads):
         m.to(memory_format=torch.channels_last)
     xc = x.contiguous(memory_format=torch.channels_last)
-    rows["train step: channels_last (foreach=True)"] = _timeit(lambda: train_step(o_each, xc), args.reps, sync)
+    rows["train step: channels_last (foreach=True)"] = seconds_per_call(lambda: train_step(o_each, xc), device=dev, reps=args.reps, median=True)
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{args.model}, first {args.units} units, batch {args.batch}, {name}, torch {torch.__version__}")

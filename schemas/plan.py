@@ -22,6 +22,8 @@ from neuroflux.common import atomic_write
 from neuroflux.errors import NeuroFluxError
 
 __all__ = [
+    "record_from_json",
+    "validate_record",
     "SCHEMA_VERSION",
     "AuxHead",
     "Baseline",
@@ -405,17 +407,20 @@ class Plan:
 # dict <-> dataclass, driven by the type hints above.
 
 
-def _from_json(tp: Any, value: Any) -> Any:
+def record_from_json(tp: Any, value: Any) -> Any:
+    """``value`` (JSON data already checked against the schema) as the typed
+    record ``tp``: dataclasses, lists, optionals; ints become floats where
+    the field is a float. Plans and run summaries are both read with it."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _from_json(args[0], value)
+        return None if value is None else record_from_json(args[0], value)
     if origin is list:
         (item,) = typing.get_args(tp)
-        return [_from_json(item, v) for v in value]
+        return [record_from_json(item, v) for v in value]
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
-        kwargs = {f.name: _from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)
+        kwargs = {f.name: record_from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)
                   if f.name in value or f.default is dataclasses.MISSING}
         return tp(**kwargs)
     if tp is float and isinstance(value, int):
@@ -428,7 +433,7 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
     _check_version(data)
     _validate(data)
     try:
-        return _from_json(Plan, data)
+        return record_from_json(Plan, data)
     except (KeyError, TypeError) as e:  # schema and dataclasses disagree: a bug
         raise AssertionError(f"plan passed the schema but not the types: {e}") from e
 
@@ -484,15 +489,27 @@ def _check_version(data: dict[str, Any]) -> None:
 
 
 def _validate(data: dict[str, Any]) -> None:
+    validate_record(data, schema(), what="plan", fix="re-create it with nf-plan", error=PlanError)
+
+
+def validate_record(data: Any, schema_doc: dict[str, Any], *, what: str, fix: str,
+                    error: type[NeuroFluxError] = NeuroFluxError) -> None:
+    """Check ``data`` against a JSON Schema; the first problem (where, what,
+    how many more) and ``fix`` become ``error``. A field the schema does not
+    know is named as such."""
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(schema())
+    validator = jsonschema.Draft202012Validator(schema_doc)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         first = errors[0]
         where = "/".join(str(p) for p in first.absolute_path) or "(top level)"
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise PlanError(f"invalid plan at {where}: {first.message}{more}; re-create it with nf-plan")
+        message = first.message
+        if first.validator == "additionalProperties":
+            known = set(first.schema.get("properties", {}))
+            message = f"unknown field(s) {sorted(set(first.instance) - known)}"
+        raise error(f"invalid {what} at {where}: {message}{more}; {fix}")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

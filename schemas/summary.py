@@ -12,16 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from neuroflux.errors import NeuroFluxError
+from neuroflux.schemas.plan import record_from_json, validate_record
 
 __all__ = ["BlockResult", "Stopping", "Throughput", "RunSummary", "RunState", "load_summary", "summary_from_dict",
-           "summary_to_dict", "check_run_state"]
+           "summary_to_dict", "summary_schema", "check_run_state"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,13 +109,6 @@ class RunSummary:
     world_size: int = 1
     """Processes that trained the run (torchrun's --nproc-per-node x --nnodes)."""
 
-    def __post_init__(self) -> None:
-        if self.status == "ok":
-            missing = [f.name for f in dataclasses.fields(self)
-                       if f.name not in ("error", "stopped_early") and getattr(self, f.name) is None]
-            if missing:
-                raise ValueError(f"a finished run's summary lacks {', '.join(missing)}")
-
 
 def summary_to_dict(s: RunSummary) -> dict[str, Any]:
     """JSON-ready, without the fields a diverged run does not have."""
@@ -127,34 +121,16 @@ def summary_to_dict(s: RunSummary) -> dict[str, Any]:
     return out
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise NeuroFluxError(f"{where}: expected an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise NeuroFluxError(f"{where}: unknown field(s) {sorted(unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        inner = hints[name]
-        if typing.get_origin(inner) in (typing.Union, types.UnionType):  # X | None
-            inner = next(a for a in typing.get_args(inner) if a is not type(None))
-        if dataclasses.is_dataclass(inner) and value is not None:
-            value = _build(inner, value, f"{where}.{name}")
-        elif typing.get_origin(inner) is list and value is not None:
-            (item,) = typing.get_args(inner)
-            if dataclasses.is_dataclass(item):
-                value = [_build(item, v, f"{where}.{name}[{i}]") for i, v in enumerate(value)]
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise NeuroFluxError(f"{where}: {e}") from e
+@lru_cache(maxsize=1)
+def summary_schema() -> dict[str, Any]:
+    """The JSON Schema of summary.json (a finished run has every field)."""
+    return json.loads(resources.files("neuroflux.schemas").joinpath("summary.schema.json").read_text())
 
 
-def summary_from_dict(data: dict[str, Any]) -> RunSummary:
-    return _build(RunSummary, data, "summary")
+def summary_from_dict(data: Any) -> RunSummary:
+    """Validate ``data`` against the schema and build the typed record."""
+    validate_record(data, summary_schema(), what="summary", fix="it was not written by this NeuroFlux's nf-run")
+    return record_from_json(RunSummary, data)
 
 
 def load_summary(path: str | os.PathLike[str]) -> RunSummary:
