@@ -34,7 +34,7 @@ from neuroflux.common import seconds_per_call
 from neuroflux.runtime.train import UnitTrainer
 
 __all__ = ["StepProfile", "DeviceSpeed", "profile_step", "forward_flops", "measure_device_speed", "measure_step_time", "SGDConfig",
-           "StepMeter", "state_bytes", "profile_unit_options"]
+           "StepMeter", "state_bytes", "state_tensors", "profile_unit_options"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,12 +178,13 @@ def _decomposes(func) -> bool:  # noqa: ANN001
 _CUDA_MIN_ALLOC = 512
 
 
-def _state_tensors(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Params, buffers, their gradients and the optimizer's state tensors, once each."""
+def state_tensors(modules: Sequence[nn.Module], opt: torch.optim.Optimizer, *, grads: bool = True) -> list[torch.Tensor]:
+    """Params, buffers, (``grads``) their gradients and the optimizer's state tensors, once each."""
     tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
-    for p in list(tensors.values()):
-        if p.grad is not None:
-            tensors[id(p.grad)] = p.grad
+    if grads:
+        for p in list(tensors.values()):
+            if p.grad is not None:
+                tensors[id(p.grad)] = p.grad
     for state in opt.state.values():
         for v in state.values():
             if isinstance(v, torch.Tensor):
@@ -193,12 +194,7 @@ def _state_tensors(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> 
 
 def state_bytes(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> int:
     """Params, buffers and optimizer state: resident for the whole block."""
-    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
-    for state in opt.state.values():
-        for v in state.values():
-            if isinstance(v, torch.Tensor):
-                tensors[id(v)] = v
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(t.numel() * t.element_size() for t in state_tensors(modules, opt, grads=False))
 
 
 def _trainer(unit: nn.Module, head: nn.Module | None, sgd: SGDConfig, foreach: bool | None = None) -> UnitTrainer:
@@ -231,7 +227,7 @@ def _measure(t: UnitTrainer, input_shape: Sequence[int], num_classes: int, batch
     head starts and where the unit's backward starts (the gradient of the
     unit's output is complete: the head's backward, parameter gradients
     included, is over; autograd runs AccumulateGrad before any other node)."""
-    meter = StepMeter(_state_tensors(t.modules(), t.opt))
+    meter = StepMeter(state_tensors(t.modules(), t.opt))
     handles = []
     if mark_head:
         handles.append(t.head.register_forward_pre_hook(lambda m, a: meter.mark()))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from pathlib import Path
 
 from neuroflux.planner.build import PlanConfig, make_plan
@@ -27,3 +30,19 @@ def tiny_plan(tmp_path: Path, *, train: int = 512, epochs: int = 2, cache_locati
     result, path = plan_for(model, tmp_path, strategy="greedy", epochs=epochs, min_batch=8, max_batch=32,
                             cache_location=cache_location, cache_dtype=cache_dtype, **{"patience": 10, "epoch_patience": 0, **kw})
     return result.plan, path, model
+
+
+def wait_for_metrics(path: Path, predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:  # noqa: ANN001
+    """Poll a run's metrics.jsonl until ``predicate(records)`` holds; fail if
+    ``proc`` ends first (with its stderr) or on the timeout."""
+    import pytest
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.is_file() and predicate([json.loads(line) for line in path.read_text().splitlines() if line.strip()]):
+            return
+        if proc.poll() is not None:
+            err = proc.stderr.read()[-2000:] if proc.stderr else ""
+            pytest.fail(f"the run ended (rc {proc.returncode}) before the awaited event: {err}")
+        time.sleep(0.05)
+    pytest.fail("timed out waiting for the run")

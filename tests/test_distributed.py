@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ROOT, plan_for
+from helpers import ROOT, plan_for, wait_for_metrics
 from neuroflux.runtime.assemble import assemble
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.heads import build_head
@@ -112,17 +111,6 @@ def test_two_ranks_train_as_one_process_on_their_batches_together(tmp_path: Path
     assert sum(1 for m in metrics if m["event"] == "block") == len(plan.blocks)
 
 
-def _wait_for(path: Path, pred, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if path.is_file() and pred([json.loads(x) for x in path.read_text().splitlines() if x.strip()]):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"torchrun ended first: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting for the run")
-
-
 def _worker_pids(parent: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -132,7 +120,7 @@ def test_a_killed_rank_stops_the_run_and_it_resumes_with_the_same_ranks(tmp_path
     plan, path, _ = _plan(tmp_path, epochs=3)
     run = tmp_path / "run"
     proc = _torchrun(str(path), "--out", str(run), env={"NEUROFLUX_LIMIT": ""})
-    _wait_for(run / "metrics.jsonl", lambda recs: any(r["event"] == "epoch" for r in recs), proc)
+    wait_for_metrics(run / "metrics.jsonl", lambda recs: any(r["event"] == "epoch" for r in recs), proc)
     workers = _worker_pids(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import ROOT, plan_for
 from neuroflux.planner.parallel import map_forked
-from neuroflux.planner.profile import SGDConfig, StepMeter, profile_step, profile_unit_options, state_bytes
+from neuroflux.planner.profile import SGDConfig, StepMeter, profile_step, profile_unit_options, state_bytes, state_tensors
 from neuroflux.planner.units import find_units, propagate_shapes
 from neuroflux.runtime.graph import split_units, trace
 from neuroflux.runtime.heads import build_head, head_widths
@@ -67,7 +67,7 @@ def test_step_meter_equals_memtracker_and_flop_counter(model: str) -> None:
             with FlopCounterMode(display=False) as fc:  # alone: its module tracker keeps recomputed activations alive
                 t.step(x, y)
             ref_peak = sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values())
-            meter = StepMeter([*_state(t)])
+            meter = StepMeter(state_tensors(t.modules(), t.opt, grads=False))
             with meter:
                 t.step(x, y)
         finally:
@@ -75,18 +75,6 @@ def test_step_meter_equals_memtracker_and_flop_counter(model: str) -> None:
         assert meter.peak == ref_peak, (type(unit).__name__, meter.peak, ref_peak)
         assert meter.flops == fc.get_total_flops() > 0
         assert meter.ops > 10
-
-
-def _state(t: UnitTrainer):  # noqa: ANN202
-    seen = {}
-    for m in t.modules():
-        for p in (*m.parameters(), *m.buffers()):
-            seen[id(p)] = p
-    for st in t.opt.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor):
-                seen[id(v)] = v
-    return seen.values()
 
 
 def test_checkpointed_baseline_prediction_matches_a_real_step() -> None:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_plan
+from helpers import tiny_plan, wait_for_metrics
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.heads import build_head
 from neuroflux.runtime.runner import RunConfig, Runner, run_plan
@@ -145,17 +144,6 @@ def test_baselines_write_the_same_files(tmp_path: Path, baseline: str) -> None:
     assert s["blocks"][0]["batch_size"] == getattr(plan.baseline, baseline.replace("-", "_")).batch_size
 
 
-def _wait_for(path: Path, predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if path.is_file() and predicate([json.loads(line) for line in path.read_text().splitlines() if line.strip()]):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (rc {proc.returncode}) before the awaited event")
-        time.sleep(0.02)
-    pytest.fail("timed out waiting for the run")
-
-
 def _nf_run_proc(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "neuroflux.runtime.cli", *args, "-q", "--no-onnx", "--device", "cpu"],
@@ -167,7 +155,7 @@ def test_sigkill_after_first_block_resumes_without_repeating(tmp_path: Path) -> 
     plan, path, _ = tiny_plan(tmp_path, train=4096, epochs=3, cache_location="disk")
     out = tmp_path / "run"
     proc = _nf_run_proc(str(path), "--out", str(out))
-    _wait_for(out / "metrics.jsonl", lambda recs: any(r["event"] == "block" for r in recs), proc)
+    wait_for_metrics(out / "metrics.jsonl", lambda recs: any(r["event"] == "block" for r in recs), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists(), "the run finished before it was killed; the test proves nothing"
@@ -185,7 +173,7 @@ def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path, sig) -> None:
     plan, path, _ = tiny_plan(tmp_path, train=4096, epochs=3)
     out = tmp_path / "run"
     proc = _nf_run_proc(str(path), "--out", str(out))
-    _wait_for(out / "metrics.jsonl", lambda recs: any(r["event"] == "epoch" for r in recs), proc)
+    wait_for_metrics(out / "metrics.jsonl", lambda recs: any(r["event"] == "epoch" for r in recs), proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
