@@ -93,6 +93,16 @@ class Dist:
             dist.all_reduce(t)
         return t
 
+    @staticmethod
+    def is_collective_failure(e: BaseException) -> bool:
+        """Whether ``e`` is a collective that failed because another rank is
+        gone: torch.distributed's own errors, and gloo's, which arrive as a
+        plain RuntimeError ("Connection closed by peer", "Timed out")."""
+        import torch.distributed as dist
+
+        text = str(e).lower()
+        return isinstance(e, dist.DistError) or any(k in text for k in ("gloo", "nccl", "connection", "timed out"))
+
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist

@@ -259,8 +259,7 @@ class Runner:
                 return self._run_locked()
             return self._run_main()
         except RuntimeError as e:
-            if self.dist.enabled and ("timed out" in str(e).lower() or "connection" in str(e).lower()
-                                      or "gloo" in str(e).lower() or "nccl" in str(e).lower()):
+            if self.dist.enabled and self.dist.is_collective_failure(e):
                 raise NeuroFluxError(
                     f"rank {self.dist.rank}: a collective with the other processes failed ({str(e).splitlines()[0]}); "
                     f"another rank probably died. The last checkpoint in {self.out} is kept: run the same torchrun "
