@@ -12,12 +12,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["format_bytes", "format_mib", "speed_verdict", "atomic_write", "resolve_device", "seconds_per_call", "tracker_peak_bytes"]
+__all__ = ["format_bytes", "format_mib", "speed_verdict", "atomic_write", "write_probe", "resolve_device", "seconds_per_call",
+           "tracker_peak_bytes"]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> None:
     """``write(tmp_path)`` then rename over ``path``: readers see the old
-    file or the new one, never half of one (a crash leaves no temp file)."""
+    file or the new one, never half of one (a crash leaves no temp file).
+
+    Safe against a link planted in the target directory: the temp file is
+    made by ``mkstemp`` (``O_EXCL``, a random name, so it is never an
+    existing file or link), and ``os.replace`` renames over ``path`` itself,
+    so a symbolic link at ``path`` is replaced, never followed, and the
+    file it points at is left untouched. ``path``'s parent directories are
+    trusted: a linked parent is the caller's to refuse (see
+    ``neuroflux.runtime.checkpoint.confined_path``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,6 +39,22 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_probe(dir: str | os.PathLike[str]) -> None:
+    """Check that ``dir`` (which must exist) is writable, before any work is
+    spent: create a file in it and remove it again; an ``OSError`` (read-only
+    file system, no permission) says why not.
+
+    The probe gets a fresh random name from ``mkstemp`` (``O_EXCL``), never a
+    fixed one: a fixed name such as ``.write-test`` could be a link planted
+    in the directory, and writing it would write through the link into the
+    file it points at."""
+    fd, tmp = tempfile.mkstemp(dir=dir, prefix=".write-test.")
+    try:
+        os.close(fd)
+    finally:
+        os.unlink(tmp)
 
 
 def tracker_peak_bytes(tracker: Any) -> int:

@@ -24,13 +24,16 @@ ACCEPTED_FORMS = "plain bytes (1500000000), or a number with a unit: 512MB, 512M
 _RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_bytes(text: str, *, what: str = "budget") -> int:
-    """Parse a byte size; raises NeuroFluxError naming the accepted forms."""
+def parse_bytes(text: str, *, what: str = "budget", allow_zero: bool = False) -> int:
+    """Parse a byte size; raises NeuroFluxError naming the accepted forms.
+    ``allow_zero``: 0 is a valid size (a host or disk budget of none)."""
     m = _RE.match(str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
         raise NeuroFluxError(f"cannot read {what} {text!r}; use {ACCEPTED_FORMS}")
     value = float(m.group(1)) * _UNITS[unit]
+    if allow_zero and value == 0:
+        return 0
     if value < 1:
         raise NeuroFluxError(f"{what} {text!r} is less than one byte")
     return int(value)

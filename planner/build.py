@@ -22,10 +22,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import neuroflux
 from neuroflux.errors import NeuroFluxError
+from neuroflux.common import format_bytes
 from neuroflux.planner.problem import (
     AuxOption,
+    Boundary,
     Problem,
     Solution,
+    block_sources,
+    host_use,
+    recompute_time_s,
     UnitCost,
     block_peak_bytes,
     block_steps,
@@ -46,7 +51,8 @@ from neuroflux.planner.profile import (
     DeviceSpeed,
     SGDConfig,
     StepProfile,
-    forward_flops,
+    ForwardProfile,
+    profile_forward,
     measure_step_time,
     profile_step,
     profile_unit_options,
@@ -67,7 +73,9 @@ from neuroflux.schemas.plan import (
     Baseline,
     Baselines,
     Block,
+    BlockInput,
     CacheSpec,
+    DataSpec,
     DeviceSpec,
     ExitPolicy,
     GraphEdge,
@@ -117,9 +125,18 @@ class PlanConfig:
     """Default: min(512, train_size // 32), so every epoch has >= 32 steps."""
     margin: float = 0.10
     cache_budget_bytes: int | None = None
-    """Default: half of this machine's RAM."""
-    cache_location: Literal["ram", "disk"] = "ram"
+    """Host RAM for activation caches (``--host-budget``). Default: half of
+    this machine's physical RAM (not of the free RAM: plans do not follow load)."""
+    disk_budget_bytes: int | None = None
+    """Disk for activation caches (``--disk-budget``). Default: the free
+    space of the filesystem that holds the plan, less 10% and 1 GiB."""
+    cache_location: Literal["auto", "ram", "disk", "recompute"] = "auto"
+    """Boundary kinds the plan may use: ``auto`` all three, ``ram`` or
+    ``disk`` that cache and recompute, ``recompute`` recompute only."""
     cache_dtype: Literal["float16", "float32"] = "float16"
+    data_mode: Literal["auto", "stack", "stream"] = "auto"
+    """How inputs reach the first block: ``auto`` stacks them in RAM when
+    they fit the host budget beside the caches, else streams."""
     max_blocks: int | None = None
     time_limit_s: float = 30.0
     seed: int = 0
@@ -207,6 +224,23 @@ def default_cache_budget_bytes() -> int:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
     except (ValueError, OSError, AttributeError):
         return 8 * 2**30
+
+
+def default_disk_budget_bytes(where: Path) -> int:
+    """Free space of the filesystem holding ``where`` (its nearest existing
+    parent), less 10% and 1 GiB for everything else that writes there;
+    rounded down to whole GiB, so that small changes in free space do not
+    change the plan."""
+    import shutil
+
+    where = Path(where).resolve()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return 0
+    return max(0, int(free * 0.9) - 2**30) // 2**30 * 2**30
 
 
 @dataclass(frozen=True)
@@ -390,9 +424,16 @@ class _Profiler:
         workers = 1 if cfg.cost == "measure" else (cfg.workers or usable_cpus())
         results = map_forked(self.job, [-2, -1, *distinct], workers=workers, on_done=finished)
         dtype_bytes = 2 if cfg.cache_dtype == "float16" else 4
-        unit_costs = [UnitCost(name=f"u{span.index}", options=results[same_as[span.index]][0],
-                               out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes,
-                               fwd_per_sample_s=results[same_as[span.index]][1]) for span in spans]
+        scale = self.target.cal.activation_scale
+        unit_costs = []
+        for span in spans:
+            options, fwd = results[same_as[span.index]]
+            unit_costs.append(UnitCost(
+                name=f"u{span.index}", options=options, out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes,
+                fwd_per_sample_s=fwd.flops_per_sample / self.target.speed.flops_per_s,
+                fwd_fixed_s=fwd.ops * self.target.speed.op_overhead_s,
+                infer_static_bytes=fwd.weight_bytes, infer_fixed_bytes=fwd.fixed_bytes,
+                infer_per_sample_bytes=math.ceil(fwd.per_sample_bytes * scale)))
         report("solving", total, total)
         return unit_costs, results[-1], results[-2]
 
@@ -404,8 +445,8 @@ class _Profiler:
         return _calibrated(profile_step(model, None, self.meta.shape, self.meta.classes, fake_mode=self.fake,
                                         sgd=self.sgd, foreach=self.foreach), self.target.cal)
 
-    def options(self, k: int) -> tuple[tuple[AuxOption, ...], float]:
-        """Unit ``k``'s aux options (memory and step time per head) and its forward time per sample."""
+    def options(self, k: int) -> tuple[tuple[AuxOption, ...], ForwardProfile]:
+        """Unit ``k``'s aux options (memory and step time per head) and its inference forward."""
         span, mod, classes, fake = self.spans[k], self.unit_mods[k], self.meta.classes, self.fake
         with fake:
             heads = [None if kind == "model" else build_head(kind, span.output_shape, width, classes)
@@ -425,7 +466,7 @@ class _Profiler:
                 static_bytes=prof.static_bytes, dyn_fixed_bytes=prof.dyn_fixed_bytes,
                 dyn_per_sample_bytes=prof.dyn_per_sample_bytes, step_fixed_s=step_fixed, step_per_sample_s=step_per,
             ))
-        return tuple(options), forward_flops(mod, span.input_shape, fake_mode=fake) / self.target.speed.flops_per_s
+        return tuple(options), profile_forward(mod, span.input_shape, fake_mode=fake)
 
     def step_time(self, prof: StepProfile, k: int, kind: str, width: int) -> tuple[float, float]:
         """(fixed_s, per_sample_s) of unit ``k``'s step with that head: from
@@ -454,7 +495,9 @@ def _plan_at(pr: _Profiled, cfg: PlanConfig, *, plan_dir: Path, t_start: float) 
         epochs=cfg.epochs,
         cap_bytes=int(cfg.budget_bytes * (1 - cfg.margin)) - workspace,
         workspace_bytes=workspace,
-        cache_budget_bytes=cfg.cache_budget_bytes or default_cache_budget_bytes(),
+        cache_budget_bytes=default_cache_budget_bytes() if cfg.cache_budget_bytes is None else cfg.cache_budget_bytes,
+        disk_budget_bytes=default_disk_budget_bytes(plan_dir) if cfg.disk_budget_bytes is None else cfg.disk_budget_bytes,
+        boundaries=_BOUNDARIES[cfg.cache_location],
         max_blocks=cfg.max_blocks,
         max_block_units=_max_block_units(cfg, len(unit_costs)),
     )
@@ -480,22 +523,34 @@ def _plan_at(pr: _Profiled, cfg: PlanConfig, *, plan_dir: Path, t_start: float) 
 #: grows with units x block length x batch sizes and stops proving in seconds.
 CPSAT_MAX_UNITS = 24
 
+_BOUNDARIES: dict[str, tuple[Boundary, ...]] = {
+    "auto": ("ram", "disk", "recompute"), "ram": ("ram", "recompute"), "disk": ("disk", "recompute"),
+    "recompute": ("recompute",)}
+
 
 def _solve(problem: Problem, cfg: PlanConfig, solver_cfg: SolverConfig) -> tuple[Solution, str]:
     """The strategy's plan and the engine that made it. ``optimal``: CP-SAT,
     seeded with the dynamic program's exact least-time plan (or the greedy
-    one), on networks of up to CPSAT_MAX_UNITS units; the dynamic program
-    alone beyond. Never "no plan" when one exists: on a CP-SAT timeout the
-    dynamic program's or the greedy plan is written, with a warning."""
+    one), on networks of up to CPSAT_MAX_UNITS units whose least-time plan
+    caches every boundary in RAM (CP-SAT's model); the dynamic program alone
+    otherwise. Never "no plan" when one exists: on a CP-SAT timeout or
+    infeasibility the dynamic program's or the greedy plan is written."""
     greedy = solve_greedy(problem)
     if cfg.strategy == "greedy":
         return greedy, "greedy"
     dp = solve_dp(problem, tie_tolerance=cfg.tie_tolerance)
-    if dp is not None and (problem.n > CPSAT_MAX_UNITS or dp.status == "infeasible"):
+    all_ram = dp is not None and all(b.boundary == "ram" for b in dp.blocks[:-1])
+    if dp is not None and (problem.n > CPSAT_MAX_UNITS or dp.status == "infeasible" or not all_ram):
         return dp, "dp"
+    if "ram" not in problem.boundaries:
+        return greedy, "greedy"
     seed = dp if dp is not None else greedy
-    solution = solve_cpsat(problem, solver_cfg, hint=seed)
-    if solution.status == "timeout" and seed.status in ("feasible", "optimal"):
+    if seed.status in ("feasible", "optimal") and any(b.boundary != "ram" for b in seed.blocks[:-1]):
+        seed = None  # CP-SAT cannot take a hint outside its model
+    solution = solve_cpsat(dataclasses.replace(problem, boundaries=("ram",)), solver_cfg, hint=seed)
+    if solution.status == "infeasible" and dp is None and greedy.status == "feasible":
+        return greedy, "greedy"  # no lightest heads, and caches alone do not fit: the greedy plan recomputes
+    if solution.status == "timeout" and seed is not None and seed.status in ("feasible", "optimal"):
         log.warning("CP-SAT found no plan within %.0f s; writing the %s plan (raise --time-limit for CP-SAT's)",
                     cfg.time_limit_s, "dynamic program's" if seed is dp else "greedy")
         return dataclasses.replace(seed, message=f"CP-SAT timed out ({solution.message})"), \
@@ -605,10 +660,17 @@ def _raise_infeasible(problem: Problem, solution: Solution, cfg: PlanConfig) -> 
             "or lower --min-batch",
             min_budget_bytes=need,
         )
+    if "recompute" in problem.boundaries:
+        raise InfeasibleBudget(
+            f"no plan fits: {solution.message}. Every unit fits alone ({format_bytes(need)} suffices for that), "
+            "so --max-blocks or --max-block-units is the limit (a block that recomputes its input also holds the "
+            "recomputed units' weights): drop --max-blocks, or raise --budget",
+            min_budget_bytes=None,
+        )
     raise InfeasibleBudget(
         f"no plan fits: {solution.message}. The device budget would allow one ({format_bytes(need)} suffices), "
-        "so the cache budget or --max-blocks is the limit: raise --cache-budget, use --cache-dtype float16, "
-        "or drop --max-blocks",
+        "so the cache budgets or --max-blocks are the limit: let boundaries recompute (--cache-location auto), "
+        "raise --host-budget or --disk-budget, use --cache-dtype float16, or drop --max-blocks",
         min_budget_bytes=None,
     )
 
@@ -631,7 +693,7 @@ def _assemble(*, mf: ModelFile | ModelObject, cfg: PlanConfig, gm, spans: list[U
                           budget_bytes=cfg.budget_bytes, budget_source=cfg.budget_source, margin_fraction=cfg.margin,
                           cache_budget_bytes=problem.cache_budget_bytes, workspace_bytes=problem.workspace_bytes,
                           step_overhead_bytes=target.cal.step_overhead_bytes,
-                          activation_scale=target.cal.activation_scale),
+                          activation_scale=target.cal.activation_scale, disk_budget_bytes=problem.disk_budget_bytes),
         budget_bytes=cfg.budget_bytes,
         recipe=Recipe(optimizer="sgd", lr=cfg.lr, base_batch_size=cfg.base_batch_size, lr_scaling=cfg.lr_scaling,
                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
@@ -663,6 +725,7 @@ def _assemble(*, mf: ModelFile | ModelObject, cfg: PlanConfig, gm, spans: list[U
                             op_overhead_s=speed.op_overhead_s if cfg.cost == "flops" else 0.0,
                             device_speed_source=target.speed_source if cfg.cost == "flops" else "measured steps",
                             profile_batch_sizes=[8, 16]),
+        data=_data_spec(problem, solution, cfg, tuple(shape)),
     )
 
 
@@ -700,24 +763,63 @@ def _unit_records(spans: list[UnitSpan], problem: Problem, solution: Solution) -
 
 def _block_records(problem: Problem, solution: Solution, cfg: PlanConfig) -> list[Block]:
     blocks = []
-    for i, bc in enumerate(solution.blocks):
+    srcs = block_sources(solution.blocks)
+    end_of = {bc.end: i for i, bc in enumerate(solution.blocks)}
+    for i, (bc, src) in enumerate(zip(solution.blocks, srcs)):
         last_block = bc.end == problem.n - 1
+        peak = block_peak_bytes(problem, bc.start, bc.end, bc.batch_size, solution.options, src=src)
+        own = block_peak_bytes(problem, bc.start, bc.end, bc.batch_size, solution.options)
+        source_block = None if src == 0 else end_of[src - 1]
+        kind = "data" if i == 0 else ("cache" if src == bc.start else "recompute")
+        cached = not last_block and bc.boundary != "recompute"
         blocks.append(
             Block(
                 index=i, units=[problem.units[u].name for u in range(bc.start, bc.end + 1)], batch_size=bc.batch_size,
                 epochs=cfg.epochs,
                 lr=lr_for_batch(cfg.lr, bc.batch_size, base=cfg.base_batch_size, rule=cfg.lr_scaling),
                 steps=block_steps(problem, bc.batch_size),
-                predicted_peak_bytes=block_peak_bytes(problem, bc.start, bc.end, bc.batch_size, solution.options)
-                + problem.workspace_bytes,
-                predicted_time_s=block_time_s(problem, bc.start, bc.end, bc.batch_size, solution.options),
-                cache=None if last_block else CacheSpec(
-                    location=cfg.cache_location, dtype=cfg.cache_dtype, bytes=cache_bytes(problem, bc.end),
-                    file=f"cache/block{i}.npy" if cfg.cache_location == "disk" else None),
+                predicted_peak_bytes=peak + problem.workspace_bytes,
+                predicted_time_s=block_time_s(problem, bc.start, bc.end, bc.batch_size, solution.options, src=src,
+                                              boundary=bc.boundary),
+                cache=CacheSpec(location=bc.boundary, dtype=cfg.cache_dtype, bytes=cache_bytes(problem, bc.end),
+                                file=f"cache/block{i}.npy" if bc.boundary == "disk" else None) if cached else None,
                 shuffle_seed=shuffle_seed(cfg.seed, i),
+                input=BlockInput(kind=kind, source_block=source_block,
+                                 recompute_units=[problem.units[u].name for u in range(src, bc.start)],
+                                 recompute_s=recompute_time_s(problem, src, bc.start, bc.batch_size)),
+                predicted_peak_recompute_bytes=peak - own,
             )
         )
     return blocks
+
+
+def _host_peaks(problem: Problem, solution: Solution) -> dict[str, int]:
+    """Most RAM and disk the plan's caches hold at once (over its blocks)."""
+    srcs = block_sources(solution.blocks)
+    kind_after = {bc.end + 1: bc.boundary for bc in solution.blocks}
+    peaks = {"ram": 0, "disk": 0}
+    for bc, src in zip(solution.blocks, srcs):
+        use = host_use(problem, src, kind_after.get(src), bc.end, bc.boundary)
+        peaks = {k: max(v, use[k]) for k, v in peaks.items()}
+    return peaks
+
+
+def _data_spec(problem: Problem, solution: Solution, cfg: PlanConfig, shape: tuple[int, ...]) -> DataSpec:
+    """Stack the inputs in RAM when the flag says so, or (auto) when they fit
+    the host budget beside the most the caches hold in RAM; else stream."""
+    inputs = (problem.train_size + problem.val_size) * math.prod(shape) * 4
+    peaks = _host_peaks(problem, solution)
+    room = problem.cache_budget_bytes - peaks["ram"]
+    if cfg.data_mode != "auto":
+        mode, reason = cfg.data_mode, f"--data-mode {cfg.data_mode}"
+    elif inputs <= room:
+        mode, reason = "stack", (f"the inputs ({format_bytes(inputs)} as float32) fit the host budget beside the "
+                                 f"caches' {format_bytes(peaks['ram'])} of RAM")
+    else:
+        mode, reason = "stream", (f"the inputs ({format_bytes(inputs)} as float32) do not fit the host budget's "
+                                  f"{format_bytes(max(room, 0))} left beside the caches' RAM")
+    return DataSpec(mode=mode, input_bytes=inputs, peak_cache_ram_bytes=peaks["ram"],
+                    peak_cache_disk_bytes=peaks["disk"], reason=reason)
 
 
 def _graph_records(gm) -> tuple[list[GraphNode], list[GraphEdge]]:

@@ -22,6 +22,23 @@ def _default(name: str):  # noqa: ANN202
     return PlanConfig.__dataclass_fields__[name].default
 
 
+def _add_memory_args(ap: argparse.ArgumentParser) -> None:
+    """Host RAM, disk and the block boundaries: where activations live between blocks."""
+    ap.add_argument("--host-budget", "--cache-budget", dest="cache_budget", default=None,
+                    help="host RAM for activation caches (a block's source cache plus the one it writes) and, where "
+                    "they fit beside them, the stacked inputs (default: half of this machine's physical RAM)")
+    ap.add_argument("--disk-budget", default=None,
+                    help="disk for activation caches (default: the free space where the plan is written, less 10%% "
+                    "and 1 GiB; give it when the run writes elsewhere)")
+    ap.add_argument("--cache-location", choices=["auto", "ram", "disk", "recompute"], default=_default("cache_location"),
+                    help="what a block boundary may be: auto (the planner picks RAM cache, disk cache or recompute "
+                    "per boundary), ram or disk (that cache, or recompute), recompute (never cache)")
+    ap.add_argument("--data-mode", choices=["auto", "stack", "stream"], default=_default("data_mode"),
+                    help="inputs stacked in RAM once (fast; per-sample random transforms are drawn once) or streamed "
+                    "through DataLoader workers on every pass; auto: stack when they fit the host budget")
+    ap.add_argument("--cache-dtype", choices=["float16", "float32"], default=_default("cache_dtype"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="nf-plan",
@@ -46,10 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-batch", type=int, default=None, help="default: min(512, train size / 32)")
     ap.add_argument("--margin", type=float, default=_default("margin"), help="share of the budget kept free for allocator rounding "
                     "and fragmentation")
-    ap.add_argument("--cache-budget", default=None, help="host RAM (or disk) for one block's input+output cache "
-                    "(default: half of this machine's RAM)")
-    ap.add_argument("--cache-location", choices=["ram", "disk"], default=_default("cache_location"))
-    ap.add_argument("--cache-dtype", choices=["float16", "float32"], default=_default("cache_dtype"))
+    _add_memory_args(ap)
     ap.add_argument("--max-blocks", type=int, default=None)
     ap.add_argument("--time-limit", type=float, default=_default("time_limit_s"), help="CP-SAT seconds per solve phase")
     ap.add_argument("--seed", type=int, default=_default("seed"), help="solver and training seed")
@@ -224,11 +238,13 @@ def _progress(quiet: bool):  # noqa: ANN202
 def _config(args: argparse.Namespace, *, budget_bytes: int, budget_text: str, source: str, kind: str, name: str):  # noqa: ANN202
     from neuroflux.planner.build import PlanConfig
 
-    cache_budget = parse_bytes(args.cache_budget, what="cache budget") if args.cache_budget else None
+    cache_budget = parse_bytes(args.cache_budget, what="host budget", allow_zero=True) if args.cache_budget else None
+    disk_budget = parse_bytes(args.disk_budget, what="disk budget", allow_zero=True) if args.disk_budget else None
     return PlanConfig(
         budget_bytes=budget_bytes, budget_text=budget_text, budget_source=source, device_kind=kind, device_name=name,
         strategy=args.strategy, epochs=args.epochs, min_batch=args.min_batch, max_batch=args.max_batch,
         margin=args.margin, cache_budget_bytes=cache_budget, cache_location=args.cache_location,
+        disk_budget_bytes=disk_budget, data_mode=args.data_mode,
         cache_dtype=args.cache_dtype, max_blocks=args.max_blocks, time_limit_s=args.time_limit, seed=args.seed,
         cost=args.cost, device_profile=args.device_profile, device_flops_per_s=args.device_tflops * 1e12 if args.device_tflops else None,
         op_overhead_s=args.op_overhead_us * 1e-6 if args.op_overhead_us is not None else None, lr=args.lr,
@@ -260,15 +276,22 @@ def print_plan(plan) -> None:  # noqa: ANN001 - a schemas.Plan
     console = Console()
     t = Table(title=f"NeuroFlux plan: {Path(plan.model.file).name}, budget {plan.device.budget_text} "
               f"({format_bytes(plan.budget_bytes)}), {plan.solver.strategy} ({plan.solver.status})")
-    for col in ("block", "units", "batch", "aux heads", "predicted peak / budget", "predicted time"):
-        t.add_column(col, justify="right" if col != "units" else "left")
+    for col in ("block", "units", "input", "batch", "aux heads", "predicted peak / budget", "predicted time", "output"):
+        t.add_column(col, justify="right" if col not in ("units", "input", "output") else "left")
     for b in plan.blocks:
         widths = ",".join("model" if plan.unit(u).aux is None else _head_text(plan.unit(u).aux) for u in b.units)
         units = f"{b.units[0]}..{b.units[-1]}" if len(b.units) > 2 else ",".join(b.units)
-        t.add_row(str(b.index), units, str(b.batch_size), widths,
+        t.add_row(str(b.index), units, b.input_text(), str(b.batch_size), widths,
                   f"{format_bytes(b.predicted_peak_bytes)} ({b.predicted_peak_bytes / plan.budget_bytes:.0%})",
-                  f"{b.predicted_time_s:.1f} s")
+                  f"{b.predicted_time_s:.1f} s",
+                  "-" if b.cache is None else f"{b.cache.location} cache {format_bytes(b.cache.bytes)}")
     console.print(t)
+    if plan.data is not None:
+        d = plan.data
+        console.print(f"inputs: {d.mode} ({d.reason}); caches hold at most {format_bytes(d.peak_cache_ram_bytes)} of "
+                      f"RAM (host budget {format_bytes(plan.device.cache_budget_bytes)}) and "
+                      f"{format_bytes(d.peak_cache_disk_bytes)} of disk (disk budget "
+                      f"{format_bytes(plan.device.disk_budget_bytes)})")
     bl = plan.baseline
 
     def line(name: str, b, speedup) -> str:  # noqa: ANN001

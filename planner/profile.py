@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from neuroflux.common import seconds_per_call
 from neuroflux.runtime.train import UnitTrainer
 
-__all__ = ["StepProfile", "DeviceSpeed", "profile_step", "forward_flops", "measure_device_speed", "measure_step_time", "SGDConfig",
+__all__ = ["StepProfile", "DeviceSpeed", "profile_step", "forward_flops", "ForwardProfile", "profile_forward", "measure_device_speed", "measure_step_time", "SGDConfig",
            "StepMeter", "state_bytes", "state_tensors", "profile_unit_options"]
 
 
@@ -359,6 +359,47 @@ def profile_unit_options(
         ops = whole[-1].ops - ref_alone[-1].ops + head_alone[-1].ops
         out.append(_fit(static, peaks, flops, ops, batches))
     return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardProfile:
+    """An inference forward of a unit alone: what recomputing it costs."""
+
+    flops_per_sample: float
+    weight_bytes: int
+    """Parameters and buffers."""
+    fixed_bytes: int
+    per_sample_bytes: int
+    """Peak beyond the weights (input, intermediates, output) at batch b: fixed + per_sample * b."""
+    ops: int
+    """Dispatched ops of one forward (its fixed per-call cost)."""
+
+
+def profile_forward(module: nn.Module, input_shape: Sequence[int], *, fake_mode,
+                    batches: tuple[int, int] = (8, 16)) -> ForwardProfile:
+    """Memory and FLOPs of ``module``'s eval-mode forward under ``no_grad``
+    (how a frozen prefix is recomputed for a later block), on fake tensors,
+    at two batch sizes (exactly linear in the batch)."""
+    module.eval()
+    try:
+        with fake_mode, torch.no_grad():
+            weights = [*module.parameters(), *module.buffers()]
+            peaks, flops, ops = [], [], 0
+            for b in batches:
+                meter = StepMeter(weights)
+                gc.collect(0)
+                with meter:
+                    module(torch.randn(b, *input_shape))
+                peaks.append(meter.peak - meter.marks[0][0] if meter.marks else meter.peak)
+                flops.append(float(meter.flops))
+                ops = meter.ops
+            static = sum(t.untyped_storage().nbytes() for t in {id(w.untyped_storage()): w for w in weights}.values())
+    finally:
+        module.train()
+    b1, b2 = batches
+    per = max(0, math.ceil((peaks[1] - peaks[0]) / (b2 - b1)))
+    return ForwardProfile(flops_per_sample=flops[1] / b2, weight_bytes=static,
+                          fixed_bytes=max(0, peaks[0] - static - per * b1), per_sample_bytes=per, ops=ops)
 
 
 def forward_flops(module: nn.Module, input_shape: Sequence[int], *, fake_mode, batch: int = 8) -> float:

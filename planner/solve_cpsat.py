@@ -13,6 +13,12 @@ time held within ``tie_tolerance`` of the optimum, the widest heads (least
 sum of option ranks, option 0 being the widest), then least time among those.
 Phase 2 is the accuracy rule: wide heads are the accurate ones, and time
 alone would buy the narrowest.
+
+Boundaries: this model has RAM caches only (every block's input and output
+caches fit host RAM together). The planner runs it where the exact dynamic
+program's least-time plan needs nothing else; plans with disk caches or
+recompute boundaries come from the dynamic program (``solve_dp.py``), whose
+state carries each block's source.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ from neuroflux.planner.problem import (
     BlockChoice,
     Problem,
     Solution,
-    pass_time_s,
     block_allowed,
     block_steps,
+    pass_time_s,
     plan_time_s,
+    ram_pair_ok,
 )
 
 __all__ = ["SolverConfig", "solve_cpsat"]
@@ -62,7 +69,8 @@ class SolverConfig:
 
 
 def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solution | None = None) -> Solution:
-    """Optimal plan for ``p``. ``hint`` (e.g. the greedy plan) seeds the search.
+    """Optimal all-RAM-cache plan for ``p``. ``hint`` (e.g. the dynamic
+    program's plan) seeds the search.
 
     Phase 1 minimises predicted time; phase 2 keeps the time within
     ``tie_tolerance`` of it and widens heads (the accuracy rule)."""
@@ -116,7 +124,7 @@ class _Model:
 
 
 def _possible_blocks(p: Problem) -> list[tuple[int, int, int]]:
-    """The (s, e, k) blocks that can exist at all: caches fit and, with every
+    """The (s, e, k) blocks that can exist at all: RAM caches fit and, with every
     unit at its lightest head, device memory fits (a cheap prefilter; the
     exact constraint still decides)."""
 
@@ -125,7 +133,7 @@ def _possible_blocks(p: Problem) -> list[tuple[int, int, int]]:
         static = sum(min(o.static_bytes for o in u.options) for u in units)
         return static + max(min(o.dyn_bytes(b) for o in u.options) for u in units)
 
-    return [(s, e, k) for s in range(p.n) for e in range(s, p.n) if block_allowed(p, s, e)
+    return [(s, e, k) for s in range(p.n) for e in range(s, p.n) if block_allowed(p, s, e) and ram_pair_ok(p, s, e)
             for k in range(len(p.batch_sizes)) if lightest_peak(s, e, p.batch_sizes[k]) <= p.cap_bytes]
 
 

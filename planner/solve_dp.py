@@ -32,11 +32,15 @@ from neuroflux.planner.problem import (
     BlockChoice,
     Problem,
     Solution,
-    pass_time_s,
     block_allowed,
     block_peak_bytes,
+    block_sources,
     block_steps,
+    host_ok,
+    pass_time_s,
     plan_time_s,
+    prefix_fixed_s,
+    recompute_time_s,
 )
 
 __all__ = ["solve_dp", "lightest_options"]
@@ -64,64 +68,113 @@ def solve_dp(p: Problem, *, tie_tolerance: float = 0.0) -> Solution | None:
     base = lightest_options(p)
     if base is None:
         return None
-    n, K = p.n, len(p.batch_sizes)
-    opt = [p.units[u].options[base[u]] for u in range(n)]
-    steps = [block_steps(p, b) for b in p.batch_sizes]
-    max_len = p.max_block_units or n
-    B = p.max_blocks or n
-    INF = math.inf
-    # best[j][e+1]: least time covering units 0..e with j blocks; choice for backtracking.
-    best = [[INF] * (n + 1) for _ in range(B + 1)]
-    choice: list[list[tuple[int, int] | None]] = [[None] * (n + 1) for _ in range(B + 1)]
-    best[0][0] = 0.0
+    table = _Tables(p, base)
+    n, B = p.n, p.max_blocks or 1
+    counted = p.max_blocks is not None
+    # best[(s, c, kind, j)]: least time covering units 0..s-1 with j blocks
+    # (j = 0 when max_blocks is unset: the count does not matter), the next
+    # block reading unit c-1's cache of ``kind`` (c = s) or recomputing
+    # units c..s-1 from it (c = 0, kind None: from the dataset).
+    State = tuple[int, int, "str | None", int]
+    best: dict[State, float] = {(0, 0, None, 0): 0.0}
+    back: dict[State, tuple[State, int, int, str]] = {}
+    at: list[list[State]] = [[] for _ in range(n + 1)]  # states by position, in the order found
+    at[0].append((0, 0, None, 0))
     for s in range(n):
-        reach = [j for j in range(B) if best[j][s] < INF]
-        if not reach:
-            continue
-        static = 0
-        max_dyn = [0] * K
-        train = [0.0] * K
-        for e in range(s, min(n, s + max_len)):
-            o = opt[e]
-            static += o.static_bytes
-            for k, b in enumerate(p.batch_sizes):
-                max_dyn[k] = max(max_dyn[k], o.dyn_bytes(b))
-                train[k] += steps[k] * o.step_s(b)
-            if static > p.cap_bytes:
-                break  # static memory only grows with the block
-            if not block_allowed(p, s, e):
+        for state in at[s]:
+            _, c, kind, j = state
+            if counted and j >= B:
                 continue
-            fits = [k for k in range(K) if static + max_dyn[k] <= p.cap_bytes]
-            if not fits:
-                continue
-            k = min(fits, key=lambda kk: (train[kk], -kk))
-            cost = train[k] + pass_time_s(p, s, e)
-            for j in reach:
-                if best[j][s] + cost < best[j + 1][e + 1]:
-                    best[j + 1][e + 1] = best[j][s] + cost
-                    choice[j + 1][e + 1] = (s, k)
-    j_best = min(range(1, B + 1), key=lambda j: best[j][n])
-    if best[j_best][n] == INF:
-        return Solution(status="infeasible", wall_time_s=time.perf_counter() - t0,
-                        message="no split into blocks fits the memory and cache budgets")
-    blocks, e, j = [], n, j_best
-    while e > 0:
-        s, k = choice[j][e]  # type: ignore[misc]
-        blocks.append(BlockChoice(start=s, end=e - 1, batch_size=p.batch_sizes[k]))
-        e, j = s, j - 1
+            here = best[state]
+            for e in range(s, min(n, s + table.max_len)):
+                if table.static[s][e] > p.cap_bytes:
+                    break  # static memory only grows with the block
+                if not block_allowed(p, s, e):
+                    continue
+                k = table.best_batch(s, e, c)
+                if k is None:
+                    continue
+                train = table.train[s][e][k] + recompute_time_s(p, c, s, p.batch_sizes[k])
+                for out in (p.boundaries if e < n - 1 else (None,)):
+                    if not host_ok(p, c, kind, e, out):
+                        continue
+                    cost = train + pass_time_s(p, s, e, src=c, boundary=out or "ram")
+                    nxt = (e + 1, c, kind, j + counted) if out == "recompute" else (e + 1, e + 1, out, j + counted)
+                    if nxt not in best:
+                        at[nxt[0]].append(nxt)
+                    if here + cost < best.get(nxt, math.inf):
+                        best[nxt] = here + cost
+                        back[nxt] = (state, e, k, out or "ram")
+    finals = sorted(((best[st], st[3], str(st[2]), st[1]), st) for st in at[n])
+    if not finals:
+        why = ("no split into blocks fits the memory budget (every boundary may recompute, so the cache budgets "
+               "are not the limit)" if "recompute" in p.boundaries else
+               "no split into blocks fits the memory and cache budgets")
+        return Solution(status="infeasible", wall_time_s=time.perf_counter() - t0, message=why)
+    state = finals[0][-1]
+    blocks = []
+    while state[0] > 0:
+        prev, e, k, out = back[state]
+        blocks.append(BlockChoice(start=prev[0], end=e, batch_size=p.batch_sizes[k], boundary=out))  # type: ignore[arg-type]
+        state = prev
     blocks.reverse()
     options = list(base)
     optimum = plan_time_s(p, blocks, options)
     widened = _widen(p, blocks, options, limit=optimum * (1 + tie_tolerance)) if tie_tolerance > 0 else False
     return Solution(status="optimal", widths_status="feasible" if widened else "skipped", blocks=tuple(blocks),
                     options=tuple(options), time_s=plan_time_s(p, blocks, options), lower_bound_s=optimum,
-                    wall_time_s=time.perf_counter() - t0, stats={"dp_optimum_s": optimum})
+                    wall_time_s=time.perf_counter() - t0, stats={"dp_optimum_s": optimum, "dp_states": float(len(best))})
+
+
+class _Tables:
+    """Running sums over blocks s..e at every batch (lightest heads), and the
+    recomputed prefixes' memory, computed once."""
+
+    def __init__(self, p: Problem, base: tuple[int, ...]) -> None:
+        self.p = p
+        n, K = p.n, len(p.batch_sizes)
+        opt = [p.units[u].options[base[u]] for u in range(n)]
+        steps = self.steps = [block_steps(p, b) for b in p.batch_sizes]
+        self.max_len = p.max_block_units or n
+        self.static = [[0] * n for _ in range(n)]
+        self.dyn = [[[0] * K for _ in range(n)] for _ in range(n)]
+        self.train = [[[0.0] * K for _ in range(n)] for _ in range(n)]
+        for s in range(n):
+            static, dyn, train = 0, [0] * K, [0.0] * K
+            for e in range(s, min(n, s + self.max_len)):
+                static += opt[e].static_bytes
+                for k, b in enumerate(p.batch_sizes):
+                    dyn[k] = max(dyn[k], opt[e].dyn_bytes(b))
+                    train[k] += steps[k] * opt[e].step_s(b)
+                self.static[s][e], self.dyn[s][e], self.train[s][e] = static, dyn.copy(), train.copy()
+        self._prefix: dict[tuple[int, int], tuple[int, list[int]]] = {}
+
+    def prefix(self, c: int, s: int) -> tuple[int, list[int]]:
+        """Weights of units c..s-1 and their largest inference peak per batch."""
+        key = (c, s)
+        if key not in self._prefix:
+            units = self.p.units[c:s]
+            self._prefix[key] = (sum(u.infer_static_bytes for u in units),
+                                 [max((u.infer_bytes(b) for u in units), default=0) for b in self.p.batch_sizes])
+        return self._prefix[key]
+
+    def best_batch(self, s: int, e: int, c: int) -> int | None:
+        """The fastest batch at which block s..e fits, recomputing units
+        c..s-1 (ties: the larger batch)."""
+        p = self.p
+        cap, static, dyn, train = p.cap_bytes, self.static[s][e], self.dyn[s][e], self.train[s][e]
+        pstatic, pinfer = self.prefix(c, s) if c < s else (0, None)
+        fits = [k for k in range(len(dyn))
+                if static + pstatic + (dyn[k] if pinfer is None else max(dyn[k], pinfer[k])) <= cap]
+        fixed = prefix_fixed_s(p, c, s) if c < s else 0.0
+        return min(fits, key=lambda k: (train[k] + self.steps[k] * fixed, -k)) if fits else None
 
 
 def _widen(p: Problem, blocks: list[BlockChoice], options: list[int], *, limit: float) -> bool:
     """Greedy second phase: widen heads one step at a time (the cheapest
     extra time first) while every block fits and the total stays within
     ``limit``."""
+    src_of = dict(zip((b.start for b in blocks), block_sources(blocks)))
     block_of = {u: b for b in blocks for u in range(b.start, b.end + 1)}
     total = plan_time_s(p, blocks, options)
     changed = False
@@ -133,7 +186,7 @@ def _widen(p: Problem, blocks: list[BlockChoice], options: list[int], *, limit: 
             b = block_of[u]
             trial = options.copy()
             trial[u] -= 1
-            if block_peak_bytes(p, b.start, b.end, b.batch_size, trial) > p.cap_bytes:
+            if block_peak_bytes(p, b.start, b.end, b.batch_size, trial, src=src_of[b.start]) > p.cap_bytes:
                 continue
             extra = block_steps(p, b.batch_size) * (p.units[u].options[trial[u]].step_s(b.batch_size)
                                                     - p.units[u].options[options[u]].step_s(b.batch_size))

@@ -7,8 +7,10 @@ our reconstruction, described in the README:
    unit alone fit at the smallest batch size;
 2. blocks: walk the units in order and keep adding a unit to the current block
    while its per-sample memory is within ``group_factor`` of the block's first
-   unit's, the block still fits at the smallest batch, and the caches fit;
-3. batch: each block takes the largest candidate batch size that fits.
+   unit's and the block still fits at the smallest batch;
+3. boundaries: each takes the first of a RAM cache, a disk cache and
+   recompute that fits the host budgets (the paper caches everything);
+4. batch: each block takes the largest candidate batch size that fits.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from neuroflux.planner.problem import (
     Solution,
     block_allowed,
     block_peak_bytes,
+    host_ok,
     plan_time_s,
 )
 
@@ -52,8 +55,6 @@ def solve_greedy(p: Problem, *, group_factor: float = 2.0) -> Solution:
             fits = block_peak_bytes(p, start, u, b_min, options) <= p.cap_bytes
             if similar and fits:
                 continue
-            if not block_allowed(p, start, u - 1) and fits:
-                continue  # cannot close here: its caches do not fit
         spans.append((start, u - 1))
         start = u
     if p.max_blocks is not None:
@@ -63,16 +64,23 @@ def solve_greedy(p: Problem, *, group_factor: float = 2.0) -> Solution:
             ]
             _, i = min(merged)
             spans[i : i + 2] = [(spans[i][0], spans[i + 1][1])]
-    blocks = []
+    blocks: list[BlockChoice] = []
+    src, src_kind = 0, None
     for s, e in spans:
-        fitting = [b for b in p.batch_sizes if block_peak_bytes(p, s, e, b, options) <= p.cap_bytes]
+        kind = next((k for k in p.boundaries if k == "recompute" or host_ok(p, src, src_kind, e, k)), None)
+        if kind is None or not host_ok(p, src, src_kind, e, None):
+            return Solution(status="infeasible", wall_time_s=time.perf_counter() - t0,
+                            message=f"the caches around units {s}..{e} exceed the host budgets; allow recompute")
+        fitting = [b for b in p.batch_sizes if block_peak_bytes(p, s, e, b, options, src=src) <= p.cap_bytes]
         if not fitting or not block_allowed(p, s, e):
             return Solution(
                 status="infeasible",
                 wall_time_s=time.perf_counter() - t0,
                 message=f"greedy grouping left units {s}..{e} in a block that does not fit; try --strategy optimal",
             )
-        blocks.append(BlockChoice(start=s, end=e, batch_size=fitting[-1]))
+        blocks.append(BlockChoice(start=s, end=e, batch_size=fitting[-1], boundary=kind))
+        if kind != "recompute":
+            src, src_kind = e + 1, kind
     t = plan_time_s(p, blocks, options)
     return Solution(
         status="feasible",

@@ -1,9 +1,16 @@
-"""Atomic run state: a checkpoint is written to a temp file, then renamed."""
+"""Atomic run state: a checkpoint is written to a temp file, then renamed.
+
+Everything here writes into a user-given run directory (``--out``), which
+may hold links someone planted there (a shared scratch space, a copied run
+directory): nothing is written through a symbolic link, and paths a plan
+names inside the run directory are confined to it (``confined_path``)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +19,59 @@ import torch
 from neuroflux.common import atomic_write
 from neuroflux.schemas.summary import check_run_state
 
-__all__ = ["atomic_torch_save", "atomic_write_json", "append_jsonl", "load_checkpoint", "RunLock"]
+__all__ = ["atomic_torch_save", "atomic_write_json", "append_jsonl", "confined_path", "load_checkpoint", "RunLock"]
 
 _CKPT_KEYS = {"method": str, "plan_sha": str, "model": dict, "heads": list, "state": dict}
+
+
+def confined_path(run_dir: Path, rel: str) -> Path:
+    """``run_dir / rel`` for a path a plan names inside the run directory
+    (e.g. ``cache/block0.npy``), refused with a NeuroFluxError unless it stays
+    inside ``run_dir``: ``rel`` must be relative, non-empty, not ``.``, not
+    end in a separator, have no ``..`` component, and no part of it that
+    exists under ``run_dir`` (each directory on the way, and the file itself)
+    may be a symbolic link, which could point anywhere. ``run_dir`` itself is
+    the user's choice and is not checked.
+
+    A plan the planner wrote never names such a path, so one means the plan
+    was edited or someone planted a link in the run directory. This checks
+    the directory as it is now; the writers below also refuse to follow a
+    link at the final name when they open it."""
+    from neuroflux.errors import NeuroFluxError
+
+    run_dir = Path(run_dir)
+
+    def refuse(why: str) -> NeuroFluxError:
+        return NeuroFluxError(f"refusing the path {rel!r} inside the run directory {run_dir}: {why}; the plan was "
+                              "edited or the run directory contains a link: re-plan or use a new --out")
+
+    if not isinstance(rel, str):
+        raise refuse(f"it is a {type(rel).__name__}, not a relative path string")
+    if rel in ("", "."):
+        raise refuse("it names no file")
+    if "\0" in rel:
+        raise refuse("it contains a NUL character")
+    seps = os.sep + (os.altsep or "")
+    if rel.endswith(tuple(seps)):
+        raise refuse("it ends in a path separator, so it names no file")
+    if os.path.isabs(rel) or rel.startswith(tuple(seps)):
+        raise refuse("it is an absolute path")
+    parts = rel.replace(os.altsep, os.sep).split(os.sep) if os.altsep else rel.split(os.sep)
+    if ".." in parts:
+        raise refuse("it has a '..' component, which leaves the run directory")
+    parts = [part for part in parts if part not in ("", ".")]
+    if not parts:
+        raise refuse("it names no file")
+    current = run_dir
+    for part in parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except (FileNotFoundError, NotADirectoryError):
+            break  # nothing further exists yet: no link on the way
+        if stat.S_ISLNK(st.st_mode):
+            raise refuse(f"{current} is a symbolic link")
+    return run_dir.joinpath(*parts)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -70,8 +127,29 @@ class RunLock:
 
         from neuroflux.errors import NeuroFluxError
 
+        def refuse(what: str) -> NeuroFluxError:
+            return NeuroFluxError(f"the run directory {self.path.parent} holds {what}; nf-run will not write through "
+                                  "it: use another --out (or remove .lock if you made it yourself)")
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a planted .lock -> /some/file must not get that file
+        # truncated and overwritten with our pid. O_NONBLOCK: a planted FIFO
+        # or device must not hang the open (refused just below).
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise refuse("a link named .lock (a symbolic link)") from None
+            if e.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV):
+                raise refuse("a .lock that is not a regular file") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise refuse("a .lock that is not a regular file")
+        if st.st_nlink > 1:  # a hard link to another file: truncating it would truncate that file
+            os.close(fd)
+            raise refuse("a link named .lock (a hard link: a file with other names)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -93,6 +171,43 @@ class RunLock:
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    """Append ``record`` as one JSON line to ``path`` (created if missing).
+
+    Never through a link: a symbolic link at ``path`` is refused
+    (``O_NOFOLLOW``), so a planted ``metrics.jsonl -> /some/file`` cannot get
+    records appended to that file; so is anything but a regular file, and a
+    file with other hard links. The line goes out in one ``write``. If the
+    file ends in a torn line (a run killed mid-write), a newline is written
+    first, so the new record starts its own line instead of being glued onto
+    the torn one (readers skip the one bad line, and lose no good record)."""
+    from neuroflux.errors import NeuroFluxError
+
+    name = Path(path).name
+
+    def refuse(what: str) -> NeuroFluxError:
+        return NeuroFluxError(f"{name} in the run directory is {what}; refusing to write through it ({path}): "
+                              "use another --out (or remove it if you made it yourself)")
+
+    # O_RDWR, not O_WRONLY: the torn-line check reads the last byte.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise refuse("a symbolic link") from None
+        if e.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV):
+            raise refuse("not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse("not a regular file")
+        if st.st_nlink > 1:
+            raise refuse("a hard link (a file with other names)")
+        data = (json.dumps(record) + "\n").encode()
+        if st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n":
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)

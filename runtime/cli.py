@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(0: planned epochs)")
     ap.add_argument("--tolerance", type=float, default=None, help="override the plan's exit tolerance")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the final model")
+    ap.add_argument("--loader-workers", type=int, default=None, metavar="N",
+                    help="DataLoader worker processes reading the dataset (default: one per core beyond the "
+                    "trainer's, at most 8; 0 reads in the training process)")
     ap.add_argument("--nproc", type=int, default=None, metavar="N",
                     help="train on N processes on this machine: runs torchrun --standalone --nproc-per-node N for you "
                     "(one per GPU; see README, 'Several processes and GPUs')")
@@ -67,6 +70,9 @@ def _torchrun_argv(argv: list[str], n: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.loader_workers is not None and args.loader_workers < 0:
+        print("nf-run: error: --loader-workers must be >= 0 (0 reads in the training process)", file=sys.stderr)
+        return 2
     if args.nproc is not None:
         if args.nproc < 1:
             print("nf-run: error: --nproc must be >= 1", file=sys.stderr)
@@ -120,7 +126,7 @@ def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:  # noqa
     bar = _bars(args.quiet or not main_rank)
     cfg = RunConfig(out_dir=out, method=method, device=args.device, resume=args.resume, force=args.force,
                     patience=args.patience, tolerance=args.tolerance, epoch_patience=args.epoch_patience,
-                    export_onnx=not args.no_onnx)
+                    export_onnx=not args.no_onnx, loader_workers=args.loader_workers)
     try:
         summary = run_plan(plan, Path(args.plan), cfg, bar=bar)
     except torch.OutOfMemoryError as e:

@@ -1,9 +1,18 @@
-"""Datasets as tensors, and the activation caches between blocks.
+"""Where a block's batches come from: the dataset, a cache, or a recomputed prefix.
 
-A block's input is a ``TensorCache``: all samples in one tensor (RAM,
-pinned when feeding a GPU) or one memory-mapped ``.npy`` file (disk). Every
-epoch is shuffled by indexing the whole batch at once (no per-sample Python
-reads); fp16 caches are widened to fp32 on the device.
+Every source yields ``(inputs, labels)`` batches on the device through
+``batches(batch_size, shuffle=, generator=, device=)``, in the same order for
+the same generator (the epoch's permutation, cut into consecutive batches):
+
+- ``TensorCache``: all samples in one tensor (RAM, pinned when feeding a
+  GPU) or one memory-mapped ``.npy`` file (disk); a batch is gathered at
+  once (no per-sample Python reads); fp16 caches are widened to fp32 on the
+  device. The stacked dataset is one too.
+- ``StreamSource``: a map-style dataset read through a ``DataLoader`` with
+  worker processes, pinned memory and prefetching, checked batch by batch;
+  for datasets larger than RAM, or whose transforms draw anew every epoch.
+- ``PrefixSource``: another source run through frozen units (eval mode,
+  ``no_grad``) on every batch: a block whose input is recomputed.
 """
 
 from __future__ import annotations
@@ -11,49 +20,120 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from neuroflux.common import atomic_write
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["TensorCache", "dataset_tensors", "check_samples", "CacheWriter"]
+__all__ = ["TensorCache", "StreamSource", "PrefixSource", "dataset_tensors", "check_samples", "CacheWriter",
+           "default_loader_workers"]
 
 _DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
 
 
-def dataset_tensors(ds, *, what: str, input_shape: tuple[int, ...] | None = None,
-                    num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - any map-style dataset
-    """(inputs, labels) of a whole map-style dataset, stacked once, and
-    checked once: float inputs of ``input_shape``, all finite; integer labels
-    in ``[0, num_classes)``. A bad sample is an error naming its index."""
+def default_loader_workers() -> int:
+    """DataLoader worker processes: one per usable core beyond the trainer's
+    own, at most 8 (decoding rarely needs more); 0 on a single core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+def _loader(ds, batches: list[list[int]], *, workers: int, pin: bool) -> DataLoader:  # noqa: ANN001
+    """Batches of ``ds`` at the given indices, in order: ``workers``
+    processes decode ahead (two batches each), into pinned memory when
+    feeding a GPU."""
+    extra = dict(prefetch_factor=2, persistent_workers=False) if workers > 0 else {}
+    return DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=pin, **extra)
+
+
+def _read_error(what: str, e: BaseException, indices: list[int]) -> NeuroFluxError:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    if "Original Traceback" in str(e) and lines:  # raised in a worker: its last line is the dataset's own error
+        cause = lines[-1].strip()
+    else:
+        cause = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    span = f"{indices[0]}" if len(indices) == 1 else f"{min(indices)}..{max(indices)} (a batch)"
+    return NeuroFluxError(f"reading {what} samples {span} failed: {cause[:200]}; datasets must yield (float tensor "
+                          "of one shape, int label) pairs: fix the dataset or its transform")
+
+
+def _iter_loader(loader: DataLoader, batches: list[list[int]], what: str) -> Iterator[tuple[list[int], Any]]:
+    it = iter(loader)
+    for idx in batches:
+        try:
+            item = next(it)
+        except StopIteration:
+            raise NeuroFluxError(f"{what} dataset yielded fewer samples than its __len__ says ({len(loader.dataset)}); "
+                                 "fix __len__") from None
+        except NeuroFluxError:
+            raise
+        except Exception as e:  # the dataset's own code: IndexError, OSError, PIL errors, collate's RuntimeError
+            raise _read_error(what, e, idx) from e
+        yield idx, item
+
+
+def _as_pair(item: Any, what: str, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(item, (list, tuple)) or len(item) != 2:
+        n = len(item) if isinstance(item, (list, tuple)) else type(item).__name__
+        raise NeuroFluxError(f"{what} samples {min(idx)}..{max(idx)} are not (input, label) pairs (got {n} items); "
+                             "datasets must yield (tensor, int) pairs")
+    x, y = item
+    if not isinstance(x, torch.Tensor):
+        raise NeuroFluxError(f"{what} inputs are {type(x).__name__}, not tensors; add a ToTensor-like transform")
+    return x, torch.as_tensor(y)
+
+
+def dataset_tensors(ds, *, what: str, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+                    workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - any map-style dataset
+    """(inputs, labels) of a whole map-style dataset, stacked once (read by
+    ``workers`` processes), and checked once: float inputs of
+    ``input_shape``, all finite; integer labels in ``[0, num_classes)``. A
+    bad sample is an error naming its index."""
     if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
         x, y = ds.tensors
-    else:
-        parts_x, parts_y = [], []
-        for xb, yb in DataLoader(ds, batch_size=512, shuffle=False, num_workers=0):
-            parts_x.append(xb)
-            parts_y.append(torch.as_tensor(yb))
-        x, y = torch.cat(parts_x), torch.cat(parts_y)
-    if not torch.is_floating_point(x):
-        raise NeuroFluxError(f"{what} inputs are {x.dtype}; datasets must yield float tensors")
-    check_samples(x, y, what=what, input_shape=input_shape, num_classes=num_classes)
-    return x.float().contiguous(), y.long().contiguous()
+        if not torch.is_floating_point(x):
+            raise NeuroFluxError(f"{what} inputs are {x.dtype}; datasets must yield float tensors")
+        check_samples(x, y, what=what, input_shape=input_shape, num_classes=num_classes)
+        return x.float().contiguous(), y.long().contiguous()
+    n = len(ds)
+    batches = [list(range(i, min(i + 256, n))) for i in range(0, n, 256)]
+    x = y = None
+    for idx, item in _iter_loader(_loader(ds, batches, workers=workers, pin=False), batches, what):
+        xb, yb = _as_pair(item, what, idx)
+        check_samples(xb, yb, what=what, input_shape=input_shape, num_classes=num_classes, indices=idx)
+        if x is None:  # one allocation: no list of parts and a second copy at the end
+            x = torch.empty((n, *xb.shape[1:]), dtype=torch.float32)
+            y = torch.empty(n, dtype=torch.long)
+        x[idx[0] : idx[-1] + 1] = xb
+        y[idx[0] : idx[-1] + 1] = yb
+    if x is None:
+        raise NeuroFluxError(f"the {what} dataset is empty")
+    return x, y
 
 
 def check_samples(x: torch.Tensor, y: torch.Tensor, *, what: str, input_shape: tuple[int, ...] | None,
-                  num_classes: int | None) -> None:
-    """Refuse data that would train on garbage, naming the first bad index."""
+                  num_classes: int | None, indices: Sequence[int] | None = None) -> None:
+    """Refuse data that would train on garbage, naming the first bad index
+    (``indices``: the dataset index of each row, for a batch)."""
+    at = (lambda i: int(indices[i])) if indices is not None else int
+    if not torch.is_floating_point(x):
+        raise NeuroFluxError(f"{what} inputs are {x.dtype}; datasets must yield float tensors")
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
-        raise NeuroFluxError(f"{what} samples have shape {tuple(x.shape[1:])}, the plan was made for "
+        where = f" (samples {at(0)}..{at(len(x) - 1)})" if indices is not None else ""
+        raise NeuroFluxError(f"{what} samples have shape {tuple(x.shape[1:])}{where}, the plan was made for "
                              f"{tuple(input_shape)}; fix the datasets function or re-plan")
     finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
     if not bool(finite.all()):
         i = int((~finite).nonzero()[0])
-        raise NeuroFluxError(f"{what} sample {i} has NaN or infinite inputs ({int((~finite).sum())} such samples); "
-                             "clean the data before training")
+        raise NeuroFluxError(f"{what} sample {at(i)} has NaN or infinite inputs ({int((~finite).sum())} such samples"
+                             f"{' in its batch' if indices is not None else ''}); clean the data before training")
     if y.dim() != 1 or len(y) != len(x):
         raise NeuroFluxError(f"{what} labels have shape {tuple(y.shape)}; expected one integer label per sample")
     if torch.is_floating_point(y) or y.dtype == torch.bool or torch.is_complex(y):
@@ -63,8 +143,75 @@ def check_samples(x: torch.Tensor, y: torch.Tensor, *, what: str, input_shape: t
         bad = (y < 0) | (y >= num_classes)
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
-            raise NeuroFluxError(f"{what} sample {i} has label {int(y[i])}, outside [0, {num_classes}) for this "
+            raise NeuroFluxError(f"{what} sample {at(i)} has label {int(y[i])}, outside [0, {num_classes}) for this "
                                  f"{num_classes}-class model")
+
+
+def _order(n: int, *, shuffle: bool, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+
+
+class StreamSource:
+    """A map-style dataset read batch by batch: nothing is held beyond the
+    batches in flight. ``indices`` restricts it to a subset (a rank's shard)."""
+
+    def __init__(self, ds, *, what: str, input_shape: tuple[int, ...] | None, num_classes: int | None,  # noqa: ANN001
+                 workers: int, indices: Sequence[int] | None = None) -> None:
+        self.ds, self.what, self.workers = ds, what, workers
+        self.input_shape, self.num_classes = input_shape, num_classes
+        self.indices = None if indices is None else [int(i) for i in indices]
+        self._y: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.ds)
+
+    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = _order(len(self), shuffle=shuffle, generator=generator).tolist()
+        if self.indices is not None:
+            order = [self.indices[i] for i in order]
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        loader = _loader(self.ds, chunks, workers=self.workers, pin=device.type == "cuda")
+        for idx, item in _iter_loader(loader, chunks, self.what):
+            x, y = _as_pair(item, self.what, idx)
+            check_samples(x, y, what=self.what, input_shape=self.input_shape, num_classes=self.num_classes, indices=idx)
+            yield x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True).long()
+
+    @property
+    def y(self) -> torch.Tensor:
+        """Every label, in order (read once: cache files store them beside the outputs)."""
+        if self._y is None:
+            self._y = torch.cat([y for _, y in self.batches(1024, shuffle=False, device=torch.device("cpu"))])
+        return self._y
+
+
+class PrefixSource:
+    """``base``'s batches run through ``prefix`` (frozen: eval mode, no
+    autograd) on the device. ``augment`` applies to the base's inputs while
+    training, before the prefix (a recomputed block from the dataset sees
+    augmented inputs, as BP does)."""
+
+    def __init__(self, base: Any, prefix: torch.nn.Module, *, augment: Any = None) -> None:
+        self.base, self.prefix, self.augment = base, prefix, augment
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.base.y
+
+    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.prefix.eval()
+        for x, y in self.base.batches(batch_size, shuffle=shuffle, generator=generator, device=device):
+            if self.augment is not None and shuffle:
+                x = self.augment(x)
+            # no_grad, not inference_mode: the block saves its input for backward,
+            # which inference tensors refuse.
+            with torch.no_grad():
+                h = self.prefix(x)
+            yield h, y
 
 
 @dataclass
@@ -88,9 +235,14 @@ class TensorCache:
 
     def index_batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
         n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = _order(n, shuffle=shuffle, generator=generator)
         for i in range(0, n, batch_size):
             yield order[i : i + batch_size]
+
+    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in self.index_batches(batch_size, shuffle=shuffle, generator=generator):
+            yield self.take(idx, device)
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         if isinstance(self.x, np.memmap):
@@ -155,9 +307,15 @@ class CacheWriter:
         self._pos += b
 
     def finish(self, y: torch.Tensor) -> TensorCache:
+        """The filled cache; on disk, flushed, with its labels written beside
+        it (``<name>.labels.npy``), so a resume can reopen it without reading
+        the dataset again."""
         assert self._pos == len(y), (self._pos, len(y))
         if self.location == "disk":
             self.x.flush()
+            labels = self.path.with_name(f"{self.path.stem}.labels{self.path.suffix}")
+            # After the data is flushed: labels present means the cache is whole.
+            atomic_write(labels, lambda tmp: np.save(open(tmp, "wb"), y.numpy().astype(np.int64), allow_pickle=False))
             return TensorCache(np.load(self.path, mmap_mode="r"), y)
         return TensorCache(self.x, y)
 
@@ -169,6 +327,10 @@ def _allocate_disk_cache(path: Path, ndtype, shape: tuple[int, ...]) -> np.memma
     import errno
     import shutil
 
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise NeuroFluxError(f"the disk cache {path} exists and is not a regular file (a directory or a link); "
+                             "remove it, then --resume (the cache is rebuilt from the finished blocks)")
+    path.unlink(missing_ok=True)  # a new file: never written through another name of an old one
     path.parent.mkdir(parents=True, exist_ok=True)
     need = int(np.prod(shape)) * np.dtype(ndtype).itemsize
     free = shutil.disk_usage(path.parent).free
@@ -190,5 +352,3 @@ def _allocate_disk_cache(path: Path, ndtype, shape: tuple[int, ...]) -> np.memma
     return x
 
 
-def open_disk_cache(path: Path, y: torch.Tensor) -> TensorCache:
-    return TensorCache(np.load(path, mmap_mode="r"), y)

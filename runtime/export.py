@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from neuroflux.common import seconds_per_call
+from neuroflux.common import atomic_write, seconds_per_call
 
 __all__ = ["export_onnx", "throughput"]
 
@@ -34,8 +34,8 @@ def export_onnx(module: nn.Module, input_shape: Sequence[int], path: Path | None
         )
     onnx_log.setLevel(level)
     data = program.model_proto.SerializeToString()
-    if path is not None:
-        Path(path).write_bytes(data)
+    if path is not None:  # temp file and rename: a link at ``path`` is replaced, never written through
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return data
 
 

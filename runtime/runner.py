@@ -31,24 +31,42 @@ except ImportError:  # pragma: no cover - older or trimmed torch builds
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.assemble import Assembled, assemble, check_model_object, open_model_file
-from neuroflux.common import format_mib, resolve_device, tracker_peak_bytes
+from neuroflux.common import format_mib, resolve_device, tracker_peak_bytes, write_probe
 from neuroflux.runtime.distributed import from_env, shard_indices
 from neuroflux.runtime.model_file import ModelObject
 from neuroflux.schemas.summary import BlockResult, RunState, RunSummary, summary_from_dict, summary_to_dict
-from neuroflux.runtime.checkpoint import RunLock, append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
-from neuroflux.runtime.data import CacheWriter, TensorCache, dataset_tensors, open_disk_cache
+from neuroflux.runtime.checkpoint import (
+    RunLock,
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_json,
+    confined_path,
+    load_checkpoint,
+)
+from neuroflux.runtime.data import (
+    CacheWriter,
+    PrefixSource,
+    StreamSource,
+    TensorCache,
+    dataset_tensors,
+    default_loader_workers,
+)
 from neuroflux.runtime.export import export_onnx, throughput
 from neuroflux.runtime.modules import Chain, CheckpointedChain
 from neuroflux.runtime.policy import depth_should_stop, epoch_decision, new_block_state, new_depth_state, observe_exits
 from neuroflux.runtime.train import StepStats, UnitTrainer, block_step, shuffle_seed
 from neuroflux.schemas.plan import Plan
 
-__all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged"]
+__all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged", "KEEP_CACHES_ENV"]
 
 log = logging.getLogger(__name__)
 CAP_ENV = "NEUROFLUX_CUDA_CAP"
 """Set to 0 to leave the CUDA allocator uncapped (measuring a plan's true
 peak against its prediction); the summary then says ``budget_enforced: false``."""
+
+KEEP_CACHES_ENV = "NEUROFLUX_KEEP_CACHES"
+"""Set to 1 to keep disk caches after the last block that reads them (for
+inspection); by default they are deleted then, as the plan's disk budget assumes."""
 
 Method = Literal["neuroflux", "bp", "bp-checkpoint"]
 
@@ -93,6 +111,9 @@ class RunConfig:
     """Dry runs only (nf-bench --dry-run): cut every epoch after this many steps."""
     throughput_batch: int | None = None
     """Batch of the inference-throughput measurement (default: export.throughput's)."""
+    loader_workers: int | None = None
+    """DataLoader worker processes for datasets read from their source
+    (default: ``data.default_loader_workers()``)."""
     command: str = field(default_factory=lambda: shlex.join(["nf-run", *sys.argv[1:]]))
 
 
@@ -108,6 +129,8 @@ class _Stage:
     predicted_peak_bytes: int
     cache: Any
     shuffle_seed: int
+    source: Any = None
+    """The plan's BlockInput (None for the baselines: the dataset)."""
 
 
 def _device(choice: str) -> torch.device:
@@ -202,7 +225,7 @@ class Runner:
                                      batch_size=b.batch_size, epochs=b.epochs,
                                      predicted_peak_bytes=b.predicted_peak_bytes, cache=b.cache,
                                      shuffle_seed=shuffle_seed(plan.recipe.seed, b.index) if b.shuffle_seed is None
-                                     else b.shuffle_seed))
+                                     else b.shuffle_seed, source=b.source()))
             return stages
         base = plan.baseline.bp if self.cfg.method == "bp" else plan.baseline.bp_checkpoint
         if not base.fits:
@@ -273,9 +296,7 @@ class Runner:
             raise NeuroFluxError(f"--out {self.out} is a file; give a directory for the run")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            write_probe(self.out)
         except OSError as e:
             raise NeuroFluxError(f"cannot write to the run directory {self.out} ({e.strerror}); choose a writable --out") from None
         lock = RunLock(self.out)
@@ -295,13 +316,7 @@ class Runner:
             ckpt = self._prepare_dir() if self.dist.main else (load_checkpoint(self.ckpt_path) if self.cfg.resume else None)
         asm = assemble(self.plan, self.mf)
         stages = self._stages(asm)
-        train_set, val_set = self.mf.datasets()
-        meta = dict(input_shape=tuple(self.plan.model.input_shape), num_classes=self.plan.model.num_classes)
-        raw_train = TensorCache(*dataset_tensors(train_set, what="train", **meta))
-        raw_val = TensorCache(*dataset_tensors(val_set, what="val", **meta))
-        if self.dist.enabled:  # this rank's shards: its caches hold only these
-            raw_train = raw_train.subset(shard_indices(len(raw_train), self.dist, equal=True))
-            raw_val = raw_val.subset(shard_indices(len(raw_val), self.dist, equal=False))
+        raw = self._raw_sources()
         self._check_device()
         self.capped = self.device.type == "cuda" and os.environ.get(CAP_ENV, "1") != "0"
         if self.capped:
@@ -311,10 +326,10 @@ class Runner:
             state = self._restore(ckpt, asm, stages)
         elapsed_before = state["elapsed_s"]
 
-        caches = (raw_train, raw_val)
+        caches: dict[int | None, tuple[Any, Any]] = {None: raw}
         start = len(state["done"])
         if start > 0 and state["stopped"] is None and start < len(stages):
-            caches = self._rebuild_cache(stages, start, asm, raw_train, raw_val)
+            caches.update(self._restore_caches(stages, start, asm, raw))
 
         blocks_bar = self.bar(total=len(stages), desc=self.cfg.method, leave=True, initial=start)
         clock = _Clock(t_start, elapsed_before)
@@ -322,10 +337,11 @@ class Runner:
             for stage in stages[start:]:
                 if state["stopped"] is not None:
                     break
-                caches = self._run_stage(stage, caches, asm, state, clock, stages=stages)
+                self._run_stage(stage, caches, asm, state, clock, stages=stages)
                 blocks_bar.update(1)
                 state["elapsed_s"] = clock()
                 self._save(asm, state, trainers=None)
+                self._drop_caches(caches, stages, after=stage)
         except Diverged as e:
             state["failed"] = str(e)
             self._save(asm, state, trainers=None)
@@ -368,9 +384,10 @@ class Runner:
         torch.cuda.set_per_process_memory_fraction(fraction, index)
 
     # ---------------------------------------------------------------- stage
-    def _run_stage(self, stage: _Stage, caches, asm: Assembled, state: RunState, clock: "_Clock", *, stages: list[_Stage]):
-        train, val = caches
+    def _run_stage(self, stage: _Stage, caches: dict[int | None, tuple[Any, Any]], asm: Assembled, state: RunState,
+                   clock: "_Clock", *, stages: list[_Stage]) -> None:
         dev = self.device
+        train, val, prefix = self._input(stage, caches, asm)
         for t in stage.trainers:
             for m in t.modules():
                 m.to(dev)
@@ -385,7 +402,7 @@ class Runner:
         while state["epoch"] < blk["limit"]:
             epoch = state["epoch"]
             te = time.perf_counter()
-            peak, (loss, acc) = self._train_epoch(stage, train, epoch, blk["limit"], track=epoch == first)
+            peak, (loss, acc) = self._train_epoch(stage, train, epoch, blk["limit"], track=epoch == first, prefix=prefix)
             measured_cpu_peak = max(measured_cpu_peak, peak)
             state["train_s"] += time.perf_counter() - te
             accs = self._eval_exits(stage, val)
@@ -407,13 +424,11 @@ class Runner:
         # After training: adaptive depth first, so that a run that stops here
         # never pays for an output cache nobody reads; then the next block's input cache.
         self._apply_depth_policy(stage, stages, state, accs)
-        new_caches = caches
-        if stage is not stages[-1] and self.cfg.method == "neuroflux" and state["stopped"] is None:
-            new_caches = self._write_cache(stage, train, val)
+        if stage.cache is not None and self.cfg.method == "neuroflux" and state["stopped"] is None:
+            caches[stage.index] = self._write_cache(stage, train, val)
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else measured_cpu_peak
-        for t in stage.trainers:  # off the device: the next block's budget is its own
-            for m in t.modules():
-                m.to("cpu")
+        for m in [m for t in stage.trainers for m in t.modules()] + [prefix]:  # off the device: the next block's budget is its own
+            m.to("cpu")
         state["exit_acc"].update(accs)
         result = {"index": stage.index, "units": [self.plan.units[i].name for i in stage.unit_idx],
                   "batch_size": stage.batch_size, "epochs": stage.epochs, "epochs_run": state["epoch"],
@@ -428,15 +443,16 @@ class Runner:
         state["done"].append(result)
         state["epoch"], state["block"], state["last_accs"] = 0, None, None
         self._log({"event": "block", "method": self.cfg.method, **result})
-        return new_caches
 
-    def _train_epoch(self, stage: _Stage, train: TensorCache, epoch: int, limit: int, *,
-                     track: bool) -> tuple[int, tuple[list[float], list[float]]]:
+    def _train_epoch(self, stage: _Stage, train: Any, epoch: int, limit: int, *, track: bool,
+                     prefix: nn.Module) -> tuple[int, tuple[list[float], list[float]]]:
         """One epoch of ``stage`` on ``train``; returns the MemTracker peak of
         its first steps on CPU when ``track`` (0 otherwise), and each unit's
         mean train loss and accuracy."""
         dev = self.device
-        # Augmentation applies to raw inputs only: block 1 (or the whole model for BP).
+        # Augmentation applies to inputs read from the dataset: the first block
+        # (or the whole model for BP) here; a block recomputing from the dataset
+        # gets it inside its PrefixSource, before the frozen units.
         augment = self.mf.augment() if stage.index == 0 else None
         for t in stage.trainers:
             t.train(True)
@@ -445,14 +461,14 @@ class Runner:
         steps_per_epoch = -(-len(train) // stage.batch_size)
         ebar = self.bar(total=steps_per_epoch, desc=f"block {stage.index} epoch {epoch + 1}/{limit}", leave=False)
         peak = 0
-        for step, idx in enumerate(train.index_batches(stage.batch_size, shuffle=True, generator=gen)):
-            xb, yb = train.take(idx, dev)
+        batches = train.batches(stage.batch_size, shuffle=True, generator=gen, device=dev)
+        for step, (xb, yb) in enumerate(batches):
             if augment is not None:
                 xb = augment(xb)
             inputs = [xb]
             del xb
             if dev.type == "cpu" and track and step < 2 and MemTracker is not None:
-                peak = max(peak, self._tracked_step(stage, inputs, yb, stats))
+                peak = max(peak, self._tracked_step(stage, inputs, yb, stats, prefix=prefix))
             else:
                 block_step(stage.trainers, inputs, yb, stats)
             ebar.update(1)
@@ -481,10 +497,12 @@ class Runner:
                        f"(lr {stage.trainers[bad[0]].opt.param_groups[0]['lr']:.3g}); re-plan with a lower --lr "
                        "(e.g. 10x lower) and start a new --out")
 
-    def _tracked_step(self, stage: _Stage, inputs, yb, stats) -> int:
+    def _tracked_step(self, stage: _Stage, inputs, yb, stats, *, prefix: nn.Module) -> int:
         tracker = MemTracker()
         for t in stage.trainers:
             tracker.track_external(*t.modules(), t.opt)
+        if any(True for _ in prefix.parameters()):  # a recomputed prefix's weights stay on the device all block
+            tracker.track_external(prefix)
         gc.collect(0)  # as the planner's profile does: the collector's timing must not move the peak
         gc.disable()
         try:
@@ -573,7 +591,7 @@ class Runner:
                            pin=self.device.type == "cuda")
 
     @torch.inference_mode()
-    def _eval_exits(self, stage: _Stage, val: TensorCache) -> dict[str, float]:
+    def _eval_exits(self, stage: _Stage, val: Any) -> dict[str, float]:
         """Accuracy of every exit of the stage on val."""
         for t in stage.trainers:
             t.train(False)
@@ -582,8 +600,7 @@ class Runner:
         # the same batch, so evaluation stays inside the budget the plan proved.
         dev, bs = self.device, stage.batch_size
         correct = torch.zeros(len(stage.trainers), dtype=torch.int64, device=dev)
-        for idx in val.index_batches(bs, shuffle=False):
-            h, y = val.take(idx, dev)
+        for h, y in val.batches(bs, shuffle=False, device=dev):
             for i, t in enumerate(stage.trainers):
                 h = t.unit(h)
                 correct[i] += (t.logits(h).argmax(1) == y).sum()
@@ -592,44 +609,142 @@ class Runner:
         return {name: c / n for name, c in zip(stage.exits, counts[:-1].tolist())}
 
     @torch.inference_mode()
-    def _write_cache(self, stage: _Stage, train: TensorCache, val: TensorCache) -> tuple[TensorCache, TensorCache]:
+    def _write_cache(self, stage: _Stage, train: Any, val: Any) -> tuple[TensorCache, TensorCache]:
         """The block's outputs for train then val: the next block's input cache."""
         for t in stage.trainers:
             t.train(False)
             self.dist.broadcast_buffers(t.modules())
-        writer = self._writer(stage, len(train) + len(val))
         units = Chain([t.unit for t in stage.trainers])
-        for data in (train, val):
-            self._forward_into(units, data, writer, batch=stage.batch_size)
-        full = writer.finish(torch.cat([train.y, val.y]))
-        n = len(train)
-        return TensorCache(full.x[:n], train.y), TensorCache(full.x[n:], val.y)
+        return self._cache_through(units, train, val, index=stage.index, spec=stage.cache, batch=stage.batch_size)
 
-    def _forward_into(self, units: nn.Module, data: TensorCache, writer: CacheWriter, *, batch: int) -> None:
-        """``data`` through ``units`` in order, outputs appended to ``writer``
-        (callers hold inference mode)."""
-        for idx in data.index_batches(batch, shuffle=False):  # the training batch: inside the budget
-            writer.append(units(data.take(idx, self.device)[0]))
+    def _cache_through(self, units: nn.Module, train: Any, val: Any, *, index: int, spec: Any,
+                       batch: int) -> tuple[TensorCache, TensorCache]:
+        """``train`` then ``val`` through ``units`` into block ``index``'s cache
+        (``spec``: location and dtype), at ``batch`` (the training batch:
+        inside the budget). Callers hold inference mode."""
+        shape = tuple(self.plan.units[self.plan.unit(self.plan.blocks[index].units[-1]).index].output_shape)
+        path = self._cache_file(index, spec) if spec.location == "disk" else None
+        writer = CacheWriter(len(train) + len(val), shape, dtype=spec.dtype, location=spec.location, path=path,
+                             pin=self.device.type == "cuda")
+        labels = []
+        for data in (train, val):
+            for x, y in data.batches(batch, shuffle=False, device=self.device):
+                writer.append(units(x))
+                labels.append(y.cpu())
+        full = writer.finish(torch.cat(labels))
+        n = len(train)
+        return TensorCache(full.x[:n], full.y[:n]), TensorCache(full.x[n:], full.y[n:])
+
+    def _raw_sources(self) -> tuple[Any, Any]:
+        """The dataset as the plan says: stacked in RAM once, or streamed
+        through DataLoader workers; checked against the plan's sizes; this
+        rank's shard under torchrun."""
+        train_set, val_set = self.mf.datasets()
+        r = self.plan.recipe
+        for what, ds, planned in (("train", train_set, r.train_size), ("val", val_set, r.val_size)):
+            # Dry runs (max_steps_per_epoch) cut the data on purpose.
+            if len(ds) != planned and not self.cfg.force and self.cfg.max_steps_per_epoch is None:
+                raise NeuroFluxError(f"the {what} set has {len(ds)} samples but the plan was made for {planned}: its "
+                                     "batches, learning-rate schedule and cache sizes assume that many; re-plan for "
+                                     "this data (or pass --force to run anyway)")
+        meta = dict(input_shape=tuple(self.plan.model.input_shape), num_classes=self.plan.model.num_classes)
+        workers = default_loader_workers() if self.cfg.loader_workers is None else self.cfg.loader_workers
+        mode = self.plan.data.mode if self.plan.data is not None else "stack"
+        shards = [None, None]
+        if self.dist.enabled:  # this rank's shards: its caches hold only these
+            shards = [shard_indices(len(train_set), self.dist, equal=True),
+                      shard_indices(len(val_set), self.dist, equal=False)]
+        out = []
+        for what, ds, shard in (("train", train_set, shards[0]), ("val", val_set, shards[1])):
+            if mode == "stream":
+                out.append(StreamSource(ds, what=what, workers=workers, indices=shard, **meta))
+                continue
+            src = TensorCache(*dataset_tensors(ds, what=what, workers=workers, **meta))
+            out.append(src if shard is None else src.subset(shard))
+        return out[0], out[1]
+
+    def _input(self, stage: _Stage, caches: dict[int | None, tuple[Any, Any]],
+               asm: Assembled) -> tuple[Any, Any, nn.Module]:
+        """The stage's train and val sources, and its recomputed prefix (an
+        empty Chain when it reads a cache or the dataset directly)."""
+        spec = stage.source
+        if spec is None:  # a baseline: the dataset
+            return (*caches[None], Chain([]))
+        train, val = caches[spec.source_block]
+        if spec.kind != "recompute":
+            return train, val, Chain([])
+        prefix = Chain([asm.units[self.plan.unit(u).index] for u in spec.recompute_units]).to(self.device).eval()
+        self.dist.broadcast_buffers([prefix])
+        augment = self.mf.augment() if spec.source_block is None else None
+        return PrefixSource(train, prefix, augment=augment), PrefixSource(val, prefix), prefix
+
+    def _needed(self, stages: list[_Stage], after: int) -> set[int]:
+        """Caches that stages after position ``after`` read."""
+        return {s.source.source_block for s in stages[after + 1:] if s.source is not None
+                and s.source.source_block is not None}
+
+    def _drop_caches(self, caches: dict[int | None, tuple[Any, Any]], stages: list[_Stage], *, after: _Stage) -> None:
+        """Free the caches no later block reads (RAM, and disk files once the
+        checkpoint no longer needs them): the plan's host budgets count a
+        block's source and output caches only."""
+        needed = self._needed(stages, stages.index(after))
+        for j in [j for j in caches if j is not None and j not in needed]:
+            del caches[j]
+            spec = self.plan.blocks[j].cache
+            if spec is not None and spec.location == "disk" and os.environ.get(KEEP_CACHES_ENV) != "1":  # each rank its own
+                path = self._cache_file(j, spec)
+                path.unlink(missing_ok=True)
+                _labels_file(path).unlink(missing_ok=True)
+        gc.collect()
 
     @torch.inference_mode()
-    def _rebuild_cache(self, stages: list[_Stage], start: int, asm: Assembled, train: TensorCache, val: TensorCache):
-        """Input cache of stage ``start`` after a resume: read it from disk, or
-        recompute it with the finished blocks (inference only, no training)."""
-        prev = stages[start - 1]
-        if prev.cache is not None and prev.cache.location == "disk":
-            full = open_disk_cache(self._cache_file(prev.index, prev.cache), torch.cat([train.y, val.y]))
-            n = len(train)
-            return TensorCache(full.x[:n], train.y), TensorCache(full.x[n:], val.y)
-        log.info("recomputing the input cache of block %d from the finished blocks", start)
-        chain = Chain([asm.units[i] for s in stages[:start] for i in s.unit_idx]).to(self.device).eval()
-        out = []
-        for data in (train, val):
-            w = CacheWriter(len(data), tuple(self.plan.units[prev.unit_idx[-1]].output_shape), dtype=prev.cache.dtype,
-                            location="ram", path=None)
-            self._forward_into(chain, data, w, batch=prev.batch_size)
-            out.append(w.finish(data.y))
-        chain.to("cpu")
-        return out[0], out[1]
+    def _restore_caches(self, stages: list[_Stage], start: int, asm: Assembled,
+                        raw: tuple[Any, Any]) -> dict[int, tuple[TensorCache, TensorCache]]:
+        """The caches the remaining stages read, after a resume: a disk cache
+        whose file is intact is opened; any other is recomputed from the
+        dataset through the finished blocks (inference only, no training)."""
+        out = {}
+        n_train, n_val = len(raw[0]), len(raw[1])
+        for j in sorted(self._needed(stages, start - 1)):
+            spec, blk = self.plan.blocks[j].cache, self.plan.blocks[j]
+            shape = tuple(self.plan.unit(blk.units[-1]).output_shape)
+            if spec.location == "disk":
+                opened = self._open_disk_cache(j, spec, shape, n_train + n_val)
+                if opened is not None:
+                    x, y = opened
+                    out[j] = (TensorCache(x[:n_train], y[:n_train]), TensorCache(x[n_train:], y[n_train:]))
+                    continue
+            log.info("recomputing the output cache of block %d from the finished blocks", j)
+            last = self.plan.unit(blk.units[-1]).index
+            chain = Chain(asm.units[: last + 1]).to(self.device).eval()
+            out[j] = self._cache_through(chain, raw[0], raw[1], index=j, spec=spec, batch=blk.batch_size)
+            chain.to("cpu")
+        return out
+
+    def _open_disk_cache(self, index: int, spec: Any, shape: tuple[int, ...], n: int) -> Any:
+        """Block ``index``'s cache file as a memmap and its labels, or None
+        (with a warning) when either is missing, not a regular file,
+        truncated or of another shape or dtype: then the cache is rebuilt,
+        never read as garbage."""
+        import numpy as np
+
+        path = self._cache_file(index, spec)
+        labels = _labels_file(path)
+        want = (n, *shape)
+        try:
+            for f in (path, labels):
+                if f.is_symlink() or not f.is_file():
+                    raise ValueError(f"{f.name} is missing or not a regular file")
+            x = np.load(path, mmap_mode="r")
+            if tuple(x.shape) != want or x.dtype != np.dtype(spec.dtype):
+                raise ValueError(f"holds {x.dtype} {tuple(x.shape)}, expected {spec.dtype} {want}")
+            y = np.load(labels, allow_pickle=False)
+            if y.shape != (n,) or y.dtype != np.int64:
+                raise ValueError(f"its labels hold {y.dtype} {y.shape}, expected int64 ({n},)")
+            return x, torch.from_numpy(y)
+        except (ValueError, OSError, EOFError) as e:
+            log.warning("the disk cache %s cannot be used (%s); rebuilding it", path, str(e).splitlines()[0][:120])
+            return None
 
     def _save(self, asm: Assembled, state, *, trainers: list[UnitTrainer] | None) -> None:
         if not self.dist.main:
@@ -642,11 +757,13 @@ class Runner:
         }, self.ckpt_path)
 
     def _cache_file(self, index: int, spec) -> Path:  # noqa: ANN001 - a CacheSpec
-        """Block ``index``'s disk cache: the plan's file, one per rank when data-parallel."""
+        """Block ``index``'s disk cache: the plan's file, one per rank when
+        data-parallel, confined to the run directory (no ``..``, no absolute
+        path, no symbolic link on the way)."""
         rel = Path(spec.file or f"cache/block{index}.npy")
         if self.dist.enabled:
             rel = rel.with_name(f"{rel.stem}.rank{self.dist.rank}{rel.suffix}")
-        return self.out / rel
+        return confined_path(self.out, str(rel))
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.main:
@@ -669,7 +786,7 @@ class Runner:
             final = asm.model
         shape = plan.model.input_shape
         if self.dist.main:
-            torch.save(final.state_dict(), self.out / "final_model.pt")
+            atomic_torch_save(final.state_dict(), self.out / "final_model.pt")  # replaces a link, never follows it
         if self.cfg.export_onnx and self.dist.main:
             export_onnx(final, shape, self.out / "final_model.onnx")
         final_params = sum(p.numel() for p in final.parameters())
@@ -699,6 +816,11 @@ class Runner:
         if self.dist.main:
             atomic_write_json(summary, self.out / "summary.json")
         return summary
+
+
+def _labels_file(cache: Path) -> Path:
+    """The labels beside a disk cache (``block0.npy`` -> ``block0.labels.npy``)."""
+    return cache.with_name(f"{cache.stem}.labels{cache.suffix}")
 
 
 class _Clock:

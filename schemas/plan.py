@@ -29,7 +29,9 @@ __all__ = [
     "Baseline",
     "Baselines",
     "Block",
+    "BlockInput",
     "CacheSpec",
+    "DataSpec",
     "DeviceSpec",
     "ExitPolicy",
     "GraphEdge",
@@ -52,7 +54,7 @@ __all__ = [
 
 #: Major.minor. A reader accepts any plan with the same major and a minor up
 #: to its own; a newer plan is refused with a message to upgrade.
-SCHEMA_VERSION = "2.2"
+SCHEMA_VERSION = "2.3"
 
 
 class PlanError(NeuroFluxError):
@@ -105,7 +107,8 @@ class DeviceSpec:
     """Share of the budget held back for allocator rounding and
     fragmentation: every predicted peak is at most budget * (1 - margin)."""
     cache_budget_bytes: int
-    """Host RAM or disk for one block's input plus output cache."""
+    """Host RAM for activation caches: a block's source cache plus the cache
+    it writes (``--host-budget``; before 2.3, RAM or disk for both)."""
     workspace_bytes: int = 0
     """Memory the device's math libraries hold for the whole run and no
     tensor accounts for (on CUDA: a cuBLAS workspace per handle, one for the
@@ -119,6 +122,10 @@ class DeviceSpec:
     """Measured over traced per-sample bytes on the device; already applied
     to every unit profile's dyn_per_sample_bytes (1.0 on CPU, where the
     trace is exact)."""
+    disk_budget_bytes: int = 0
+    """Disk for activation caches, counted like ``cache_budget_bytes``
+    (``--disk-budget``; default: the free space where the plan is written,
+    less a margin). Added in 2.3."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,6 +200,43 @@ class CacheSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BlockInput:
+    """Where a block's input batches come from. Added in 2.3."""
+
+    kind: Literal["data", "cache", "recompute"]
+    """``data``: the dataset (the first block); ``cache``: the cache that
+    ``source_block`` wrote; ``recompute``: the cache of ``source_block`` (or
+    the dataset when it is None) run through ``recompute_units``, frozen, in
+    inference mode, on every batch."""
+    source_block: int | None
+    """Block whose output cache is read; None: the dataset."""
+    recompute_units: list[str]
+    """Units run before this block on every batch (empty unless recompute)."""
+    recompute_s: float
+    """Predicted time of that recomputation over the block's training
+    (included in ``predicted_time_s``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """How the dataset's inputs reach the first block (and recomputing ones). Added in 2.3."""
+
+    mode: Literal["stack", "stream"]
+    """``stack``: every sample is read once into one float32 tensor in RAM
+    (fastest; frozen per-sample transforms); ``stream``: batches are read
+    through a DataLoader with worker processes on every pass (any size;
+    random transforms draw anew each epoch)."""
+    input_bytes: int
+    """Train plus val inputs as float32: what stacking holds in RAM."""
+    peak_cache_ram_bytes: int
+    """Most RAM the plan's caches hold at once."""
+    peak_cache_disk_bytes: int
+    """Most disk the plan's caches hold at once."""
+    reason: str
+    """Why this mode: the flag, or the host budget against the two RAM terms."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Block:
     """Consecutive units trained together at one batch size."""
 
@@ -209,10 +253,38 @@ class Block:
     predicted_time_s: float
     """Training steps plus writing the output cache."""
     cache: CacheSpec | None
-    """Output cache; None for the last block."""
+    """Output cache; None for the last block, and where the next block
+    recomputes its input."""
     shuffle_seed: int | None = None
     """Epoch ``e`` draws its batches with ``torch.Generator().manual_seed(shuffle_seed + e)``. Added in 2.2
     (older plans: derived from the recipe's seed by the same rule)."""
+    input: BlockInput | None = None
+    """Where the block's input comes from. Added in 2.3 (older plans: the
+    previous block's cache, the dataset for the first)."""
+    predicted_peak_recompute_bytes: int = 0
+    """Part of ``predicted_peak_bytes`` due to the recomputed units (their
+    weights, and an inference pass beyond the step's own peak). Added in 2.3."""
+
+    def input_text(self) -> str:
+        """The input in a few words: ``data``, ``cache b1``, ``recompute u0..u3 from data``."""
+        src = self.source()
+        origin = "data" if src.source_block is None else f"cache b{src.source_block}"
+        if src.kind != "recompute":
+            return origin
+        us = src.recompute_units
+        return f"recompute {us[0]}{'..' + us[-1] if len(us) > 1 else ''} from {origin}"
+
+    def output_text(self) -> str:
+        """Where its outputs go: ``ram cache``, ``disk cache`` or ``-`` (last block, or the next recomputes)."""
+        return "-" if self.cache is None else f"{self.cache.location} cache"
+
+    def source(self) -> BlockInput:
+        """``input``, derived for plans older than 2.3."""
+        if self.input is not None:
+            return self.input
+        if self.index == 0:
+            return BlockInput(kind="data", source_block=None, recompute_units=[], recompute_s=0.0)
+        return BlockInput(kind="cache", source_block=self.index - 1, recompute_units=[], recompute_s=0.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -367,6 +439,8 @@ class Plan:
     predicted: Predicted
     solver: SolverInfo
     profile: ProfileInfo
+    data: DataSpec | None = None
+    """Added in 2.3 (older plans: stacked)."""
 
     def __post_init__(self) -> None:
         for i, u in enumerate(self.units):
@@ -383,6 +457,40 @@ class Plan:
             )
         if self.budget_bytes != self.device.budget_bytes:
             raise PlanError("budget_bytes differs from device.budget_bytes")
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        """Every block reads what an earlier block wrote, and recomputes
+        exactly the units between: a hand-edited plan that would read a
+        missing cache or skip units is refused here, not mid-run."""
+        known = {u.name for u in self.units}
+        for b in self.blocks:
+            bad = set(b.source().recompute_units) - known
+            if bad:
+                raise PlanError(f"block {b.index} recomputes unknown units {sorted(bad)}; re-create the plan")
+            if b.index != self.blocks.index(b):
+                raise PlanError(f"block at position {self.blocks.index(b)} has index {b.index}; re-create the plan")
+            src = b.source()
+            first = self.unit(b.units[0]).index
+            if src.kind == "data":
+                ok = b.index == 0 and src.source_block is None and not src.recompute_units
+            else:
+                j = src.source_block
+                ok = b.index > 0 and (j is None or 0 <= j < b.index) and (src.kind == "recompute" or j == b.index - 1)
+                if ok:
+                    start = 0 if j is None else self.unit(self.blocks[j].units[-1]).index + 1
+                    ok = [self.unit(u).index for u in src.recompute_units] == list(range(start, first)) and \
+                        (j is None or self.blocks[j].cache is not None) and (src.kind == "recompute") == (start < first)
+            if not ok:
+                raise PlanError(f"block {b.index}'s input ({src.kind}, source block {src.source_block}, recomputing "
+                                f"{src.recompute_units}) does not follow from the blocks before it; re-create the plan "
+                                "with nf-plan")
+            if b.cache is not None and b.cache.file is not None:
+                f = b.cache.file
+                if f.startswith(("/", "\\")) or ".." in f.replace("\\", "/").split("/") or f.strip("./") == "" \
+                        or f.endswith(("/", "\\")):
+                    raise PlanError(f"block {b.index}'s cache file {f!r} is not a plain path inside the run "
+                                    "directory; re-create the plan with nf-plan")
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as JSON (atomically), as ``nf-plan -o`` does."""
@@ -397,10 +505,12 @@ class Plan:
     def block_peak_bytes(self, block: Block) -> int:
         """The peak the plan's own unit profiles predict for ``block`` at its
         batch: the device workspace, every unit's resident state, and the
-        largest one-unit step (units step one at a time)."""
+        largest one-unit step (units step one at a time), plus what
+        recomputing its input costs (recorded by the planner)."""
         units = [self.unit(u) for u in block.units]
         return self.device.workspace_bytes + sum(u.profile.static_bytes for u in units) + max(
-            u.profile.dyn_fixed_bytes + u.profile.dyn_per_sample_bytes * block.batch_size for u in units)
+            u.profile.dyn_fixed_bytes + u.profile.dyn_per_sample_bytes * block.batch_size for u in units) \
+            + block.predicted_peak_recompute_bytes
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Exact brute-force reference for small planning problems (test oracle).
 
-Enumerates every contiguous partition and every aux option per unit; given
-those, each block independently takes its fastest fitting batch size.
+Enumerates every contiguous partition, every aux option per unit and every
+allowed boundary kind; given those, each block independently takes its
+fastest fitting batch size.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from neuroflux.planner.problem import (
     Problem,
     block_allowed,
     block_peak_bytes,
+    block_sources,
     block_time_s,
+    host_ok,
 )
 
 
@@ -35,22 +38,26 @@ def brute_force(p: Problem) -> tuple[float, tuple[BlockChoice, ...], tuple[int, 
         for spans in partitions(p.n):
             if p.max_blocks is not None and len(spans) > p.max_blocks:
                 continue
-            total, blocks = 0.0, []
-            for s, e in spans:
-                if not block_allowed(p, s, e):
-                    total = math.inf
-                    break
-                cands = [
-                    (block_time_s(p, s, e, b, options), b)
-                    for b in p.batch_sizes
-                    if block_peak_bytes(p, s, e, b, options) <= p.cap_bytes
-                ]
-                if not cands:
-                    total = math.inf
-                    break
-                t, b = min(cands)
-                total += t
-                blocks.append(BlockChoice(start=s, end=e, batch_size=b))
-            if total < math.inf and (best is None or total < best[0]):
-                best = (total, tuple(blocks), tuple(options))
+            for kinds in itertools.product(p.boundaries, repeat=len(spans) - 1):
+                found = _evaluate(p, spans, (*kinds, "ram"), options)
+                if found is not None and (best is None or found[0] < best[0]):
+                    best = (found[0], found[1], tuple(options))
     return best
+
+
+def _evaluate(p: Problem, spans, kinds, options):
+    shells = [BlockChoice(start=s, end=e, batch_size=p.batch_sizes[0], boundary=k) for (s, e), k in zip(spans, kinds)]
+    srcs = block_sources(shells)
+    total, blocks = 0.0, []
+    for i, ((s, e), kind, src) in enumerate(zip(spans, kinds, srcs)):
+        src_kind = None if src == 0 else kinds[[sp[1] for sp in spans].index(src - 1)]
+        if not block_allowed(p, s, e) or not host_ok(p, src, src_kind, e, kind):
+            return None
+        cands = [(block_time_s(p, s, e, b, options, src=src, boundary=kind), b) for b in p.batch_sizes
+                 if block_peak_bytes(p, s, e, b, options, src=src) <= p.cap_bytes]
+        if not cands:
+            return None
+        t, b = min(cands)
+        total += t
+        blocks.append(BlockChoice(start=s, end=e, batch_size=b, boundary=kind))
+    return total, tuple(blocks)

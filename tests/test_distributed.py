@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import ROOT, plan_for, wait_for_metrics
+from neuroflux.runtime.runner import KEEP_CACHES_ENV
 from neuroflux.runtime.assemble import assemble
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.heads import build_head
@@ -47,8 +48,12 @@ def _plan(tmp_path: Path, **kw):  # noqa: ANN202
 
 def test_two_ranks_train_as_one_process_on_their_batches_together(tmp_path: Path) -> None:
     plan, path, model = _plan(tmp_path, epochs=1, cache_location="disk", cache_dtype="float32")
-    proc = _torchrun(str(path), "--out", str(tmp_path / "run"))
-    out, err = proc.communicate(timeout=300)
+    os.environ[KEEP_CACHES_ENV] = "1"  # read back below; a run deletes disk caches once no block reads them
+    try:
+        proc = _torchrun(str(path), "--out", str(tmp_path / "run"))
+        out, err = proc.communicate(timeout=300)
+    finally:
+        del os.environ[KEEP_CACHES_ENV]
     assert proc.returncode == 0, err[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

@@ -219,14 +219,11 @@ def test_out_in_a_read_only_place_is_refused_before_training(tmp_path: Path, cap
     import errno
 
     plan, path, _ = tiny_plan(tmp_path, epochs=1)
-    real_write = Path.write_text
 
-    def read_only(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
-        if self.name == ".write-test":
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_write(self, *a, **k)
+    def read_only(directory) -> None:  # noqa: ANN001
+        raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr("neuroflux.runtime.runner.write_probe", read_only)
     rc, err = run_cli(capsys, str(path), "--out", str(tmp_path / "run"))
     assert rc == 2 and "Read-only file system" in err and "writable --out" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists(), "nothing trained"

@@ -102,8 +102,11 @@ def test_later_blocks_never_run_earlier_modules(tmp_path: Path, monkeypatch) -> 
     assert {stage for stage, _ in calls if stage is not None} == {0}, "a module of block 0 ran while a later block trained"
 
 
-def test_summary_files_and_onnx_predictions(tmp_path: Path) -> None:
+def test_summary_files_and_onnx_predictions(tmp_path: Path, monkeypatch) -> None:
+    from neuroflux.runtime.runner import KEEP_CACHES_ENV
+
     ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setenv(KEEP_CACHES_ENV, "1")  # the disk cache is checked below (by default it is deleted after use)
     plan, path, _ = tiny_plan(tmp_path, epochs=1, cache_location="disk", cache_dtype="float16")
     out = tmp_path / "run"
     assert nf_run([str(path), "--out", str(out), "--device", "cpu", "-q"]) == 0

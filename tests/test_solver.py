@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -21,9 +22,11 @@ from neuroflux.planner.solve_greedy import solve_greedy
 from reference import brute_force
 
 
-def random_problem(rng: random.Random, *, n: int, monotone: bool = False) -> Problem:
+def random_problem(rng: random.Random, *, n: int, monotone: bool = False, boundaries: bool = False) -> Problem:
     """Random instance. ``monotone``: narrower heads are never slower (as in
-    profiled models); otherwise each option's fixed step time is random."""
+    profiled models); otherwise each option's fixed step time is random.
+    ``boundaries``: RAM, disk and recompute boundaries, with tight host
+    budgets and recompute costs (drawn last, so other instances are unchanged)."""
     units = []
     for i in range(n):
         per_sample = rng.choice([1, 2, 4, 8, 16]) * 1024 * rng.randint(1, 4)
@@ -50,7 +53,15 @@ def random_problem(rng: random.Random, *, n: int, monotone: bool = False) -> Pro
                      fwd_per_sample_s=rng.uniform(1e-7, 1e-5))
         )
     batch_sizes = candidate_batch_sizes(min_batch=8, max_batch=rng.choice([32, 64, 256]))
-    return Problem(
+    extra: dict = {}
+    if boundaries:
+        units = [dataclasses.replace(u, infer_static_bytes=rng.randint(1, 64) * 1024 * 32,
+                                     infer_fixed_bytes=rng.randint(0, 8) * 1024,
+                                     infer_per_sample_bytes=rng.choice([1, 4, 16]) * 1024,
+                                     fwd_fixed_s=rng.uniform(0, 5e-4)) for u in units]
+        extra = dict(boundaries=("ram", "disk", "recompute"), disk_budget_bytes=rng.choice([0, 8, 32]) * 1024 * 1024,
+                     disk_bytes_per_s=rng.choice([1e8, 1e9]))
+    return Problem(**extra,
         units=tuple(units),
         batch_sizes=batch_sizes,
         train_size=rng.choice([1000, 5000]),
@@ -173,3 +184,58 @@ def test_deep_network_plans_to_the_optimum_in_seconds() -> None:
     sol = solve_dp(p, tie_tolerance=0.1)
     assert time.perf_counter() - t0 < 10
     assert sol.status == "optimal" and check_solution(p, sol) == []
+
+
+# ------------------------------------------------------------------ boundaries: RAM, disk, recompute
+@pytest.mark.parametrize("seed", range(30))
+def test_dp_with_boundaries_matches_brute_force(seed: int) -> None:
+    """With every boundary kind and tight host budgets, the dynamic program
+    finds the brute force's least time, and its plan is valid."""
+    rng = random.Random(5000 + seed)
+    p = random_problem(rng, n=rng.randint(2, 5), monotone=True, boundaries=True)
+    ref = brute_force(p)
+    sol = solve_dp(p)
+    assert sol is not None
+    if ref is None:
+        assert sol.status == "infeasible"
+        return
+    assert sol.status == "optimal" and check_solution(p, sol) == [], check_solution(p, sol)
+    assert sol.time_s == pytest.approx(ref[0], rel=1e-9)
+    g = solve_greedy(p)
+    if g.status != "infeasible":
+        assert check_solution(p, g) == [] and g.time_s >= sol.time_s - 1e-9
+
+
+def test_boundary_instances_use_every_kind() -> None:
+    """Guard: the random instances exercise disk and recompute boundaries, and
+    recompute rescues plans the caches alone cannot make."""
+    kinds, rescued = set(), 0
+    for seed in range(30):
+        rng = random.Random(5000 + seed)
+        p = random_problem(rng, n=rng.randint(2, 5), monotone=True, boundaries=True)
+        sol = solve_dp(p)
+        if sol.status == "optimal":
+            kinds |= {b.boundary for b in sol.blocks[:-1]}
+            cached_only = solve_dp(dataclasses.replace(p, boundaries=("ram", "disk")))
+            rescued += cached_only.status == "infeasible"
+    assert kinds == {"ram", "disk", "recompute"}, kinds
+    assert rescued >= 1
+
+
+def test_recompute_always_plans_when_one_unit_fits() -> None:
+    """No host budget at all: every boundary recomputes, and the plan costs
+    the prefix's forward per epoch."""
+    u = UnitCost(name="u", options=(AuxOption(kind="conv", width=8, head_params=8, static_bytes=1000, dyn_fixed_bytes=0,
+                                              dyn_per_sample_bytes=100, step_fixed_s=1e-3, step_per_sample_s=0.0),),
+                 out_bytes_per_sample=4096, fwd_per_sample_s=1e-5, fwd_fixed_s=1e-4, infer_static_bytes=500,
+                 infer_per_sample_bytes=50)
+    p = Problem(units=(u, u, u), batch_sizes=(8, 16), train_size=160, val_size=16, epochs=2, cap_bytes=10**6,
+                cache_budget_bytes=0, boundaries=("ram", "disk", "recompute"), max_block_units=1)
+    sol = solve_dp(p)
+    assert sol.status == "optimal" and [b.boundary for b in sol.blocks[:-1]] == ["recompute", "recompute"]
+    assert check_solution(p, sol) == []
+    # Block 2 recomputes units 0 and 1 on 2 epochs of 160 samples (2 * 160 * 2e-5 s), and pays their
+    # fixed forward cost on each of its 2 * 10 steps at batch 16 (20 * 2e-4 s), on top of its own steps.
+    from neuroflux.planner.problem import recompute_time_s
+    assert recompute_time_s(p, 0, 2, 16) == pytest.approx(2 * 160 * 2e-5 + 20 * 2e-4)
+    assert solve_dp(dataclasses.replace(p, boundaries=("ram",))).status == "infeasible"

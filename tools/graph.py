@@ -72,7 +72,8 @@ def write_dot(plan: Plan, path: Path) -> None:
     clusters: dict[str, pydot.Cluster] = {}
     for b in plan.blocks:
         bc = pydot.Cluster(f"block{b.index}", label=f"block {b.index}: batch {b.batch_size}, "
-                           f"peak {format_mib(b.predicted_peak_bytes)}, {b.predicted_time_s:.1f} s",
+                           f"peak {format_mib(b.predicted_peak_bytes)}, {b.predicted_time_s:.1f} s; "
+                           f"input {b.input_text()}, output {b.output_text()}",
                            style="filled", fillcolor="#eef3fb" if b.index % 2 == 0 else "#fbf3ea")
         dot.add_subgraph(bc)
         for name in b.units:
@@ -177,7 +178,8 @@ def _block_rows(plan: Plan, measured: dict, exit_acc: dict[str, float]) -> list[
             + (f" ({exit_acc[u]:.1%})" if u in exit_acc else "") for u in b.units)
         m = measured.get(b.index)
         rows.append(
-            f"<tr><td>{b.index}</td><td>{html.escape(heads)}</td><td>{b.batch_size}</td><td>{b.epochs}</td>"
+            f"<tr><td>{b.index}</td><td>{html.escape(b.input_text())}</td><td>{html.escape(heads)}</td>"
+            f"<td>{html.escape(b.output_text())}</td><td>{b.batch_size}</td><td>{b.epochs}</td>"
             f"<td>{format_mib(b.predicted_peak_bytes)}" + (f" / {format_mib(m.measured_peak_bytes)}" if m else "") + "</td>"
             f"<td>{b.predicted_time_s:.1f} s" + (f" / {m.time_s:.1f} s" if m else "") + "</td></tr>")
     return rows
@@ -238,7 +240,7 @@ svg .lim {{ fill: #c62828; }}
 </div>
 {run_html}
 <h2>Blocks</h2>
-<table><tr><th>block</th><th>units: aux width{" (exit accuracy)" if exit_acc else ""}</th><th>batch</th><th>epochs</th>
+<table><tr><th>block</th><th>input</th><th>units: aux width{" (exit accuracy)" if exit_acc else ""}</th><th>output</th><th>batch</th><th>epochs</th>
 <th>peak predicted{" / measured" if measured else ""}</th><th>time predicted{" / measured" if measured else ""}</th></tr>
 {"".join(rows)}
 </table>
