@@ -120,6 +120,10 @@ def plan_one(name: str, ctor: str, root: Path, tmp: Path, args: argparse.Namespa
                    block_units=[len(b.get("units", [])) for b in blocks],
                    batch_sizes=[b.get("batch_size") for b in blocks],
                    input_kinds=[(b.get("input") or {}).get("kind") for b in blocks],
+                   boundaries=[(b.get("cache") or {}).get("location", "recompute") for b in blocks[:-1]],
+                   cache_ram_bytes=(d.get("data") or {}).get("peak_cache_ram_bytes"),
+                   cache_disk_bytes=(d.get("data") or {}).get("peak_cache_disk_bytes"),
+                   data_mode=(d.get("data") or {}).get("mode"),
                    engine=solver.get("engine"), solver_status=solver.get("status"),
                    solver_s=solver.get("wall_time_s"))
     return row
@@ -130,13 +134,13 @@ def print_table(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("network", "status", "wall", "units", "blocks", "block inputs"):
+    for col in ("network", "status", "wall", "units", "blocks", "block inputs", "boundaries"):
         t.add_column(col, justify="right" if col in ("wall", "units", "blocks") else "left")
     for r in rows:
         kinds = r.get("input_kinds")
         inputs = "-" if kinds is None else (",".join(k or "?" for k in kinds) if any(kinds) else "(not in plan)")
         t.add_row(r["network"], r["status"], f"{r['wall_s']:.1f} s", str(r.get("units", "-")),
-                  str(r.get("blocks", "-")), inputs)
+                  str(r.get("blocks", "-")), inputs, ",".join(r.get("boundaries") or []) or "-")
     console = Console()
     console.print(t)
     for r in rows:

@@ -69,14 +69,31 @@ def plan(
     known = {f.name for f in fields(PlanConfig)} - {"budget_bytes", "budget_text", "device_kind", "device_name"}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise NeuroFluxError(f"unknown plan option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+        raise TypeError(f"unknown plan option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     if device not in ("cpu", "cuda"):
-        raise NeuroFluxError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    budget_bytes = int(budget) if isinstance(budget, int) else parse_bytes(str(budget), what="budget")
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (str, int)):
+        raise TypeError(f"budget must be text such as '1GB' or a number of bytes, got {type(budget).__name__}")
+    for name, value in (("train_size", train_size), ("val_size", val_size), ("num_classes", num_classes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if input_shape is not None and (isinstance(input_shape, (str, bytes, int)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape)):
+        raise ValueError(f"input_shape must be one sample's shape as positive ints, e.g. (3, 32, 32); got {input_shape!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError("progress must be a callable(description, done, total) or None")
+    budget_bytes = budget if isinstance(budget, int) else parse_bytes(budget, what="budget")
+    if budget_bytes < 1:
+        raise ValueError(f"budget must be >= 1 byte, got {budget}")
     source = _source(model, num_classes=num_classes)
-    cfg = PlanConfig(budget_bytes=budget_bytes, budget_text=str(budget), device_kind=device,
-                     device_name=device, train_size=train_size, val_size=val_size,
-                     input_shape=None if input_shape is None else tuple(int(s) for s in input_shape), **options)
+    try:
+        cfg = PlanConfig(budget_bytes=budget_bytes, budget_text=str(budget), device_kind=device,
+                         device_name=device, train_size=train_size, val_size=val_size,
+                         input_shape=None if input_shape is None else tuple(input_shape), **options)
+    except NeuroFluxError as e:  # a value out of range, worded for the CLI: the same check, as Python's error
+        raise ValueError(str(e)) from None
     return make_plan(source, cfg, plan_dir=Path.cwd(), progress=progress).plan
 
 
@@ -118,6 +135,8 @@ def train(
     from neuroflux.runtime.model_file import ModelObject
     from neuroflux.runtime.runner import RunConfig, run_plan
 
+    _check_train_args(plan, method=method, device=device, out=out, augment=augment,
+                      flags={"resume": resume, "force": force, "export_onnx": export_onnx, "progress": progress})
     source = _source(model, datasets=(train_set, val_set), augment=augment)
     if not isinstance(source, ModelObject):
         raise NeuroFluxError("train() takes the model object; for a model file use nf-run plan.json")
@@ -128,6 +147,30 @@ def train(
                     command=f"neuroflux.train(plan, {source.label}, ...)")
     summary = run_plan(plan, None, cfg, source=source, **({"bar": bar} if bar else {}))
     return Result(summary=summary, model=load_final_model(plan, source, out, summary), out=out)
+
+
+def _check_train_args(plan: Any, *, method: Any, device: Any, out: Any, augment: Any, flags: dict[str, Any]) -> None:
+    """``train``'s arguments, up front: nothing is written before they are
+    known good. An in-memory plan is validated as a plan file is."""
+    from neuroflux.schemas.plan import Plan, plan_from_dict, plan_to_dict
+
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a neuroflux Plan (from neuroflux.plan or load_plan), got {type(plan).__name__}")
+    if method not in ("neuroflux", "bp", "bp-checkpoint"):
+        raise ValueError(f"method must be 'neuroflux', 'bp' or 'bp-checkpoint', got {method!r}")
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if out is not None and not isinstance(out, (str, Path)):
+        raise TypeError(f"out must be a path, got {type(out).__name__}")
+    if augment is not None and not callable(augment):
+        raise TypeError("augment must be a callable(batch) -> batch or None")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    try:
+        plan_from_dict(plan_to_dict(plan))  # the schema and every consistency check, as for a file
+    except NeuroFluxError as e:
+        raise ValueError(f"the plan is not valid: {e}") from None
 
 
 def _bars():  # noqa: ANN202

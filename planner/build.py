@@ -210,6 +210,28 @@ class PlanConfig:
             raise NeuroFluxError(f"--workers must be >= 0 (0: every core), got {self.workers}")
         if not 0 <= self.tie_tolerance < 1:
             raise NeuroFluxError(f"--head-time-tolerance must be in [0, 1), got {self.tie_tolerance}")
+        for name in ("train_size", "val_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise NeuroFluxError(f"--{name.replace('_', '-')} must be a positive number of samples, got {value!r}")
+        for name in ("cache_budget_bytes", "disk_budget_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise NeuroFluxError(f"{name} must be a number of bytes >= 0, got {value!r}")
+        _check_choices(self)
+
+
+def _check_choices(cfg: PlanConfig) -> None:
+    """Every ``Literal`` field holds one of its choices (a Python caller can
+    pass anything; the CLI's argparse checks its own)."""
+    import typing
+
+    hints = typing.get_type_hints(PlanConfig)
+    for f in dataclasses.fields(PlanConfig):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Literal and getattr(cfg, f.name) not in typing.get_args(tp):
+            choices = ", ".join(repr(c) for c in typing.get_args(tp))
+            raise NeuroFluxError(f"{f.name} must be one of {choices}, got {getattr(cfg, f.name)!r}")
 
 
 @dataclass(frozen=True)
@@ -299,6 +321,9 @@ def _infer_meta(mf: ModelFile | ModelObject, cfg: PlanConfig, fake: FakeTensorMo
     if classes is not None and int(classes) != out.shape[1]:
         raise NeuroFluxError(f"{mf.path}: NUM_CLASSES is {classes} but {mf.factory_name}() outputs {out.shape[1]} classes; "
                              f"fix NUM_CLASSES, or set {mf.factory_name}.NUM_CLASSES for this factory")
+    if out.shape[1] < 2:
+        raise NeuroFluxError(f"{mf.path}: {mf.factory_name}() outputs {out.shape[1]} class; a classifier needs at least "
+                             "2 (with one, every loss is 0 and nothing is learned)")
     return _Meta(shape=shape, classes=int(out.shape[1]), train_n=int(train_n), val_n=int(val_n), model=model, gm=gm)
 
 

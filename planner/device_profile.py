@@ -109,8 +109,18 @@ def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
     except FileNotFoundError:
         raise NeuroFluxError(f"device profile {p} not found; measure one on the target with "
                              "`python -m neuroflux.planner.device_profile -o FILE`") from None
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except OSError as e:  # a directory, no permission
+        raise NeuroFluxError(f"cannot read the device profile {p} ({e.strerror}); give a profile JSON file") from None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as e:
         raise NeuroFluxError(f"device profile {p} is not a valid profile ({type(e).__name__}: {e}); re-measure it") from e
+    if prof.kind not in ("cpu", "cuda") or not isinstance(prof.name, str):
+        raise NeuroFluxError(f"device profile {p}: kind {prof.kind!r} (cpu or cuda) and name {prof.name!r} (text) are "
+                             "not a profile's; re-measure it")
+    numeric = ("flops_per_s", "op_overhead_s", "workspace_bytes", "step_overhead_bytes", "activation_scale")
+    for name in numeric:
+        v = getattr(prof, name, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise NeuroFluxError(f"device profile {p}: {name} is {v!r}, not a number; re-measure it")
     if (not (prof.flops_per_s > 0 and prof.op_overhead_s >= 0) or (prof.workspace_bytes or 0) < 0
             or (prof.step_overhead_bytes or 0) < 0 or (prof.activation_scale is not None and prof.activation_scale < 1)):
         raise NeuroFluxError(f"device profile {p} has non-positive speeds; re-measure it")

@@ -14,7 +14,7 @@ from neuroflux.runtime.heads import build_head
 from neuroflux.runtime.model_file import ModelFile, ModelObject, load_model_file, sha256_of
 from neuroflux.schemas.plan import Plan
 
-__all__ = ["Assembled", "model_path", "open_model_file", "assemble"]
+__all__ = ["check_model_file", "Assembled", "model_path", "open_model_file", "assemble"]
 
 
 @dataclass
@@ -29,6 +29,22 @@ class Assembled:
 def model_path(plan: Plan, plan_path: Path) -> Path:
     p = Path(plan.model.file)
     return p if p.is_absolute() else (plan_path.parent / p).resolve()
+
+
+def check_model_file(plan: Plan, plan_path: Path, *, force: bool = False) -> None:
+    """Refuse a plan whose model file is missing or changed (unless
+    ``force``), without running the file: views that need only the plan
+    check it this way (an installed module is checked by its import, which
+    runs it, so it is left to the views that need the model)."""
+    if plan.model.source != "file":
+        return
+    path = model_path(plan, plan_path)
+    if not path.is_file():
+        raise NeuroFluxError(f"the plan's model file {path} is missing; restore it or re-plan")
+    digest = sha256_of(path)
+    if digest != plan.model.sha256 and not force:
+        raise NeuroFluxError(f"model file {path} changed since it was planned (sha256 {digest[:12]}..., plan has "
+                             f"{plan.model.sha256[:12]}...); re-plan with nf-plan, or pass --force to show the old plan")
 
 
 def open_model_file(plan: Plan, plan_path: Path, *, force: bool = False) -> ModelFile:

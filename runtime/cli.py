@@ -42,15 +42,72 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sigterm_as_interrupt() -> None:
-    """SIGTERM (a scheduler's stop) ends the run like Ctrl-C: same resume hint."""
+    """SIGTERM (a scheduler's stop) ends the run like Ctrl-C: same resume
+    hint. Only the first signal interrupts: later SIGTERMs and SIGINTs are
+    ignored while the run saves and exits (a second one mid-cleanup would
+    otherwise end it with a traceback, or 143 before the handler exists)."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
         def handler(signum, frame):  # noqa: ANN001
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def _saved_handlers():  # noqa: ANN202
+    """The process's SIGTERM and SIGINT handlers, to restore after main()
+    (tests call it in-process)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+
+def _check_overrides(args: argparse.Namespace) -> str | None:
+    """The same ranges nf-plan enforces for the settings nf-run may override."""
+    import math
+
+    for name in ("patience", "epoch_patience", "loader_workers"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {value}"
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and 0 <= args.tolerance <= 1):
+        return f"--tolerance must be a number in [0, 1] (accuracy), got {args.tolerance}"
+    if args.nproc is not None and args.nproc < 1:
+        return "--nproc must be >= 1"
+    return None
+
+
+def _launch(argv: list[str], n: int) -> int:
+    """torchrun on ``n`` processes; a SIGTERM or Ctrl-C here is passed on to
+    it (it stops its workers, which checkpoint) and waited for: nothing is
+    orphaned, and the run directory's lock is free when this returns."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(_torchrun_argv(argv, n))
+    stopped = []
+
+    def forward(signum, frame):  # noqa: ANN001
+        stopped.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM if len(stopped) == 1 else signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches torchrun and its workers directly (one process group)
+    rc = proc.wait()
+    if stopped:
+        print("\nnf-run: interrupted; torchrun and its workers stopped. Continue with the same command and --resume "
+              "--out DIR", file=sys.stderr)
+        return 130
+    return rc
 
 
 def _torchrun_argv(argv: list[str], n: int) -> list[str]:
@@ -68,27 +125,33 @@ def _torchrun_argv(argv: list[str], n: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    import signal
+
+    saved = _saved_handlers()
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    finally:
+        if saved is not None:
+            signal.signal(signal.SIGTERM, saved[0])
+            signal.signal(signal.SIGINT, saved[1])
+
+
+def _main(argv: list[str]) -> int:
+    launching = "--nproc" in " ".join(argv)
+    if not launching:
+        _sigterm_as_interrupt()  # first: a signal during imports and parsing is an interrupt too
     args = build_parser().parse_args(argv)
-    if args.loader_workers is not None and args.loader_workers < 0:
-        print("nf-run: error: --loader-workers must be >= 0 (0 reads in the training process)", file=sys.stderr)
+    problem = _check_overrides(args)
+    if problem:
+        print(f"nf-run: error: {problem}", file=sys.stderr)
         return 2
     if args.nproc is not None:
-        if args.nproc < 1:
-            print("nf-run: error: --nproc must be >= 1", file=sys.stderr)
-            return 2
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             print("nf-run: error: --nproc under torchrun: give torchrun's --nproc-per-node instead", file=sys.stderr)
             return 2
         if args.nproc > 1:
-            import signal
-            import subprocess
-
-            proc = subprocess.Popen(_torchrun_argv(argv, args.nproc))
-            # Ctrl-C reaches torchrun and its workers (one process group): they checkpoint and stop; wait for them.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            return proc.wait()
-    _sigterm_as_interrupt()
+            return _launch(argv, args.nproc)
+        _sigterm_as_interrupt()
     logging.basicConfig(level=logging.WARNING, format="nf-run: %(message)s")
     out = None
     try:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from neuroflux.common import atomic_write
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["TensorCache", "StreamSource", "PrefixSource", "dataset_tensors", "check_samples", "CacheWriter",
+__all__ = ["TensorCache", "StreamSource", "PrefixSource", "call_augment", "dataset_tensors", "check_samples", "CacheWriter",
            "default_loader_workers"]
 
 _DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
@@ -185,6 +185,21 @@ class StreamSource:
         return self._y
 
 
+def call_augment(fn: Any, x: torch.Tensor) -> torch.Tensor:
+    """The model file's ``augment(x)``: its errors, and a result that is not
+    a tensor of the batch's shape, are the user's to fix (exit 2)."""
+    try:
+        out = fn(x)
+    except Exception as e:
+        raise NeuroFluxError(f"augment() raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; "
+                             "fix the model file's augment function") from e
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise NeuroFluxError(f"augment() returned {got} for a batch of shape {tuple(x.shape)}; it must return a "
+                             "batch of the same shape")
+    return out
+
+
 class PrefixSource:
     """``base``'s batches run through ``prefix`` (frozen: eval mode, no
     autograd) on the device. ``augment`` applies to the base's inputs while
@@ -206,7 +221,7 @@ class PrefixSource:
         self.prefix.eval()
         for x, y in self.base.batches(batch_size, shuffle=shuffle, generator=generator, device=device):
             if self.augment is not None and shuffle:
-                x = self.augment(x)
+                x = call_augment(self.augment, x)
             # no_grad, not inference_mode: the block saves its input for backward,
             # which inference tensors refuse.
             with torch.no_grad():

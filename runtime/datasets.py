@@ -18,11 +18,24 @@ from torch.utils.data import TensorDataset
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["fashion_mnist", "synthetic", "DATA_ENV", "LIMIT_ENV"]
+__all__ = ["fashion_mnist", "synthetic", "parse_limit", "DATA_ENV", "LIMIT_ENV"]
 
 DATA_ENV = "NEUROFLUX_DATA"
 #: ``NEUROFLUX_LIMIT=TRAIN[,VAL]`` keeps the first samples only (benchmarks on a budget of time).
 LIMIT_ENV = "NEUROFLUX_LIMIT"
+
+def parse_limit(text: str, *, what: str = LIMIT_ENV) -> tuple[int, int | None]:
+    """``TRAIN[,VAL]`` as positive sample counts; anything else is an error
+    naming the form (a negative count would silently mean "all but")."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 2 or any(v < 1 for v in values):
+        raise NeuroFluxError(f"{what} {text!r} must be TRAIN[,VAL]: one or two positive sample counts, e.g. 20000,10000")
+    return values[0], values[1] if len(values) > 1 else None
+
 
 # Mean and std of Fashion-MNIST pixels in [0, 1].
 _MEAN, _STD = 0.2860, 0.3530
@@ -43,8 +56,7 @@ def fashion_mnist(
     """
     path = Path(os.environ.get(DATA_ENV) or default_path)
     if os.environ.get(LIMIT_ENV) and train_limit is None and val_limit is None:
-        parts_env = [int(v) for v in os.environ[LIMIT_ENV].split(",")]
-        train_limit, val_limit = parts_env[0], parts_env[1] if len(parts_env) > 1 else None
+        train_limit, val_limit = parse_limit(os.environ[LIMIT_ENV])
     if not path.is_file():
         raise NeuroFluxError(
             f"Fashion-MNIST file {path} not found; set {DATA_ENV} to the path of fashion_mnist.npz"
@@ -74,9 +86,9 @@ def synthetic(shape: tuple[int, ...], *, num_classes: int, train_size: int, val_
     """Random inputs and labels of a given shape: for throughput only, never
     accuracy. ``NEUROFLUX_LIMIT`` caps the sizes, as for real data."""
     if os.environ.get(LIMIT_ENV):
-        parts = [int(v) for v in os.environ[LIMIT_ENV].split(",")]
-        train_size = min(train_size, parts[0])
-        val_size = min(val_size, parts[1]) if len(parts) > 1 else val_size
+        t, v = parse_limit(os.environ[LIMIT_ENV])
+        train_size = min(train_size, t)
+        val_size = min(val_size, v) if v is not None else val_size
     g = torch.Generator().manual_seed(seed)
 
     def make(n: int) -> TensorDataset:

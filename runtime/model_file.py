@@ -91,6 +91,9 @@ class ModelFile:
         fn = self._get(self.factory_name, what="model factory")
         try:
             model = fn()
+        except SystemExit as e:  # a plan must never be skipped with exit 0 (nf-plan ... && nf-run would run a stale one)
+            raise NeuroFluxError(f"{self.path}: {self.factory_name}() called sys.exit({e.code}); a factory must return "
+                                 "the model") from None
         except Exception as e:
             raise NeuroFluxError(
                 f"{self.path}: {self.factory_name}() raised {type(e).__name__}: {e}\n"
@@ -100,6 +103,9 @@ class ModelFile:
             raise NeuroFluxError(
                 f"{self.path}: {self.factory_name}() returned {type(model).__name__}, expected a torch.nn.Module"
             )
+        if not any(True for _ in model.parameters()):
+            raise NeuroFluxError(f"{self.path}: {self.factory_name}() returned a model without parameters; there is "
+                                 "nothing to train")
         return model
 
     def datasets(self) -> tuple[Any, Any]:
@@ -135,9 +141,9 @@ class ModelFile:
         only when that one is used."""
         own = getattr(self._get(self.factory_name, what="model factory"), "INPUT_SHAPE", None)
         if own is not None:
-            return tuple(int(s) for s in own)
+            return _shape(own, f"{self.factory_name}.INPUT_SHAPE", self.path)
         if self.datasets_name == "datasets" and self.constant("INPUT_SHAPE") is not None:
-            return tuple(int(s) for s in self.constant("INPUT_SHAPE"))
+            return _shape(self.constant("INPUT_SHAPE"), "INPUT_SHAPE", self.path)
         return None
 
     def num_classes(self) -> int | None:
@@ -146,9 +152,9 @@ class ModelFile:
         (then read from the model's output)."""
         own = getattr(self._get(self.factory_name, what="model factory"), "NUM_CLASSES", None)
         if own is not None:
-            return int(own)
+            return _classes(own, f"{self.factory_name}.NUM_CLASSES", self.path)
         if self.factory_name == "model" and self.constant("NUM_CLASSES") is not None:
-            return int(self.constant("NUM_CLASSES"))
+            return _classes(self.constant("NUM_CLASSES"), "NUM_CLASSES", self.path)
         return None
 
     def augment(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -280,6 +286,28 @@ class ModelObject:
 
     def constant(self, name: str) -> Any:
         return None
+
+
+def _shape(value: Any, name: str, path: Path) -> tuple[int, ...]:
+    """A declared sample shape as positive ints, or an error naming the constant."""
+    try:
+        shape = tuple(int(s) for s in value)
+    except (TypeError, ValueError):
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise NeuroFluxError(f"{path}: {name} = {value!r}; it must be one sample's shape, e.g. (3, 32, 32) for "
+                             "channels, height, width")
+    return shape
+
+
+def _classes(value: Any, name: str, path: Path) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or isinstance(value, bool):
+        raise NeuroFluxError(f"{path}: {name} = {value!r}; it must be the number of classes, e.g. 10")
+    return n
 
 
 def _user_frames(e: BaseException, path: Path) -> str:

@@ -48,6 +48,7 @@ from neuroflux.runtime.data import (
     PrefixSource,
     StreamSource,
     TensorCache,
+    call_augment,
     dataset_tensors,
     default_loader_workers,
 )
@@ -294,6 +295,8 @@ class Runner:
     def _run_main(self) -> dict[str, Any]:
         if self.out.exists() and not self.out.is_dir():
             raise NeuroFluxError(f"--out {self.out} is a file; give a directory for the run")
+        if self.cfg.resume and not self.ckpt_path.is_file():  # before anything is created
+            raise NeuroFluxError(f"nothing to resume in {self.out} (no checkpoint.pt); start without --resume")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             write_probe(self.out)
@@ -324,12 +327,13 @@ class Runner:
         state = _new_state()
         if ckpt is not None:
             state = self._restore(ckpt, asm, stages)
+            self._log_missing_blocks(state)
         elapsed_before = state["elapsed_s"]
 
         caches: dict[int | None, tuple[Any, Any]] = {None: raw}
         start = len(state["done"])
         if start > 0 and state["stopped"] is None and start < len(stages):
-            caches.update(self._restore_caches(stages, start, asm, raw))
+            caches.update(self._restore_caches(stages, start, asm, raw, state))
 
         blocks_bar = self.bar(total=len(stages), desc=self.cfg.method, leave=True, initial=start)
         clock = _Clock(t_start, elapsed_before)
@@ -341,6 +345,9 @@ class Runner:
                 blocks_bar.update(1)
                 state["elapsed_s"] = clock()
                 self._save(asm, state, trainers=None)
+                # Logged after the checkpoint: a logged block is always a saved one (a kill between the
+                # two leaves it unlogged, and the resume logs it).
+                self._log({"event": "block", "method": self.cfg.method, **state["done"][-1]})
                 self._drop_caches(caches, stages, after=stage)
         except Diverged as e:
             state["failed"] = str(e)
@@ -355,16 +362,50 @@ class Runner:
             blocks_bar.close()
         return self._finish(asm, stages, state, clock())
 
+    def _log_missing_blocks(self, state: RunState) -> None:
+        """Block records of finished blocks that a kill kept out of metrics.jsonl."""
+        if not self.dist.main or not self.metrics_path.is_file():
+            return
+        logged = set()
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn line from the kill
+            if isinstance(rec, dict) and rec.get("event") == "block":
+                logged.add(rec.get("index"))
+        for b in state["done"]:
+            if b["index"] not in logged:
+                self._log({"event": "block", "method": self.cfg.method, **b})
+
     def _restore(self, ckpt: dict[str, Any], asm: Assembled, stages: list[_Stage]) -> RunState:
-        asm.model.load_state_dict(ckpt["model"])
-        for h, hs in zip(asm.heads, ckpt["heads"]):
-            if h is not None and hs is not None:
-                h.load_state_dict(hs)
+        """Weights, heads and the current stage's optimizers from ``ckpt``;
+        contents that do not fit this plan's model (other tensors, shapes,
+        counts) are refused, never half-loaded."""
         state = ckpt["state"]
         k = len(state["done"])
-        if k < len(stages) and ckpt.get("trainers"):
-            for t, ts in zip(stages[k].trainers, ckpt["trainers"]):
-                t.load_state_dict(ts)
+        try:
+            if len(ckpt["heads"]) != len(asm.heads) or k > len(stages):
+                raise ValueError(f"{len(ckpt['heads'])} heads and {k} finished stages for {len(asm.heads)} units "
+                                 f"and {len(stages)} stages")
+            asm.model.load_state_dict(ckpt["model"])
+            for h, hs in zip(asm.heads, ckpt["heads"]):
+                if h is not None and hs is not None:
+                    h.load_state_dict(hs)
+            if k < len(stages) and ckpt.get("trainers"):
+                if len(ckpt["trainers"]) != len(stages[k].trainers):
+                    raise ValueError(f"{len(ckpt['trainers'])} optimizer states for {len(stages[k].trainers)} units")
+                for t, ts in zip(stages[k].trainers, ckpt["trainers"]):
+                    t.load_state_dict(ts)
+                    for p, st in t.opt.state.items():
+                        buf = st.get("momentum_buffer")
+                        if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape):
+                            raise ValueError(f"a momentum buffer of shape {getattr(buf, 'shape', None)} for a "
+                                             f"parameter of shape {tuple(p.shape)}")
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise NeuroFluxError(f"the checkpoint in {self.out} does not fit this plan's model ({first}); it was "
+                                 "damaged or written by another model: start a new --out") from None
         log.info("resuming at stage %d, epoch %d", k, state["epoch"])
         return state
 
@@ -426,6 +467,7 @@ class Runner:
         self._apply_depth_policy(stage, stages, state, accs)
         if stage.cache is not None and self.cfg.method == "neuroflux" and state["stopped"] is None:
             caches[stage.index] = self._write_cache(stage, train, val)
+            self._record_digest(state, stage.index, stage.cache)
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else measured_cpu_peak
         for m in [m for t in stage.trainers for m in t.modules()] + [prefix]:  # off the device: the next block's budget is its own
             m.to("cpu")
@@ -442,7 +484,6 @@ class Runner:
             result["nvml_process_bytes"] = nv
         state["done"].append(result)
         state["epoch"], state["block"], state["last_accs"] = 0, None, None
-        self._log({"event": "block", "method": self.cfg.method, **result})
 
     def _train_epoch(self, stage: _Stage, train: Any, epoch: int, limit: int, *, track: bool,
                      prefix: nn.Module) -> tuple[int, tuple[list[float], list[float]]]:
@@ -464,7 +505,7 @@ class Runner:
         batches = train.batches(stage.batch_size, shuffle=True, generator=gen, device=dev)
         for step, (xb, yb) in enumerate(batches):
             if augment is not None:
-                xb = augment(xb)
+                xb = call_augment(augment, xb)
             inputs = [xb]
             del xb
             if dev.type == "cpu" and track and step < 2 and MemTracker is not None:
@@ -617,6 +658,14 @@ class Runner:
         units = Chain([t.unit for t in stage.trainers])
         return self._cache_through(units, train, val, index=stage.index, spec=stage.cache, batch=stage.batch_size)
 
+    def _record_digest(self, state: RunState, index: int, spec: Any) -> None:
+        if spec is not None and spec.location == "disk":
+            state.setdefault("cache_digests", {})[self._digest_key(index)] = _file_digest(self._cache_file(index, spec))
+
+    def _digest_key(self, index: int) -> str:
+        """Rank 0 saves the state: other ranks' files have no digest there (and are size-checked only)."""
+        return str(index) if self.dist.main else f"{index}.rank{self.dist.rank}"
+
     def _cache_through(self, units: nn.Module, train: Any, val: Any, *, index: int, spec: Any,
                        batch: int) -> tuple[TensorCache, TensorCache]:
         """``train`` then ``val`` through ``units`` into block ``index``'s cache
@@ -660,6 +709,9 @@ class Runner:
                 out.append(StreamSource(ds, what=what, workers=workers, indices=shard, **meta))
                 continue
             src = TensorCache(*dataset_tensors(ds, what=what, workers=workers, **meta))
+            if what == "train" and len(src) > 1 and bool((src.y == src.y[0]).all()):
+                log.warning("every training sample has label %d: the run can only learn to predict that class; "
+                            "check the datasets function", int(src.y[0]))
             out.append(src if shard is None else src.subset(shard))
         return out[0], out[1]
 
@@ -698,8 +750,8 @@ class Runner:
         gc.collect()
 
     @torch.inference_mode()
-    def _restore_caches(self, stages: list[_Stage], start: int, asm: Assembled,
-                        raw: tuple[Any, Any]) -> dict[int, tuple[TensorCache, TensorCache]]:
+    def _restore_caches(self, stages: list[_Stage], start: int, asm: Assembled, raw: tuple[Any, Any],
+                        state: RunState) -> dict[int, tuple[TensorCache, TensorCache]]:
         """The caches the remaining stages read, after a resume: a disk cache
         whose file is intact is opened; any other is recomputed from the
         dataset through the finished blocks (inference only, no training)."""
@@ -709,7 +761,8 @@ class Runner:
             spec, blk = self.plan.blocks[j].cache, self.plan.blocks[j]
             shape = tuple(self.plan.unit(blk.units[-1]).output_shape)
             if spec.location == "disk":
-                opened = self._open_disk_cache(j, spec, shape, n_train + n_val)
+                opened = self._open_disk_cache(j, spec, shape, n_train + n_val,
+                                               digest=state.get("cache_digests", {}).get(self._digest_key(j)))
                 if opened is not None:
                     x, y = opened
                     out[j] = (TensorCache(x[:n_train], y[:n_train]), TensorCache(x[n_train:], y[n_train:]))
@@ -718,10 +771,11 @@ class Runner:
             last = self.plan.unit(blk.units[-1]).index
             chain = Chain(asm.units[: last + 1]).to(self.device).eval()
             out[j] = self._cache_through(chain, raw[0], raw[1], index=j, spec=spec, batch=blk.batch_size)
+            self._record_digest(state, j, spec)
             chain.to("cpu")
         return out
 
-    def _open_disk_cache(self, index: int, spec: Any, shape: tuple[int, ...], n: int) -> Any:
+    def _open_disk_cache(self, index: int, spec: Any, shape: tuple[int, ...], n: int, *, digest: str | None) -> Any:
         """Block ``index``'s cache file as a memmap and its labels, or None
         (with a warning) when either is missing, not a regular file,
         truncated or of another shape or dtype: then the cache is rebuilt,
@@ -738,6 +792,8 @@ class Runner:
             x = np.load(path, mmap_mode="r")
             if tuple(x.shape) != want or x.dtype != np.dtype(spec.dtype):
                 raise ValueError(f"holds {x.dtype} {tuple(x.shape)}, expected {spec.dtype} {want}")
+            if digest is not None and _file_digest(path) != digest:
+                raise ValueError("its bytes changed since it was written (sampled digest)")
             y = np.load(labels, allow_pickle=False)
             if y.shape != (n,) or y.dtype != np.int64:
                 raise ValueError(f"its labels hold {y.dtype} {y.shape}, expected int64 ({n},)")
@@ -816,6 +872,21 @@ class Runner:
         if self.dist.main:
             atomic_write_json(summary, self.out / "summary.json")
         return summary
+
+
+def _file_digest(path: Path, *, samples: int = 64, chunk: int = 1 << 16) -> str:
+    """sha256 of a file's size and ``samples`` evenly spaced chunks: reads
+    4 MiB of a file of any size, and catches a file zeroed, truncated or
+    overwritten since (not every flipped byte: a cheap guard, not a proof)."""
+    import hashlib
+
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(samples):
+            f.seek(max(0, (size - chunk) * i // max(1, samples - 1)))
+            h.update(f.read(chunk))
+    return h.hexdigest()
 
 
 def _labels_file(cache: Path) -> Path:

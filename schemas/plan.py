@@ -457,7 +457,51 @@ class Plan:
             )
         if self.budget_bytes != self.device.budget_bytes:
             raise PlanError("budget_bytes differs from device.budget_bytes")
+        self._check_recipe()
+        self._check_units()
         self._check_sources()
+
+    def _check_recipe(self) -> None:
+        """Values the schema's types admit but training cannot use."""
+        import math
+
+        r, fix = self.recipe, "re-create the plan with nf-plan"
+        checks = [
+            (math.isfinite(r.lr) and r.lr > 0, f"recipe.lr is {r.lr}; it must be a positive number"),
+            (math.isfinite(r.momentum) and 0 <= r.momentum < 1, f"recipe.momentum is {r.momentum}; it must be in [0, 1)"),
+            (math.isfinite(r.weight_decay) and r.weight_decay >= 0, f"recipe.weight_decay is {r.weight_decay}; it must be >= 0"),
+            (0 <= r.seed < 2**63, f"recipe.seed is {r.seed}; seeds must be in [0, 2^63)"),
+            (r.train_size >= 1 and r.val_size >= 1, "recipe.train_size and val_size must be >= 1"),
+            (self.exit_policy.patience >= 0 and self.exit_policy.epoch_patience >= 0
+             and self.exit_policy.max_extra_epochs >= 0, "exit_policy counts must be >= 0"),
+            (math.isfinite(self.exit_policy.tolerance) and 0 <= self.exit_policy.tolerance <= 1,
+             f"exit_policy.tolerance is {self.exit_policy.tolerance}; it must be in [0, 1]"),
+        ]
+        for b in self.blocks:
+            checks += [
+                (b.batch_size >= 1 and b.epochs >= 1 and b.steps >= 1, f"block {b.index} has batch {b.batch_size}, "
+                 f"{b.epochs} epochs and {b.steps} steps; each must be >= 1"),
+                (math.isfinite(b.lr) and b.lr > 0, f"block {b.index}'s lr is {b.lr}; it must be a positive number"),
+                (b.shuffle_seed is None or 0 <= b.shuffle_seed < 2**62,
+                 f"block {b.index}'s shuffle_seed is {b.shuffle_seed}; it must be in [0, 2^62)"),
+            ]
+        for ok, what in checks:
+            if not ok:
+                raise PlanError(f"{what}; {fix}")
+
+    def _check_units(self) -> None:
+        """Every unit but the last has an aux head of a sane width; the last
+        exits through the model's own head; shapes are positive."""
+        for u in self.units:
+            last = u.index == len(self.units) - 1
+            if u.is_last != last or (u.aux is None) != last:
+                raise PlanError(f"unit {u.name} {'has' if u.aux is not None else 'lacks'} an aux head (is_last "
+                                f"{u.is_last}); only the last unit exits through the model's head: re-create the plan")
+            if not u.output_shape or any(d < 1 for d in u.output_shape) or any(d < 1 for d in u.input_shape):
+                raise PlanError(f"unit {u.name} has shapes {u.input_shape} -> {u.output_shape}; re-create the plan")
+            if u.aux is not None and u.aux.width > 16 * max(u.output_shape[0], 8):
+                raise PlanError(f"unit {u.name}'s aux head is {u.aux.width} wide for {u.output_shape[0]} channels "
+                                "(the planner offers at most the unit's channels): re-create the plan")
 
     def _check_sources(self) -> None:
         """Every block reads what an earlier block wrote, and recomputes
@@ -535,6 +579,8 @@ def record_from_json(tp: Any, value: Any) -> Any:
         return tp(**kwargs)
     if tp is float and isinstance(value, int):
         return float(value)
+    if tp is int and isinstance(value, float):  # JSON Schema counts 12.0 as an integer; Python does not
+        return int(value)
     return value
 
 

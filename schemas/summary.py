@@ -141,9 +141,13 @@ def load_summary(path: str | os.PathLike[str]) -> RunSummary:
     if not p.is_file():
         raise NeuroFluxError(f"{p}: no summary.json (is the run finished?)")
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise NeuroFluxError(f"{p} is not valid JSON ({e})") from e
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NeuroFluxError(f"{p} is not valid UTF-8 JSON ({str(e)[:160]}); is it an nf-run summary?") from None
+    except OSError as e:
+        raise NeuroFluxError(f"cannot read {p} ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise NeuroFluxError(f"{p} holds a JSON {type(data).__name__}, not a run summary")
     return summary_from_dict(data)
 
 
@@ -171,6 +175,9 @@ class RunState(TypedDict, total=False):
     """Training time banked by blocks that converged early (spent on extra epochs)."""
     failed: str
     """Set when the run diverged: it cannot be resumed."""
+    cache_digests: dict[str, str]
+    """Per disk cache (block index), a digest of sampled bytes taken when it
+    was written: a resume rebuilds a file that no longer matches."""
 
 
 #: The fields every saved state has, and their types (the loader checks them).

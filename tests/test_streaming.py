@@ -123,8 +123,9 @@ def test_each_boundary_kind_trains_and_resumes_after_a_kill(tmp_path: Path, monk
 def test_a_damaged_disk_cache_is_rebuilt_at_resume(tmp_path: Path, monkeypatch, caplog) -> None:
     """Block 2 reads block 0's disk cache. Interrupted before block 2, the
     run is resumed from copies whose cache file was truncated, deleted or
-    replaced by another array: each rebuilds it (with a warning) and ends as
-    the uninterrupted run; a directory in its place is refused by name."""
+    replaced by another array or by zeros of its shape: each rebuilds it
+    (with a warning) and ends as the uninterrupted run; a directory in its
+    place is refused by name."""
     import shutil
 
     _, path, _ = tiny_plan(tmp_path, epochs=1, max_block_units=1)
@@ -136,7 +137,7 @@ def test_a_damaged_disk_cache_is_rebuilt_at_resume(tmp_path: Path, monkeypatch, 
         _run(plan, path, tmp_path / "interrupted")
     monkeypatch.undo()
     assert (tmp_path / "interrupted" / "cache" / "block0.npy").is_file()
-    for damage in ("truncate", "missing", "wrong-shape", "directory"):
+    for damage in ("truncate", "missing", "wrong-shape", "zeroed", "directory"):
         run = tmp_path / damage
         shutil.copytree(tmp_path / "interrupted", run)
         (run / ".lock").unlink(missing_ok=True)
@@ -148,6 +149,9 @@ def test_a_damaged_disk_cache_is_rebuilt_at_resume(tmp_path: Path, monkeypatch, 
             f.unlink()
         elif damage == "wrong-shape":
             np.save(f, np.zeros((3, 3), dtype=np.float32))
+        elif damage == "zeroed":  # the right shape and dtype: caught by the digest taken when it was written
+            x = np.load(f)
+            np.save(f, np.zeros_like(x))
         else:
             f.unlink()
             f.mkdir()

@@ -164,7 +164,13 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
         index_path = opts.plans / cell.name / "plans.json"
         if not index_path.is_file():
             raise NeuroFluxError(f"no prepared plans for cell {cell.name} in {opts.plans}; run nf-bench --plan-only first")
-        index = json.loads(index_path.read_text())
+        try:
+            index = json.loads(index_path.read_text())
+            if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
+                raise ValueError("not an object of label -> plan file")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise NeuroFluxError(f"{index_path} is not a plans index ({str(e).splitlines()[0][:120]}); make it again "
+                                 "with nf-bench --plan-only") from None
         return {label: (index_path.parent / v if not v.startswith("error:") else NeuroFluxError(v[6:]))
                 for label, v in index.items()}
     from neuroflux.planner.budget import parse_bytes
@@ -466,19 +472,46 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _check_args(args: argparse.Namespace) -> None:
+    """Flags that argparse's types cannot check, before any work."""
+    from neuroflux.runtime.datasets import parse_limit
+
     if args.data and not Path(args.data).is_file():
-        print(f"nf-bench: error: --data {args.data} not found", file=sys.stderr)
-        return 2
+        raise NeuroFluxError(f"--data {args.data} not found")
+    if args.limit is not None:
+        parse_limit(args.limit, what="--limit")
+    if args.epochs < 1:
+        raise NeuroFluxError(f"--epochs must be >= 1, got {args.epochs}")
+    if not args.time_limit > 0:
+        raise NeuroFluxError(f"--time-limit must be > 0, got {args.time_limit}")
+    for flag, value in (("--out", args.out), ("--results", args.results)):
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise NeuroFluxError(f"{flag} {value} is a file; give a folder")
+    if args.plans is not None and not Path(args.plans).is_dir():
+        raise NeuroFluxError(f"--plans {args.plans} is not a folder of prepared plans (nf-bench --plan-only --out DIR)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0: every run finished; 1: some run failed (its row says why); 2: a usage error."""
+    args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
         with _restored_env(DATA_ENV, DRY_LIMIT_ENV):
             results = _main(args)
     except NeuroFluxError as e:
         print(f"nf-bench: error: {e}", file=sys.stderr)
         return 2
-    if results is not None:
-        print(markdown(results))
+    except OSError as e:
+        print(f"nf-bench: error: {e.strerror or e} ({e.filename or ''}); check --out, --results and --plans",
+              file=sys.stderr)
+        return 2
+    if results is None:
+        return 0
+    print(markdown(results))
+    failed = [f"{c['name']}/{m}" for c in results["cells"] for m, v in c.get("runs", {}).items() if "error" in v]
+    if failed:
+        print(f"nf-bench: {len(failed)} run(s) failed: {', '.join(failed)} (see the table's notes)", file=sys.stderr)
+        return 1
     return 0
 
 

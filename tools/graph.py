@@ -62,6 +62,12 @@ def write_graphml(plan: Plan, path: Path) -> None:
     nx.write_graphml(unit_graph(plan), path)
 
 
+def _dot_quote(value: str) -> str:
+    """A DOT quoted string: a plan's names and targets (hand-editable) can
+    never close the quote and inject attributes or nodes."""
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
 def write_dot(plan: Plan, path: Path) -> None:
     """DOT with one cluster per block and, inside, one per unit."""
     import pydot
@@ -85,7 +91,7 @@ def write_dot(plan: Plan, path: Path) -> None:
     for node, a in g.nodes(data=True):
         attrs = {k: str(v) for k, v in a.items()}
         label = f"{node}\\n{a['target']}" + (f"\\n{a['shape']}" if a["shape"] else "")
-        pn = pydot.Node(node, label=label, **{k: f'"{v}"' for k, v in attrs.items()})
+        pn = pydot.Node(node, label=label, **{k: _dot_quote(v) for k, v in attrs.items()})
         (clusters[a["unit"]] if "unit" in a else dot).add_node(pn)
     for s, d in g.edges:
         dot.add_edge(pydot.Edge(s, d))

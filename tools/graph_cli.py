@@ -1,4 +1,12 @@
-"""``nf-graph plan.json -o plan.onnx|plan.dot|plan.graphml|plan.html``."""
+"""``nf-graph plan.json -o plan.onnx|plan.dot|plan.graphml|plan.html``.
+
+    nf-graph plan.json -o plan.html [--run runs/DIR]   # blocks, memory against the budget, a run's measurements
+    nf-graph plan.json -o plan.onnx                     # the model, every node tagged with its unit and block
+
+DOT, GraphML and HTML are drawn from the plan alone (the model file is
+checked by its hash, never run); the ONNX view imports the model file and
+exports it, so it runs that file's code, like nf-run.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="export even if the model file changed since planning")
     args = ap.parse_args(argv)
     try:
-        from neuroflux.runtime.assemble import open_model_file
+        from neuroflux.runtime.assemble import check_model_file
         from neuroflux.schemas import load_plan
         from neuroflux.tools import graph
 
         out = Path(args.output)
         fmt = graph.format_for(out, args.format)
+        if out.is_dir():
+            raise NeuroFluxError(f"-o {out} is a directory; give a file name such as {out / ('plan.' + fmt)}")
         if out.parent and not out.parent.is_dir():
             if out.parent.exists():
                 raise NeuroFluxError(f"-o {out}: {out.parent} is not a directory")
@@ -37,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"this plan was made in Python from a {plan.model.file} object; its ONNX view needs the object: "
                     "neuroflux.export_onnx(plan, model, 'plan.onnx') (DOT, GraphML and HTML need only the plan)")
         else:
-            # Every view describes the model file; a changed one means a stale plan.
-            open_model_file(plan, Path(args.plan), force=args.force)
+            # Every view describes the model file; a changed one means a stale plan. Checked by hash: only
+            # the ONNX view runs the file (write_onnx opens it).
+            check_model_file(plan, Path(args.plan), force=args.force)
         if fmt == "onnx":
             graph.write_onnx(plan, Path(args.plan), out, force=True)
         elif fmt == "dot":
@@ -49,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             graph.write_html(plan, out, run_dir=Path(args.run) if args.run else None)
     except NeuroFluxError as e:
         print(f"nf-graph: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # -o onto a directory, an unwritable place, a full disk
+        print(f"nf-graph: error: cannot write {args.output} ({e.strerror or e}); choose a writable -o file",
+              file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0
