@@ -36,11 +36,8 @@ from neuroflux.planner.problem import (
     block_peak_bytes,
     block_sources,
     block_steps,
-    host_ok,
-    pass_time_s,
+    cache_bytes,
     plan_time_s,
-    prefix_fixed_s,
-    recompute_time_s,
 )
 
 __all__ = ["solve_dp", "lightest_options"]
@@ -94,11 +91,14 @@ def solve_dp(p: Problem, *, tie_tolerance: float = 0.0) -> Solution | None:
                 k = table.best_batch(s, e, c)
                 if k is None:
                     continue
-                train = table.train[s][e][k] + recompute_time_s(p, c, s, p.batch_sizes[k])
+                train = table.train[s][e][k] + table.recompute_s(c, s, k)
+                src_ram = table.cache[c - 1] if kind == "ram" and c > 0 else 0
+                src_disk = table.cache[c - 1] if kind == "disk" and c > 0 else 0
                 for out in (p.boundaries if e < n - 1 else (None,)):
-                    if not host_ok(p, c, kind, e, out):
+                    if src_ram + (table.cache[e] if out == "ram" else 0) > p.cache_budget_bytes or \
+                            src_disk + (table.cache[e] if out == "disk" else 0) > p.disk_budget_bytes:
                         continue
-                    cost = train + pass_time_s(p, s, e, src=c, boundary=out or "ram")
+                    cost = train + table.pass_s(c, e, out)
                     nxt = (e + 1, c, kind, j + counted) if out == "recompute" else (e + 1, e + 1, out, j + counted)
                     if nxt not in best:
                         at[nxt[0]].append(nxt)
@@ -148,6 +148,30 @@ class _Tables:
                     train[k] += steps[k] * opt[e].step_s(b)
                 self.static[s][e], self.dyn[s][e], self.train[s][e] = static, dyn.copy(), train.copy()
         self._prefix: dict[tuple[int, int], tuple[int, list[int]]] = {}
+        # Prefix sums, so that a block's pass and a prefix's recompute cost O(1):
+        # F[i] = sum of fwd_per_sample over units < i, X[i] the same of fwd_fixed.
+        self.F, self.X = [0.0], [0.0]
+        for u in p.units:
+            self.F.append(self.F[-1] + u.fwd_per_sample_s)
+            self.X.append(self.X[-1] + u.fwd_fixed_s)
+        self.cache = [cache_bytes(p, e) for e in range(n)]
+
+    def recompute_s(self, c: int, s: int, k: int) -> float:
+        """``recompute_time_s`` from the prefix sums."""
+        if c >= s:
+            return 0.0
+        p = self.p
+        return p.epochs * p.train_size * (self.F[s] - self.F[c]) + self.steps[k] * (self.X[s] - self.X[c])
+
+    def pass_s(self, c: int, e: int, out: str | None) -> float:
+        """``pass_time_s`` from the prefix sums: units c..e forward over val,
+        and over train with the cache write when ``out`` caches."""
+        p = self.p
+        fwd = self.F[e + 1] - self.F[c]
+        if out is None or out == "recompute":
+            return p.val_size * fwd
+        bandwidth = p.disk_bytes_per_s if out == "disk" else p.cache_bytes_per_s
+        return (p.train_size + p.val_size) * fwd + self.cache[e] / bandwidth
 
     def prefix(self, c: int, s: int) -> tuple[int, list[int]]:
         """Weights of units c..s-1 and their largest inference peak per batch."""
@@ -166,7 +190,7 @@ class _Tables:
         pstatic, pinfer = self.prefix(c, s) if c < s else (0, None)
         fits = [k for k in range(len(dyn))
                 if static + pstatic + (dyn[k] if pinfer is None else max(dyn[k], pinfer[k])) <= cap]
-        fixed = prefix_fixed_s(p, c, s) if c < s else 0.0
+        fixed = self.X[s] - self.X[c] if c < s else 0.0
         return min(fits, key=lambda k: (train[k] + self.steps[k] * fixed, -k)) if fits else None
 
 
