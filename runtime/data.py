@@ -313,6 +313,10 @@ class CacheWriter:
         self._pos = 0
 
     def append(self, out: torch.Tensor) -> None:
+        if tuple(out.shape[1:]) != tuple(self.x.shape[1:]):
+            raise NeuroFluxError(f"the block's outputs have shape {tuple(out.shape[1:])} but the plan says "
+                                 f"{tuple(self.x.shape[1:])} (its output_shape was edited, or the model changed): "
+                                 "re-plan with nf-plan")
         b = out.shape[0]
         chunk = out.detach().to("cpu", dtype=self._tdtype)
         if self.location == "disk":

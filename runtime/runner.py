@@ -503,7 +503,12 @@ class Runner:
         ebar = self.bar(total=steps_per_epoch, desc=f"block {stage.index} epoch {epoch + 1}/{limit}", leave=False)
         peak = 0
         batches = train.batches(stage.batch_size, shuffle=True, generator=gen, device=dev)
+        want = tuple(self.plan.units[stage.unit_idx[0]].input_shape)
         for step, (xb, yb) in enumerate(batches):
+            if step == 0 and tuple(xb.shape[1:]) != want:
+                raise NeuroFluxError(f"block {stage.index}'s input batches have shape {tuple(xb.shape[1:])} but the plan "
+                                     f"says {want} for {self.plan.units[stage.unit_idx[0]].name} (its shapes were "
+                                     "edited, or the model changed): re-plan with nf-plan")
             if augment is not None:
                 xb = call_augment(augment, xb)
             inputs = [xb]
