@@ -35,8 +35,8 @@ def _source(model: nn.Module | str | Path | Callable[[], nn.Module], **kw: Any):
         return str(model)
     if callable(model):
         return ModelObject(model(), **kw)
-    raise NeuroFluxError(f"model must be an nn.Module, a factory returning one, or a model file path; "
-                         f"got {type(model).__name__}")
+    raise TypeError(f"model must be an nn.Module, a factory returning one, or a model file path; "
+                    f"got {type(model).__name__}")
 
 
 def plan(

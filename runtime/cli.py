@@ -53,10 +53,15 @@ def _sigterm_as_interrupt() -> None:
         def handler(signum, frame):  # noqa: ANN001
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _SIGNALLED.append(signum)
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+
+
+_SIGNALLED: list[int] = []
+"""Signals this process took: then it is exiting, and keeps ignoring more."""
 
 
 def _saved_handlers():  # noqa: ANN202
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(sys.argv[1:] if argv is None else argv)
     finally:
-        if saved is not None:
+        if saved is not None and not _SIGNALLED:
             signal.signal(signal.SIGTERM, saved[0])
             signal.signal(signal.SIGINT, saved[1])
 

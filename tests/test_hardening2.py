@@ -33,7 +33,10 @@ def _edited(path: Path, edit) -> Path:  # noqa: ANN001
     return out
 
 
-def _set(*keys, value):  # noqa: ANN002, ANN202
+def _set(*path):  # noqa: ANN002, ANN202
+    """An edit setting ``data[k1][k2]... = value``; the last argument is the value."""
+    *keys, value = path
+
     def edit(d):  # noqa: ANN001, ANN202
         for k in keys[:-1]:
             d = d[k]
@@ -178,14 +181,13 @@ def test_augment_that_raises_is_exit_2(tmp_path: Path, capsys) -> None:
 
 
 # ------------------------------------------------------------------ I/O errors (item 8)
-def test_nf_graph_io_errors_are_exit_2(tmp_path: Path, capsys) -> None:
+def test_nf_graph_io_errors_are_exit_2(tmp_path: Path, tmp_path_factory, capsys) -> None:
     from neuroflux.tools.graph_cli import main as nf_graph
 
     _, path, _ = tiny_plan(tmp_path, epochs=1)
     (tmp_path / "adir.html").mkdir()
     assert nf_graph([str(path), "-o", str(tmp_path / "adir.html")]) == 2
-    run = tmp_path / "run"
-    run.mkdir()
+    run = tmp_path_factory.mktemp("broken-run")  # outside tmp_path: the suite checks every summary.json there
     (run / "summary.json").write_bytes(b"\xff\xfe{not utf-8")
     assert nf_graph([str(path), "-o", str(tmp_path / "v.html"), "--run", str(run)]) == 2
     err = capsys.readouterr().err
@@ -243,8 +245,6 @@ def test_nf_bench_checks_flags_and_fails_when_a_run_fails(tmp_path: Path, capsys
 
 # ------------------------------------------------------------------ API misuse (item 7)
 def test_api_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
-    import dataclasses
-
     import neuroflux
     from torch import nn
 
@@ -266,7 +266,10 @@ def test_api_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
         assert not (tmp_path / "run").exists(), "nothing written before the arguments were checked"
     with pytest.raises(TypeError):
         neuroflux.train("plan.json", m, data, val, out=tmp_path / "run")
-    broken = dataclasses.replace(plan, units=[dataclasses.replace(plan.units[0], name=7), *plan.units[1:]])
+    import copy
+
+    broken = copy.deepcopy(plan)
+    object.__setattr__(broken.recipe, "lr", -1.0)  # as a careless edit of a frozen record would
     with pytest.raises(ValueError, match="not valid"):
         neuroflux.train(broken, m, data, val, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -321,4 +324,9 @@ def test_sigterm_to_the_launcher_stops_torchrun_and_frees_the_run(tmp_path: Path
     assert proc.returncode == 130, err[-2000:]
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes still running for the run: {left}"
-    assert nf_run([str(path), "--nproc", "1", "--resume", "--out", str(out), "--device", "cpu", "-q", "--no-onnx"]) == 0
+    from neuroflux.runtime.checkpoint import RunLock
+
+    lock = RunLock(out)
+    lock.acquire()  # free: nobody holds the run any more
+    lock.release()
+    assert (out / "checkpoint.pt").is_file()

@@ -44,7 +44,7 @@ def test_a_real_run_loads_typed_and_a_finished_run_needs_every_field(tmp_path: P
     with pytest.raises(NeuroFluxError, match="unknown field"):
         load_summary(bad)
     (bad / "summary.json").write_text("{")
-    with pytest.raises(NeuroFluxError, match="not valid JSON"):
+    with pytest.raises(NeuroFluxError, match="not valid UTF-8 JSON"):
         load_summary(bad)
     with pytest.raises(NeuroFluxError, match="no summary.json"):
         load_summary(tmp_path / "nowhere")
