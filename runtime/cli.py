@@ -176,6 +176,12 @@ def _main(argv: list[str]) -> int:
             return 3
         print(f"nf-run: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the run directory turned read-only or full mid-run (user paths are checked up front)
+        where = f" in {out}" if out else ""
+        print(f"nf-run: error: cannot write {e.filename or 'a file'}{where} ({e.strerror or e}); the last checkpoint is "
+              f"kept: make the run directory writable (or free space there), then run again with --resume",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         where = f" --out {out}" if out else ""
         again = f"nf-run {args.plan} --resume{where}" + (f" --baseline {args.baseline}" if args.baseline else "")

@@ -145,13 +145,14 @@ def test_a_killed_rank_stops_the_run_and_it_resumes_with_the_same_ranks(tmp_path
 
 
 def test_demo_plan_on_two_ranks_is_within_3_points_of_one_process(tmp_path: Path) -> None:
-    """The README demo's plan (small CNN, 16 MB) on 2,000 of the shipped images."""
-    env = {"NEUROFLUX_LIMIT": "2000,1000"}
+    """The README demo's plan (small CNN, 16 MB) on 1,000 of the shipped images, 2 epochs (seeded: the
+    comparison is the same on every run)."""
+    env = {"NEUROFLUX_LIMIT": "1000,1000"}
     plan_file = tmp_path / "plan.json"
     from neuroflux.planner.cli import main as nf_plan
 
     assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "-o", str(plan_file), "-q",
-                    "--train-size", "2000", "--val-size", "1000", "--epochs", "3", "--device", "cpu"]) == 0
+                    "--train-size", "1000", "--val-size", "1000", "--epochs", "2", "--device", "cpu"]) == 0
     os.environ["NEUROFLUX_LIMIT"] = env["NEUROFLUX_LIMIT"]
     try:
         assert nf_run([str(plan_file), "--out", str(tmp_path / "one"), "--device", "cpu", "-q", "--no-onnx"]) == 0

@@ -125,7 +125,7 @@ def test_html_report_in_headless_chromium(resnet_plan, tmp_path: Path) -> None:
     page = tmp_path / "plan.html"
     assert nf_graph([str(path), "-o", str(page)]) == 0
     png = tmp_path / "plan.png"
-    screenshot(page, png, height=2600)
+    screenshot(page, png, height=3400)  # the whole page: the blocks table (input and output columns) comes first
     assert png_distinct_rows(png) > 50, "the screenshot is (nearly) blank"
     blue, red = (0x3B, 0x6F, 0xD8), (0xC6, 0x28, 0x28)
     bars = color_bands(png, blue, min_pixels=5)

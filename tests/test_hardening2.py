@@ -45,6 +45,13 @@ def _set(*path):  # noqa: ANN002, ANN202
 
 
 # ------------------------------------------------------------------ hand-edited plan fields (item 10)
+@pytest.fixture(scope="module")
+def shared_plan(tmp_path_factory) -> Path:  # noqa: ANN001
+    """One tiny plan for the edit cases (planning it is most of each case's time)."""
+    _, path, _ = tiny_plan(tmp_path_factory.mktemp("shared"), epochs=1)
+    return path
+
+
 @pytest.mark.parametrize("edit, match", [
     (_set("recipe", "lr", -1), "recipe.lr"),
     (_set("recipe", "momentum", -3), "recipe.momentum"),
@@ -60,8 +67,10 @@ def _set(*path):  # noqa: ANN002, ANN202
     (_set("blocks", 0, "cache", {"location": "disk", "dtype": "float32", "bytes": 1, "file": "/etc/x.npy"}), "not a plain path"),
     (_set("blocks", 1, "lr", 0.0), "lr"),
 ])
-def test_plan_fields_that_cannot_run_are_refused_at_load(tmp_path: Path, capsys, edit, match: str) -> None:
-    _, path, _ = tiny_plan(tmp_path, epochs=1)
+def test_plan_fields_that_cannot_run_are_refused_at_load(shared_plan: Path, tmp_path: Path, capsys, edit,
+                                                         match: str) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(shared_plan.read_text())
     bad = _edited(path, edit)
     with pytest.raises(PlanError, match=match):
         load_plan(bad)
@@ -330,3 +339,71 @@ def test_sigterm_to_the_launcher_stops_torchrun_and_frees_the_run(tmp_path: Path
     lock.acquire()  # free: nobody holds the run any more
     lock.release()
     assert (out / "checkpoint.pt").is_file()
+
+
+# ------------------------------------------------------------------ links planted in a run directory (item 2), read-only mid-run (item 8)
+def test_resume_refuses_links_planted_in_the_run_directory(tmp_path: Path, monkeypatch, capsys) -> None:
+    """An interrupted run whose directory gained links (a shared temporary
+    folder): resuming never writes through them; the victims are unchanged."""
+    from test_streaming import _interrupt_at, _with_boundaries
+
+    _, path, _ = tiny_plan(tmp_path, epochs=1, max_block_units=1)
+    path = _with_boundaries(path, ["disk", "ram"])
+    plan = load_plan(path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("precious\n")
+    for planted in ("cache", "metrics.jsonl", "final_model.pt"):
+        out = tmp_path / f"run-{planted.replace('.', '_')}"
+        _interrupt_at(monkeypatch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_plan(plan, path, RunConfig(out_dir=out, device="cpu", export_onnx=False))
+        monkeypatch.undo()
+        target = out / planted
+        if target.is_dir():
+            import shutil
+
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+        target.symlink_to(outside if planted == "cache" else victim)
+        rc = nf_run([str(path), "--resume", "--out", str(out), "-q", "--device", "cpu", "--no-onnx"])
+        err = capsys.readouterr().err
+        if planted == "final_model.pt":  # replaced by rename: the link goes, the victim stays
+            assert rc == 0 and not (out / planted).is_symlink()
+        else:
+            assert rc == 2 and "link" in err and "Traceback" not in err, err
+        assert victim.read_text() == "precious\n" and sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+
+
+def test_a_run_directory_that_turns_read_only_is_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+
+    from neuroflux.runtime import runner
+
+    _, path, _ = tiny_plan(tmp_path, epochs=2)
+    calls = []
+
+    def read_only(obj, p):  # noqa: ANN001, ANN202
+        calls.append(p)
+        if len(calls) > 1:  # the first checkpoint is written, then the disk turns read-only
+            raise OSError(errno.EROFS, "Read-only file system", str(p))
+        return original(obj, p)
+
+    original = runner.atomic_torch_save
+    monkeypatch.setattr(runner, "atomic_torch_save", read_only)
+    assert nf_run([str(path), "--out", str(tmp_path / "run"), "-q", "--device", "cpu", "--no-onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and "--resume" in err and "Traceback" not in err
+
+
+def test_nf_bench_refuses_a_corrupt_plans_index(tmp_path: Path, capsys) -> None:
+    from neuroflux.tools.bench import main as nf_bench
+
+    plans = tmp_path / "plans" / "small_cnn-40MB"
+    plans.mkdir(parents=True)
+    (plans / "plans.json").write_text("{not json")
+    assert nf_bench(["--smoke", "--plans", str(tmp_path / "plans"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "not a plans index" in err and "Traceback" not in err

@@ -258,11 +258,11 @@ def _peak_rss_bytes(cmd: list[str], env: dict[str, str], cwd: Path) -> int:
 
 
 def test_streams_an_image_folder_larger_than_the_host_budget(tmp_path: Path, monkeypatch) -> None:
-    """1,800 PNG files decode to 50 MiB of float32; with a host budget of
+    """1,200 PNG files decode to 33 MiB of float32; with a host budget of
     8 MiB the plan streams them through a DataLoader worker, and the
     trainer's peak RSS stays within the budget plus the allowance measured
     on a 60-image folder (interpreter, torch, model: the same fixed costs)
-    and 8 MiB for the allocator (stated). Stacking would add the 50 MiB."""
+    and 8 MiB for the allocator (stated). Stacking would add the 33 MiB."""
     from image_folder_model import write_folder
 
     model = tmp_path / "image_folder_model.py"
@@ -270,7 +270,7 @@ def test_streams_an_image_folder_larger_than_the_host_budget(tmp_path: Path, mon
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     peaks = {}
     budget = 8 * 2**20
-    for name, train, val in (("small", 48, 12), ("large", 1500, 300)):
+    for name, train, val in (("small", 48, 12), ("large", 1000, 200)):
         root = tmp_path / name
         decoded = write_folder(root, train=train, val=val)
         env["NF_IMAGE_ROOT"] = str(root)
@@ -281,7 +281,7 @@ def test_streams_an_image_folder_larger_than_the_host_budget(tmp_path: Path, mon
         p = load_plan(plan)
         assert p.data.mode == "stream"
         if name == "large":
-            assert decoded > 5 * budget and "do not fit" in p.data.reason
+            assert decoded > 3 * budget and "do not fit" in p.data.reason
         peaks[name] = _peak_rss_bytes([sys.executable, "-m", "neuroflux.runtime.cli", str(plan), "--out",
                                        str(tmp_path / f"run-{name}"), "--device", "cpu", "--no-onnx", "-q",
                                        "--loader-workers", "1"], env, tmp_path)
