@@ -159,14 +159,16 @@ def _bar_chart(title: str, rows: list[tuple[str, float, float | None]], *, limit
     scale = (w - label_w - 110) / vmax
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{html.escape(title)}">',
              f'<text x="0" y="18" class="t">{html.escape(title)}</text>']
+    min_w = 6.0  # a block far cheaper than the others still shows a bar (its value is printed beside it)
     for i, (label, pred, meas) in enumerate(rows):
         y = top + i * row_h
         parts.append(f'<text x="0" y="{y + 18}" class="l">{html.escape(label)}</text>')
-        parts.append(f'<rect class="bar pred" x="{label_w}" y="{y + 4}" width="{max(1, pred * scale):.1f}" height="12"><title>predicted {fmt(pred)}</title></rect>')
-        parts.append(f'<text x="{label_w + pred * scale + 6:.1f}" y="{y + 15}" class="v">{fmt(pred)}</text>')
+        parts.append(f'<rect class="bar pred" x="{label_w}" y="{y + 4}" width="{max(min_w, pred * scale):.1f}" height="12"><title>predicted {fmt(pred)}</title></rect>')
+        parts.append(f'<text x="{label_w + max(min_w, pred * scale) + 6:.1f}" y="{y + 15}" class="v">{fmt(pred)}</text>')
         if meas is not None:
-            parts.append(f'<rect class="bar meas" x="{label_w}" y="{y + 18}" width="{max(1, meas * scale):.1f}" height="10"><title>measured {fmt(meas)}</title></rect>')
-            parts.append(f'<text x="{label_w + meas * scale + 6:.1f}" y="{y + 27}" class="v m">{fmt(meas)} measured</text>')
+            parts.append(f'<rect class="bar meas" x="{label_w}" y="{y + 18}" width="{max(min_w, meas * scale):.1f}" height="10"><title>measured {fmt(meas)}</title></rect>')
+            parts.append(f'<text x="{label_w + max(min_w, meas * scale) + 6:.1f}" y="{y + 27}" class="v m">{fmt(meas)} '
+                         'measured</text>')
     if limit is not None:
         x = label_w + limit * scale
         parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{h - 24}" class="limit"/>')
