@@ -90,7 +90,8 @@ from neuroflux.schemas.plan import (
     UnitProfile,
 )
 
-__all__ = ["PlanConfig", "PlanResult", "InfeasibleBudget", "make_plan", "make_plans", "default_cache_budget_bytes"]
+__all__ = ["PlanConfig", "PlanResult", "InfeasibleBudget", "make_plan", "make_plans", "make_plan_shared",
+           "default_cache_budget_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +351,29 @@ def make_plans(model_spec: str | ModelObject, cfg: PlanConfig, budgets: Sequence
             out.append(e)
         t_start = time.perf_counter()
     return out
+
+
+#: PlanConfig fields that change only the solve (and the plan's records),
+#: never a unit's profile: configs equal but for these share one profiling.
+_SOLVE_ONLY = frozenset({
+    "budget_bytes", "budget_text", "budget_source", "strategy", "time_limit_s", "tie_tolerance", "max_blocks",
+    "max_block_units", "margin", "min_batch", "max_batch", "epochs", "cache_budget_bytes", "disk_budget_bytes",
+    "cache_location", "data_mode", "patience", "tolerance", "prefer", "epoch_patience", "max_extra_epochs",
+    "base_batch_size", "lr_scaling", "schedule", "workers"})
+
+
+def make_plan_shared(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path, profiles: dict[Any, Any],
+                     progress: Progress | None = None) -> PlanResult:
+    """``make_plan``, profiling ``model_spec`` once for every config that
+    differs only in ``_SOLVE_ONLY`` fields (``profiles`` holds them between
+    calls): a benchmark's optimal, greedy and budget variants of one model
+    profile it once, and get the plans ``make_plan`` gives each."""
+    t_start = time.perf_counter()
+    key = (model_spec, tuple(sorted((f.name, repr(getattr(cfg, f.name))) for f in dataclasses.fields(cfg)
+                                    if f.name not in _SOLVE_ONLY)))
+    if key not in profiles:
+        profiles[key] = _profile_model(model_spec, cfg, progress or (lambda desc, done, total: None))
+    return _plan_at(profiles[key], cfg, plan_dir=Path(plan_dir), t_start=t_start)
 
 
 @dataclass

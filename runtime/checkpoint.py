@@ -135,21 +135,9 @@ class RunLock:
         # O_NOFOLLOW: a planted .lock -> /some/file must not get that file
         # truncated and overwritten with our pid. O_NONBLOCK: a planted FIFO
         # or device must not hang the open (refused just below).
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise refuse("a link named .lock (a symbolic link)") from None
-            if e.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV):
-                raise refuse("a .lock that is not a regular file") from None
-            raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise refuse("a .lock that is not a regular file")
-        if st.st_nlink > 1:  # a hard link to another file: truncating it would truncate that file
-            os.close(fd)
-            raise refuse("a link named .lock (a hard link: a file with other names)")
+        fd, _ = _open_regular(self.path, os.O_RDWR | os.O_CREAT, refuse, link="a link named .lock (a symbolic link)",
+                              other="a .lock that is not a regular file",
+                              hard="a link named .lock (a hard link: a file with other names)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -168,6 +156,26 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _open_regular(path: Path, flags: int, refuse: Any, *, link: str, other: str, hard: str) -> tuple[int, os.stat_result]:
+    """``os.open`` that never follows a link (``O_NOFOLLOW``) nor hangs on a
+    FIFO or device (``O_NONBLOCK``), and keeps the descriptor only for a
+    regular file with no other names (a hard link would let a write reach
+    another file); otherwise ``refuse(why)`` is raised, naming which."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise refuse(link) from None
+        if e.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV):
+            raise refuse(other) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        raise refuse(other if not stat.S_ISREG(st.st_mode) else hard)
+    return fd, st
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -189,20 +197,9 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
                               "use another --out (or remove it if you made it yourself)")
 
     # O_RDWR, not O_WRONLY: the torn-line check reads the last byte.
+    fd, st = _open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, refuse, link="a symbolic link",
+                           other="not a regular file", hard="a hard link (a file with other names)")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise refuse("a symbolic link") from None
-        if e.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV):
-            raise refuse("not a regular file") from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise refuse("not a regular file")
-        if st.st_nlink > 1:
-            raise refuse("a hard link (a file with other names)")
         data = (json.dumps(record) + "\n").encode()
         if st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n":
             data = b"\n" + data

@@ -174,7 +174,7 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
         return {label: (index_path.parent / v if not v.startswith("error:") else NeuroFluxError(v[6:]))
                 for label, v in index.items()}
     from neuroflux.planner.budget import parse_bytes
-    from neuroflux.planner.build import PlanConfig, make_plan
+    from neuroflux.planner.build import PlanConfig, make_plan_shared
     from neuroflux.schemas import save_plan
 
     wanted = [("neuroflux", "optimal", ())]
@@ -190,7 +190,7 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
                          time_limit_s=opts.time_limit, datasets=cell.datasets, device_profile=opts.device_profile,
                          **dict(overrides))
         try:
-            res = make_plan(_model_path(cell.model), cfg, plan_dir=cell_dir)
+            res = make_plan_shared(_model_path(cell.model), cfg, plan_dir=cell_dir, profiles=_PROFILES)
         except NeuroFluxError as e:
             log(f"[{cell.name}] {label} plan: {e}")
             plans[label], index[label] = e, f"error:{e}"
@@ -201,6 +201,11 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
     cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / "plans.json").write_text(json.dumps(index, indent=1) + "\n")
     return plans
+
+
+#: Profiles made in this process, by model and profiling settings: a model's
+#: cells and variants are profiled once (their plans are the same as apart).
+_PROFILES: dict[Any, Any] = {}
 
 
 def _device_name(kind: str, opts: BenchOptions) -> str:
