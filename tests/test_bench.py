@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from helpers import ROOT
+
 import pytest
 
 from neuroflux.planner.budget import parse_bytes
@@ -75,3 +77,26 @@ def test_time_to_target_reads_blocks_and_epochs() -> None:
     assert time_to_target(metrics, 0.8) == 5.0
     assert time_to_target(metrics, 0.95) is None
     assert time_to_target([{"event": "epoch", "elapsed_s": 3.0, "val_acc": 0.6}], 0.6) == 3.0
+
+
+def test_shared_profiling_gives_the_plans_made_apart(tmp_path: Path) -> None:
+    """nf-bench profiles a model once for its cells and variants
+    (make_plan_shared): each plan equals the one make_plan makes alone,
+    but for the solver's wall time, and the profile is made once."""
+    from neuroflux.planner.build import PlanConfig, make_plan, make_plan_shared
+    from neuroflux.schemas.plan import plan_to_dict
+
+    def comparable(plan):  # noqa: ANN001, ANN202
+        d = plan_to_dict(plan)
+        d["solver"].pop("wall_time_s")
+        return d
+
+    profiles: dict = {}
+    model = str(ROOT / "examples" / "small_cnn.py")
+    for budget, strategy in [(40_000_000, "optimal"), (40_000_000, "greedy"), (200_000_000, "optimal")]:
+        cfg = PlanConfig(budget_bytes=budget, budget_text=str(budget), strategy=strategy, device_flops_per_s=1e11,
+                         op_overhead_s=5e-6, disk_budget_bytes=0, time_limit_s=10)
+        alone = make_plan(model, cfg, plan_dir=tmp_path).plan
+        shared = make_plan_shared(model, cfg, plan_dir=tmp_path, profiles=profiles).plan
+        assert comparable(shared) == comparable(alone), (budget, strategy)
+    assert len(profiles) == 1
