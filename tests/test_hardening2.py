@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, tiny_plan, wait_for_metrics
+from helpers import tiny_plan, wait_for_metrics
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.cli import main as nf_plan
 from neuroflux.runtime.cli import main as nf_run
