@@ -504,7 +504,11 @@ class Runner:
         peak = 0
         batches = train.batches(stage.batch_size, shuffle=True, generator=gen, device=dev)
         want = tuple(self.plan.units[stage.unit_idx[0]].input_shape)
-        for step, (xb, yb) in enumerate(batches):
+        # Not enumerate(): it keeps its last result tuple, and so the batch, alive
+        # through the next step, past the point where the step frees its input.
+        step = -1
+        for xb, yb in batches:
+            step += 1
             if step == 0 and tuple(xb.shape[1:]) != want:
                 raise NeuroFluxError(f"block {stage.index}'s input batches have shape {tuple(xb.shape[1:])} but the plan "
                                      f"says {want} for {self.plan.units[stage.unit_idx[0]].name} (its shapes were "
