@@ -31,6 +31,7 @@ from neuroflux.planner.problem import (
     block_sources,
     host_use,
     recompute_time_s,
+    source_kind,
     UnitCost,
     block_peak_bytes,
     block_steps,
@@ -845,10 +846,9 @@ def _block_records(problem: Problem, solution: Solution, cfg: PlanConfig) -> lis
 def _host_peaks(problem: Problem, solution: Solution) -> dict[str, int]:
     """Most RAM and disk the plan's caches hold at once (over its blocks)."""
     srcs = block_sources(solution.blocks)
-    kind_after = {bc.end + 1: bc.boundary for bc in solution.blocks}
     peaks = {"ram": 0, "disk": 0}
     for bc, src in zip(solution.blocks, srcs):
-        use = host_use(problem, src, kind_after.get(src), bc.end, bc.boundary)
+        use = host_use(problem, src, source_kind(solution.blocks, src), bc.end, bc.boundary)
         peaks = {k: max(v, use[k]) for k, v in peaks.items()}
     return peaks
 

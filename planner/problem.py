@@ -54,6 +54,7 @@ __all__ = [
     "Boundary",
     "BOUNDARIES",
     "block_sources",
+    "source_kind",
     "host_use",
     "Solution",
     "SolveStatus",
@@ -224,6 +225,12 @@ def block_sources(blocks: Sequence[BlockChoice]) -> list[int]:
     return src
 
 
+def source_kind(blocks: Sequence[BlockChoice], src: int) -> Boundary | None:
+    """Where the cache a block reads (unit ``src - 1``'s outputs) lives:
+    the boundary after the block ending there; None for the dataset."""
+    return None if src == 0 else next(b.boundary for b in blocks if b.end == src - 1)
+
+
 def _prefix(p: Problem, src: int, start: int) -> tuple[int, float, list[UnitCost]]:
     units = list(p.units[src:start])
     return sum(u.infer_static_bytes for u in units), sum(u.fwd_per_sample_s for u in units), units
@@ -333,8 +340,7 @@ def check_solution(p: Problem, s: Solution) -> list[str]:
         peak = block_peak_bytes(p, b.start, b.end, b.batch_size, s.options, src=src)
         if peak > p.cap_bytes:
             errs.append(f"block {b.start}..{b.end} peak {peak} > cap {p.cap_bytes}")
-        src_kind = None if src == 0 else s.blocks[[x.end for x in s.blocks].index(src - 1)].boundary
-        if not host_ok(p, src, src_kind, b.end, b.boundary):
+        if not host_ok(p, src, source_kind(s.blocks, src), b.end, b.boundary):
             errs.append(f"block {b.start}..{b.end} caches exceed the host RAM or disk budget")
         if p.max_block_units is not None and b.end - b.start + 1 > p.max_block_units:
             errs.append(f"block {b.start}..{b.end} is longer than {p.max_block_units} units")

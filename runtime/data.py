@@ -160,7 +160,6 @@ class StreamSource:
         self.ds, self.what, self.workers = ds, what, workers
         self.input_shape, self.num_classes = input_shape, num_classes
         self.indices = None if indices is None else [int(i) for i in indices]
-        self._y: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.ds)
@@ -176,13 +175,6 @@ class StreamSource:
             x, y = _as_pair(item, self.what, idx)
             check_samples(x, y, what=self.what, input_shape=self.input_shape, num_classes=self.num_classes, indices=idx)
             yield x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True).long()
-
-    @property
-    def y(self) -> torch.Tensor:
-        """Every label, in order (read once: cache files store them beside the outputs)."""
-        if self._y is None:
-            self._y = torch.cat([y for _, y in self.batches(1024, shuffle=False, device=torch.device("cpu"))])
-        return self._y
 
 
 def call_augment(fn: Any, x: torch.Tensor) -> torch.Tensor:
@@ -211,10 +203,6 @@ class PrefixSource:
 
     def __len__(self) -> int:
         return len(self.base)
-
-    @property
-    def y(self) -> torch.Tensor:
-        return self.base.y
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
                 device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -8,7 +8,6 @@ fastest fitting batch size.
 from __future__ import annotations
 
 import itertools
-import math
 
 from neuroflux.planner.problem import (
     BlockChoice,
@@ -18,6 +17,7 @@ from neuroflux.planner.problem import (
     block_sources,
     block_time_s,
     host_ok,
+    source_kind,
 )
 
 
@@ -50,8 +50,7 @@ def _evaluate(p: Problem, spans, kinds, options):
     srcs = block_sources(shells)
     total, blocks = 0.0, []
     for i, ((s, e), kind, src) in enumerate(zip(spans, kinds, srcs)):
-        src_kind = None if src == 0 else kinds[[sp[1] for sp in spans].index(src - 1)]
-        if not block_allowed(p, s, e) or not host_ok(p, src, src_kind, e, kind):
+        if not block_allowed(p, s, e) or not host_ok(p, src, source_kind(shells, src), e, kind):
             return None
         cands = [(block_time_s(p, s, e, b, options, src=src, boundary=kind), b) for b in p.batch_sizes
                  if block_peak_bytes(p, s, e, b, options, src=src) <= p.cap_bytes]
