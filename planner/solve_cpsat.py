@@ -103,7 +103,9 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solu
         blocks=tuple(blocks),
         options=options,
         time_s=plan_time_s(p, blocks, options),
-        lower_bound_s=solver.best_objective_bound / _US,
+        # CP-SAT reports a negative bound when it stops before bounding (seen
+        # under load at the time limit); every term of the objective is >= 0.
+        lower_bound_s=max(0.0, solver.best_objective_bound / _US),
         wall_time_s=time.perf_counter() - t0,
         num_variables=n_vars,
         num_constraints=n_cons,

@@ -3,8 +3,10 @@
 The planning problem is a one-dimensional segmentation: cut the units into
 contiguous blocks, give each block a batch size. When every unit has a
 *lightest* aux option (one that is no larger and no slower than each of its
-other options, in all five profile terms), that option is the fastest choice
-in every block at every batch size, so the least-time plan uses it everywhere
+other options at every batch size the problem allows: static bytes, and the
+affine dynamic bytes and step time at the smallest and the largest batch),
+that option is the fastest choice in every block at every batch size, so
+the least-time plan uses it everywhere
 and the problem is a shortest path over block boundaries:
 
     best[e] = min over s <= e, batch k of  best[s-1] + time(s..e at k)
@@ -49,11 +51,25 @@ def _le(a: AuxOption, b: AuxOption) -> bool:
             and a.step_per_sample_s <= b.step_per_sample_s)
 
 
+def _le_on(a: AuxOption, b: AuxOption, batches: tuple[int, int]) -> bool:
+    """``a`` <= ``b`` at every batch in ``batches[0]..batches[1]``: their
+    dynamic bytes and step times are affine in the batch, so at both ends."""
+    return a.static_bytes <= b.static_bytes and all(
+        a.dyn_bytes(n) <= b.dyn_bytes(n) and a.step_s(n) <= b.step_s(n) for n in batches)
+
+
 def lightest_options(p: Problem) -> tuple[int, ...] | None:
-    """Per unit, the option that is <= every other in every term, or None."""
+    """Per unit, the option that is <= every other, or None. Term by term
+    first; where no option is (a narrower head whose peak falls in another
+    phase of the step trades per-sample bytes for fixed ones), at every
+    batch size the problem allows."""
+    ends = (min(p.batch_sizes), max(p.batch_sizes))
     out = []
     for u in p.units:
         found = next((i for i, o in enumerate(u.options) if all(_le(o, other) for other in u.options)), None)
+        if found is None:
+            found = next((i for i, o in enumerate(u.options) if all(_le_on(o, other, ends) for other in u.options)),
+                         None)
         if found is None:
             return None
         out.append(found)

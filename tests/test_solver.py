@@ -159,6 +159,35 @@ def test_dp_declines_problems_without_a_lightest_option() -> None:
     assert solve_dp(p) is None
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_dp_plans_crossing_options_like_brute_force(seed: int) -> None:
+    """EfficientNet-B0's u23: a narrower head has fewer bytes per sample but
+    more fixed bytes (its peak falls in another phase of the step), so no
+    option is lightest term by term; one is at every allowed batch size, and
+    the DP must then be exact."""
+    rng = random.Random(5000 + seed)
+    p = random_problem(rng, n=rng.randint(2, 4), monotone=True)
+    lo = min(p.batch_sizes)
+    units = []
+    for u in p.units:
+        # Narrower options move 1 KiB per sample into the fixed term, less than it saves at the smallest batch.
+        units.append(dataclasses.replace(u, options=tuple(
+            dataclasses.replace(o, dyn_fixed_bytes=o.dyn_fixed_bytes + j * (lo - 1) * 1024,
+                                dyn_per_sample_bytes=o.dyn_per_sample_bytes - j * 2048)
+            for j, o in enumerate(u.options))))
+    p = dataclasses.replace(p, units=tuple(units))
+    crossing = [u for u in p.units if len(u.options) > 1]
+    assert all(o.dyn_fixed_bytes > u.options[0].dyn_fixed_bytes for u in crossing for o in u.options[1:])
+    ref = brute_force(p)
+    sol = solve_dp(p)
+    assert sol is not None
+    if ref is None:
+        assert sol.status == "infeasible"
+        return
+    assert sol.status == "optimal" and check_solution(p, sol) == []
+    assert sol.time_s == pytest.approx(ref[0], rel=1e-9)
+
+
 def test_dp_widening_stays_within_the_tolerance_and_fits() -> None:
     rng = random.Random(7)
     for _ in range(20):
