@@ -8,10 +8,10 @@ on the terminal and a chart (``sweep.html``, an inline SVG, no script).
 from __future__ import annotations
 
 import html
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from neuroflux.charts import line_chart
 from neuroflux.common import format_bytes
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.budget import parse_bytes
@@ -92,40 +92,12 @@ def write_sweep(rows: list[SweepRow], out_dir: Path, *, model: str) -> None:
 def _html(rows: list[SweepRow], model: str) -> str:
     series = {"NeuroFlux": ("neuroflux_time_s", "#1b7837"), "BP": ("bp_time_s", "#b2182b"),
               "BP + checkpointing": ("bp_checkpoint_time_s", "#2166ac")}
-    pts = [(r, getattr(r, f)) for r in rows for f, _ in series.values() if getattr(r, f)]
-    w, h, pad = 720, 360, 60
-    if not pts:
+    columns = [(name, colour, [getattr(r, field) for r in rows]) for name, (field, colour) in series.items()]
+    if not any(t for _, _, ts in columns for t in ts):
         chart = "<p>No budget had a plan.</p>"
     else:
-        xs = [math.log(r.budget_bytes) for r in rows]
-        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        tmax = max(t for _, t in pts) * 1.1
-
-        def px(r: SweepRow) -> float:
-            return pad + (math.log(r.budget_bytes) - x0) / (x1 - x0) * (w - 2 * pad)
-
-        def py(t: float) -> float:
-            return h - pad - t / tmax * (h - 2 * pad)
-
-        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-                 f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
-                 f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
-                 f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">budget (log scale)</text>',
-                 f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">predicted time (s)</text>']
-        for r in rows:
-            parts.append(f'<text x="{px(r):.1f}" y="{h - pad + 16}" text-anchor="middle">{html.escape(r.budget_text)}</text>')
-        for i in range(5):
-            t = tmax * i / 4
-            parts.append(f'<text x="{pad - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.0f}</text>')
-        for k, (name, (field, colour)) in enumerate(series.items()):
-            line = [(px(r), py(getattr(r, field))) for r in rows if getattr(r, field)]
-            if line:
-                parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="'
-                             + " ".join(f"{x:.1f},{y:.1f}" for x, y in line) + '"/>')
-                parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>' for x, y in line]
-            parts.append(f'<text x="{w - pad - 150}" y="{pad + 16 * k}" fill="{colour}">{html.escape(name)}</text>')
-        parts.append("</svg>")
-        chart = "\n".join(parts)
+        chart = line_chart(ticks=[(r.budget_text, r.budget_bytes) for r in rows], series=columns,
+                           x_title="budget (log scale)", y_title="predicted time (s)")
     head = ("<tr><th>budget</th><th>NeuroFlux s</th><th>least s</th><th>blocks</th><th>batches</th>"
             "<th>head params</th><th>BP batch</th><th>BP s</th><th>BP+ckpt batch</th><th>BP+ckpt s</th></tr>")
 

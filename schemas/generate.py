@@ -1,5 +1,5 @@
 """Generate ``plan.schema.json`` and ``summary.schema.json`` from the typed
-records (``plan.py``, ``summary.py``).
+records (``plan.py`` and the records it is made of, ``summary.py``).
 
 The schema files are committed (they are the published formats); this
 generator keeps them in step with the records, and a test fails when they

@@ -1,8 +1,13 @@
-"""Typed plan records, and the one loader that validates a plan file.
+"""The plan: the ``Plan`` record with its consistency checks, and the one
+loader that validates a plan file (``load_plan``), with its writer.
 
 A plan is what ``nf-plan`` decides and ``nf-run`` executes. Every decision the
-runtime acts on is here, named by stable torch.fx node names. Byte counts are
-ints named ``*_bytes``; times are floats named ``*_s``.
+runtime acts on is in it, named by stable torch.fx node names. Byte counts are
+ints named ``*_bytes``; times are floats named ``*_s``. The records it is made
+of live beside it: ``specs.py`` (model, device, data, recipe, exit policy),
+``blocks.py`` (units and blocks), ``estimates.py`` (baselines, predictions,
+solver and profile records) and ``graph.py`` (the traced graph); every public
+name stays importable from here.
 """
 
 from __future__ import annotations
@@ -10,16 +15,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from neuroflux.common import atomic_write
 from neuroflux.errors import NeuroFluxError
+from neuroflux.schemas.blocks import AuxHead, Block, BlockInput, CacheSpec, Unit, UnitProfile
+from neuroflux.schemas.estimates import Baseline, Baselines, Predicted, ProfileInfo, SolverInfo
+from neuroflux.schemas.graph import GraphEdge, GraphNode
+from neuroflux.schemas.specs import DataSpec, DeviceSpec, ExitPolicy, ModelSpec, Recipe
+from neuroflux.schemas.typed_json import record_from_json, validate_record
 
 __all__ = [
     "record_from_json",
@@ -59,366 +67,6 @@ SCHEMA_VERSION = "2.3"
 
 class PlanError(NeuroFluxError):
     """A plan file that cannot be used: missing, corrupt, invalid or too new."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """The model a plan was made for."""
-
-    file: str
-    """Path of the model file, absolute or relative to the plan file."""
-    sha256: str
-    """Hex digest of the model file's bytes when planned."""
-    factory: str
-    """Name of the function that builds the untrained ``nn.Module``."""
-    datasets: str
-    """Name of the function returning ``(train, val)`` datasets."""
-    input_shape: list[int]
-    """Shape of one sample, (C, H, W)."""
-    num_classes: int
-    params: int
-    """Parameters of the original model, its own head included."""
-    capture: Literal["symbolic", "shape-specialized"] = "symbolic"
-    """How the graph was captured: torch.fx symbolic tracing, or (when the
-    forward does shape arithmetic that refuses it) tracing with the input
-    shape fixed and the batch symbolic. Added in 2.1."""
-    source: Literal["file", "import", "object"] = "file"
-    """Where the model came from: a model file (``file`` is its path and
-    ``sha256`` the file's digest), an installed module's factory (``file`` is
-    the module's import name, ``sha256`` its source file's digest), or a
-    model object in Python (``file`` is its class, ``sha256`` its structural
-    fingerprint: parameter and buffer names, shapes and dtypes). Added in
-    2.2."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class DeviceSpec:
-    """Where the plan runs and what memory it may use."""
-
-    kind: Literal["cuda", "cpu"]
-    """Target device type; on CPU the budget is accounted, not enforced."""
-    name: str
-    """Device name when planned (for the record only)."""
-    budget_text: str
-    """The budget as the user gave it (or as read from NVML)."""
-    budget_bytes: int
-    budget_source: Literal["flag", "nvml"]
-    margin_fraction: float
-    """Share of the budget held back for allocator rounding and
-    fragmentation: every predicted peak is at most budget * (1 - margin)."""
-    cache_budget_bytes: int
-    """Host RAM for activation caches: a block's source cache plus the cache
-    it writes (``--host-budget``; before 2.3, RAM or disk for both)."""
-    workspace_bytes: int = 0
-    """Memory the device's math libraries hold for the whole run and no
-    tensor accounts for (on CUDA: a cuBLAS workspace per handle, one for the
-    forward thread and one for autograd's, 32 MiB each on Hopper); included
-    in every predicted peak. Added in 2.1 (0 in older plans)."""
-    step_overhead_bytes: int = 0
-    """Bytes a training step allocates on the device beyond the traced
-    tensors (cuDNN workspaces, allocator rounding), from the device
-    profile's calibration; already in every unit profile's dyn_fixed_bytes."""
-    activation_scale: float = 1.0
-    """Measured over traced per-sample bytes on the device; already applied
-    to every unit profile's dyn_per_sample_bytes (1.0 on CPU, where the
-    trace is exact)."""
-    disk_budget_bytes: int = 0
-    """Disk for activation caches, counted like ``cache_budget_bytes``
-    (``--disk-budget``; default: the free space where the plan is written,
-    less a margin). Added in 2.3."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class AuxHead:
-    """A unit's local classifier (its early exit)."""
-
-    kind: Literal["pooled", "conv", "linear"]
-    """``pooled``: avg-pool to at most 4x4, two 1x1 convs (width)+BN+ReLU,
-    linear (DGL-style; the default). ``conv``: 3x3 conv(width)+BN+ReLU at
-    full resolution, 2x2 avg-pool, linear. ``linear``: global avg-pool (if
-    spatial) and a linear layer."""
-    width: int
-    """Filters of the conv (0 for ``linear``)."""
-    params: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class UnitProfile:
-    """Predicted cost of one training step of a unit with its chosen head.
-
-    Memory of a step at batch ``b``: ``static_bytes`` (params, buffers,
-    optimizer state: resident for the whole block) plus
-    ``dyn_fixed_bytes + dyn_per_sample_bytes * b`` (input, saved activations,
-    output, gradients: alive only while this unit steps). Time:
-    ``step_fixed_s + step_per_sample_s * b``.
-    """
-
-    static_bytes: int
-    dyn_fixed_bytes: int
-    dyn_per_sample_bytes: int
-    step_fixed_s: float
-    step_per_sample_s: float
-    fwd_per_sample_s: float
-    """Inference time per sample of the unit alone (for cache writes)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Unit:
-    """A span of the traced graph trained on its own local loss."""
-
-    name: str
-    """Stable id, ``u<index>``."""
-    index: int
-    nodes: list[str]
-    """torch.fx node names executed by this unit, in graph order."""
-    input_node: str
-    """fx node producing this unit's input (the placeholder for unit 0)."""
-    output_node: str
-    """fx node whose value is this unit's output (a cut point)."""
-    input_shape: list[int]
-    output_shape: list[int]
-    """Per-sample shapes (batch dim dropped)."""
-    params: int
-    out_bytes_per_sample: int
-    """Bytes of one cached output sample at the plan's cache dtype."""
-    is_last: bool
-    """The last unit exits through the model's own head (no aux head)."""
-    aux: AuxHead | None
-    profile: UnitProfile
-
-
-@dataclass(frozen=True, kw_only=True)
-class CacheSpec:
-    """How a block's outputs are stored for the next block."""
-
-    location: Literal["ram", "disk"]
-    dtype: Literal["float32", "float16"]
-    bytes: int
-    """Train plus val outputs of the block at this dtype."""
-    file: str | None = None
-    """With ``location: disk``: the cache file, relative to the run directory. Added in 2.2."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class BlockInput:
-    """Where a block's input batches come from. Added in 2.3."""
-
-    kind: Literal["data", "cache", "recompute"]
-    """``data``: the dataset (the first block); ``cache``: the cache that
-    ``source_block`` wrote; ``recompute``: the cache of ``source_block`` (or
-    the dataset when it is None) run through ``recompute_units``, frozen, in
-    inference mode, on every batch."""
-    source_block: int | None
-    """Block whose output cache is read; None: the dataset."""
-    recompute_units: list[str]
-    """Units run before this block on every batch (empty unless recompute)."""
-    recompute_s: float
-    """Predicted time of that recomputation over the block's training
-    (included in ``predicted_time_s``)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataSpec:
-    """How the dataset's inputs reach the first block (and recomputing ones). Added in 2.3."""
-
-    mode: Literal["stack", "stream"]
-    """``stack``: every sample is read once into one float32 tensor in RAM
-    (fastest; frozen per-sample transforms); ``stream``: batches are read
-    through a DataLoader with worker processes on every pass (any size;
-    random transforms draw anew each epoch)."""
-    input_bytes: int
-    """Train plus val inputs as float32: what stacking holds in RAM."""
-    peak_cache_ram_bytes: int
-    """Most RAM the plan's caches hold at once."""
-    peak_cache_disk_bytes: int
-    """Most disk the plan's caches hold at once."""
-    reason: str
-    """Why this mode: the flag, or the host budget against the two RAM terms."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Block:
-    """Consecutive units trained together at one batch size."""
-
-    index: int
-    units: list[str]
-    batch_size: int
-    epochs: int
-    lr: float
-    """Peak learning rate for this block's optimizers (scaled from the
-    recipe's base rate by the batch-size rule)."""
-    steps: int
-    """Optimizer steps per unit: epochs * ceil(train_size / batch_size)."""
-    predicted_peak_bytes: int
-    predicted_time_s: float
-    """Training steps plus writing the output cache."""
-    cache: CacheSpec | None
-    """Output cache; None for the last block, and where the next block
-    recomputes its input."""
-    shuffle_seed: int | None = None
-    """Epoch ``e`` draws its batches with ``torch.Generator().manual_seed(shuffle_seed + e)``. Added in 2.2
-    (older plans: derived from the recipe's seed by the same rule)."""
-    input: BlockInput | None = None
-    """Where the block's input comes from. Added in 2.3 (older plans: the
-    previous block's cache, the dataset for the first)."""
-    predicted_peak_recompute_bytes: int = 0
-    """Part of ``predicted_peak_bytes`` due to the recomputed units (their
-    weights, and an inference pass beyond the step's own peak). Added in 2.3."""
-
-    def input_text(self) -> str:
-        """The input in a few words: ``data``, ``cache b1``, ``recompute u0..u3 from data``."""
-        src = self.source()
-        origin = "data" if src.source_block is None else f"cache b{src.source_block}"
-        if src.kind != "recompute":
-            return origin
-        us = src.recompute_units
-        return f"recompute {us[0]}{'..' + us[-1] if len(us) > 1 else ''} from {origin}"
-
-    def output_text(self) -> str:
-        """Where its outputs go: ``ram cache``, ``disk cache`` or ``-`` (last block, or the next recomputes)."""
-        return "-" if self.cache is None else f"{self.cache.location} cache"
-
-    def source(self) -> BlockInput:
-        """``input``, derived for plans older than 2.3."""
-        if self.input is not None:
-            return self.input
-        if self.index == 0:
-            return BlockInput(kind="data", source_block=None, recompute_units=[], recompute_s=0.0)
-        return BlockInput(kind="cache", source_block=self.index - 1, recompute_units=[], recompute_s=0.0)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Recipe:
-    """How every block is trained."""
-
-    optimizer: Literal["sgd"]
-    lr: float
-    """Base learning rate at ``base_batch_size``."""
-    base_batch_size: int
-    lr_scaling: Literal["sqrt", "linear", "none"]
-    momentum: float
-    weight_decay: float
-    schedule: Literal["cosine", "constant"]
-    epochs_per_block: int
-    seed: int
-    train_size: int
-    val_size: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExitPolicy:
-    """Adaptive depth, per-block epochs, and which exit to keep."""
-
-    patience: int
-    """Adaptive depth, counted in units: training stops at the end of a
-    block once this many exits in a row (in depth order) have not beaten the
-    best exit so far by more than ``tolerance``; 0 trains every block."""
-    tolerance: float
-    """Accuracy (0..1) within which exits count as equal."""
-    prefer: Literal["shallowest", "best"]
-    """``shallowest``: the earliest exit within ``tolerance`` of the best."""
-    epoch_patience: int
-    """Per-block epochs: a block moves on once its best exit (on val, after
-    every epoch) has not improved by more than ``tolerance`` for this many
-    epochs; 0 runs every block for its planned epochs."""
-    max_extra_epochs: int
-    """A block still improving at its last planned epoch may run up to this
-    many more, each paid from the predicted time that converged blocks saved,
-    so a run never exceeds the plan's predicted total."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Baseline:
-    """End-to-end training of the original model under the same budget."""
-
-    batch_size: int
-    """Largest candidate batch whose predicted peak fits (0: none fits)."""
-    predicted_peak_bytes: int
-    predicted_time_s: float
-    epochs: int
-    fits: bool
-    lr: float
-    """Peak learning rate, by the same batch-size rule as the blocks (0 when it does not fit)."""
-    steps: int
-    """Optimizer steps: epochs * ceil(train_size / batch_size) (the cosine schedule's length)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Baselines:
-    bp: Baseline
-    bp_checkpoint: Baseline
-    """BP with activation checkpointing at every unit boundary."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Predicted:
-    time_s: float
-    speedup_vs_bp: float | None
-    """None where BP fits no batch size within the budget."""
-    speedup_vs_bp_checkpoint: float | None
-    peak_bytes: int
-    """Largest block peak."""
-    assumes: str
-    """What ``time_s`` assumes about stopping."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class SolverInfo:
-    strategy: Literal["optimal", "greedy"]
-    engine: Literal["cp-sat", "dp", "greedy"]
-    """What made the plan: CP-SAT (networks of up to 24 units, seeded with
-    the dynamic program's plan), the exact dynamic program (deeper networks,
-    or a CP-SAT timeout), or the greedy heuristic."""
-    status: Literal["optimal", "feasible", "infeasible", "timeout"]
-    """Of the time objective: ``optimal`` is proven least predicted time."""
-    widths_status: Literal["optimal", "feasible", "skipped"]
-    """Of the tie-break that widens aux heads within ``tie_tolerance``."""
-    wall_time_s: float
-    time_limit_s: float
-    seed: int
-    objective_time_s: float
-    """Predicted training time of the chosen plan."""
-    lower_bound_s: float
-    """Best proven lower bound (equals the objective when optimal)."""
-    tie_tolerance: float
-    """Aux widths were widened while time stays within this share."""
-    num_variables: int
-    num_constraints: int
-    max_blocks: int | None
-    min_batch_size: int
-    max_batch_size: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProfileInfo:
-    memory_source: Literal["fake", "measure"]
-    cost_source: Literal["flops", "measure"]
-    device_flops_per_s: float
-    """Throughput assumed by the FLOP cost model (0 when measured)."""
-    op_overhead_s: float
-    """Fixed cost per dispatched op assumed by the FLOP cost model."""
-    device_speed_source: str
-    """Where those two came from: flags, a device profile file, or this
-    machine's cached profile (measured once, so plans do not follow load)."""
-    profile_batch_sizes: list[int]
-
-
-@dataclass(frozen=True, kw_only=True)
-class GraphNode:
-    """One fx node of the traced model, for graph views."""
-
-    name: str
-    op: str
-    target: str
-    unit: str | None
-    """Unit that executes it (None for placeholder/output)."""
-    shape: list[int] | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class GraphEdge:
-    src: str
-    dst: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -557,32 +205,6 @@ class Plan:
             + block.predicted_peak_recompute_bytes
 
 
-# --------------------------------------------------------------------------
-# dict <-> dataclass, driven by the type hints above.
-
-
-def record_from_json(tp: Any, value: Any) -> Any:
-    """``value`` (JSON data already checked against the schema) as the typed
-    record ``tp``: dataclasses, lists, optionals; ints become floats where
-    the field is a float. Plans and run summaries are both read with it."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else record_from_json(args[0], value)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return [record_from_json(item, v) for v in value]
-    if dataclasses.is_dataclass(tp):
-        hints = typing.get_type_hints(tp)
-        kwargs = {f.name: record_from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)
-                  if f.name in value or f.default is dataclasses.MISSING}
-        return tp(**kwargs)
-    if tp is float and isinstance(value, int):
-        return float(value)
-    if tp is int and isinstance(value, float):  # JSON Schema counts 12.0 as an integer; Python does not
-        return int(value)
-    return value
-
 
 def plan_from_dict(data: dict[str, Any]) -> Plan:
     """Validate ``data`` against the schema and build the typed plan."""
@@ -646,26 +268,6 @@ def _check_version(data: dict[str, Any]) -> None:
 
 def _validate(data: dict[str, Any]) -> None:
     validate_record(data, schema(), what="plan", fix="re-create it with nf-plan", error=PlanError)
-
-
-def validate_record(data: Any, schema_doc: dict[str, Any], *, what: str, fix: str,
-                    error: type[NeuroFluxError] = NeuroFluxError) -> None:
-    """Check ``data`` against a JSON Schema; the first problem (where, what,
-    how many more) and ``fix`` become ``error``. A field the schema does not
-    know is named as such."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(schema_doc)
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        first = errors[0]
-        where = "/".join(str(p) for p in first.absolute_path) or "(top level)"
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        message = first.message
-        if first.validator == "additionalProperties":
-            known = set(first.schema.get("properties", {}))
-            message = f"unknown field(s) {sorted(set(first.instance) - known)}"
-        raise error(f"invalid {what} at {where}: {message}{more}; {fix}")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

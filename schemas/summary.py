@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from neuroflux.errors import NeuroFluxError
-from neuroflux.schemas.plan import record_from_json, validate_record
+from neuroflux.schemas.typed_json import record_from_json, validate_record
 
 __all__ = ["BlockResult", "Stopping", "Throughput", "RunSummary", "RunState", "load_summary", "summary_from_dict",
            "summary_to_dict", "summary_schema", "check_run_state"]

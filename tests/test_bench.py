@@ -11,7 +11,9 @@ import pytest
 
 from neuroflux.planner.budget import parse_bytes
 from neuroflux.planner.build import PlanConfig
-from neuroflux.tools.bench import METHODS, PRESETS, _model_path, build_parser, main as nf_bench, resolve_cells, time_to_target
+from neuroflux.tools.bench import build_parser, main as nf_bench
+from neuroflux.tools.bench_cells import METHODS, PRESETS, model_path, resolve_cells
+from neuroflux.tools.bench_report import time_to_target
 
 
 def test_smoke_benchmark_reports_every_method(tmp_path: Path, monkeypatch) -> None:
@@ -43,7 +45,7 @@ def test_presets_parse_and_name_real_models(preset: str) -> None:
     cells = resolve_cells(build_parser().parse_args(["--preset", preset]))
     assert cells and len({c.name for c in cells}) == len(cells)
     for c in cells:
-        path, _, factory = _model_path(c.model).partition(":")
+        path, _, factory = model_path(c.model).partition(":")
         src = Path(path).read_text()
         assert f"def {factory or 'model'}(" in src and f"def {c.datasets}(" in src, c
         assert parse_bytes(c.budget) > 0 and c.epochs >= 1

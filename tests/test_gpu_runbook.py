@@ -43,7 +43,7 @@ def test_gpu_runbook_dry_run(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     cells = {c["name"]: c for c in results["cells"]}
-    from neuroflux.tools.bench import PRESETS
+    from neuroflux.tools.bench_cells import PRESETS
 
     assert set(cells) == {"resnet18-350MB", "resnet34-imagenet-8GB"}
     planned = {p.name for p in (tmp_path / "gpu" / "plans").iterdir() if (p / "plans.json").is_file()}

@@ -158,7 +158,7 @@ def documented_pairs() -> list[tuple[str, str]]:
     (test_every_zoo_model_plans_at_1gb plans those)."""
     import re
 
-    from neuroflux.tools.bench import PRESETS
+    from neuroflux.tools.bench_cells import PRESETS
 
     pairs = {(c.model, c.datasets) for cells in PRESETS.values() for c in cells}
     for doc in ("README.md", "BENCHMARKS.md"):
@@ -175,10 +175,10 @@ def documented_pairs() -> list[tuple[str, str]]:
 def test_every_documented_factory_and_datasets_pair_plans(tmp_path: Path, model: str, datasets: str) -> None:
     """Each factory gets its own input shape (resnet34:model_imagenet is
     3x224x224, not the file's Fashion-MNIST 1x32x32)."""
-    from neuroflux.tools.bench import _model_path
+    from neuroflux.tools.bench_cells import model_path
 
     out = tmp_path / "plan.json"
-    rc = nf_plan([_model_path(model), "--datasets", datasets, "--budget", "8GB", "-o", str(out), "-q",
+    rc = nf_plan([model_path(model), "--datasets", datasets, "--budget", "8GB", "-o", str(out), "-q",
                   "--time-limit", "5", "--device-tflops", "0.1", "--op-overhead-us", "5", "--epochs", "1"])
     assert rc == 0
     plan = load_plan(out)

@@ -12,6 +12,7 @@ from typing import Any
 
 import networkx as nx
 
+from neuroflux.charts import bar_chart
 from neuroflux.common import format_mib, speed_verdict
 from neuroflux.errors import NeuroFluxError
 from neuroflux.schemas.plan import Plan
@@ -150,33 +151,6 @@ def _load_run(run_dir: Path | None):  # noqa: ANN202 - a RunSummary or None
     return load_summary(run_dir)
 
 
-def _bar_chart(title: str, rows: list[tuple[str, float, float | None]], *, limit: float | None, unit: str, fmt) -> str:
-    """Horizontal bars (predicted, optional measured) with an optional limit line."""
-    w, label_w, row_h = 760, 90, 34
-    top = 30
-    h = top + row_h * len(rows) + 30
-    vmax = max([limit or 0] + [max(p, m or 0) for _, p, m in rows]) or 1.0
-    scale = (w - label_w - 110) / vmax
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{html.escape(title)}">',
-             f'<text x="0" y="18" class="t">{html.escape(title)}</text>']
-    min_w = 6.0  # a block far cheaper than the others still shows a bar (its value is printed beside it)
-    for i, (label, pred, meas) in enumerate(rows):
-        y = top + i * row_h
-        parts.append(f'<text x="0" y="{y + 18}" class="l">{html.escape(label)}</text>')
-        parts.append(f'<rect class="bar pred" x="{label_w}" y="{y + 4}" width="{max(min_w, pred * scale):.1f}" height="12"><title>predicted {fmt(pred)}</title></rect>')
-        parts.append(f'<text x="{label_w + max(min_w, pred * scale) + 6:.1f}" y="{y + 15}" class="v">{fmt(pred)}</text>')
-        if meas is not None:
-            parts.append(f'<rect class="bar meas" x="{label_w}" y="{y + 18}" width="{max(min_w, meas * scale):.1f}" height="10"><title>measured {fmt(meas)}</title></rect>')
-            parts.append(f'<text x="{label_w + max(min_w, meas * scale) + 6:.1f}" y="{y + 27}" class="v m">{fmt(meas)} '
-                         'measured</text>')
-    if limit is not None:
-        x = label_w + limit * scale
-        parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{h - 24}" class="limit"/>')
-        parts.append(f'<text x="{x - 4:.1f}" y="{h - 8}" class="v lim" text-anchor="end">budget {fmt(limit)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
 def _block_rows(plan: Plan, measured: dict, exit_acc: dict[str, float]) -> list[str]:
     """The blocks table's rows: heads (with exit accuracies after a run), batch, epochs, peak and time."""
     rows = []
@@ -216,9 +190,9 @@ def write_html(plan: Plan, path: Path, *, run_dir: Path | None = None) -> None:
                   float(measured[b.index].measured_peak_bytes) if b.index in measured else None) for b in plan.blocks]
     time_rows = [(f"block {b.index}", b.predicted_time_s, measured[b.index].time_s if b.index in measured else None)
                  for b in plan.blocks]
-    peak_svg = _bar_chart("Peak memory per block against the budget", peak_rows, limit=float(plan.budget_bytes),
-                          unit="B", fmt=format_mib)
-    time_svg = _bar_chart("Training time per block", time_rows, limit=None, unit="s", fmt=lambda v: f"{v:.1f} s")
+    peak_svg = bar_chart("Peak memory per block against the budget", peak_rows, limit=float(plan.budget_bytes),
+                         fmt=format_mib)
+    time_svg = bar_chart("Training time per block", time_rows, limit=None, fmt=lambda v: f"{v:.1f} s")
     exit_acc = run.exit_accuracies if run else {}
     rows = _block_rows(plan, measured, exit_acc)
     bl, pr = plan.baseline, plan.predicted

@@ -1,11 +1,19 @@
-"""``nf-graph plan.json -o plan.onnx|plan.dot|plan.graphml|plan.html``.
+"""``nf-graph plan.json -o plan.onnx|plan.dot|plan.graphml|plan.html``: views of a plan.
 
     nf-graph plan.json -o plan.html [--run runs/DIR]   # blocks, memory against the budget, a run's measurements
     nf-graph plan.json -o plan.onnx                     # the model, every node tagged with its unit and block
+    nf-graph plan.json -o plan.dot                      # the traced graph, one cluster per block and unit
+    nf-graph plan.json -o plan.graphml                  # the same graph for networkx, yEd or Gephi
+    nf-graph plan.json -o view.txt --format dot         # the format from the flag, not the file's extension
 
 DOT, GraphML and HTML are drawn from the plan alone (the model file is
 checked by its hash, never run); the ONNX view imports the model file and
-exports it, so it runs that file's code, like nf-run.
+exports it, so it runs that file's code, like nf-run. A model file changed
+since planning is refused (the plan may be stale); ``--force`` goes ahead.
+
+Exit status: 0 when the view is written, 2 on a usage error (a bad plan, a
+changed model file, an output that cannot be written). The views themselves
+are drawn by ``graph.py``; this module parses the flags.
 """
 
 from __future__ import annotations

@@ -1,0 +1,86 @@
+"""What the planner predicts and how it got there: the BP baselines at the same
+budget, the predicted totals, and the solver's and the profiler's records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Baseline", "Baselines", "Predicted", "ProfileInfo", "SolverInfo"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Baseline:
+    """End-to-end training of the original model under the same budget."""
+
+    batch_size: int
+    """Largest candidate batch whose predicted peak fits (0: none fits)."""
+    predicted_peak_bytes: int
+    predicted_time_s: float
+    epochs: int
+    fits: bool
+    lr: float
+    """Peak learning rate, by the same batch-size rule as the blocks (0 when it does not fit)."""
+    steps: int
+    """Optimizer steps: epochs * ceil(train_size / batch_size) (the cosine schedule's length)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Baselines:
+    bp: Baseline
+    bp_checkpoint: Baseline
+    """BP with activation checkpointing at every unit boundary."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Predicted:
+    time_s: float
+    speedup_vs_bp: float | None
+    """None where BP fits no batch size within the budget."""
+    speedup_vs_bp_checkpoint: float | None
+    peak_bytes: int
+    """Largest block peak."""
+    assumes: str
+    """What ``time_s`` assumes about stopping."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverInfo:
+    strategy: Literal["optimal", "greedy"]
+    engine: Literal["cp-sat", "dp", "greedy"]
+    """What made the plan: CP-SAT (networks of up to 24 units, seeded with
+    the dynamic program's plan), the exact dynamic program (deeper networks,
+    or a CP-SAT timeout), or the greedy heuristic."""
+    status: Literal["optimal", "feasible", "infeasible", "timeout"]
+    """Of the time objective: ``optimal`` is proven least predicted time."""
+    widths_status: Literal["optimal", "feasible", "skipped"]
+    """Of the tie-break that widens aux heads within ``tie_tolerance``."""
+    wall_time_s: float
+    time_limit_s: float
+    seed: int
+    objective_time_s: float
+    """Predicted training time of the chosen plan."""
+    lower_bound_s: float
+    """Best proven lower bound (equals the objective when optimal)."""
+    tie_tolerance: float
+    """Aux widths were widened while time stays within this share."""
+    num_variables: int
+    num_constraints: int
+    max_blocks: int | None
+    min_batch_size: int
+    max_batch_size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileInfo:
+    memory_source: Literal["fake", "measure"]
+    cost_source: Literal["flops", "measure"]
+    device_flops_per_s: float
+    """Throughput assumed by the FLOP cost model (0 when measured)."""
+    op_overhead_s: float
+    """Fixed cost per dispatched op assumed by the FLOP cost model."""
+    device_speed_source: str
+    """Where those two came from: flags, a device profile file, or this
+    machine's cached profile (measured once, so plans do not follow load)."""
+    profile_batch_sizes: list[int]

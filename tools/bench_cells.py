@@ -1,0 +1,98 @@
+"""The cells ``nf-bench`` runs: a model at a budget with its methods, the prepared presets (``cpu``, ``gpu``,
+``smoke``) and the cells one invocation's flags name.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neuroflux.errors import NeuroFluxError
+
+__all__ = ["ABLATION", "METHODS", "PRESETS", "ROOT", "Cell", "model_path", "resolve_cells"]
+
+#: The repository: the zoo models are its examples/, and results name paths relative to it.
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("neuroflux", "neuroflux-greedy", "bp", "bp-checkpoint")
+
+
+def model_path(name: str) -> str:
+    """A zoo name (``resnet18``, ``resnet18:model_half``) as its file in examples/; a model file as given."""
+    path, _, factory = name.partition(":")
+    if not path.endswith(".py"):
+        path = str(ROOT / "examples" / f"{path}.py")
+    return f"{path}:{factory}" if factory else path
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cell:
+    """One benchmark cell: a model at a budget, every method side by side."""
+
+    name: str
+    model: str
+    budget: str
+    epochs: int
+    methods: tuple[str, ...] = METHODS
+    limit: str | None = None
+    """TRAIN[,VAL]: first samples only."""
+    datasets: str = "datasets"
+    data: str | None = "fashion_mnist"
+    """``fashion_mnist``: the full shared file; None: what the model file loads by default."""
+    variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    """Extra NeuroFlux runs (ablation): (label, PlanConfig overrides)."""
+
+
+#: The ablation: what the new heads and adaptive depth each buy, on the same cell (each label says what is
+#: switched off: conv heads at the old tie tolerance, and training every block for its planned epochs).
+ABLATION = (
+    ("old heads, fixed depth", (("head_kind", "conv"), ("tie_tolerance", 0.01), ("patience", 0), ("epoch_patience", 0),
+                                ("max_block_units", None))),
+    ("new heads, fixed depth", (("patience", 0), ("epoch_patience", 0), ("max_block_units", None))),
+)
+
+_GPU_METHODS = ("neuroflux", "bp", "bp-checkpoint")
+PRESETS: dict[str, tuple[Cell, ...]] = {
+    # CPU (2 cores): half-width models on the first 20,000 training images.
+    "cpu": (
+        Cell(name="resnet18-half-80MB", model="resnet18:model_half", budget="80MB", epochs=3, limit="20000,10000",
+             variants=ABLATION),
+        Cell(name="vgg11-half-40MB", model="vgg11:model_half", budget="40MB", epochs=3, limit="20000,10000"),
+        Cell(name="resnet18-half-400MB", model="resnet18:model_half", budget="400MB", epochs=3, limit="20000,10000"),
+    ),
+    # GPU: full-width models on all of Fashion-MNIST, stringent (BP fits batch 16 or less) and loose budgets;
+    # neuroflux-greedy is left out to keep every cell well under 10 minutes on one H100.
+    "gpu": (
+        Cell(name="resnet18-350MB", model="resnet18", budget="350MB", epochs=3, methods=_GPU_METHODS),
+        Cell(name="vgg16-350MB", model="vgg16", budget="350MB", epochs=3, methods=_GPU_METHODS),
+        Cell(name="resnet34-imagenet-8GB", model="resnet34:model_imagenet", budget="8GB", epochs=1,
+             datasets="datasets_imagenet", data=None, methods=_GPU_METHODS),
+        Cell(name="resnet18-2GB", model="resnet18", budget="2GB", epochs=3, methods=_GPU_METHODS),
+        Cell(name="vgg16-2GB", model="vgg16", budget="2GB", epochs=3, methods=_GPU_METHODS),
+    ),
+    # CI: checks the harness, not speed.
+    "smoke": (Cell(name="small_cnn-40MB", model="small_cnn", budget="40MB", epochs=1, limit="512,128", data=None),),
+}
+
+
+def resolve_cells(args: argparse.Namespace) -> list[Cell]:
+    """The cells one invocation runs: a preset (optionally some of its cells) or the flags."""
+    if args.preset:
+        cells = list(PRESETS[args.preset])
+        if args.cell:
+            names = {c.name for c in cells}
+            unknown = [n for n in args.cell if n not in names]
+            if unknown:
+                raise NeuroFluxError(f"preset {args.preset} has no cell {', '.join(unknown)}; "
+                                     f"its cells: {', '.join(sorted(names))}")
+            cells = [c for c in cells if c.name in args.cell]
+        return cells
+    if args.smoke:  # explicit flags still win
+        base = PRESETS["smoke"][0]
+        return [Cell(name=f"small_cnn-{b}", model="small_cnn", budget=b, epochs=1, limit=args.limit or base.limit,
+                     data=None) for b in (args.budgets or [base.budget])]
+    return [Cell(name=f"{Path(m.split(':')[0]).stem}{'-' + m.split(':')[1] if ':' in m else ''}-{b}", model=m,
+                 budget=b, epochs=args.epochs, methods=tuple(args.methods), limit=args.limit, datasets=args.datasets,
+                 data="fashion_mnist" if args.data else None)
+            for m in args.models for b in (args.budgets or ["16MB"])]
