@@ -17,16 +17,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from torch import nn
 
 from neuroflux.errors import NeuroFluxError
 
+if TYPE_CHECKING:
+    from neuroflux.planner.jobs import Progress
+    from neuroflux.runtime.model_file import ModelObject
+    from neuroflux.schemas.plan import Plan
+
 __all__ = ["plan", "train", "load_plan", "export_onnx", "Result"]
 
 
-def _source(model: nn.Module | str | Path | Callable[[], nn.Module], **kw: Any):  # noqa: ANN202
+def _source(model: nn.Module | str | Path | Callable[[], nn.Module], **kw: Any) -> ModelObject | str:
     from neuroflux.runtime.model_file import ModelObject
 
     if isinstance(model, nn.Module):
@@ -39,6 +44,11 @@ def _source(model: nn.Module | str | Path | Callable[[], nn.Module], **kw: Any):
                     f"got {type(model).__name__}")
 
 
+def _check_progress(progress: object) -> None:
+    if progress is not None and not isinstance(progress, bool) and not callable(progress):
+        raise TypeError("progress must be a callable(description, done, total), True, False or None")
+
+
 def plan(
     model: nn.Module | str | Path | Callable[[], nn.Module],
     budget: str | int = "1GB",
@@ -48,9 +58,9 @@ def plan(
     val_size: int | None = None,
     num_classes: int | None = None,
     device: Literal["cpu", "cuda"] = "cpu",
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | bool | None = None,
     **options: Any,
-):
+) -> Plan:
     """Plan ``model`` under ``budget`` (``"1GB"``, ``"512MiB"`` or bytes).
 
     ``model``: an ``nn.Module`` (its structure is planned; its weights are
@@ -58,15 +68,19 @@ def plan(
     ``nf-plan`` takes. For a module, give ``input_shape`` (one sample, e.g.
     ``(3, 32, 32)``) and the training and validation set sizes. ``device``
     is the target's kind; a device profile (``device_profile="gpu.json"``)
-    plans for a device elsewhere. ``options`` are ``PlanConfig`` fields,
-    named as the ``nf-plan`` flags are (``epochs=5``, ``head_kind="pooled"``,
-    ``max_batch=256``, ``strategy="greedy"``, ...). Returns the typed
-    ``Plan``; ``plan.save(path)`` writes it.
+    plans for a device elsewhere. ``progress``: ``True`` for a progress bar
+    on stderr, or a callable ``progress(description, done, total)`` (as
+    ``train`` takes); ``None`` or ``False`` for none. ``options`` are
+    ``PlanConfig`` options (``planner/config.py``), named as the ``nf-plan``
+    flags are (``epochs=5``, ``head_kind="pooled"``, ``max_batch=256``,
+    ``strategy="greedy"``, ...); a value out of range raises ``ValueError``
+    naming the option. Returns the typed ``Plan``; ``plan.save(path)`` writes it.
     """
     from neuroflux.planner.budget import parse_bytes
-    from neuroflux.planner.build import PlanConfig, make_plan
+    from neuroflux.planner.build import make_plan
+    from neuroflux.planner.config import PlanConfig, option_names
 
-    known = {f.name for f in fields(PlanConfig)} - {"budget_bytes", "budget_text", "device_kind", "device_name"}
+    known = set(option_names()) - {"budget_bytes", "budget_text", "device_kind", "device_name"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown plan option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
@@ -74,6 +88,28 @@ def plan(
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if isinstance(budget, bool) or not isinstance(budget, (str, int)):
         raise TypeError(f"budget must be text such as '1GB' or a number of bytes, got {type(budget).__name__}")
+    _check_sizes(train_size=train_size, val_size=val_size, num_classes=num_classes, input_shape=input_shape)
+    _check_progress(progress)
+    budget_bytes = budget if isinstance(budget, int) else parse_bytes(budget, what="budget")
+    if budget_bytes < 1:
+        raise ValueError(f"budget must be >= 1 byte, got {budget}")
+    source = _source(model, num_classes=num_classes)
+    cfg = PlanConfig.from_options(budget_bytes=budget_bytes, budget_text=str(budget), device_kind=device,
+                                  device_name=device, train_size=train_size, val_size=val_size,
+                                  input_shape=None if input_shape is None else tuple(input_shape), **options)
+    if progress is True:
+        from neuroflux.planner.cli import planning_progress
+
+        bar, callback = planning_progress(quiet=False)
+        try:
+            return make_plan(source, cfg, plan_dir=Path.cwd(), progress=callback).plan
+        finally:
+            bar.close()
+    return make_plan(source, cfg, plan_dir=Path.cwd(), progress=progress or None).plan
+
+
+def _check_sizes(*, train_size: Any, val_size: Any, num_classes: Any, input_shape: Any) -> None:
+    """``plan``'s sizes: ints >= 1, and a shape of positive ints."""
     for name, value in (("train_size", train_size), ("val_size", val_size), ("num_classes", num_classes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -81,20 +117,8 @@ def plan(
             raise ValueError(f"{name} must be >= 1, got {value}")
     if input_shape is not None and (isinstance(input_shape, (str, bytes, int)) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape)):
-        raise ValueError(f"input_shape must be one sample's shape as positive ints, e.g. (3, 32, 32); got {input_shape!r}")
-    if progress is not None and not callable(progress):
-        raise TypeError("progress must be a callable(description, done, total) or None")
-    budget_bytes = budget if isinstance(budget, int) else parse_bytes(budget, what="budget")
-    if budget_bytes < 1:
-        raise ValueError(f"budget must be >= 1 byte, got {budget}")
-    source = _source(model, num_classes=num_classes)
-    try:
-        cfg = PlanConfig(budget_bytes=budget_bytes, budget_text=str(budget), device_kind=device,
-                         device_name=device, train_size=train_size, val_size=val_size,
-                         input_shape=None if input_shape is None else tuple(input_shape), **options)
-    except NeuroFluxError as e:  # a value out of range, worded for the CLI: the same check, as Python's error
-        raise ValueError(str(e)) from None
-    return make_plan(source, cfg, plan_dir=Path.cwd(), progress=progress).plan
+        raise ValueError(f"input_shape must be one sample's shape as positive ints, e.g. (3, 32, 32); "
+                         f"got {input_shape!r}")
 
 
 @dataclass(frozen=True)
@@ -110,7 +134,7 @@ class Result:
 
 
 def train(
-    plan,  # noqa: ANN001 - a neuroflux.schemas.Plan
+    plan: Plan,
     model: nn.Module | Callable[[], nn.Module],
     train_set: Any,
     val_set: Any,
@@ -122,7 +146,7 @@ def train(
     resume: bool = False,
     force: bool = False,
     export_onnx: bool = True,
-    progress: bool = False,
+    progress: Progress | bool | None = False,
 ) -> Result:
     """Train ``model`` as ``plan`` says (``method="bp"`` or
     ``"bp-checkpoint"``: the plan's baselines). ``model`` must have the
@@ -130,26 +154,31 @@ def train(
     changed model is refused unless ``force``); training starts from its
     current weights and leaves the object unchanged. ``train_set`` and
     ``val_set`` are map-style datasets of ``(tensor, int)`` pairs.
+    ``progress``: ``True`` for progress bars on stderr (blocks and epochs),
+    or a callable ``progress(description, done, total)`` (as ``plan``
+    takes), called for the blocks (described by the method) and for each
+    epoch's batches; ``False`` or ``None`` for none.
     """
     from neuroflux.runtime.assemble import load_final_model
     from neuroflux.runtime.model_file import ModelObject
     from neuroflux.runtime.runner import RunConfig, run_plan
 
-    _check_train_args(plan, method=method, device=device, out=out, augment=augment,
-                      flags={"resume": resume, "force": force, "export_onnx": export_onnx, "progress": progress})
+    _check_train_args(plan, method=method, device=device, out=out, augment=augment, progress=progress,
+                      flags={"resume": resume, "force": force, "export_onnx": export_onnx})
     source = _source(model, datasets=(train_set, val_set), augment=augment)
     if not isinstance(source, ModelObject):
         raise NeuroFluxError("train() takes the model object; for a model file use nf-run plan.json")
     out = Path(out) if out is not None else Path("runs") / f"{source.path.stem.strip('<>').split()[0]}-{method}-" \
         f"{time.strftime('%Y%m%d-%H%M%S')}"
-    bar = _bars() if progress else None
+    bar = _bars() if progress is True else (_callback_bars(progress) if progress else None)
     cfg = RunConfig(out_dir=out, method=method, device=device, resume=resume, force=force, export_onnx=export_onnx,
                     command=f"neuroflux.train(plan, {source.label}, ...)")
     summary = run_plan(plan, None, cfg, source=source, **({"bar": bar} if bar else {}))
     return Result(summary=summary, model=load_final_model(plan, source, out, summary), out=out)
 
 
-def _check_train_args(plan: Any, *, method: Any, device: Any, out: Any, augment: Any, flags: dict[str, Any]) -> None:
+def _check_train_args(plan: Any, *, method: Any, device: Any, out: Any, augment: Any, progress: Any,
+                      flags: dict[str, Any]) -> None:
     """``train``'s arguments, up front: nothing is written before they are
     known good. An in-memory plan is validated as a plan file is."""
     from neuroflux.schemas.plan import Plan, plan_from_dict, plan_to_dict
@@ -167,13 +196,14 @@ def _check_train_args(plan: Any, *, method: Any, device: Any, out: Any, augment:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
+    _check_progress(progress)
     try:
         plan_from_dict(plan_to_dict(plan))  # the schema and every consistency check, as for a file
     except NeuroFluxError as e:
         raise ValueError(f"the plan is not valid: {e}") from None
 
 
-def _bars():  # noqa: ANN202
+def _bars() -> Callable[..., Any]:
     import sys
 
     from tqdm import tqdm
@@ -181,7 +211,31 @@ def _bars():  # noqa: ANN202
     return lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
 
 
-def export_onnx(plan, model: nn.Module, path: str | Path) -> Path:  # noqa: ANN001 - a neuroflux.schemas.Plan
+class _CallbackBar:
+    """A progress bar that reports to ``progress(description, done, total)``
+    (the runner's bar interface: update, set_postfix, close)."""
+
+    def __init__(self, progress: Progress, *, total: int, desc: str = "", initial: int = 0, **_: Any) -> None:
+        self.progress, self.total, self.desc, self.done = progress, total, desc, initial
+        progress(desc, initial, total)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.progress(self.desc, self.done, self.total)
+
+    def set_postfix(self, *a: Any, **k: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _callback_bars(progress: Progress) -> Callable[..., _CallbackBar]:
+    """The runner's bar factory for a ``progress`` callable."""
+    return lambda **kw: _CallbackBar(progress, **kw)
+
+
+def export_onnx(plan: Plan, model: nn.Module, path: str | Path) -> Path:
     """The planned model as ONNX, every node naming its unit and block (what
     ``nf-graph plan.json -o plan.onnx`` writes for a model file), for a plan
     made from ``model``. Its structure must be the planned one."""
@@ -199,7 +253,7 @@ def export_onnx(plan, model: nn.Module, path: str | Path) -> Path:  # noqa: ANN0
     return path
 
 
-def load_plan(path: str | Path):  # noqa: ANN201
+def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan file (``nf-plan -o``'s or ``Plan.save``'s)."""
     from neuroflux.schemas import load_plan as _load
 

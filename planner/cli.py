@@ -1,4 +1,19 @@
-"""``nf-plan model.py --budget 1GB -o plan.json``."""
+"""``nf-plan``: plan block-wise training of a model under a memory budget.
+
+Usage::
+
+    nf-plan model.py --budget 1GB -o plan.json          # one plan
+    nf-plan model.py:build_net --budget 512MiB --strategy greedy
+    nf-plan mypkg.models:resnet18 --input-shape 3,224,224 --train-size 50000 --val-size 10000
+    nf-plan model.py --sweep 100MB:2GB:6 -o sweep        # plans at 6 budgets, sweep.json and sweep.html
+    nf-plan model.py --device cuda --device-profile gpu.json --budget 8GB
+
+Without ``--budget`` the budget is the free memory NVML reports on GPU 0.
+The plan is written as JSON (``nf-run plan.json`` trains it); a table of
+its blocks and predicted times goes to the terminal unless ``-q``. Every
+flag maps to a ``PlanConfig`` option of the same name (``planner/config.py``);
+exit status 2 names what to change.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +21,24 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.common import resolve_device, speed_verdict
 from neuroflux.planner.budget import format_bytes, nvml_free_bytes, parse_bytes
 from neuroflux.runtime.heads import HEAD_KINDS
 
-__all__ = ["main", "build_parser"]
+if TYPE_CHECKING:
+    from neuroflux.planner.config import ConfigError, PlanConfig
+
+__all__ = ["main", "build_parser", "planning_progress", "print_plan", "parse_shape"]
 
 
-def _default(name: str):  # noqa: ANN202
+def _default(name: str) -> Any:
     """A flag's default is PlanConfig's: one source per setting."""
-    from neuroflux.planner.build import PlanConfig
+    from neuroflux.planner.config import option_default
 
-    return PlanConfig.__dataclass_fields__[name].default
+    return option_default(name)
 
 
 def _add_memory_args(ap: argparse.ArgumentParser) -> None:
@@ -40,6 +59,7 @@ def _add_memory_args(ap: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``nf-plan``'s flags, in the order ``--help`` lists them."""
     ap = argparse.ArgumentParser(
         prog="nf-plan",
         description="Plan block-wise local-learning training of a CNN under a GPU memory budget.",
@@ -64,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--margin", type=float, default=_default("margin"), help="share of the budget kept free for allocator rounding "
                     "and fragmentation")
     _add_memory_args(ap)
+    _add_solver_and_cost_args(ap)
+    _add_head_and_exit_args(ap)
+    _add_data_args(ap)
+    ap.add_argument("--workers", type=int, default=_default("workers"),
+                    help="processes that profile units (default 0: every core; the plan is the same for any number)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    return ap
+
+
+def _add_solver_and_cost_args(ap: argparse.ArgumentParser) -> None:
+    """The solver's limits and seed, the cost model that times steps, and the base learning rate."""
     ap.add_argument("--max-blocks", type=int, default=None)
     ap.add_argument("--time-limit", type=float, default=_default("time_limit_s"), help="CP-SAT seconds per solve phase")
     ap.add_argument("--seed", type=int, default=_default("seed"), help="solver and training seed")
@@ -78,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--op-overhead-us", type=float, default=None,
                     help="fixed cost per dispatched op for --cost flops (default: measured here); with "
                     "--device-tflops it makes plans independent of this machine's load")
-    ap.add_argument("--lr", type=float, default=_default("lr"), help="base learning rate at batch 128 (sqrt-scaled per block)")
+    ap.add_argument("--lr", type=float, default=_default("lr"),
+                    help="base learning rate at batch 128 (sqrt-scaled per block)")
+
+
+def _add_head_and_exit_args(ap: argparse.ArgumentParser) -> None:
+    """Aux heads and the accuracy rule; the exit policy and the block length that gives it places to stop."""
     ap.add_argument("--head-kind", choices=list(HEAD_KINDS), default=_default("head_kind"),
                     help="aux head family: pooled (DGL-style: pool to 4x4, 1x1-conv MLP; cheap, so wide) or conv "
                     "(3x3 conv at full resolution)")
@@ -86,26 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accuracy rule for aux heads: take the widest heads whose plan is at most this share slower "
                     "than the fastest (0: least time, narrowest heads)")
     ap.add_argument("--patience", type=int, default=_default("patience"),
-                    help="adaptive depth: exits (units) in a row without improvement before training stops (0: full depth)")
+                    help="adaptive depth: exits (units) in a row without improvement before training stops "
+                    "(0: full depth)")
     ap.add_argument("--epoch-patience", type=int, default=_default("epoch_patience"),
-                    help="per-block epochs: epochs without exit improvement before a block moves on (0: planned epochs)")
+                    help="per-block epochs: epochs without exit improvement before a block moves on "
+                    "(0: planned epochs)")
     ap.add_argument("--max-extra-epochs", type=int, default=_default("max_extra_epochs"),
                     help="epochs a still-improving block may add, paid from time that converged blocks saved")
     ap.add_argument("--max-block-units", type=int, default=None,
                     help="longest block in units (default: a third of the units, so adaptive depth has places to "
                     "stop; 0: no limit)")
-    ap.add_argument("--tolerance", type=float, default=_default("tolerance"), help="accuracy within which exits count as equal")
+    ap.add_argument("--tolerance", type=float, default=_default("tolerance"),
+                    help="accuracy within which exits count as equal")
     ap.add_argument("--prefer", choices=["shallowest", "best"], default=_default("prefer"),
-                    help="exit to keep: the best, or the shallowest within --tolerance of it (smaller, a little less accurate)")
+                    help="exit to keep: the best, or the shallowest within --tolerance of it (smaller, a little less "
+                    "accurate)")
+
+
+def _add_data_args(ap: argparse.ArgumentParser) -> None:
+    """The data, where the model file does not give it."""
     ap.add_argument("--input-shape", default=None, metavar="C,H,W",
                     help="one sample's shape, e.g. 3,224,224 (default: the model file's INPUT_SHAPE, else a sample's)")
     ap.add_argument("--train-size", type=int, default=None, help="needed only if the model file has no datasets()")
     ap.add_argument("--val-size", type=int, default=None)
     ap.add_argument("--datasets", default=_default("datasets"), help="name of the datasets function in the model file")
-    ap.add_argument("--workers", type=int, default=_default("workers"),
-                    help="processes that profile units (default 0: every core; the plan is the same for any number)")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
-    return ap
 
 
 def _device(choice: str) -> tuple[str, str]:
@@ -147,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
         raise NeuroFluxError(f"-o {out} is a directory; give a file name such as {out / 'plan.json'}")
     _check_writable(out)
     cfg = _config(args, budget_bytes=budget_bytes, budget_text=budget_text, source=source, kind=kind, name=name)
-    bar, progress = _progress(args.quiet)
+    bar, progress = planning_progress(quiet=args.quiet)
     try:
         result = make_plan(args.model, cfg, plan_dir=out.parent, progress=progress)
     finally:
@@ -174,7 +214,7 @@ def _run_sweep(args: argparse.Namespace, kind: str, name: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _check_writable(out / "sweep.json")
     cfg = _config(args, budget_bytes=budgets[0][0], budget_text=budgets[0][1], source="flag", kind=kind, name=name)
-    bar, progress = _progress(args.quiet)
+    bar, progress = planning_progress(quiet=args.quiet)
     try:
         results = make_plans(args.model, cfg, budgets, plan_dir=out, progress=progress)
     finally:
@@ -218,7 +258,9 @@ def _print_sweep(rows) -> None:  # noqa: ANN001
             console.print(f"{r.budget_text}: {r.error}")
 
 
-def _progress(quiet: bool):  # noqa: ANN202
+def planning_progress(*, quiet: bool) -> tuple[Any, Callable[[str, int, int], None]]:
+    """A planning progress bar on stderr (None when ``quiet``) and the
+    ``progress(description, done, total)`` callback that drives it."""
     bar = None
     if not quiet:
         from tqdm import tqdm
@@ -235,26 +277,48 @@ def _progress(quiet: bool):  # noqa: ANN202
     return bar, progress
 
 
-def _config(args: argparse.Namespace, *, budget_bytes: int, budget_text: str, source: str, kind: str, name: str):  # noqa: ANN202
-    from neuroflux.planner.build import PlanConfig
+def _config(args: argparse.Namespace, *, budget_bytes: int, budget_text: str, source: str, kind: str,
+            name: str) -> PlanConfig:
+    """The flags as a ``PlanConfig``; its errors reworded with the flags' names."""
+    from neuroflux.planner.config import ConfigError, PlanConfig
 
     cache_budget = parse_bytes(args.cache_budget, what="host budget", allow_zero=True) if args.cache_budget else None
     disk_budget = parse_bytes(args.disk_budget, what="disk budget", allow_zero=True) if args.disk_budget else None
-    return PlanConfig(
-        budget_bytes=budget_bytes, budget_text=budget_text, budget_source=source, device_kind=kind, device_name=name,
-        strategy=args.strategy, epochs=args.epochs, min_batch=args.min_batch, max_batch=args.max_batch,
-        margin=args.margin, cache_budget_bytes=cache_budget, cache_location=args.cache_location,
-        disk_budget_bytes=disk_budget, data_mode=args.data_mode,
-        cache_dtype=args.cache_dtype, max_blocks=args.max_blocks, time_limit_s=args.time_limit, seed=args.seed,
-        cost=args.cost, device_profile=args.device_profile, device_flops_per_s=args.device_tflops * 1e12 if args.device_tflops else None,
-        op_overhead_s=args.op_overhead_us * 1e-6 if args.op_overhead_us is not None else None, lr=args.lr,
-        patience=args.patience, tolerance=args.tolerance, prefer=args.prefer, train_size=args.train_size,
-        epoch_patience=args.epoch_patience, max_extra_epochs=args.max_extra_epochs, head_kind=args.head_kind,
-        tie_tolerance=args.head_time_tolerance,
-        max_block_units=-1 if args.max_block_units is None else (args.max_block_units or None),
-        val_size=args.val_size, datasets=args.datasets, workers=args.workers,
-        input_shape=parse_shape(args.input_shape) if args.input_shape else None,
-    )
+    try:
+        return PlanConfig.from_options(
+            budget_bytes=budget_bytes, budget_text=budget_text, budget_source=source, device_kind=kind,
+            device_name=name,
+            strategy=args.strategy, epochs=args.epochs, min_batch=args.min_batch, max_batch=args.max_batch,
+            margin=args.margin, cache_budget_bytes=cache_budget, cache_location=args.cache_location,
+            disk_budget_bytes=disk_budget, data_mode=args.data_mode,
+            cache_dtype=args.cache_dtype, max_blocks=args.max_blocks, time_limit_s=args.time_limit, seed=args.seed,
+            cost=args.cost, device_profile=args.device_profile,
+            device_flops_per_s=args.device_tflops * 1e12 if args.device_tflops else None,
+            op_overhead_s=args.op_overhead_us * 1e-6 if args.op_overhead_us is not None else None, lr=args.lr,
+            patience=args.patience, tolerance=args.tolerance, prefer=args.prefer, train_size=args.train_size,
+            epoch_patience=args.epoch_patience, max_extra_epochs=args.max_extra_epochs, head_kind=args.head_kind,
+            tie_tolerance=args.head_time_tolerance,
+            max_block_units=-1 if args.max_block_units is None else (args.max_block_units or None),
+            val_size=args.val_size, datasets=args.datasets, workers=args.workers,
+            input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+        )
+    except ConfigError as e:
+        raise NeuroFluxError(_flag_message(e, budget_text=budget_text)) from None
+
+
+#: Options whose flag is not ``--`` and the option's name with dashes.
+_FLAG_OF = {"time_limit_s": "--time-limit", "tie_tolerance": "--head-time-tolerance",
+            "cache_budget_bytes": "--host-budget", "disk_budget_bytes": "--disk-budget",
+            "device_flops_per_s": "--device-tflops", "op_overhead_s": "--op-overhead-us", "device_kind": "--device"}
+
+
+def _flag_message(e: ConfigError, *, budget_text: str) -> str:
+    """A config error as ``nf-plan`` words it: its flags in place of the options."""
+    if e.fields == ("max_block_units",):  # the flag says "no limit" with 0
+        return f"--max-block-units must be >= 1 (or 0 for no limit), got {e.values['got']}"
+    names = {f: _FLAG_OF.get(f, "--" + f.replace("_", "-")) for f in e.fields}
+    names["budget_bytes"] = f"--budget {budget_text}"
+    return e.worded(names)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -1,7 +1,14 @@
-"""Device profiles: the throughput and per-op overhead the FLOP cost model
-assumes, measured once per device and reused, so that the same inputs give
-the same plan whatever the machine's load, and a plan can be made on one
-machine for another (``nf-plan --device-profile h100.json``).
+"""Device profiles (``nf-profile``): the throughput and per-op overhead the
+FLOP cost model assumes, measured once per device and reused, so that the
+same inputs give the same plan whatever the machine's load, and a plan can
+be made on one machine for another (``nf-plan --device-profile h100.json``).
+
+Usage::
+
+    nf-profile -o gpu.json                  # this machine's GPU (its CPU when it has none)
+    nf-profile --device cpu -o cpu.json
+    python -m neuroflux.planner.device_profile --device cuda -o h100.json
+    nf-plan model.py --device cuda --device-profile h100.json --budget 8GB   # then plan for it anywhere
 
 A profile is a small JSON file::
 
@@ -38,9 +45,16 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from neuroflux.errors import NeuroFluxError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from neuroflux.planner.profile import SGDConfig
+    from neuroflux.runtime.train import UnitTrainer
 
 __all__ = ["DeviceProfile", "load_profile", "save_profile", "measure_profile", "cached_profile", "cache_dir",
            "DEFAULT_CUDA_WORKSPACE_BYTES", "measure_workspace_bytes", "MemoryCalibration", "measure_memory_calibration"]
@@ -177,56 +191,17 @@ def measure_memory_calibration(dev, *, batches: tuple[int, int] = (16, 64),  # n
     CPU the measurement is MemTracker's, which the prediction matches
     exactly (a test holds it to that, with ``floor=False``: by default a
     device never calibrates below the prediction)."""
-    import torch
-    from torch import nn
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from neuroflux.planner.profile import SGDConfig, profile_step
 
-    from neuroflux.common import tracker_peak_bytes
-    from neuroflux.planner.profile import SGDConfig, profile_step, state_bytes
-    from neuroflux.runtime.train import UnitTrainer
-
-    def reference() -> nn.Module:
-        def cbr(i: int, o: int, s: int = 1) -> list[nn.Module]:
-            return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
-        return nn.Sequential(*cbr(3, 64), *cbr(64, 64), *cbr(64, 128, 2), *cbr(128, 128), *cbr(128, 256, 2),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
-
-    shape, classes, sgd = (3, 32, 32), 10, SGDConfig()
+    sgd = SGDConfig()
     fake = FakeTensorMode()
     with fake:
-        fake_model = reference()
-    pred = profile_step(fake_model, None, shape, classes, fake_mode=fake, sgd=sgd, foreach=dev.type == "cuda" or None)
-
-    torch.manual_seed(0)
-    model = reference().to(dev)
-    t = UnitTrainer(model, None, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay, total_steps=10**6,
-                    schedule="constant")
-    t.train(True)
-
-    def batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.randn(b, *shape, device=dev), torch.randint(0, classes, (b,), device=dev)
-
-    t.step(*batch(batches[0]))  # momentum buffers, library handles: steady state
-    dyn = []
-    for b in batches:
-        x, y = batch(b)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            start = torch.cuda.memory_allocated(dev)
-            t.step(x, y)
-            torch.cuda.synchronize(dev)
-            dyn.append(torch.cuda.max_memory_allocated(dev) - start)
-        else:  # the planner's own accounting, on real tensors
-            tracker = MemTracker()
-            tracker.track_external(model, t.opt)
-            with tracker:
-                t.step(x, y)
-            peak = tracker_peak_bytes(tracker)
-            dyn.append(peak - state_bytes([model], t.opt))
-        del x, y
+        fake_model = _reference_network()
+    pred = profile_step(fake_model, None, _REFERENCE_SHAPE, _REFERENCE_CLASSES, fake_mode=fake, sgd=sgd,
+                        foreach=dev.type == "cuda" or None)
+    dyn = _measured_step_bytes(dev, batches=batches, sgd=sgd)
     per = (dyn[1] - dyn[0]) / (batches[1] - batches[0])
     fixed = dyn[0] - per * batches[0]
     scale = math.ceil(1000 * per / pred.dyn_per_sample_bytes) / 1000 if pred.dyn_per_sample_bytes else 1.0
@@ -234,6 +209,71 @@ def measure_memory_calibration(dev, *, batches: tuple[int, int] = (16, 64),  # n
     if floor:
         scale, overhead = max(1.0, scale), max(0, overhead)
     return MemoryCalibration(step_overhead_bytes=overhead, activation_scale=scale)
+
+
+#: The reference network's input (one sample) and classes.
+_REFERENCE_SHAPE, _REFERENCE_CLASSES = (3, 32, 32), 10
+
+
+def _reference_network() -> nn.Module:
+    """A small CIFAR-style conv net: the step the calibration measures."""
+    from torch import nn
+
+    def cbr(i: int, o: int, s: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+    return nn.Sequential(*cbr(3, 64), *cbr(64, 64), *cbr(64, 128, 2), *cbr(128, 128), *cbr(128, 256, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
+
+
+def _measured_step_bytes(dev, *, batches: tuple[int, int], sgd: SGDConfig) -> list[float]:  # noqa: ANN001
+    """Memory the reference network's real training step allocates beyond
+    its resident state on ``dev``, at each of ``batches`` (after one step
+    to reach steady state: momentum buffers, library handles)."""
+    import torch
+
+    from neuroflux.runtime.train import UnitTrainer
+
+    torch.manual_seed(0)
+    model = _reference_network().to(dev)
+    t = UnitTrainer(model, None, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay, total_steps=10**6,
+                    schedule="constant")
+    t.train(True)
+
+    def batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(b, *_REFERENCE_SHAPE, device=dev), torch.randint(0, _REFERENCE_CLASSES, (b,), device=dev)
+
+    t.step(*batch(batches[0]))  # momentum buffers, library handles: steady state
+    dyn = []
+    for b in batches:
+        x, y = batch(b)
+        dyn.append(_step_bytes(dev, t, model, x, y))
+        del x, y
+    return dyn
+
+
+def _step_bytes(dev, t: UnitTrainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:  # noqa: ANN001
+    """One step's peak memory beyond the state it starts from: CUDA's
+    allocator statistics, or on the CPU the planner's own accounting
+    (MemTracker) on real tensors."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from neuroflux.common import tracker_peak_bytes
+    from neuroflux.planner.profile import state_bytes
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        start = torch.cuda.memory_allocated(dev)
+        t.step(x, y)
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) - start
+    tracker = MemTracker()
+    tracker.track_external(model, t.opt)
+    with tracker:
+        t.step(x, y)
+    peak = tracker_peak_bytes(tracker)
+    return peak - state_bytes([model], t.opt)
 
 
 def cached_profile(device: str = "cpu") -> tuple[DeviceProfile, Path]:

@@ -42,9 +42,14 @@ from neuroflux.planner.problem import (
     ram_pair_ok,
 )
 
-__all__ = ["SolverConfig", "solve_cpsat"]
+__all__ = ["SolverConfig", "solve_cpsat", "DEFAULT_TIE_TOLERANCE"]
 
 _US = 1e6  # times enter the model as integer microseconds
+
+#: The accuracy rule's default: the widest heads whose plan costs at most this
+#: share more predicted time than the fastest plan (``nf-plan
+#: --head-time-tolerance``, ``PlanConfig``'s ``tie_tolerance``).
+DEFAULT_TIE_TOLERANCE = 0.10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +61,7 @@ class SolverConfig:
     """CP-SAT search workers. 8 even on small machines: fewer drops the
     LP-based workers from CP-SAT's portfolio, and without their bound a
     19-unit MobileNetV2 plan cannot be proven optimal in 20 s (with 8: 2 s)."""
-    tie_tolerance: float = 0.01
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE
     """Phase 2 may spend up to this share of extra time for wider heads."""
     tie_time_limit_s: float = 5.0
     """Wall-clock limit of phase 2 (a tie-break: its best-so-far is kept)."""

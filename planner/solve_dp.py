@@ -76,22 +76,54 @@ def lightest_options(p: Problem) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+#: A DP state (s, c, kind, j): units 0..s-1 are covered by j blocks (j = 0
+#: when max_blocks is unset: the count does not matter), the next block
+#: reading unit c-1's cache of ``kind`` (c = s) or recomputing units c..s-1
+#: from it (c = 0, kind None: from the dataset).
+_State = tuple[int, int, "str | None", int]
+
+
 def solve_dp(p: Problem, *, tie_tolerance: float = 0.0) -> Solution | None:
+    """The least-time plan with every unit's lightest head, then (when
+    ``tie_tolerance`` > 0) heads widened greedily within that share of extra
+    time. The default 0 gives the least-time plan alone; the planner passes
+    its accuracy rule (``PlanConfig``'s ``tie_tolerance``, by default
+    ``solve_cpsat.DEFAULT_TIE_TOLERANCE``). None when some unit has no
+    lightest option."""
     t0 = time.perf_counter()
     base = lightest_options(p)
     if base is None:
         return None
-    table = _Tables(p, base)
+    best, back, at = _shortest_paths(p, _Tables(p, base))
+    finals = sorted(((best[st], st[3], str(st[2]), st[1]), st) for st in at[p.n])
+    if not finals:
+        why = ("no split into blocks fits the memory budget (every boundary may recompute, so the cache budgets "
+               "are not the limit)" if "recompute" in p.boundaries else
+               "no split into blocks fits the memory and cache budgets")
+        return Solution(status="infeasible", wall_time_s=time.perf_counter() - t0, message=why)
+    blocks = _blocks_to(p, finals[0][-1], back)
+    options = list(base)
+    optimum = plan_time_s(p, blocks, options)
+    widened = _widen(p, blocks, options, limit=optimum * (1 + tie_tolerance)) if tie_tolerance > 0 else False
+    return Solution(status="optimal", widths_status="feasible" if widened else "skipped", blocks=tuple(blocks),
+                    options=tuple(options), time_s=plan_time_s(p, blocks, options), lower_bound_s=optimum,
+                    wall_time_s=time.perf_counter() - t0,
+                    stats={"dp_optimum_s": optimum, "dp_states": float(len(best))})
+
+
+#: How a state was reached: the previous state, the block's end, its batch index and its boundary.
+_Back = tuple[_State, int, int, str]
+
+
+def _shortest_paths(p: Problem, table: _Tables) -> tuple[dict[_State, float], dict[_State, _Back], list[list[_State]]]:
+    """``best[state]``: the least time reaching each state; ``back[state]``:
+    the state, block end, batch index and boundary it was reached by;
+    ``at[s]``: the states at position s, in the order found."""
     n, B = p.n, p.max_blocks or 1
     counted = p.max_blocks is not None
-    # best[(s, c, kind, j)]: least time covering units 0..s-1 with j blocks
-    # (j = 0 when max_blocks is unset: the count does not matter), the next
-    # block reading unit c-1's cache of ``kind`` (c = s) or recomputing
-    # units c..s-1 from it (c = 0, kind None: from the dataset).
-    State = tuple[int, int, "str | None", int]
-    best: dict[State, float] = {(0, 0, None, 0): 0.0}
-    back: dict[State, tuple[State, int, int, str]] = {}
-    at: list[list[State]] = [[] for _ in range(n + 1)]  # states by position, in the order found
+    best: dict[_State, float] = {(0, 0, None, 0): 0.0}
+    back: dict[_State, _Back] = {}
+    at: list[list[_State]] = [[] for _ in range(n + 1)]
     at[0].append((0, 0, None, 0))
     for s in range(n):
         for state in at[s]:
@@ -121,25 +153,19 @@ def solve_dp(p: Problem, *, tie_tolerance: float = 0.0) -> Solution | None:
                     if here + cost < best.get(nxt, math.inf):
                         best[nxt] = here + cost
                         back[nxt] = (state, e, k, out or "ram")
-    finals = sorted(((best[st], st[3], str(st[2]), st[1]), st) for st in at[n])
-    if not finals:
-        why = ("no split into blocks fits the memory budget (every boundary may recompute, so the cache budgets "
-               "are not the limit)" if "recompute" in p.boundaries else
-               "no split into blocks fits the memory and cache budgets")
-        return Solution(status="infeasible", wall_time_s=time.perf_counter() - t0, message=why)
-    state = finals[0][-1]
-    blocks = []
+    return best, back, at
+
+
+def _blocks_to(p: Problem, state: _State, back: dict[_State, _Back]) -> list[BlockChoice]:
+    """The blocks of the path that reached ``state``, in order."""
+    blocks: list[BlockChoice] = []
     while state[0] > 0:
         prev, e, k, out = back[state]
-        blocks.append(BlockChoice(start=prev[0], end=e, batch_size=p.batch_sizes[k], boundary=out))  # type: ignore[arg-type]
+        blocks.append(BlockChoice(start=prev[0], end=e, batch_size=p.batch_sizes[k],
+                                  boundary=out))  # type: ignore[arg-type]
         state = prev
     blocks.reverse()
-    options = list(base)
-    optimum = plan_time_s(p, blocks, options)
-    widened = _widen(p, blocks, options, limit=optimum * (1 + tie_tolerance)) if tie_tolerance > 0 else False
-    return Solution(status="optimal", widths_status="feasible" if widened else "skipped", blocks=tuple(blocks),
-                    options=tuple(options), time_s=plan_time_s(p, blocks, options), lower_bound_s=optimum,
-                    wall_time_s=time.perf_counter() - t0, stats={"dp_optimum_s": optimum, "dp_states": float(len(best))})
+    return blocks
 
 
 class _Tables:

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["HEADS", "HEAD_KINDS", "build_head", "head_widths", "ConvHead", "PooledHead", "LinearHead"]
+__all__ = ["HEADS", "HEAD_KINDS", "build_head", "ConvHead", "PooledHead", "LinearHead"]
 
 #: Head families a plan may ask for on feature maps (``--head-kind``).
 HEAD_KINDS = ("pooled", "conv")
@@ -83,22 +83,3 @@ def build_head(kind: str, in_shape: Sequence[int], width: int, num_classes: int)
     if kind not in HEADS:
         raise ValueError(f"unknown aux head kind {kind!r}; choose one of {sorted(HEADS)}")
     return HEADS[kind](in_shape, width, num_classes)
-
-
-def head_widths(in_shape: Sequence[int], *, kind: str = "pooled", min_width: int = 8,
-                max_options: int = 4) -> list[tuple[str, int]]:
-    """Candidate (kind, width) pairs, widest first: C, C/2, C/4, ... >= min_width.
-
-    Feature maps (C, H, W) get heads of ``kind``; anything else a linear head.
-    """
-    if kind not in HEAD_KINDS:
-        raise ValueError(f"unknown head kind {kind!r}; choose one of {list(HEAD_KINDS)}")
-    if len(in_shape) != 3:
-        return [("linear", 0)]
-    c = int(in_shape[0])
-    widths: list[int] = []
-    w = c
-    while w >= min_width and len(widths) < max_options:
-        widths.append(w)
-        w //= 2
-    return [(kind, w) for w in (widths or [min(c, min_width)])]

@@ -1,7 +1,6 @@
-"""Modules built from units: the final early-exit model (``Chain``), BP
+"""Modules built from units: the final early-exit model (``Chain``) and BP
 with activation checkpointing (``CheckpointedChain``, which the runtime
-trains and the planner profiles), and a unit with its exit (``WithExit``,
-which the planner times under ``--cost measure``).
+trains and the planner profiles).
 """
 
 from __future__ import annotations
@@ -11,19 +10,7 @@ from typing import Sequence
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["WithExit", "Chain", "CheckpointedChain"]
-
-
-class WithExit(nn.Module):
-    """A unit followed by its aux head (or by nothing, for the last unit)."""
-
-    def __init__(self, unit: nn.Module, head: nn.Module | None) -> None:
-        super().__init__()
-        self.unit = unit
-        self.head = head if head is not None else nn.Identity()
-
-    def forward(self, x):
-        return self.head(self.unit(x))
+__all__ = ["Chain", "CheckpointedChain"]
 
 
 class Chain(nn.Module):

@@ -16,16 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UnitTrainer", "block_step", "StepStats", "lr_for_batch", "Schedule", "shuffle_seed"]
-
-
-def lr_for_batch(lr: float, batch: int, *, base: int, rule: str) -> float:
-    """Learning rate at ``batch`` from ``lr`` at ``base`` (the plan's rule).
-
-    The runtime owns it: the planner writes each block's rate with it and the
-    BP baselines derive theirs from it at run time."""
-    scale = {"sqrt": math.sqrt(batch / base), "linear": batch / base, "none": 1.0}[rule]
-    return lr * scale
+__all__ = ["UnitTrainer", "block_step", "StepStats", "Schedule", "shuffle_seed"]
 
 
 class StepStats:

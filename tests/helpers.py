@@ -7,15 +7,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from neuroflux.planner.build import PlanConfig, make_plan
+from neuroflux.planner.build import make_plan
+from neuroflux.planner.config import PlanConfig
 from neuroflux.schemas import save_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def plan_for(model: str | Path, tmp_path: Path, *, budget: int = 10**9, **kw):
-    cfg = PlanConfig(budget_bytes=budget, budget_text=str(budget), time_limit_s=10,
-                     device_flops_per_s=1e11, op_overhead_s=5e-6, **kw)
+    cfg = PlanConfig.from_options(budget_bytes=budget, budget_text=str(budget), time_limit_s=10,
+                                  device_flops_per_s=1e11, op_overhead_s=5e-6, **kw)
     result = make_plan(str(model), cfg, plan_dir=tmp_path)
     path = tmp_path / "plan.json"
     save_plan(result.plan, path)

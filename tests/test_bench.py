@@ -10,7 +10,7 @@ from helpers import ROOT
 import pytest
 
 from neuroflux.planner.budget import parse_bytes
-from neuroflux.planner.build import PlanConfig
+from neuroflux.planner.config import PlanConfig
 from neuroflux.tools.bench import build_parser, main as nf_bench
 from neuroflux.tools.bench_cells import METHODS, PRESETS, model_path, resolve_cells
 from neuroflux.tools.bench_report import time_to_target
@@ -51,7 +51,7 @@ def test_presets_parse_and_name_real_models(preset: str) -> None:
         assert parse_bytes(c.budget) > 0 and c.epochs >= 1
         assert set(c.methods) <= set(METHODS)
         for _, overrides in c.variants:
-            PlanConfig(budget_bytes=1, budget_text="1", **dict(overrides))
+            PlanConfig.from_options(budget_bytes=1, budget_text="1", **dict(overrides))
     one = cells[0].name
     assert [c.name for c in resolve_cells(build_parser().parse_args(["--preset", preset, "--cell", one]))] == [one]
     assert nf_bench(["--preset", preset, "--list"]) == 0
@@ -85,7 +85,7 @@ def test_shared_profiling_gives_the_plans_made_apart(tmp_path: Path) -> None:
     """nf-bench profiles a model once for its cells and variants
     (make_plan_shared): each plan equals the one make_plan makes alone,
     but for the solver's wall time, and the profile is made once."""
-    from neuroflux.planner.build import PlanConfig, make_plan, make_plan_shared
+    from neuroflux.planner.build import make_plan, make_plan_shared
     from neuroflux.schemas.plan import plan_to_dict
 
     def comparable(plan):  # noqa: ANN001, ANN202
@@ -96,8 +96,8 @@ def test_shared_profiling_gives_the_plans_made_apart(tmp_path: Path) -> None:
     profiles: dict = {}
     model = str(ROOT / "examples" / "small_cnn.py")
     for budget, strategy in [(40_000_000, "optimal"), (40_000_000, "greedy"), (200_000_000, "optimal")]:
-        cfg = PlanConfig(budget_bytes=budget, budget_text=str(budget), strategy=strategy, device_flops_per_s=1e11,
-                         op_overhead_s=5e-6, disk_budget_bytes=0, time_limit_s=10)
+        cfg = PlanConfig.from_options(budget_bytes=budget, budget_text=str(budget), strategy=strategy,
+                                      device_flops_per_s=1e11, op_overhead_s=5e-6, disk_budget_bytes=0, time_limit_s=10)
         alone = make_plan(model, cfg, plan_dir=tmp_path).plan
         shared = make_plan_shared(model, cfg, plan_dir=tmp_path, profiles=profiles).plan
         assert comparable(shared) == comparable(alone), (budget, strategy)

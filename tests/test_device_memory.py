@@ -75,7 +75,7 @@ def test_cuda_plan_without_measured_terms_uses_the_defaults(tmp_path: Path) -> N
 
 
 def test_too_small_budget_names_the_workspace(tmp_path: Path) -> None:
-    from neuroflux.planner.build import InfeasibleBudget
+    from neuroflux.planner.solve import InfeasibleBudget
 
     with pytest.raises(InfeasibleBudget, match="library workspace") as e:
         plan_for(ROOT / "examples" / "small_cnn.py", tmp_path, budget=40 * 2**20, device_kind="cuda",

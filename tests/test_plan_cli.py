@@ -226,12 +226,12 @@ def test_device_profile_file_plans_for_another_device(tmp_path: Path) -> None:
 def test_solver_timeout_falls_back_to_a_plan(tmp_path: Path, monkeypatch, caplog, dp_applies: bool) -> None:
     """Never "no plan" when a feasible one exists: the dynamic program's plan,
     or where it does not apply, the greedy one."""
-    from neuroflux.planner import build
+    from neuroflux.planner import solve
     from neuroflux.planner.problem import Solution
 
-    monkeypatch.setattr(build, "solve_cpsat", lambda *a, **k: Solution(status="timeout", message="CP-SAT found no plan"))
+    monkeypatch.setattr(solve, "solve_cpsat", lambda *a, **k: Solution(status="timeout", message="CP-SAT found no plan"))
     if not dp_applies:
-        monkeypatch.setattr(build, "solve_dp", lambda *a, **k: None)
+        monkeypatch.setattr(solve, "solve_dp", lambda *a, **k: None)
     out = tmp_path / "plan.json"
     with caplog.at_level("WARNING"):
         assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "-q", "-o", str(out),

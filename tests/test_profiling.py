@@ -19,7 +19,8 @@ from neuroflux.planner.parallel import map_forked
 from neuroflux.planner.profile import SGDConfig, StepMeter, profile_step, profile_unit_options, state_bytes, state_tensors
 from neuroflux.planner.units import find_units, propagate_shapes
 from neuroflux.runtime.graph import split_units, trace
-from neuroflux.runtime.heads import build_head, head_widths
+from neuroflux.planner.heads import head_widths
+from neuroflux.runtime.heads import build_head
 from neuroflux.runtime.model_file import load_model_file
 from neuroflux.runtime.modules import CheckpointedChain
 from neuroflux.runtime.train import UnitTrainer

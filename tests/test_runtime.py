@@ -228,7 +228,7 @@ def test_resume_needs_a_checkpoint_and_out_must_be_fresh(tmp_path: Path, capsys)
 
 @pytest.mark.parametrize("rule,expected", [("sqrt", 0.2), ("linear", 0.4), ("none", 0.1)])
 def test_lr_for_batch_scales_from_the_base_batch(rule: str, expected: float) -> None:
-    from neuroflux.runtime.train import lr_for_batch
+    from neuroflux.planner.config import lr_for_batch
 
     assert lr_for_batch(0.1, 512, base=128, rule=rule) == pytest.approx(expected)
     assert lr_for_batch(0.1, 128, base=128, rule=rule) == pytest.approx(0.1)

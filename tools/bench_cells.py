@@ -41,7 +41,7 @@ class Cell:
     data: str | None = "fashion_mnist"
     """``fashion_mnist``: the full shared file; None: what the model file loads by default."""
     variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
-    """Extra NeuroFlux runs (ablation): (label, PlanConfig overrides)."""
+    """Extra NeuroFlux runs (ablation): (label, PlanConfig option overrides)."""
 
 
 #: The ablation: what the new heads and adaptive depth each buy, on the same cell (each label says what is

@@ -101,7 +101,8 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
         return {label: (index_path.parent / v if not v.startswith("error:") else NeuroFluxError(v[6:]))
                 for label, v in index.items()}
     from neuroflux.planner.budget import parse_bytes
-    from neuroflux.planner.build import PlanConfig, make_plan_shared
+    from neuroflux.planner.build import make_plan_shared
+    from neuroflux.planner.config import PlanConfig
     from neuroflux.schemas import save_plan
 
     wanted = [("neuroflux", "optimal", ())]
@@ -112,10 +113,10 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
     plans: dict[str, Any] = {}
     index: dict[str, str] = {}
     for i, (label, strategy, overrides) in enumerate(wanted):
-        cfg = PlanConfig(budget_bytes=parse_bytes(cell.budget), budget_text=cell.budget, device_kind=kind,
-                         device_name=_device_name(kind, opts), strategy=strategy, epochs=cell.epochs,
-                         time_limit_s=opts.time_limit, datasets=cell.datasets, device_profile=opts.device_profile,
-                         **dict(overrides))
+        cfg = PlanConfig.from_options(budget_bytes=parse_bytes(cell.budget), budget_text=cell.budget, device_kind=kind,
+                                      device_name=_device_name(kind, opts), strategy=strategy, epochs=cell.epochs,
+                                      time_limit_s=opts.time_limit, datasets=cell.datasets,
+                                      device_profile=opts.device_profile, **dict(overrides))
         try:
             res = make_plan_shared(model_path(cell.model), cfg, plan_dir=cell_dir, profiles=_PROFILES)
         except NeuroFluxError as e:
