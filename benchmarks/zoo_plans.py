@@ -6,8 +6,8 @@
 Behaviour-preserving changes (module splits, renames) must leave every plan
 byte-identical. Speed flags (``--device-tflops``, ``--op-overhead-us``) and the
 host and disk budgets are fixed, so the plans depend on neither this machine's
-load nor its free disk; the planner's own wall time is the one field dropped
-before hashing. ``--check`` exits 1 and names the models whose plans differ.
+load nor its free disk; the planner's own wall time is dropped before hashing
+and the model file's relative path cut to its name (so worktrees compare). ``--check`` exits 1 and names the models whose plans differ.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ ZOO: list[tuple[str, str, list[str]]] = [
 def digest(plan: dict) -> str:
     plan = json.loads(json.dumps(plan))
     plan.get("solver", {}).pop("wall_time_s", None)
+    # The model file's path is relative to the plan: equal for one checkout, not across worktrees.
+    plan["model"]["file"] = Path(plan["model"]["file"]).name
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 

@@ -330,9 +330,10 @@ def _on_meta_first(run: Callable[..., T], modules: Sequence[nn.Module | None],
     Why: a fake tensor runs the same meta kernel inside a Python subclass
     whose per-op cache key and output wrapping cost more than the kernel
     (most of planning time on deep networks); on meta tensors the step runs
-    2-3x faster. Bytes, FLOPs and op counts are the same on both (the
-    profiling tests and ``benchmarks/zoo_plans.py`` hold them to it). A real
-    error in the model is raised by the fake run, as before."""
+    faster. Bytes, FLOPs and op counts of a training step are the same on
+    both (the profiling tests and ``benchmarks/zoo_plans.py`` hold them to
+    it; an eval-mode forward is not: see ``profile_forward``). A real error
+    in the model is raised by the fake run, as before."""
     try:
         metas = [_meta_copy(m) for m in modules]
         return run(torch.device("meta"), *metas)
@@ -437,7 +438,9 @@ def profile_forward(module: nn.Module, input_shape: Sequence[int], *, fake_mode,
     """Memory and FLOPs of ``module``'s eval-mode forward under ``no_grad``
     (how a frozen prefix is recomputed for a later block), on fake tensors,
     at two batch sizes (exactly linear in the batch)."""
-    return _on_meta_first(lambda mode, module: _forward(mode, module, input_shape, batches=batches), [module], fake_mode)
+    # On fake tensors, not meta: in eval mode the CPU kernel of batch norm
+    # returns empty saved statistics where the meta kernel returns C floats.
+    return _forward(fake_mode, module, input_shape, batches=batches)
 
 
 def _forward(mode: Any, module: nn.Module, input_shape: Sequence[int], *, batches: tuple[int, int]) -> ForwardProfile:
