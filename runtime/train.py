@@ -22,8 +22,9 @@ __all__ = ["UnitTrainer", "block_step", "StepStats", "lr_for_batch", "Schedule",
 def lr_for_batch(lr: float, batch: int, *, base: int, rule: str) -> float:
     """Learning rate at ``batch`` from ``lr`` at ``base`` (the plan's rule).
 
-    The runtime owns it: the planner writes each block's rate with it and the
-    BP baselines derive theirs from it at run time."""
+    Only the planner calls it: it writes each block's rate, and the BP
+    baselines' rates, into the plan with it; the runtime reads them from the
+    plan and never rescales a rate."""
     scale = {"sqrt": math.sqrt(batch / base), "linear": batch / base, "none": 1.0}[rule]
     return lr * scale
 
