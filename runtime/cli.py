@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:  # noqa
     from neuroflux.runtime.runner import RunConfig, run_plan
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone reports
-    bar = progress_bars(enabled=not (args.quiet or not main_rank))
+    bar = progress_bars(enabled=main_rank and not args.quiet)
     cfg = RunConfig(out_dir=out, method=method, device=args.device, resume=args.resume, force=args.force,
                     patience=args.patience, tolerance=args.tolerance, epoch_patience=args.epoch_patience,
                     export_onnx=not args.no_onnx, loader_workers=args.loader_workers)
