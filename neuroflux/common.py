@@ -1,19 +1,25 @@
 """Helpers shared by the planner, the runtime and the tools (no solver;
 torch only inside the functions that need it), so that the runtime never
 imports the planner: byte formatting, the speed wording, atomic file
-writes, the auto/cuda/cpu device choice, and timing a call with the device
-synchronized."""
+writes (any file, and JSON), the auto/cuda/cpu device choice, and timing a
+call with the device synchronized."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-__all__ = ["format_bytes", "format_mib", "speed_verdict", "atomic_write", "write_probe", "resolve_device", "seconds_per_call",
-           "tracker_peak_bytes"]
+from neuroflux.errors import NeuroFluxError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["format_bytes", "format_mib", "speed_verdict", "atomic_write", "atomic_write_json", "write_probe",
+           "resolve_device", "torch_device", "seconds_per_call", "tracker_peak_bytes"]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> None:
@@ -26,7 +32,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> N
     so a symbolic link at ``path`` is replaced, never followed, and the
     file it points at is left untouched. ``path``'s parent directories are
     trusted: a linked parent is the caller's to refuse (see
-    ``neuroflux.runtime.checkpoint.confined_path``)."""
+    ``neuroflux.runtime.run_dir.confined_path``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -39,6 +45,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``obj`` as JSON (indented by one, a final newline) written atomically
+    (``atomic_write``): summaries, device profiles, sweeps."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+
+    atomic_write(path, write)
 
 
 def write_probe(dir: str | os.PathLike[str]) -> None:
@@ -71,6 +88,17 @@ def resolve_device(choice: str) -> str:
     if choice not in ("cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, got {choice!r}")
     return choice
+
+
+def torch_device(choice: str) -> torch.device:
+    """The ``torch.device`` for an auto/cuda/cpu choice (``resolve_device``);
+    ``cuda`` without a CUDA device is a NeuroFluxError naming the fix."""
+    import torch
+
+    choice = resolve_device(choice)
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise NeuroFluxError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    return torch.device(choice)
 
 
 def seconds_per_call(fn: Callable[[], Any], *, device: Any = "cpu", reps: int = 10, warmup: int = 1,

@@ -142,7 +142,7 @@ def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
 
 
 def save_profile(prof: DeviceProfile, path: str | os.PathLike[str]) -> None:
-    from neuroflux.runtime.checkpoint import atomic_write_json
+    from neuroflux.common import atomic_write_json
 
     atomic_write_json(dataclasses.asdict(prof), Path(path))
 

@@ -83,7 +83,7 @@ def sweep_row(result, text: str, nbytes: int, plan_file: str | None) -> SweepRow
 
 def write_sweep(rows: list[SweepRow], out_dir: Path, *, model: str) -> None:
     """``sweep.json`` and ``sweep.html`` in ``out_dir``."""
-    from neuroflux.runtime.checkpoint import atomic_write_json
+    from neuroflux.common import atomic_write_json
 
     atomic_write_json({"model": model, "rows": [asdict(r) for r in rows]}, out_dir / "sweep.json")
     (out_dir / "sweep.html").write_text(_html(rows, model))

@@ -7,9 +7,20 @@
 - ``train``: block-wise local learning; ``policy``: adaptive depth and
   per-block epochs; ``modules``: chains of units (the final model, BP with
   checkpointing);
-- ``runner``: the block loop, exits, checkpoints and the BP baselines;
-  ``checkpoint``: atomic, resumable run state;
-- ``export``: ONNX and throughput; ``cli``: the command.
+- ``runner``: the run loop (stages, epochs, steps) for NeuroFlux and the BP
+  baselines; ``config``: what a run is asked to do (``RunConfig``) and the
+  exit policy it applies; ``stages``: the stages built from the plan, the
+  steps and predicted time of an epoch; ``run_state``: the run's progress
+  (typed, and its JSON form);
+- ``run_dir``: the run directory (lock, resume checks, metrics, links
+  refused); ``checkpoint``: ``checkpoint.pt`` (plan key, save, safe load,
+  restore); ``memory``: the budget on the device (checks, allocator cap,
+  measured peaks); ``passes``: work without training (exit evaluation,
+  cache writing, recomputed prefixes); ``caches``: the block caches (files,
+  digests, freeing, reopening after a resume); ``finish``: exit choice,
+  export and ``summary.json``;
+- ``export``: ONNX and throughput; ``progress``: progress bars; ``cli``:
+  the command.
 """
 
 __all__: list[str] = []

@@ -1,4 +1,33 @@
-"""``nf-run plan.json``: execute a plan (or a baseline of it)."""
+"""``nf-run plan.json``: execute a plan (or a baseline of it).
+
+Trains the plan's model as the plan says, block by block (units, batch,
+epochs, learning rate, caches, exits), into a run directory: it writes
+``checkpoint.pt`` after every epoch, ``metrics.jsonl``, ``summary.json``,
+``final_model.pt`` and ``final_model.onnx``. The model file is the one the
+plan names; a model changed since planning is refused unless ``--force``.
+
+Main flags:
+
+- ``--out DIR``: the run directory (default: a new folder under ``runs/``);
+- ``--resume``: continue the interrupted run in ``--out`` (same plan,
+  overrides and number of processes);
+- ``--baseline bp|bp-checkpoint``: train the whole model end to end instead,
+  at the batch the plan found to fit;
+- ``--device auto|cuda|cpu``; ``--nproc N``: N processes on this machine
+  (torchrun, run for you);
+- ``--patience``, ``--epoch-patience``, ``--tolerance``: override the plan's
+  exit policy; ``--no-onnx``; ``-q``: no progress bars or table.
+
+Example::
+
+    nf-plan model.py --budget 1GB -o plan.json
+    nf-run plan.json --out runs/model
+    nf-run plan.json --out runs/model --resume        # after an interruption
+    nf-run plan.json --baseline bp --out runs/model-bp
+
+Exit status: 0 done, 2 an error the message says how to fix, 3 training
+diverged (``summary.json`` says so), 130 interrupted (``--resume`` continues).
+"""
 
 from __future__ import annotations
 
@@ -194,10 +223,11 @@ def _main(argv: list[str]) -> int:
 def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:  # noqa: ANN001
     import torch
 
+    from neuroflux.runtime.progress import progress_bars
     from neuroflux.runtime.runner import RunConfig, run_plan
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone reports
-    bar = _bars(args.quiet or not main_rank)
+    bar = progress_bars(enabled=main_rank and not args.quiet)
     cfg = RunConfig(out_dir=out, method=method, device=args.device, resume=args.resume, force=args.force,
                     patience=args.patience, tolerance=args.tolerance, epoch_patience=args.epoch_patience,
                     export_onnx=not args.no_onnx, loader_workers=args.loader_workers)
@@ -214,16 +244,6 @@ def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:  # noqa
             print_summary(summary)
         print(f"run directory: {out}")
     return 0
-
-
-def _bars(quiet: bool):  # noqa: ANN202
-    if quiet:
-        from neuroflux.runtime.runner import NoBar
-
-        return NoBar
-    from tqdm import tqdm
-
-    return lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
 
 
 def print_summary(s: dict) -> None:

@@ -13,10 +13,14 @@ the same generator (the epoch's permutation, cut into consecutive batches):
   for datasets larger than RAM, or whose transforms draw anew every epoch.
 - ``PrefixSource``: another source run through frozen units (eval mode,
   ``no_grad``) on every batch: a block whose input is recomputed.
+
+``dataset_sources`` opens the dataset as the plan says (stacked or streamed,
+this rank's shard under torchrun).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +32,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from neuroflux.common import atomic_write
 from neuroflux.errors import NeuroFluxError
+from neuroflux.runtime.distributed import Dist, shard_indices
+from neuroflux.schemas.plan import Plan
 
-__all__ = ["TensorCache", "StreamSource", "PrefixSource", "call_augment", "dataset_tensors", "check_samples", "CacheWriter",
-           "default_loader_workers"]
+__all__ = ["TensorCache", "StreamSource", "PrefixSource", "call_augment", "dataset_tensors", "check_samples",
+           "CacheWriter", "default_loader_workers", "dataset_sources", "labels_file"]
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
 
@@ -320,11 +328,16 @@ class CacheWriter:
         assert self._pos == len(y), (self._pos, len(y))
         if self.location == "disk":
             self.x.flush()
-            labels = self.path.with_name(f"{self.path.stem}.labels{self.path.suffix}")
+            labels = labels_file(self.path)
             # After the data is flushed: labels present means the cache is whole.
             atomic_write(labels, lambda tmp: np.save(open(tmp, "wb"), y.numpy().astype(np.int64), allow_pickle=False))
             return TensorCache(np.load(self.path, mmap_mode="r"), y)
         return TensorCache(self.x, y)
+
+
+def labels_file(cache: Path) -> Path:
+    """The labels beside a disk cache (``block0.npy`` -> ``block0.labels.npy``)."""
+    return cache.with_name(f"{cache.stem}.labels{cache.suffix}")
 
 
 def _allocate_disk_cache(path: Path, ndtype, shape: tuple[int, ...]) -> np.memmap:  # noqa: ANN001
@@ -359,3 +372,31 @@ def _allocate_disk_cache(path: Path, ndtype, shape: tuple[int, ...]) -> np.memma
     return x
 
 
+def dataset_sources(train_set: Any, val_set: Any, plan: Plan, *, dist: Dist, check_sizes: bool,
+                    workers: int) -> tuple[Any, Any]:
+    """The dataset as the plan says: stacked in RAM once, or streamed
+    through DataLoader workers; checked against the plan's sizes (when
+    ``check_sizes``); this rank's shard under torchrun."""
+    r = plan.recipe
+    for what, ds, planned in (("train", train_set, r.train_size), ("val", val_set, r.val_size)):
+        if len(ds) != planned and check_sizes:
+            raise NeuroFluxError(f"the {what} set has {len(ds)} samples but the plan was made for {planned}: its "
+                                 "batches, learning-rate schedule and cache sizes assume that many; re-plan for "
+                                 "this data (or pass --force to run anyway)")
+    meta = dict(input_shape=tuple(plan.model.input_shape), num_classes=plan.model.num_classes)
+    mode = plan.data.mode if plan.data is not None else "stack"
+    shards = [None, None]
+    if dist.enabled:  # this rank's shards: its caches hold only these
+        shards = [shard_indices(len(train_set), dist, equal=True),
+                  shard_indices(len(val_set), dist, equal=False)]
+    out = []
+    for what, ds, shard in (("train", train_set, shards[0]), ("val", val_set, shards[1])):
+        if mode == "stream":
+            out.append(StreamSource(ds, what=what, workers=workers, indices=shard, **meta))
+            continue
+        src = TensorCache(*dataset_tensors(ds, what=what, workers=workers, **meta))
+        if what == "train" and len(src) > 1 and bool((src.y == src.y[0]).all()):
+            log.warning("every training sample has label %d: the run can only learn to predict that class; "
+                        "check the datasets function", int(src.y[0]))
+        out.append(src if shard is None else src.subset(shard))
+    return out[0], out[1]

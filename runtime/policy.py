@@ -1,8 +1,8 @@
 """Adaptive depth and per-block epochs: the rules, as pure functions.
 
 Both read validation accuracies of exits and keep their state in plain dicts
-(they live in the run's checkpoint). The runner calls them; the tests script
-them.
+(``BlockState``, ``DepthState``: they live in the run's checkpoint). The
+runner calls them; the tests script them.
 
 Per-block epochs (after every epoch of a block, on val): the block's best
 exit either improved by more than ``tolerance`` (stall resets) or not (stall
@@ -22,14 +22,35 @@ the block boundary, the only place where skipping the rest saves time.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, TypedDict
 
-__all__ = ["EpochDecision", "new_block_state", "epoch_decision", "new_depth_state", "observe_exits", "depth_should_stop"]
+__all__ = ["EpochDecision", "BlockState", "DepthState", "new_block_state", "epoch_decision", "new_depth_state",
+           "observe_exits", "depth_should_stop"]
 
 EpochDecision = Literal["continue", "converged", "extended", "done", "planned"]
 
 
-def _observe(state: dict[str, Any], acc: float, *, tolerance: float) -> bool:
+class BlockState(TypedDict):
+    """Per-block epochs' running state for the block in training."""
+
+    index: int
+    limit: int
+    """Epochs the block runs: the planned ones, plus those granted."""
+    best: float
+    stall: int
+    extra: int
+    """Extra epochs granted so far."""
+
+
+class DepthState(TypedDict):
+    """Adaptive depth's running state, over the exits trained so far."""
+
+    best: float
+    stall: int
+    best_exit: str | None
+
+
+def _observe(state: Any, acc: float, *, tolerance: float) -> bool:
     """The one improvement rule of both: ``acc`` beats ``state["best"]`` by
     more than ``tolerance`` (it becomes the best, the stall resets) or the
     stall grows. Returns whether it improved."""
@@ -40,11 +61,11 @@ def _observe(state: dict[str, Any], acc: float, *, tolerance: float) -> bool:
     return False
 
 
-def new_block_state(index: int, epochs: int) -> dict[str, Any]:
+def new_block_state(index: int, epochs: int) -> BlockState:
     return {"index": index, "limit": epochs, "best": -1.0, "stall": 0, "extra": 0}
 
 
-def epoch_decision(blk: dict[str, Any], best_here: float, *, epochs_done: int, tolerance: float, epoch_patience: int,
+def epoch_decision(blk: BlockState, best_here: float, *, epochs_done: int, tolerance: float, epoch_patience: int,
                    max_extra: int, bank_s: float, epoch_s: float) -> tuple[EpochDecision, float]:
     """Update ``blk`` after an epoch whose best exit scored ``best_here``;
     returns the decision and the change to the time bank (seconds)."""
@@ -62,16 +83,16 @@ def epoch_decision(blk: dict[str, Any], best_here: float, *, epochs_done: int, t
     return "done", 0.0
 
 
-def new_depth_state() -> dict[str, Any]:
+def new_depth_state() -> DepthState:
     return {"best": -1.0, "stall": 0, "best_exit": None}
 
 
-def observe_exits(depth: dict[str, Any], exits: Sequence[tuple[str, float]], *, tolerance: float) -> None:
+def observe_exits(depth: DepthState, exits: Sequence[tuple[str, float]], *, tolerance: float) -> None:
     """Walk a finished block's exits (name, val accuracy) in depth order."""
     for name, acc in exits:
         if _observe(depth, acc, tolerance=tolerance):
             depth["best_exit"] = name
 
 
-def depth_should_stop(depth: dict[str, Any], *, patience: int, is_last_block: bool) -> bool:
+def depth_should_stop(depth: DepthState, *, patience: int, is_last_block: bool) -> bool:
     return patience > 0 and depth["stall"] >= patience and not is_last_block

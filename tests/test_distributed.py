@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import ROOT, plan_for, wait_for_metrics
-from neuroflux.runtime.runner import KEEP_CACHES_ENV
+from neuroflux.runtime.caches import KEEP_CACHES_ENV
 from neuroflux.runtime.assemble import assemble
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.heads import build_head

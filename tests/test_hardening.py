@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import tiny_plan
-from neuroflux.runtime.checkpoint import RunLock
+from neuroflux.runtime.run_dir import RunLock
 from neuroflux.runtime.cli import main as nf_run
 
 
@@ -223,7 +223,7 @@ def test_out_in_a_read_only_place_is_refused_before_training(tmp_path: Path, cap
     def read_only(directory) -> None:  # noqa: ANN001
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("neuroflux.runtime.runner.write_probe", read_only)
+    monkeypatch.setattr("neuroflux.runtime.run_dir.write_probe", read_only)
     rc, err = run_cli(capsys, str(path), "--out", str(tmp_path / "run"))
     assert rc == 2 and "Read-only file system" in err and "writable --out" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists(), "nothing trained"

@@ -333,7 +333,7 @@ def test_sigterm_to_the_launcher_stops_torchrun_and_frees_the_run(tmp_path: Path
     assert proc.returncode == 130, err[-2000:]
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes still running for the run: {left}"
-    from neuroflux.runtime.checkpoint import RunLock
+    from neuroflux.runtime.run_dir import RunLock
 
     lock = RunLock(out)
     lock.acquire()  # free: nobody holds the run any more
@@ -380,7 +380,7 @@ def test_resume_refuses_links_planted_in_the_run_directory(tmp_path: Path, monke
 def test_a_run_directory_that_turns_read_only_is_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
     import errno
 
-    from neuroflux.runtime import runner
+    from neuroflux.runtime import checkpoint
 
     _, path, _ = tiny_plan(tmp_path, epochs=2)
     calls = []
@@ -391,8 +391,8 @@ def test_a_run_directory_that_turns_read_only_is_exit_2(tmp_path: Path, monkeypa
             raise OSError(errno.EROFS, "Read-only file system", str(p))
         return original(obj, p)
 
-    original = runner.atomic_torch_save
-    monkeypatch.setattr(runner, "atomic_torch_save", read_only)
+    original = checkpoint.atomic_torch_save
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", read_only)
     assert nf_run([str(path), "--out", str(tmp_path / "run"), "-q", "--device", "cpu", "--no-onnx"]) == 2
     err = capsys.readouterr().err
     assert "Read-only file system" in err and "--resume" in err and "Traceback" not in err

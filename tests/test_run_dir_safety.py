@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from neuroflux.errors import NeuroFluxError
-from neuroflux.runtime.checkpoint import RunLock, append_jsonl
+from neuroflux.runtime.run_dir import RunLock, append_jsonl
 
 VICTIM_TEXT = "precious contents\n"
 
@@ -34,7 +34,7 @@ def run_dir(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("rel", ["../x", "/etc/passwd", "a/../../b", "a/..", "..", "", ".", "cache/", "./"])
 def test_confined_path_refuses_paths_that_leave_the_run_dir(tmp_path: Path, rel: str) -> None:
-    from neuroflux.runtime.checkpoint import confined_path
+    from neuroflux.runtime.run_dir import confined_path
 
     with pytest.raises(NeuroFluxError, match="re-plan or use a new --out") as e:
         confined_path(run_dir(tmp_path), rel)
@@ -42,7 +42,7 @@ def test_confined_path_refuses_paths_that_leave_the_run_dir(tmp_path: Path, rel:
 
 
 def test_confined_path_refuses_a_symlinked_directory_inside_the_run_dir(tmp_path: Path) -> None:
-    from neuroflux.runtime.checkpoint import confined_path
+    from neuroflux.runtime.run_dir import confined_path
 
     run = run_dir(tmp_path)
     elsewhere = tmp_path / "elsewhere"
@@ -60,7 +60,7 @@ def test_confined_path_refuses_a_symlinked_directory_inside_the_run_dir(tmp_path
 
 
 def test_confined_path_refuses_a_symlink_at_the_file_itself(tmp_path: Path) -> None:
-    from neuroflux.runtime.checkpoint import confined_path
+    from neuroflux.runtime.run_dir import confined_path
 
     run = run_dir(tmp_path)
     (run / "cache").mkdir()
@@ -74,7 +74,7 @@ def test_confined_path_refuses_a_symlink_at_the_file_itself(tmp_path: Path) -> N
 
 
 def test_confined_path_accepts_a_path_inside_a_normal_run_dir(tmp_path: Path) -> None:
-    from neuroflux.runtime.checkpoint import confined_path
+    from neuroflux.runtime.run_dir import confined_path
 
     run = run_dir(tmp_path)
     assert confined_path(run, "cache/block0.npy") == run / "cache" / "block0.npy"  # nothing exists yet

@@ -103,7 +103,7 @@ def test_later_blocks_never_run_earlier_modules(tmp_path: Path, monkeypatch) -> 
 
 
 def test_summary_files_and_onnx_predictions(tmp_path: Path, monkeypatch) -> None:
-    from neuroflux.runtime.runner import KEEP_CACHES_ENV
+    from neuroflux.runtime.caches import KEEP_CACHES_ENV
 
     ort = pytest.importorskip("onnxruntime")
     monkeypatch.setenv(KEEP_CACHES_ENV, "1")  # the disk cache is checked below (by default it is deleted after use)

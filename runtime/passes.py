@@ -1,0 +1,92 @@
+"""Passes without training, in inference mode and at the block's training
+batch (inference needs less than a training step at the same batch, so
+they stay inside the budget the plan proved): evaluating a stage's exits,
+running units over the data into a block's cache, and the input of a stage
+whose block recomputes its input through frozen units on every batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from neuroflux.runtime.assemble import Assembled
+from neuroflux.runtime.data import CacheWriter, PrefixSource, TensorCache
+from neuroflux.runtime.distributed import Dist
+from neuroflux.runtime.modules import Chain
+from neuroflux.runtime.stages import Stage
+from neuroflux.schemas.plan import Plan
+
+__all__ = ["eval_exits", "write_cache", "cache_through", "stage_input"]
+
+
+@torch.inference_mode()
+def eval_exits(stage: Stage, val: Any, *, device: torch.device, dist: Dist) -> dict[str, float]:
+    """Accuracy of every exit of the stage on val (every rank's shard counted)."""
+    for t in stage.trainers:
+        t.train(False)
+        dist.broadcast_buffers(t.modules())
+    # At the training batch: inference needs less than a training step at
+    # the same batch, so evaluation stays inside the budget the plan proved.
+    dev, bs = device, stage.batch_size
+    correct = torch.zeros(len(stage.trainers), dtype=torch.int64, device=dev)
+    for h, y in val.batches(bs, shuffle=False, device=dev):
+        for i, t in enumerate(stage.trainers):
+            h = t.unit(h)
+            correct[i] += (t.logits(h).argmax(1) == y).sum()
+    counts = dist.all_sum(torch.cat([correct, torch.tensor([len(val)], device=dev)]))
+    n = int(counts[-1])
+    return {name: c / n for name, c in zip(stage.exits, counts[:-1].tolist())}
+
+
+@torch.inference_mode()
+def write_cache(stage: Stage, train: Any, val: Any, *, plan: Plan, path: Path | None, device: torch.device,
+                dist: Dist) -> tuple[TensorCache, TensorCache]:
+    """The block's outputs for train then val: the next block's input cache
+    (``path``: its file, for a disk cache)."""
+    for t in stage.trainers:
+        t.train(False)
+        dist.broadcast_buffers(t.modules())
+    units = Chain([t.unit for t in stage.trainers])
+    return cache_through(units, train, val, plan=plan, index=stage.index, spec=stage.cache, path=path,
+                         batch=stage.batch_size, device=device)
+
+
+def cache_through(units: nn.Module, train: Any, val: Any, *, plan: Plan, index: int, spec: Any, path: Path | None,
+                  batch: int, device: torch.device) -> tuple[TensorCache, TensorCache]:
+    """``train`` then ``val`` through ``units`` into block ``index``'s cache
+    (``spec``: location and dtype; ``path``: the file of a disk cache), at
+    ``batch`` (the training batch: inside the budget). Callers hold
+    inference mode."""
+    shape = tuple(plan.units[plan.unit(plan.blocks[index].units[-1]).index].output_shape)
+    writer = CacheWriter(len(train) + len(val), shape, dtype=spec.dtype, location=spec.location, path=path,
+                         pin=device.type == "cuda")
+    labels = []
+    for data in (train, val):
+        for x, y in data.batches(batch, shuffle=False, device=device):
+            writer.append(units(x))
+            labels.append(y.cpu())
+    full = writer.finish(torch.cat(labels))
+    n = len(train)
+    return TensorCache(full.x[:n], full.y[:n]), TensorCache(full.x[n:], full.y[n:])
+
+
+def stage_input(stage: Stage, sources: Mapping[int | None, tuple[Any, Any]], asm: Assembled, *, plan: Plan,
+                augment: Callable[[torch.Tensor], torch.Tensor] | None, device: torch.device,
+                dist: Dist) -> tuple[Any, Any, nn.Module]:
+    """The stage's train and val sources, and its recomputed prefix (an
+    empty Chain when it reads a cache or the dataset directly). ``sources``:
+    block index -> (train, val) caches, ``None`` the dataset; ``augment``
+    applies to a prefix recomputed from the dataset."""
+    spec = stage.source
+    if spec is None:  # a baseline: the dataset
+        return (*sources[None], Chain([]))
+    train, val = sources[spec.source_block]
+    if spec.kind != "recompute":
+        return train, val, Chain([])
+    prefix = Chain([asm.units[plan.unit(u).index] for u in spec.recompute_units]).to(device).eval()
+    dist.broadcast_buffers([prefix])
+    augment = augment if spec.source_block is None else None
+    return PrefixSource(train, prefix, augment=augment), PrefixSource(val, prefix), prefix

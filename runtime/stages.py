@@ -1,0 +1,92 @@
+"""The stages a run trains, built from the plan and the assembled model: one
+per plan block for NeuroFlux, one (the whole model) for a BP baseline; and
+the steps and predicted time of a stage's epoch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from neuroflux.errors import NeuroFluxError
+from neuroflux.runtime.assemble import Assembled
+from neuroflux.runtime.config import Method
+from neuroflux.runtime.distributed import Dist
+from neuroflux.runtime.modules import CheckpointedChain
+from neuroflux.runtime.train import UnitTrainer, shuffle_seed
+from neuroflux.schemas.plan import Plan
+
+__all__ = ["Stage", "build_stages", "steps_per_epoch", "predicted_epoch_s"]
+
+
+@dataclass
+class Stage:
+    index: int
+    unit_idx: list[int]
+    exits: list[str]
+    """Names of the exits trained in this stage (the units)."""
+    trainers: list[UnitTrainer]
+    batch_size: int
+    epochs: int
+    predicted_peak_bytes: int
+    cache: Any
+    shuffle_seed: int
+    source: Any = None
+    """The plan's BlockInput (None for the baselines: the dataset)."""
+
+
+def steps_per_epoch(train_samples: int, *, batch_size: int, world: int = 1) -> int:
+    """Optimizer steps one process takes in an epoch over ``train_samples``
+    split evenly over ``world`` processes (torchrun's equal shards: the
+    remainder is dropped), the last batch partial. Under torchrun this is a
+    rank's share: every epoch count, schedule and predicted time uses it."""
+    return -(-(train_samples // world) // batch_size)
+
+
+def predicted_epoch_s(plan: Plan, stage: Stage, *, steps: int) -> float:
+    """Predicted training time of one epoch of ``stage`` of ``steps`` steps (the plan's unit profiles)."""
+    b = stage.batch_size
+    return steps * sum(plan.units[i].profile.step_fixed_s + plan.units[i].profile.step_per_sample_s * b
+                       for i in stage.unit_idx)
+
+
+def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist) -> list[Stage]:
+    """The stages of ``method``: the plan's blocks, or the baseline's whole
+    model (refused when the plan found no batch at which it fits)."""
+    if method == "neuroflux":
+        stages = []
+        for b in plan.blocks:
+            idx = [plan.unit(u).index for u in b.units]
+            stages.append(Stage(index=b.index, unit_idx=idx, exits=list(b.units),
+                                trainers=[_trainer(plan, asm.units[i], asm.heads[i], dist=dist, lr=b.lr, steps=b.steps,
+                                                   batch=b.batch_size, epochs=b.epochs) for i in idx],
+                                batch_size=b.batch_size, epochs=b.epochs,
+                                predicted_peak_bytes=b.predicted_peak_bytes, cache=b.cache,
+                                shuffle_seed=shuffle_seed(plan.recipe.seed, b.index) if b.shuffle_seed is None
+                                else b.shuffle_seed, source=b.source()))
+        return stages
+    base = plan.baseline.bp if method == "bp" else plan.baseline.bp_checkpoint
+    if not base.fits:
+        raise NeuroFluxError(
+            f"the plan found no batch size >= {plan.solver.min_batch_size} at which {method} fits "
+            f"{plan.device.budget_text}; that is the comparison: BP cannot train under this budget"
+        )
+    whole = asm.model if method == "bp" else CheckpointedChain(asm.units)
+    steps, lr = base.steps, base.lr  # the plan decides; the runtime executes
+    return [Stage(index=0, unit_idx=list(range(len(plan.units))), exits=[plan.units[-1].name],
+                  trainers=[_trainer(plan, whole, None, dist=dist, lr=lr, steps=steps, batch=base.batch_size,
+                                     epochs=base.epochs)], batch_size=base.batch_size, epochs=base.epochs,
+                  predicted_peak_bytes=base.predicted_peak_bytes, cache=None,
+                  shuffle_seed=shuffle_seed(plan.recipe.seed, 0))]
+
+
+def _trainer(plan: Plan, unit: nn.Module, head: nn.Module | None, *, dist: Dist, lr: float, steps: int, batch: int,
+             epochs: int) -> UnitTrainer:
+    """A unit's trainer with the plan's recipe; its schedule spans ``steps``,
+    the plan's (one process) or, under torchrun, the steps this rank takes."""
+    r = plan.recipe
+    if dist.enabled:  # each rank steps through its shard: the schedule spans the steps it really takes
+        steps = epochs * steps_per_epoch(r.train_size, batch_size=batch, world=dist.world)
+    return UnitTrainer(unit, head, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay, total_steps=steps,
+                       schedule=r.schedule, grad_sync=dist.average_grads if dist.enabled else None)
