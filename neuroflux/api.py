@@ -15,7 +15,7 @@ These are the functions ``nf-plan`` and ``nf-run`` run (``make_plan``,
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 

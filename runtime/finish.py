@@ -18,7 +18,7 @@ from neuroflux.runtime.memory import set_cap
 from neuroflux.runtime.modules import Chain
 from neuroflux.runtime.run_dir import RunDir
 from neuroflux.runtime.run_state import RunState, block_result_json
-from neuroflux.runtime.stages import Stage, predicted_epoch_s, steps_per_epoch
+from neuroflux.runtime.stages import Stage, predicted_epoch_s
 from neuroflux.schemas.plan import Plan
 from neuroflux.schemas.summary import RunSummary, summary_from_dict, summary_to_dict
 
@@ -59,7 +59,7 @@ def finish_run(plan: Plan, asm: Assembled, stages: list[Stage], state: RunState,
         "param_reduction": original_params / final_params, "wall_time_s": wall_s,
         "train_time_s": state.train_s, "blocks": [block_result_json(b) for b in state.done],
         "stopped_early": state.stopped,
-        "stopping": stopping_summary(plan, stages, state, method=cfg.method, policy=policy, world=dist.world),
+        "stopping": stopping_summary(plan, stages, state, method=cfg.method, policy=policy),
         "exit_accuracies": {u.name: accs[u.name] for u in plan.units if u.name in accs},
         "throughput": {"final_images_per_s": tp_final, "original_images_per_s": tp_orig,
                        "speedup": tp_final / tp_orig},
@@ -84,18 +84,16 @@ def _throughputs(final: nn.Module, original: nn.Module, shape: Any, *, device: t
     return tp_final, tp_orig
 
 
-def stopping_summary(plan: Plan, stages: list[Stage], state: RunState, *, method: Method, policy: RunPolicy,
-                     world: int) -> dict[str, Any]:
-    """Where training stopped, why, and the training time that saved
-    (under torchrun, epochs not run count a rank's steps, as the epoch rule
-    that skipped them does)."""
+def stopping_summary(plan: Plan, stages: list[Stage], state: RunState, *, method: Method,
+                     policy: RunPolicy) -> dict[str, Any]:
+    """Where training stopped, why, and the training time that saved (in the
+    plan's terms: see ``predicted_epoch_s``)."""
     ran = {b.index: b.epochs_run for b in state.done}
     stop = state.stop
     saved_pred = stop.skipped_predicted_s if stop else 0.0
     for s in stages:
         if s.index in ran and method == "neuroflux":
-            steps = steps_per_epoch(plan.recipe.train_size, batch_size=s.batch_size, world=world)
-            saved_pred += (s.epochs - ran[s.index]) * predicted_epoch_s(plan, s, steps=steps)
+            saved_pred += (s.epochs - ran[s.index]) * predicted_epoch_s(plan, s)
     predicted_ran = sum(plan.blocks[s.index].predicted_time_s for s in stages if s.index in ran) \
         if method == "neuroflux" else 0.0
     measured_ran = sum(b.time_s for b in state.done)

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
-from neuroflux.common import torch_device
-from neuroflux.errors import NeuroFluxError
-from neuroflux.runtime.assemble import Assembled, assemble, check_model_object, open_model_file
+from neuroflux.runtime.assemble import (
+    Assembled,
+    assemble,
+    check_model_object,
+    open_model_file,
+)
 from neuroflux.runtime.caches import KEEP_CACHES_ENV, BlockCaches
 from neuroflux.runtime.checkpoint import load_checkpoint, plan_key, restore_checkpoint
 from neuroflux.runtime.config import Method, RunConfig, RunPolicy
@@ -45,14 +46,29 @@ from neuroflux.runtime.memory import (
 )
 from neuroflux.runtime.model_file import ModelObject
 from neuroflux.runtime.passes import eval_exits, stage_input
-from neuroflux.runtime.policy import BlockState, depth_should_stop, epoch_decision, new_block_state, observe_exits
+from neuroflux.runtime.policy import (
+    BlockState,
+    depth_should_stop,
+    epoch_decision,
+    new_block_state,
+    observe_exits,
+)
 from neuroflux.runtime.progress import BarFactory, NoBar
 from neuroflux.runtime.run_dir import RunDir
 from neuroflux.runtime.run_state import RunState, StopRecord, block_result_json
-from neuroflux.runtime.stages import Stage, build_stages, predicted_epoch_s, steps_per_epoch
-from neuroflux.runtime.train import StepStats, UnitTrainer, block_step
+from neuroflux.runtime.stages import (
+    Stage,
+    build_stages,
+    predicted_epoch_s,
+    steps_per_epoch,
+)
+from neuroflux.runtime.train import StepStats, block_step
 from neuroflux.schemas.plan import Plan
 from neuroflux.schemas.summary import BlockResult
+from torch import nn
+
+from neuroflux.common import torch_device
+from neuroflux.errors import NeuroFluxError
 
 __all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged", "KEEP_CACHES_ENV"]
 
@@ -334,7 +350,7 @@ class Runner:
         p = self.policy
         decision, bank = epoch_decision(blk, max(accs.values()), epochs_done=state.epoch, tolerance=p.tolerance,
                                         epoch_patience=p.epoch_patience, max_extra=p.max_extra_epochs,
-                                        bank_s=state.bank_s, epoch_s=predicted_epoch_s(self.plan, stage, steps=steps))
+                                        bank_s=state.bank_s, epoch_s=predicted_epoch_s(self.plan, stage))
         state.bank_s += bank
         if decision == "extended":
             for t in stage.trainers:

@@ -44,9 +44,14 @@ def steps_per_epoch(train_samples: int, *, batch_size: int, world: int = 1) -> i
     return -(-(train_samples // world) // batch_size)
 
 
-def predicted_epoch_s(plan: Plan, stage: Stage, *, steps: int) -> float:
-    """Predicted training time of one epoch of ``stage`` of ``steps`` steps (the plan's unit profiles)."""
+def predicted_epoch_s(plan: Plan, stage: Stage) -> float:
+    """Predicted training time of one epoch of ``stage``, in the plan's
+    terms: one process over the whole training set, as every
+    ``predicted_time_s`` of the plan (under torchrun too, so that the seconds
+    the epoch rule banks, the seconds the depth rule skips and the seconds
+    reported as saved add up; the schedule counts a rank's steps instead)."""
     b = stage.batch_size
+    steps = steps_per_epoch(plan.recipe.train_size, batch_size=b)
     return steps * sum(plan.units[i].profile.step_fixed_s + plan.units[i].profile.step_per_sample_s * b
                        for i in stage.unit_idx)
 
