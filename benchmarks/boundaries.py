@@ -10,6 +10,7 @@ fresh process, one after the other; the table gives per block the measured
 and predicted seconds, the recompute/cache ratio of both, and each run's
 peak RSS (the trainer process, ``ru_maxrss``) against its host budget.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-_RSS = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-        "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+_RSS = (
+    "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+    "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+)
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
@@ -52,47 +55,117 @@ def main() -> None:
     variants = {
         "cache": ["--cache-location", "ram", "--cache-dtype", "float32"],
         "recompute": ["--cache-location", "recompute"],
-        "stream": ["--cache-location", "ram", "--cache-dtype", "float32", "--host-budget", args.stream_host_budget,
-                   "--data-mode", "stream"],
+        "stream": [
+            "--cache-location",
+            "ram",
+            "--cache-dtype",
+            "float32",
+            "--host-budget",
+            args.stream_host_budget,
+            "--data-mode",
+            "stream",
+        ],
     }
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, flags in variants.items():
             plan = Path(tmp) / f"{name}.json"
-            subprocess.run(["nf-plan", model, "--budget", args.budget, "--epochs", args.epochs, "--device-tflops",
-                            "0.05", "--op-overhead-us", "20", *flags, "-o", str(plan), "-q"], check=True, env=env,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    "nf-plan",
+                    model,
+                    "--budget",
+                    args.budget,
+                    "--epochs",
+                    args.epochs,
+                    "--device-tflops",
+                    "0.05",
+                    "--op-overhead-us",
+                    "20",
+                    *flags,
+                    "-o",
+                    str(plan),
+                    "-q",
+                ],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
             p = json.loads(plan.read_text())
-            wall, rss = _run(["nf-run", str(plan), "--out", str(Path(tmp) / f"run-{name}"), "--device", "cpu",
-                              "--no-onnx", "-q", "--patience", "0", "--epoch-patience", "0"], env)
+            wall, rss = _run(
+                [
+                    "nf-run",
+                    str(plan),
+                    "--out",
+                    str(Path(tmp) / f"run-{name}"),
+                    "--device",
+                    "cpu",
+                    "--no-onnx",
+                    "-q",
+                    "--patience",
+                    "0",
+                    "--epoch-patience",
+                    "0",
+                ],
+                env,
+            )
             s = json.loads((Path(tmp) / f"run-{name}" / "summary.json").read_text())
             rows[name] = {
-                "data_mode": p["data"]["mode"], "input_bytes": p["data"]["input_bytes"],
-                "host_budget_bytes": p["device"]["cache_budget_bytes"], "peak_rss_bytes": rss, "wall_s": wall,
-                "final_accuracy": s["final_accuracy"], "exit_accuracies": s["exit_accuracies"],
-                "blocks": [{"index": b["index"], "input": b["input"]["kind"], "recompute_units": b["input"]["recompute_units"],
-                            "batch": b["batch_size"], "predicted_s": b["predicted_time_s"],
-                            "predicted_recompute_s": b["input"]["recompute_s"],
-                            "measured_s": r["time_s"], "predicted_peak_bytes": b["predicted_peak_bytes"],
-                            "measured_peak_bytes": r["measured_peak_bytes"]}
-                           for b, r in zip(p["blocks"], s["blocks"])],
+                "data_mode": p["data"]["mode"],
+                "input_bytes": p["data"]["input_bytes"],
+                "host_budget_bytes": p["device"]["cache_budget_bytes"],
+                "peak_rss_bytes": rss,
+                "wall_s": wall,
+                "final_accuracy": s["final_accuracy"],
+                "exit_accuracies": s["exit_accuracies"],
+                "blocks": [
+                    {
+                        "index": b["index"],
+                        "input": b["input"]["kind"],
+                        "recompute_units": b["input"]["recompute_units"],
+                        "batch": b["batch_size"],
+                        "predicted_s": b["predicted_time_s"],
+                        "predicted_recompute_s": b["input"]["recompute_s"],
+                        "measured_s": r["time_s"],
+                        "predicted_peak_bytes": b["predicted_peak_bytes"],
+                        "measured_peak_bytes": r["measured_peak_bytes"],
+                    }
+                    for b, r in zip(p["blocks"], s["blocks"])
+                ],
             }
             print(name, json.dumps({k: v for k, v in rows[name].items() if k != "blocks"}), flush=True)
     c, r = rows["cache"]["blocks"], rows["recompute"]["blocks"]
     assert [b["batch"] for b in c] == [b["batch"] for b in r], "the two plans must differ only in their boundaries"
-    ratios = [{"block": a["index"], "recomputes": b["recompute_units"], "measured_ratio": b["measured_s"] / a["measured_s"],
-               "predicted_ratio": b["predicted_s"] / a["predicted_s"]} for a, b in zip(c, r)]
+    ratios = [
+        {
+            "block": a["index"],
+            "recomputes": b["recompute_units"],
+            "measured_ratio": b["measured_s"] / a["measured_s"],
+            "predicted_ratio": b["predicted_s"] / a["predicted_s"],
+        }
+        for a, b in zip(c, r)
+    ]
     import torch
 
-    out = {"command": " ".join(["python", "benchmarks/boundaries.py", *sys.argv[1:]]), "model": args.model,
-           "budget": args.budget, "epochs": args.epochs, "limit": args.limit,
-           "device": f"cpu ({os.cpu_count()} cores, {platform.machine()})", "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M"), "runs": rows, "recompute_vs_cache": ratios,
-           "benchmark_process_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    out = {
+        "command": " ".join(["python", "benchmarks/boundaries.py", *sys.argv[1:]]),
+        "model": args.model,
+        "budget": args.budget,
+        "epochs": args.epochs,
+        "limit": args.limit,
+        "device": f"cpu ({os.cpu_count()} cores, {platform.machine()})",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "runs": rows,
+        "recompute_vs_cache": ratios,
+        "benchmark_process_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     for x in ratios:
-        print(f"block {x['block']} recomputing {x['recomputes']}: measured {x['measured_ratio']:.2f}x, "
-              f"predicted {x['predicted_ratio']:.2f}x the cached block's time")
+        print(
+            f"block {x['block']} recomputing {x['recomputes']}: measured {x['measured_ratio']:.2f}x, "
+            f"predicted {x['predicted_ratio']:.2f}x the cached block's time"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ process (default flags otherwise), and this records its exit status, wall time,
 units, blocks, each block's input kind (``blocks[i].input.kind`` where the plan
 has it) and, on failure, the last line of its stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,9 @@ def models_root(repo: Path, tmp: Path) -> tuple[Path, str | None]:
     if (repo / "HEAD").is_file() and (repo / "objects").is_dir():  # a bare git directory
         root = tmp / "pytorch-cifar"
         root.mkdir()
-        archive = subprocess.run(["git", "--git-dir", str(repo), "archive", "HEAD", "models"],
-                                 check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "--git-dir", str(repo), "archive", "HEAD", "models"], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
         return root, _git(str(repo), None, "rev-parse", "HEAD")
     sys.exit(f"--repo {repo}: neither a checkout with models/ nor a git directory")
@@ -95,8 +97,21 @@ def plan_one(name: str, ctor: str, root: Path, tmp: Path, args: argparse.Namespa
     model_file = work / f"{name.lower()}.py"
     model_file.write_text(MODEL_FILE.format(root=str(root), ctor=ctor))
     plan = work / "plan.json"
-    cmd = [sys.executable, "-m", "neuroflux.planner.cli", str(model_file), "--budget", args.budget,
-           "--train-size", str(args.train_size), "--val-size", str(args.val_size), "-o", str(plan), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "neuroflux.planner.cli",
+        str(model_file),
+        "--budget",
+        args.budget,
+        "--train-size",
+        str(args.train_size),
+        "--val-size",
+        str(args.val_size),
+        "-o",
+        str(plan),
+        "-q",
+    ]
     row: dict = {"network": name, "constructor": ctor}
     t0 = time.perf_counter()
     # Own session, so a timeout ends the planner and the profiling workers it started.
@@ -116,16 +131,20 @@ def plan_one(name: str, ctor: str, root: Path, tmp: Path, args: argparse.Namespa
         d = json.loads(plan.read_text())
         blocks = d.get("blocks", [])
         solver = d.get("solver", {})
-        row.update(units=len(d.get("units", [])), blocks=len(blocks),
-                   block_units=[len(b.get("units", [])) for b in blocks],
-                   batch_sizes=[b.get("batch_size") for b in blocks],
-                   input_kinds=[(b.get("input") or {}).get("kind") for b in blocks],
-                   boundaries=[(b.get("cache") or {}).get("location", "recompute") for b in blocks[:-1]],
-                   cache_ram_bytes=(d.get("data") or {}).get("peak_cache_ram_bytes"),
-                   cache_disk_bytes=(d.get("data") or {}).get("peak_cache_disk_bytes"),
-                   data_mode=(d.get("data") or {}).get("mode"),
-                   engine=solver.get("engine"), solver_status=solver.get("status"),
-                   solver_s=solver.get("wall_time_s"))
+        row.update(
+            units=len(d.get("units", [])),
+            blocks=len(blocks),
+            block_units=[len(b.get("units", [])) for b in blocks],
+            batch_sizes=[b.get("batch_size") for b in blocks],
+            input_kinds=[(b.get("input") or {}).get("kind") for b in blocks],
+            boundaries=[(b.get("cache") or {}).get("location", "recompute") for b in blocks[:-1]],
+            cache_ram_bytes=(d.get("data") or {}).get("peak_cache_ram_bytes"),
+            cache_disk_bytes=(d.get("data") or {}).get("peak_cache_disk_bytes"),
+            data_mode=(d.get("data") or {}).get("mode"),
+            engine=solver.get("engine"),
+            solver_status=solver.get("status"),
+            solver_s=solver.get("wall_time_s"),
+        )
     return row
 
 
@@ -139,8 +158,15 @@ def print_table(rows: list[dict], title: str) -> None:
     for r in rows:
         kinds = r.get("input_kinds")
         inputs = "-" if kinds is None else (",".join(k or "?" for k in kinds) if any(kinds) else "(not in plan)")
-        t.add_row(r["network"], r["status"], f"{r['wall_s']:.1f} s", str(r.get("units", "-")),
-                  str(r.get("blocks", "-")), inputs, ",".join(r.get("boundaries") or []) or "-")
+        t.add_row(
+            r["network"],
+            r["status"],
+            f"{r['wall_s']:.1f} s",
+            str(r.get("units", "-")),
+            str(r.get("blocks", "-")),
+            inputs,
+            ",".join(r.get("boundaries") or []) or "-",
+        )
     console = Console()
     console.print(t)
     for r in rows:
@@ -174,11 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         header = {
             "command": " ".join(["python", "benchmarks/cifar_networks.py", *(sys.argv[1:] if argv is None else argv)]),
             "nf_plan": f"nf-plan MODEL --budget {args.budget} --train-size {args.train_size} "
-                       f"--val-size {args.val_size} -q",
-            "timeout_s": args.timeout, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "device": f"cpu ({os.cpu_count()} cores, {platform.machine()})", "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "repo": "https://github.com/kuangliu/pytorch-cifar", "repo_commit": commit,
+            f"--val-size {args.val_size} -q",
+            "timeout_s": args.timeout,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "device": f"cpu ({os.cpu_count()} cores, {platform.machine()})",
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "repo": "https://github.com/kuangliu/pytorch-cifar",
+            "repo_commit": commit,
         }
         for name in names:
             rows.append(plan_one(name, known[name], root, Path(tmp), args))

@@ -47,8 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in final.parameters())
     original = sum(p.numel() for p in asm.model.parameters())
     tp_final, tp_orig = throughput(final, shape, device=dev), throughput(asm.model, shape, device=dev)
-    out = {"exit": args.exit, "val_accuracy": summary["exit_accuracies"].get(args.exit), "params": params,
-           "original_params": original, "param_reduction": original / params, "inference_gain": tp_final / tp_orig}
+    out = {
+        "exit": args.exit,
+        "val_accuracy": summary["exit_accuracies"].get(args.exit),
+        "params": params,
+        "original_params": original,
+        "param_reduction": original / params,
+        "inference_gain": tp_final / tp_orig,
+    }
     print(json.dumps(out))
     return 0
 

@@ -7,6 +7,7 @@ counts around one SGD step of ResNet-18 (Fashion-MNIST shape) at batch 16:
 the library workspaces (cuBLAS, cuDNN) that the caching allocator hands out
 and the planner's fake-tensor trace never sees. Each configuration runs in a
 fresh process, since workspaces are per process."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ import os
 import subprocess
 import sys
 
-CHILD = r'''
+CHILD = r"""
 import json, os, sys, torch
 sys.path.insert(0, os.path.join(os.getcwd(), "examples"))
 from resnet18 import model
@@ -39,20 +40,24 @@ for i in range(3):
                        "reserved": torch.cuda.max_memory_reserved()}
 out["param_bytes"] = params
 print(json.dumps(out))
-'''
+"""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-o", "--out", default="gpu-memory-probe.json")
     args = ap.parse_args()
-    configs = {"default": {}, "cudnn_benchmark": {"PROBE_BENCH": "1"},
-               "cublas_workspace_0": {"CUBLAS_WORKSPACE_CONFIG": ":0:0"},
-               "batch128": {"PROBE_BATCH": "128"}}
+    configs = {
+        "default": {},
+        "cudnn_benchmark": {"PROBE_BENCH": "1"},
+        "cublas_workspace_0": {"CUBLAS_WORKSPACE_CONFIG": ":0:0"},
+        "batch128": {"PROBE_BATCH": "128"},
+    }
     res = {}
     for name, env in configs.items():
-        p = subprocess.run([sys.executable, "-c", CHILD], env={**os.environ, **env}, capture_output=True, text=True,
-                           timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-c", CHILD], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+        )
         res[name] = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-800:]}
         print(name, json.dumps(res[name]), flush=True)
     import torch

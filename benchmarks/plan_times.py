@@ -6,6 +6,7 @@ Runs ``nf-plan M --budget 1GB -q`` for each model in a fresh process (so
 imports and caches count as a user would see them) and records wall time,
 units, engine, status and the solver's own time from the plan.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,19 +34,35 @@ def main() -> None:
         for m in args.models:
             plan = Path(tmp) / "plan.json"
             t0 = time.perf_counter()
-            subprocess.run(["nf-plan", str(ROOT / "examples" / m), "--budget", args.budget, "-o", str(plan), "-q"],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                ["nf-plan", str(ROOT / "examples" / m), "--budget", args.budget, "-o", str(plan), "-q"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             wall = time.perf_counter() - t0
             d = json.loads(plan.read_text())
             s = d["solver"]
-            rows.append({"model": m, "units": len(d["units"]), "engine": s["engine"], "status": s["status"],
-                         "solver_s": s["wall_time_s"], "end_to_end_s": wall})
+            rows.append(
+                {
+                    "model": m,
+                    "units": len(d["units"]),
+                    "engine": s["engine"],
+                    "status": s["status"],
+                    "solver_s": s["wall_time_s"],
+                    "end_to_end_s": wall,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     import torch
 
-    out = {"command": " ".join(["python", "benchmarks/plan_times.py", *sys.argv[1:]]), "budget": args.budget,
-           "device": f"cpu ({os.cpu_count()} cores, {platform.machine()})", "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+    out = {
+        "command": " ".join(["python", "benchmarks/plan_times.py", *sys.argv[1:]]),
+        "budget": args.budget,
+        "device": f"cpu ({os.cpu_count()} cores, {platform.machine()})",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "rows": rows,
+    }
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             forward_pass()
 
-    def train_step(opts, xb) -> None:  # noqa: ANN001
+    def train_step(opts, xb) -> None:
         h = xb
         for u, hd, opt in zip(units, heads, opts):
             out = u(h.detach())
@@ -82,32 +82,55 @@ def main(argv: list[str] | None = None) -> int:
             opt.zero_grad(set_to_none=True)
             h = out
 
-    def opts(foreach: bool):  # noqa: ANN202
-        return [torch.optim.SGD([*u.parameters(), *hd.parameters()], lr=1e-3, momentum=0.9, weight_decay=5e-4,
-                                foreach=foreach) for u, hd in zip(units, heads)]
+    def opts(foreach: bool):
+        return [
+            torch.optim.SGD(
+                [*u.parameters(), *hd.parameters()], lr=1e-3, momentum=0.9, weight_decay=5e-4, foreach=foreach
+            )
+            for u, hd in zip(units, heads)
+        ]
 
     for m in (*units, *heads):
         m.eval()
-    rows = {"eval: no_grad": seconds_per_call(eval_no_grad, device=dev, reps=args.reps, median=True),
-            "eval: inference_mode": seconds_per_call(eval_inference, device=dev, reps=args.reps, median=True)}
+    rows = {
+        "eval: no_grad": seconds_per_call(eval_no_grad, device=dev, reps=args.reps, median=True),
+        "eval: inference_mode": seconds_per_call(eval_inference, device=dev, reps=args.reps, median=True),
+    }
     for m in (*units, *heads):
         m.train()
     o_loop, o_each = opts(False), opts(True)
-    rows["train step: SGD foreach=False"] = seconds_per_call(lambda: train_step(o_loop, x), device=dev, reps=args.reps, median=True)
-    rows["train step: SGD foreach=True"] = seconds_per_call(lambda: train_step(o_each, x), device=dev, reps=args.reps, median=True)
+    rows["train step: SGD foreach=False"] = seconds_per_call(
+        lambda: train_step(o_loop, x), device=dev, reps=args.reps, median=True
+    )
+    rows["train step: SGD foreach=True"] = seconds_per_call(
+        lambda: train_step(o_each, x), device=dev, reps=args.reps, median=True
+    )
     for m in (*units, *heads):
         m.to(memory_format=torch.channels_last)
     xc = x.contiguous(memory_format=torch.channels_last)
-    rows["train step: channels_last (foreach=True)"] = seconds_per_call(lambda: train_step(o_each, xc), device=dev, reps=args.reps, median=True)
+    rows["train step: channels_last (foreach=True)"] = seconds_per_call(
+        lambda: train_step(o_each, xc), device=dev, reps=args.reps, median=True
+    )
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{args.model}, first {args.units} units, batch {args.batch}, {name}, torch {torch.__version__}")
     for k, v in rows.items():
         print(f"  {k:45s} {v * 1e3:9.2f} ms")
     if args.output:
-        Path(args.output).write_text(json.dumps({"device": name, "torch": torch.__version__, "model": args.model,
-                                                 "batch": args.batch, "units": args.units,
-                                                 "median_s": rows}, indent=1) + "\n")
+        Path(args.output).write_text(
+            json.dumps(
+                {
+                    "device": name,
+                    "torch": torch.__version__,
+                    "model": args.model,
+                    "batch": args.batch,
+                    "units": args.units,
+                    "median_s": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

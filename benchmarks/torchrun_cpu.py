@@ -38,25 +38,54 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         plan = Path(tmp) / "plan.json"
-        subprocess.run(["nf-plan", args.model, "--budget", args.budget, "-o", str(plan), "-q", "--device", "cpu"],
-                       check=True)
+        subprocess.run(
+            ["nf-plan", args.model, "--budget", args.budget, "-o", str(plan), "-q", "--device", "cpu"], check=True
+        )
         run = [sys.executable, "-m", "neuroflux.runtime.cli", str(plan), "--device", "cpu", "-q", "--no-onnx"]
         one_s = _run([*run, "--out", f"{tmp}/one"], {"OMP_NUM_THREADS": "2"})
-        two_s = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                      "neuroflux.runtime.cli", str(plan), "--device", "cpu", "-q", "--no-onnx", "--out", f"{tmp}/two"],
-                     {"OMP_NUM_THREADS": "1"})
+        two_s = _run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node=2",
+                "-m",
+                "neuroflux.runtime.cli",
+                str(plan),
+                "--device",
+                "cpu",
+                "-q",
+                "--no-onnx",
+                "--out",
+                f"{tmp}/two",
+            ],
+            {"OMP_NUM_THREADS": "1"},
+        )
         one = json.loads(Path(f"{tmp}/one/summary.json").read_text())
         two = json.loads(Path(f"{tmp}/two/summary.json").read_text())
         plan_data = json.loads(plan.read_text())
-    row = lambda s, wall: {"wall_s": wall, "train_s": s["train_time_s"], "final_accuracy": s["final_accuracy"],  # noqa: E731
-                           "final_exit": s["final_exit"], "exit_accuracies": s["exit_accuracies"],
-                           "epochs_run": s["stopping"]["epochs_run"], "world_size": s["world_size"]}
+
+    def row(s: dict, wall: float) -> dict:
+        return {
+            "wall_s": wall,
+            "train_s": s["train_time_s"],
+            "final_accuracy": s["final_accuracy"],
+            "final_exit": s["final_exit"],
+            "exit_accuracies": s["exit_accuracies"],
+            "epochs_run": s["stopping"]["epochs_run"],
+            "world_size": s["world_size"],
+        }
+
     result = {
         "what": "nf-run, 1 process x 2 threads, against torchrun, 2 processes x 1 thread (gloo), same plan",
-        "model": os.path.relpath(args.model, ROOT), "budget": args.budget,
+        "model": os.path.relpath(args.model, ROOT),
+        "budget": args.budget,
         "blocks": [(b["units"], b["batch_size"]) for b in plan_data["blocks"]],
-        "cpu": f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
-        "one_process_2_threads": row(one, one_s), "two_processes_1_thread": row(two, two_s),
+        "cpu": f"{os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "one_process_2_threads": row(one, one_s),
+        "two_processes_1_thread": row(two, two_s),
         "speedup": one_s / two_s,
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -7,8 +7,10 @@ Behaviour-preserving changes (module splits, renames) must leave every plan
 byte-identical. Speed flags (``--device-tflops``, ``--op-overhead-us``) and the
 host and disk budgets are fixed, so the plans depend on neither this machine's
 load nor its free disk; the planner's own wall time is dropped before hashing
-and the model file's relative path cut to its name (so worktrees compare). ``--check`` exits 1 and names the models whose plans differ.
+and the model file's relative path cut to its name (so worktrees compare).
+``--check`` exits 1 and names the models whose plans differ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +23,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXED = ["--device-tflops", "0.5", "--op-overhead-us", "20", "--host-budget", "8GB", "--disk-budget", "40GB",
-         "--time-limit", "10", "-q"]
+FIXED = [
+    "--device-tflops",
+    "0.5",
+    "--op-overhead-us",
+    "20",
+    "--host-budget",
+    "8GB",
+    "--disk-budget",
+    "40GB",
+    "--time-limit",
+    "10",
+    "-q",
+]
 #: (model, budget, extra flags): every example file, at budgets where each plans.
 ZOO: list[tuple[str, str, list[str]]] = [
     ("small_cnn.py", "16MB", []),
@@ -61,8 +74,11 @@ def main() -> int:
             key = f"{model} {budget} {' '.join(extra)}".strip()
             out = keep / (key.replace("/", "_").replace(" ", "_").replace(":", "-") + ".json")
             t0 = time.perf_counter()
-            subprocess.run(["nf-plan", str(ROOT / "examples" / model), "--budget", budget, "-o", str(out), *FIXED,
-                            *extra], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                ["nf-plan", str(ROOT / "examples" / model), "--budget", budget, "-o", str(out), *FIXED, *extra],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             rows[key] = digest(json.loads(out.read_text()))
             print(f"{time.perf_counter() - t0:6.1f} s  {rows[key][:12]}  {key}", flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")

@@ -15,9 +15,10 @@ These are the functions ``nf-plan`` and ``nf-run`` run (``make_plan``,
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
@@ -40,8 +41,9 @@ def _source(model: nn.Module | str | Path | Callable[[], nn.Module], **kw: Any) 
         return str(model)
     if callable(model):
         return ModelObject(model(), **kw)
-    raise TypeError(f"model must be an nn.Module, a factory returning one, or a model file path; "
-                    f"got {type(model).__name__}")
+    raise TypeError(
+        f"model must be an nn.Module, a factory returning one, or a model file path; got {type(model).__name__}"
+    )
 
 
 def _check_progress(progress: object) -> None:
@@ -76,27 +78,23 @@ def plan(
     ``strategy="greedy"``, ...); a value out of range raises ``ValueError``
     naming the option. Returns the typed ``Plan``; ``plan.save(path)`` writes it.
     """
-    from neuroflux.planner.budget import parse_bytes
     from neuroflux.planner.build import make_plan
-    from neuroflux.planner.config import PlanConfig, option_names
+    from neuroflux.planner.config import PlanConfig
 
-    known = set(option_names()) - {"budget_bytes", "budget_text", "device_kind", "device_name"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"unknown plan option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if isinstance(budget, bool) or not isinstance(budget, (str, int)):
-        raise TypeError(f"budget must be text such as '1GB' or a number of bytes, got {type(budget).__name__}")
+    budget_bytes = _checked_budget(budget, device=device, options=options)
     _check_sizes(train_size=train_size, val_size=val_size, num_classes=num_classes, input_shape=input_shape)
     _check_progress(progress)
-    budget_bytes = budget if isinstance(budget, int) else parse_bytes(budget, what="budget")
-    if budget_bytes < 1:
-        raise ValueError(f"budget must be >= 1 byte, got {budget}")
     source = _source(model, num_classes=num_classes)
-    cfg = PlanConfig.from_options(budget_bytes=budget_bytes, budget_text=str(budget), device_kind=device,
-                                  device_name=device, train_size=train_size, val_size=val_size,
-                                  input_shape=None if input_shape is None else tuple(input_shape), **options)
+    cfg = PlanConfig.from_options(
+        budget_bytes=budget_bytes,
+        budget_text=str(budget),
+        device_kind=device,
+        device_name=device,
+        train_size=train_size,
+        val_size=val_size,
+        input_shape=None if input_shape is None else tuple(input_shape),
+        **options,
+    )
     if progress is True:
         from neuroflux.planner.cli import planning_progress
 
@@ -108,6 +106,25 @@ def plan(
     return make_plan(source, cfg, plan_dir=Path.cwd(), progress=progress or None).plan
 
 
+def _checked_budget(budget: Any, *, device: Any, options: dict[str, Any]) -> int:
+    """``plan``'s budget in bytes, after checking the options, device and budget it was given."""
+    from neuroflux.planner.budget import parse_bytes
+    from neuroflux.planner.config import option_names
+
+    known = set(option_names()) - {"budget_bytes", "budget_text", "device_kind", "device_name"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown plan option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (str, int)):
+        raise TypeError(f"budget must be text such as '1GB' or a number of bytes, got {type(budget).__name__}")
+    budget_bytes = budget if isinstance(budget, int) else parse_bytes(budget, what="budget")
+    if budget_bytes < 1:
+        raise ValueError(f"budget must be >= 1 byte, got {budget}")
+    return budget_bytes
+
+
 def _check_sizes(*, train_size: Any, val_size: Any, num_classes: Any, input_shape: Any) -> None:
     """``plan``'s sizes: ints >= 1, and a shape of positive ints."""
     for name, value in (("train_size", train_size), ("val_size", val_size), ("num_classes", num_classes)):
@@ -115,10 +132,13 @@ def _check_sizes(*, train_size: Any, val_size: Any, num_classes: Any, input_shap
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if input_shape is not None and (isinstance(input_shape, (str, bytes, int)) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape)):
-        raise ValueError(f"input_shape must be one sample's shape as positive ints, e.g. (3, 32, 32); "
-                         f"got {input_shape!r}")
+    if input_shape is not None and (
+        isinstance(input_shape, (str, bytes, int))
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape)
+    ):
+        raise ValueError(
+            f"input_shape must be one sample's shape as positive ints, e.g. (3, 32, 32); got {input_shape!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -128,7 +148,8 @@ class Result:
     summary: dict[str, Any]
     """``summary.json``: per-block times, peaks and exit accuracies, the final exit and its accuracy."""
     model: nn.Module
-    """The final model (the network up to the chosen exit, with its head; for a baseline, the whole network), on the CPU, in eval mode."""
+    """The final model (the network up to the chosen exit, with its head;
+    for a baseline, the whole network), on the CPU, in eval mode."""
     out: Path
     """The run directory (checkpoint, metrics, ``final_model.pt``, ``final_model.onnx``)."""
 
@@ -163,22 +184,40 @@ def train(
     from neuroflux.runtime.model_file import ModelObject
     from neuroflux.runtime.runner import RunConfig, run_plan
 
-    _check_train_args(plan, method=method, device=device, out=out, augment=augment, progress=progress,
-                      flags={"resume": resume, "force": force, "export_onnx": export_onnx})
+    _check_train_args(
+        plan,
+        method=method,
+        device=device,
+        out=out,
+        augment=augment,
+        progress=progress,
+        flags={"resume": resume, "force": force, "export_onnx": export_onnx},
+    )
     source = _source(model, datasets=(train_set, val_set), augment=augment)
     if not isinstance(source, ModelObject):
         raise NeuroFluxError("train() takes the model object; for a model file use nf-run plan.json")
-    out = Path(out) if out is not None else Path("runs") / f"{source.path.stem.strip('<>').split()[0]}-{method}-" \
-        f"{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (
+        Path(out)
+        if out is not None
+        else Path("runs") / f"{source.path.stem.strip('<>').split()[0]}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     bar = _bars() if progress is True else (_callback_bars(progress) if progress else None)
-    cfg = RunConfig(out_dir=out, method=method, device=device, resume=resume, force=force, export_onnx=export_onnx,
-                    command=f"neuroflux.train(plan, {source.label}, ...)")
+    cfg = RunConfig(
+        out_dir=out,
+        method=method,
+        device=device,
+        resume=resume,
+        force=force,
+        export_onnx=export_onnx,
+        command=f"neuroflux.train(plan, {source.label}, ...)",
+    )
     summary = run_plan(plan, None, cfg, source=source, **({"bar": bar} if bar else {}))
     return Result(summary=summary, model=load_final_model(plan, source, out, summary), out=out)
 
 
-def _check_train_args(plan: Any, *, method: Any, device: Any, out: Any, augment: Any, progress: Any,
-                      flags: dict[str, Any]) -> None:
+def _check_train_args(
+    plan: Any, *, method: Any, device: Any, out: Any, augment: Any, progress: Any, flags: dict[str, Any]
+) -> None:
     """``train``'s arguments, up front: nothing is written before they are
     known good. An in-memory plan is validated as a plan file is."""
     from neuroflux.schemas.plan import Plan, plan_from_dict, plan_to_dict
@@ -245,7 +284,9 @@ def export_onnx(plan: Plan, model: nn.Module, path: str | Path) -> Path:
 
     source = _source(model)
     if not isinstance(source, ModelObject):
-        raise NeuroFluxError("export_onnx() takes the model object; for a model file use nf-graph plan.json -o plan.onnx")
+        raise NeuroFluxError(
+            "export_onnx() takes the model object; for a model file use nf-graph plan.json -o plan.onnx"
+        )
     check_model_object(plan, source)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,16 +10,27 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from neuroflux.errors import NeuroFluxError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["format_bytes", "format_mib", "speed_verdict", "atomic_write", "atomic_write_json", "write_probe",
-           "resolve_device", "torch_device", "seconds_per_call", "tracker_peak_bytes"]
+__all__ = [
+    "format_bytes",
+    "format_mib",
+    "speed_verdict",
+    "atomic_write",
+    "atomic_write_json",
+    "write_probe",
+    "resolve_device",
+    "torch_device",
+    "seconds_per_call",
+    "tracker_peak_bytes",
+]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> None:
@@ -50,6 +61,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> N
 def atomic_write_json(obj: Any, path: str | os.PathLike[str]) -> None:
     """``obj`` as JSON (indented by one, a final newline) written atomically
     (``atomic_write``): summaries, device profiles, sweeps."""
+
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
@@ -101,8 +113,9 @@ def torch_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def seconds_per_call(fn: Callable[[], Any], *, device: Any = "cpu", reps: int = 10, warmup: int = 1,
-                     median: bool = False) -> float:
+def seconds_per_call(
+    fn: Callable[[], Any], *, device: Any = "cpu", reps: int = 10, warmup: int = 1, median: bool = False
+) -> float:
     """Wall time of one ``fn()`` after ``warmup`` calls, the device
     synchronized around the clock (CUDA runs asynchronously: an
     unsynchronized clock times the launches only). ``median``: each call
@@ -131,6 +144,8 @@ def seconds_per_call(fn: Callable[[], Any], *, device: Any = "cpu", reps: int = 
         sync()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
+
+
 def format_bytes(n: int | float) -> str:
     """Human form with binary units, e.g. ``1.50 GiB``."""
     n = float(n)

@@ -28,22 +28,45 @@ def baselines(problem: Problem, pr: Profiled, cfg: PlanConfig) -> tuple[Baseline
     return bp, ck
 
 
-def _baseline(problem: Problem, prof: StepProfile, speed: DeviceSpeed, cfg: PlanConfig, *, real: Any,
-             shape: tuple[int, ...], classes: int, device: Any, sgd: Any) -> Baseline:
+def _baseline(
+    problem: Problem,
+    prof: StepProfile,
+    speed: DeviceSpeed,
+    cfg: PlanConfig,
+    *,
+    real: Any,
+    shape: tuple[int, ...],
+    classes: int,
+    device: Any,
+    sgd: Any,
+) -> Baseline:
     """One baseline: its step profile ``prof`` at the largest batch that fits
     (``real``: the real model to time, under ``--cost measure``)."""
     epochs = cfg.recipe.epochs
     fitting = [b for b in problem.batch_sizes if prof.peak_bytes(b) <= problem.cap_bytes]
     ws = problem.workspace_bytes
     if not fitting:
-        return Baseline(batch_size=0, predicted_peak_bytes=prof.peak_bytes(problem.batch_sizes[0]) + ws,
-                        predicted_time_s=0.0, epochs=epochs, fits=False, lr=0.0, steps=0)
+        return Baseline(
+            batch_size=0,
+            predicted_peak_bytes=prof.peak_bytes(problem.batch_sizes[0]) + ws,
+            predicted_time_s=0.0,
+            epochs=epochs,
+            fits=False,
+            lr=0.0,
+            steps=0,
+        )
     b = fitting[-1]
     if real is not None:
         fixed, per = measure_step_time(real, shape, classes, device=device, batches=(8, 32), sgd=sgd)
         step = fixed + per * b
     else:
         step = speed.step_s(prof, b)
-    return Baseline(batch_size=b, predicted_peak_bytes=prof.peak_bytes(b) + ws,
-                    predicted_time_s=block_steps(problem, b) * step, epochs=epochs, fits=True,
-                    steps=block_steps(problem, b), lr=cfg.recipe.lr_at(b))
+    return Baseline(
+        batch_size=b,
+        predicted_peak_bytes=prof.peak_bytes(b) + ws,
+        predicted_time_s=block_steps(problem, b) * step,
+        epochs=epochs,
+        fits=True,
+        steps=block_steps(problem, b),
+        lr=cfg.recipe.lr_at(b),
+    )

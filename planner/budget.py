@@ -8,19 +8,31 @@ from __future__ import annotations
 
 import re
 
-from neuroflux.common import format_bytes  # noqa: F401 (re-exported)
+from neuroflux.common import format_bytes
 from neuroflux.errors import NeuroFluxError
 
 __all__ = ["parse_bytes", "format_bytes", "nvml_free_bytes", "ACCEPTED_FORMS"]
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "kib": 2**10,
-    "m": 10**6, "mb": 10**6, "mib": 2**20,
-    "g": 10**9, "gb": 10**9, "gib": 2**30,
-    "t": 10**12, "tb": 10**12, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+    "t": 10**12,
+    "tb": 10**12,
+    "tib": 2**40,
 }
-ACCEPTED_FORMS = "plain bytes (1500000000), or a number with a unit: 512MB, 512MiB, 1GB, 1GiB, 1.5G, 2TB (KB/MB/GB = powers of 10, KiB/MiB/GiB = powers of 2)"
+ACCEPTED_FORMS = (
+    "plain bytes (1500000000), or a number with a unit: 512MB, 512MiB, 1GB, 1GiB, 1.5G, 2TB "
+    "(KB/MB/GB = powers of 10, KiB/MiB/GiB = powers of 2)"
+)
 _RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 

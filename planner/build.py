@@ -11,9 +11,10 @@ callback and log through ``logging``; tables and bars belong to the CLI.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.baselines import baselines
@@ -41,15 +42,22 @@ def _no_progress(desc: str, done: int, total: int) -> None:
     pass
 
 
-def make_plan(model_spec: str | ModelObject, cfg: PlanConfig, *, plan_dir: str | Path = ".",
-              progress: Progress | None = None) -> PlanResult:
+def make_plan(
+    model_spec: str | ModelObject, cfg: PlanConfig, *, plan_dir: str | Path = ".", progress: Progress | None = None
+) -> PlanResult:
     """Trace, profile and solve: the plan for ``cfg.budget.budget_bytes``."""
     prof = profile_model(model_spec, cfg, progress or _no_progress)
     return _plan_at(prof, cfg, plan_dir=Path(plan_dir))
 
 
-def make_plans(model_spec: str | ModelObject, cfg: PlanConfig, budgets: Sequence[tuple[int, str]], *,
-               plan_dir: str | Path = ".", progress: Progress | None = None) -> list[PlanResult | NeuroFluxError]:
+def make_plans(
+    model_spec: str | ModelObject,
+    cfg: PlanConfig,
+    budgets: Sequence[tuple[int, str]],
+    *,
+    plan_dir: str | Path = ".",
+    progress: Progress | None = None,
+) -> list[PlanResult | NeuroFluxError]:
     """Plans for several budgets ((bytes, text) pairs), profiling the model
     once: a budget changes the solve, not the units' costs. A budget with no
     plan gives its error in its place."""
@@ -66,21 +74,53 @@ def make_plans(model_spec: str | ModelObject, cfg: PlanConfig, budgets: Sequence
 
 #: PlanConfig options that change only the solve (and the plan's records),
 #: never a unit's profile: configs equal but for these share one profiling.
-_SOLVE_ONLY = frozenset({
-    "budget_bytes", "budget_text", "budget_source", "strategy", "time_limit_s", "tie_tolerance", "max_blocks",
-    "max_block_units", "margin", "min_batch", "max_batch", "epochs", "cache_budget_bytes", "disk_budget_bytes",
-    "cache_location", "data_mode", "patience", "tolerance", "prefer", "epoch_patience", "max_extra_epochs",
-    "base_batch_size", "lr_scaling", "schedule", "workers"})
+_SOLVE_ONLY = frozenset(
+    {
+        "budget_bytes",
+        "budget_text",
+        "budget_source",
+        "strategy",
+        "time_limit_s",
+        "tie_tolerance",
+        "max_blocks",
+        "max_block_units",
+        "margin",
+        "min_batch",
+        "max_batch",
+        "epochs",
+        "cache_budget_bytes",
+        "disk_budget_bytes",
+        "cache_location",
+        "data_mode",
+        "patience",
+        "tolerance",
+        "prefer",
+        "epoch_patience",
+        "max_extra_epochs",
+        "base_batch_size",
+        "lr_scaling",
+        "schedule",
+        "workers",
+    }
+)
 
 
-def make_plan_shared(model_spec: str, cfg: PlanConfig, *, plan_dir: str | Path, profiles: dict[Any, Any],
-                     progress: Progress | None = None) -> PlanResult:
+def make_plan_shared(
+    model_spec: str,
+    cfg: PlanConfig,
+    *,
+    plan_dir: str | Path,
+    profiles: dict[Any, Any],
+    progress: Progress | None = None,
+) -> PlanResult:
     """``make_plan``, profiling ``model_spec`` once for every config that
     differs only in ``_SOLVE_ONLY`` options (``profiles`` holds them between
     calls): a benchmark's optimal, greedy and budget variants of one model
     profile it once, and get the plans ``make_plan`` gives each."""
-    key = (model_spec, tuple(sorted((name, repr(value)) for name, value in cfg.options().items()
-                                    if name not in _SOLVE_ONLY)))
+    key = (
+        model_spec,
+        tuple(sorted((name, repr(value)) for name, value in cfg.options().items() if name not in _SOLVE_ONLY)),
+    )
     if key not in profiles:
         profiles[key] = profile_model(model_spec, cfg, progress or _no_progress)
     return _plan_at(profiles[key], cfg, plan_dir=Path(plan_dir))
@@ -110,9 +150,11 @@ def _problem(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path) -> Problem:
         epochs=cfg.recipe.epochs,
         cap_bytes=int(budget.budget_bytes * (1 - budget.margin)) - pr.target.workspace,
         workspace_bytes=pr.target.workspace,
-        cache_budget_bytes=default_cache_budget_bytes() if budget.cache_budget_bytes is None
+        cache_budget_bytes=default_cache_budget_bytes()
+        if budget.cache_budget_bytes is None
         else budget.cache_budget_bytes,
-        disk_budget_bytes=default_disk_budget_bytes(plan_dir) if budget.disk_budget_bytes is None
+        disk_budget_bytes=default_disk_budget_bytes(plan_dir)
+        if budget.disk_budget_bytes is None
         else budget.disk_budget_bytes,
         boundaries=budget.boundaries,
         max_blocks=search.max_blocks,

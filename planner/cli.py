@@ -20,132 +20,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from neuroflux.errors import NeuroFluxError
 from neuroflux.common import resolve_device, speed_verdict
+from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.budget import format_bytes, nvml_free_bytes, parse_bytes
-from neuroflux.runtime.heads import HEAD_KINDS
+from neuroflux.planner.cli_args import build_parser
 
 if TYPE_CHECKING:
     from neuroflux.planner.config import ConfigError, PlanConfig
 
 __all__ = ["main", "build_parser", "planning_progress", "print_plan", "parse_shape"]
-
-
-def _default(name: str) -> Any:
-    """A flag's default is PlanConfig's: one source per setting."""
-    from neuroflux.planner.config import option_default
-
-    return option_default(name)
-
-
-def _add_memory_args(ap: argparse.ArgumentParser) -> None:
-    """Host RAM, disk and the block boundaries: where activations live between blocks."""
-    ap.add_argument("--host-budget", "--cache-budget", dest="cache_budget", default=None,
-                    help="host RAM for activation caches (a block's source cache plus the one it writes) and, where "
-                    "they fit beside them, the stacked inputs (default: half of this machine's physical RAM)")
-    ap.add_argument("--disk-budget", default=None,
-                    help="disk for activation caches (default: the free space where the plan is written, less 10%% "
-                    "and 1 GiB; give it when the run writes elsewhere)")
-    ap.add_argument("--cache-location", choices=["auto", "ram", "disk", "recompute"], default=_default("cache_location"),
-                    help="what a block boundary may be: auto (the planner picks RAM cache, disk cache or recompute "
-                    "per boundary), ram or disk (that cache, or recompute), recompute (never cache)")
-    ap.add_argument("--data-mode", choices=["auto", "stack", "stream"], default=_default("data_mode"),
-                    help="inputs stacked in RAM once (fast; per-sample random transforms are drawn once) or streamed "
-                    "through DataLoader workers on every pass; auto: stack when they fit the host budget")
-    ap.add_argument("--cache-dtype", choices=["float16", "float32"], default=_default("cache_dtype"))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """``nf-plan``'s flags, in the order ``--help`` lists them."""
-    ap = argparse.ArgumentParser(
-        prog="nf-plan",
-        description="Plan block-wise local-learning training of a CNN under a GPU memory budget.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    ap.add_argument("model", help="model file, optionally with a factory (model.py, model.py:build_net), or an installed "
-                    "module's factory (mypkg.models:resnet18)")
-    ap.add_argument("--budget", help="device memory for training tensors, e.g. 1GB, 512MiB, 1.5G, 1000000000 "
-                    "(default: free memory NVML reports on GPU 0)")
-    ap.add_argument("-o", "--output", default=None,
-                    help="where to write the plan (default plan.json); with --sweep, a folder (default sweep)")
-    ap.add_argument("--sweep", default=None, metavar="BUDGETS",
-                    help="plan at several budgets instead of --budget, profiling once: a list (100MB,200MB,1GB) or a "
-                         "log-spaced range LOW:HIGH:COUNT (100MB:2GB:6); writes one plan per budget, sweep.json and "
-                         "sweep.html (predicted time against budget for NeuroFlux, BP and BP with checkpointing)")
-    ap.add_argument("--strategy", choices=["optimal", "greedy"], default=_default("strategy"),
-                    help="optimal: CP-SAT; greedy: our reconstruction of the paper's heuristic")
-    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="target device kind")
-    ap.add_argument("--epochs", type=int, default=_default("epochs"), help="epochs per block (and for the BP baselines)")
-    ap.add_argument("--min-batch", type=int, default=_default("min_batch"))
-    ap.add_argument("--max-batch", type=int, default=None, help="default: min(512, train size / 32)")
-    ap.add_argument("--margin", type=float, default=_default("margin"), help="share of the budget kept free for allocator rounding "
-                    "and fragmentation")
-    _add_memory_args(ap)
-    _add_solver_and_cost_args(ap)
-    _add_head_and_exit_args(ap)
-    _add_data_args(ap)
-    ap.add_argument("--workers", type=int, default=_default("workers"),
-                    help="processes that profile units (default 0: every core; the plan is the same for any number)")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
-    return ap
-
-
-def _add_solver_and_cost_args(ap: argparse.ArgumentParser) -> None:
-    """The solver's limits and seed, the cost model that times steps, and the base learning rate."""
-    ap.add_argument("--max-blocks", type=int, default=None)
-    ap.add_argument("--time-limit", type=float, default=_default("time_limit_s"), help="CP-SAT seconds per solve phase")
-    ap.add_argument("--seed", type=int, default=_default("seed"), help="solver and training seed")
-    ap.add_argument("--cost", choices=["flops", "measure"], default=_default("cost"),
-                    help="step times from FLOPs and device throughput, or measured real steps")
-    ap.add_argument("--device-profile", default=None,
-                    help="device profile JSON for --cost flops, e.g. a GPU's measured with `python -m "
-                    "neuroflux.planner.device_profile --device cuda -o gpu.json` (default: this machine's, measured "
-                    "once and cached, so plans do not change with load)")
-    ap.add_argument("--device-tflops", type=float, default=None,
-                    help="throughput for --cost flops (overrides the profile)")
-    ap.add_argument("--op-overhead-us", type=float, default=None,
-                    help="fixed cost per dispatched op for --cost flops (default: measured here); with "
-                    "--device-tflops it makes plans independent of this machine's load")
-    ap.add_argument("--lr", type=float, default=_default("lr"),
-                    help="base learning rate at batch 128 (sqrt-scaled per block)")
-
-
-def _add_head_and_exit_args(ap: argparse.ArgumentParser) -> None:
-    """Aux heads and the accuracy rule; the exit policy and the block length that gives it places to stop."""
-    ap.add_argument("--head-kind", choices=list(HEAD_KINDS), default=_default("head_kind"),
-                    help="aux head family: pooled (DGL-style: pool to 4x4, 1x1-conv MLP; cheap, so wide) or conv "
-                    "(3x3 conv at full resolution)")
-    ap.add_argument("--head-time-tolerance", type=float, default=_default("tie_tolerance"),
-                    help="accuracy rule for aux heads: take the widest heads whose plan is at most this share slower "
-                    "than the fastest (0: least time, narrowest heads)")
-    ap.add_argument("--patience", type=int, default=_default("patience"),
-                    help="adaptive depth: exits (units) in a row without improvement before training stops "
-                    "(0: full depth)")
-    ap.add_argument("--epoch-patience", type=int, default=_default("epoch_patience"),
-                    help="per-block epochs: epochs without exit improvement before a block moves on "
-                    "(0: planned epochs)")
-    ap.add_argument("--max-extra-epochs", type=int, default=_default("max_extra_epochs"),
-                    help="epochs a still-improving block may add, paid from time that converged blocks saved")
-    ap.add_argument("--max-block-units", type=int, default=None,
-                    help="longest block in units (default: a third of the units, so adaptive depth has places to "
-                    "stop; 0: no limit)")
-    ap.add_argument("--tolerance", type=float, default=_default("tolerance"),
-                    help="accuracy within which exits count as equal")
-    ap.add_argument("--prefer", choices=["shallowest", "best"], default=_default("prefer"),
-                    help="exit to keep: the best, or the shallowest within --tolerance of it (smaller, a little less "
-                    "accurate)")
-
-
-def _add_data_args(ap: argparse.ArgumentParser) -> None:
-    """The data, where the model file does not give it."""
-    ap.add_argument("--input-shape", default=None, metavar="C,H,W",
-                    help="one sample's shape, e.g. 3,224,224 (default: the model file's INPUT_SHAPE, else a sample's)")
-    ap.add_argument("--train-size", type=int, default=None, help="needed only if the model file has no datasets()")
-    ap.add_argument("--val-size", type=int, default=None)
-    ap.add_argument("--datasets", default=_default("datasets"), help="name of the datasets function in the model file")
 
 
 def _device(choice: str) -> tuple[str, str]:
@@ -234,7 +121,7 @@ def _run_sweep(args: argparse.Namespace, kind: str, name: str) -> int:
     return 0 if any(r.plan_file for r in rows) else 2
 
 
-def _print_sweep(rows) -> None:  # noqa: ANN001
+def _print_sweep(rows) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -249,8 +136,16 @@ def _print_sweep(rows) -> None:  # noqa: ANN001
         ck = f"{r.bp_checkpoint_time_s:.1f} s (b{r.bp_checkpoint_batch})" if r.bp_checkpoint_time_s else "does not fit"
         verdict = speed_verdict(r.bp_time_s / r.neuroflux_time_s) if r.bp_time_s else "BP cannot train"
         least = f"{r.neuroflux_least_time_s:.1f} s" if r.neuroflux_least_time_s is not None else "-"
-        t.add_row(r.budget_text, f"{r.neuroflux_time_s:.1f} s", least, str(r.blocks),
-                  ",".join(map(str, r.batch_sizes or [])), bp, ck, verdict)
+        t.add_row(
+            r.budget_text,
+            f"{r.neuroflux_time_s:.1f} s",
+            least,
+            str(r.blocks),
+            ",".join(map(str, r.batch_sizes or [])),
+            bp,
+            ck,
+            verdict,
+        )
     console = Console()
     console.print(t)
     for r in rows:
@@ -277,8 +172,9 @@ def planning_progress(*, quiet: bool) -> tuple[Any, Callable[[str, int, int], No
     return bar, progress
 
 
-def _config(args: argparse.Namespace, *, budget_bytes: int, budget_text: str, source: str, kind: str,
-            name: str) -> PlanConfig:
+def _config(
+    args: argparse.Namespace, *, budget_bytes: int, budget_text: str, source: str, kind: str, name: str
+) -> PlanConfig:
     """The flags as a ``PlanConfig``; its errors reworded with the flags' names."""
     from neuroflux.planner.config import ConfigError, PlanConfig
 
@@ -286,20 +182,41 @@ def _config(args: argparse.Namespace, *, budget_bytes: int, budget_text: str, so
     disk_budget = parse_bytes(args.disk_budget, what="disk budget", allow_zero=True) if args.disk_budget else None
     try:
         return PlanConfig.from_options(
-            budget_bytes=budget_bytes, budget_text=budget_text, budget_source=source, device_kind=kind,
+            budget_bytes=budget_bytes,
+            budget_text=budget_text,
+            budget_source=source,
+            device_kind=kind,
             device_name=name,
-            strategy=args.strategy, epochs=args.epochs, min_batch=args.min_batch, max_batch=args.max_batch,
-            margin=args.margin, cache_budget_bytes=cache_budget, cache_location=args.cache_location,
-            disk_budget_bytes=disk_budget, data_mode=args.data_mode,
-            cache_dtype=args.cache_dtype, max_blocks=args.max_blocks, time_limit_s=args.time_limit, seed=args.seed,
-            cost=args.cost, device_profile=args.device_profile,
+            strategy=args.strategy,
+            epochs=args.epochs,
+            min_batch=args.min_batch,
+            max_batch=args.max_batch,
+            margin=args.margin,
+            cache_budget_bytes=cache_budget,
+            cache_location=args.cache_location,
+            disk_budget_bytes=disk_budget,
+            data_mode=args.data_mode,
+            cache_dtype=args.cache_dtype,
+            max_blocks=args.max_blocks,
+            time_limit_s=args.time_limit,
+            seed=args.seed,
+            cost=args.cost,
+            device_profile=args.device_profile,
             device_flops_per_s=args.device_tflops * 1e12 if args.device_tflops else None,
-            op_overhead_s=args.op_overhead_us * 1e-6 if args.op_overhead_us is not None else None, lr=args.lr,
-            patience=args.patience, tolerance=args.tolerance, prefer=args.prefer, train_size=args.train_size,
-            epoch_patience=args.epoch_patience, max_extra_epochs=args.max_extra_epochs, head_kind=args.head_kind,
+            op_overhead_s=args.op_overhead_us * 1e-6 if args.op_overhead_us is not None else None,
+            lr=args.lr,
+            patience=args.patience,
+            tolerance=args.tolerance,
+            prefer=args.prefer,
+            train_size=args.train_size,
+            epoch_patience=args.epoch_patience,
+            max_extra_epochs=args.max_extra_epochs,
+            head_kind=args.head_kind,
             tie_tolerance=args.head_time_tolerance,
             max_block_units=-1 if args.max_block_units is None else (args.max_block_units or None),
-            val_size=args.val_size, datasets=args.datasets, workers=args.workers,
+            val_size=args.val_size,
+            datasets=args.datasets,
+            workers=args.workers,
             input_shape=parse_shape(args.input_shape) if args.input_shape else None,
         )
     except ConfigError as e:
@@ -307,9 +224,15 @@ def _config(args: argparse.Namespace, *, budget_bytes: int, budget_text: str, so
 
 
 #: Options whose flag is not ``--`` and the option's name with dashes.
-_FLAG_OF = {"time_limit_s": "--time-limit", "tie_tolerance": "--head-time-tolerance",
-            "cache_budget_bytes": "--host-budget", "disk_budget_bytes": "--disk-budget",
-            "device_flops_per_s": "--device-tflops", "op_overhead_s": "--op-overhead-us", "device_kind": "--device"}
+_FLAG_OF = {
+    "time_limit_s": "--time-limit",
+    "tie_tolerance": "--head-time-tolerance",
+    "cache_budget_bytes": "--host-budget",
+    "disk_budget_bytes": "--disk-budget",
+    "device_flops_per_s": "--device-tflops",
+    "op_overhead_s": "--op-overhead-us",
+    "device_kind": "--device",
+}
 
 
 def _flag_message(e: ConfigError, *, budget_text: str) -> str:
@@ -333,32 +256,42 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def print_plan(plan) -> None:  # noqa: ANN001 - a schemas.Plan
+def print_plan(plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    t = Table(title=f"NeuroFlux plan: {Path(plan.model.file).name}, budget {plan.device.budget_text} "
-              f"({format_bytes(plan.budget_bytes)}), {plan.solver.strategy} ({plan.solver.status})")
+    t = Table(
+        title=f"NeuroFlux plan: {Path(plan.model.file).name}, budget {plan.device.budget_text} "
+        f"({format_bytes(plan.budget_bytes)}), {plan.solver.strategy} ({plan.solver.status})"
+    )
     for col in ("block", "units", "input", "batch", "aux heads", "predicted peak / budget", "predicted time", "output"):
         t.add_column(col, justify="right" if col not in ("units", "input", "output") else "left")
     for b in plan.blocks:
         widths = ",".join("model" if plan.unit(u).aux is None else _head_text(plan.unit(u).aux) for u in b.units)
         units = f"{b.units[0]}..{b.units[-1]}" if len(b.units) > 2 else ",".join(b.units)
-        t.add_row(str(b.index), units, b.input_text(), str(b.batch_size), widths,
-                  f"{format_bytes(b.predicted_peak_bytes)} ({b.predicted_peak_bytes / plan.budget_bytes:.0%})",
-                  f"{b.predicted_time_s:.1f} s",
-                  "-" if b.cache is None else f"{b.cache.location} cache {format_bytes(b.cache.bytes)}")
+        t.add_row(
+            str(b.index),
+            units,
+            b.input_text(),
+            str(b.batch_size),
+            widths,
+            f"{format_bytes(b.predicted_peak_bytes)} ({b.predicted_peak_bytes / plan.budget_bytes:.0%})",
+            f"{b.predicted_time_s:.1f} s",
+            "-" if b.cache is None else f"{b.cache.location} cache {format_bytes(b.cache.bytes)}",
+        )
     console.print(t)
     if plan.data is not None:
         d = plan.data
-        console.print(f"inputs: {d.mode} ({d.reason}); caches hold at most {format_bytes(d.peak_cache_ram_bytes)} of "
-                      f"RAM (host budget {format_bytes(plan.device.cache_budget_bytes)}) and "
-                      f"{format_bytes(d.peak_cache_disk_bytes)} of disk (disk budget "
-                      f"{format_bytes(plan.device.disk_budget_bytes)})")
+        console.print(
+            f"inputs: {d.mode} ({d.reason}); caches hold at most {format_bytes(d.peak_cache_ram_bytes)} of "
+            f"RAM (host budget {format_bytes(plan.device.cache_budget_bytes)}) and "
+            f"{format_bytes(d.peak_cache_disk_bytes)} of disk (disk budget "
+            f"{format_bytes(plan.device.disk_budget_bytes)})"
+        )
     bl = plan.baseline
 
-    def line(name: str, b, speedup) -> str:  # noqa: ANN001
+    def line(name: str, b, speedup) -> str:
         if not b.fits:
             return f"{name}: no batch size >= {plan.solver.min_batch_size} fits the budget"
         if not speedup:
@@ -366,8 +299,10 @@ def print_plan(plan) -> None:  # noqa: ANN001 - a schemas.Plan
         verdict = speed_verdict(speedup)
         return f"{name}: batch {b.batch_size}, {b.predicted_time_s:.1f} s predicted -> NeuroFlux {verdict} (predicted)"
 
-    console.print(f"NeuroFlux: {plan.predicted.time_s:.1f} s predicted for {plan.recipe.epochs_per_block} "
-                  f"epochs per block on {plan.recipe.train_size} samples, assuming {plan.predicted.assumes}")
+    console.print(
+        f"NeuroFlux: {plan.predicted.time_s:.1f} s predicted for {plan.recipe.epochs_per_block} "
+        f"epochs per block on {plan.recipe.train_size} samples, assuming {plan.predicted.assumes}"
+    )
     console.print(line("BP", bl.bp, plan.predicted.speedup_vs_bp))
     console.print(line("BP + checkpointing", bl.bp_checkpoint, plan.predicted.speedup_vs_bp_checkpoint))
 
@@ -387,7 +322,7 @@ def _check_writable(out: Path) -> None:
         raise NeuroFluxError(f"cannot write the plan to {out} ({e.strerror}); choose a writable -o path") from None
 
 
-def _head_text(aux) -> str:  # noqa: ANN001 - a schemas.AuxHead
+def _head_text(aux) -> str:
     return "lin" if aux.kind == "linear" else f"{aux.kind[0]}{aux.width}"
 
 

@@ -18,17 +18,30 @@ import math
 import os
 import string
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.problem import Boundary
 from neuroflux.planner.profile import SGDConfig
 from neuroflux.planner.solve_cpsat import DEFAULT_TIE_TOLERANCE
 
-__all__ = ["PlanConfig", "BudgetConfig", "DataConfig", "TargetConfig", "SearchConfig", "HeadsConfig", "RecipeConfig",
-           "ExitConfig", "ConfigError", "lr_for_batch", "default_cache_budget_bytes", "default_disk_budget_bytes"]
+__all__ = [
+    "PlanConfig",
+    "BudgetConfig",
+    "DataConfig",
+    "TargetConfig",
+    "SearchConfig",
+    "HeadsConfig",
+    "RecipeConfig",
+    "ExitConfig",
+    "ConfigError",
+    "lr_for_batch",
+    "default_cache_budget_bytes",
+    "default_disk_budget_bytes",
+]
 
 
 class ConfigError(NeuroFluxError, ValueError):
@@ -41,8 +54,7 @@ class ConfigError(NeuroFluxError, ValueError):
     def __init__(self, template: str, **values: Any) -> None:
         self.template = template
         self.values = values
-        self.fields = tuple(name for _, name, _, _ in string.Formatter().parse(template)
-                            if name and name not in values)
+        self.fields = tuple(name for _, name, _, _ in string.Formatter().parse(template) if name and name not in values)
         super().__init__(self.worded({}))
 
     def worded(self, names: Mapping[str, str]) -> str:
@@ -59,14 +71,18 @@ def _check_choices(record: Any) -> None:
         tp = hints[f.name]
         if typing.get_origin(tp) is typing.Literal and getattr(record, f.name) not in typing.get_args(tp):
             choices = ", ".join(repr(c) for c in typing.get_args(tp))
-            raise ConfigError("{%s} must be one of {choices}, got {got!r}" % f.name, choices=choices,
-                              got=getattr(record, f.name))
+            raise ConfigError(
+                "{" + f.name + "} must be one of {choices}, got {got!r}", choices=choices, got=getattr(record, f.name)
+            )
 
 
 #: What each ``cache_location`` lets a block boundary be.
 _BOUNDARIES: dict[str, tuple[Boundary, ...]] = {
-    "auto": ("ram", "disk", "recompute"), "ram": ("ram", "recompute"), "disk": ("disk", "recompute"),
-    "recompute": ("recompute",)}
+    "auto": ("ram", "disk", "recompute"),
+    "ram": ("ram", "recompute"),
+    "disk": ("disk", "recompute"),
+    "recompute": ("recompute",),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,14 +114,17 @@ class BudgetConfig:
         if self.budget_bytes <= 0:
             raise ConfigError("{budget_bytes} must be > 0")
         if self.budget_bytes > 2**48:
-            raise ConfigError("{budget_bytes} is {got} bytes, more than any device has (limit 256 TiB); give the "
-                              "device's memory, e.g. 80GB", got=self.budget_bytes)
+            raise ConfigError(
+                "{budget_bytes} is {got} bytes, more than any device has (limit 256 TiB); give the "
+                "device's memory, e.g. 80GB",
+                got=self.budget_bytes,
+            )
         if not 0 <= self.margin < 1:
             raise ConfigError("{margin} must be in [0, 1), got {got}", got=self.margin)
         for name in ("cache_budget_bytes", "disk_budget_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
-                raise ConfigError("{%s} must be a number of bytes >= 0, got {got!r}" % name, got=value)
+                raise ConfigError("{" + name + "} must be a number of bytes >= 0, got {got!r}", got=value)
         _check_choices(self)
 
     @property
@@ -135,12 +154,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.input_shape is not None and (not self.input_shape or any(int(d) < 1 for d in self.input_shape)):
-            raise ConfigError("{input_shape} must be positive sizes such as (3, 32, 32), got {got}",
-                              got=self.input_shape)
+            raise ConfigError(
+                "{input_shape} must be positive sizes such as (3, 32, 32), got {got}", got=self.input_shape
+            )
         for name in ("train_size", "val_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError("{%s} must be a positive number of samples, got {got!r}" % name, got=value)
+                raise ConfigError("{" + name + "} must be a positive number of samples, got {got!r}", got=value)
         _check_choices(self)
 
 
@@ -194,13 +214,18 @@ class SearchConfig:
         if self.min_batch < 1:
             raise ConfigError("{min_batch} must be >= 1, got {got}", got=self.min_batch)
         if self.max_batch is not None and self.max_batch < self.min_batch:
-            raise ConfigError("{max_batch} ({got_max}) must be >= {min_batch} ({got_min})", got_max=self.max_batch,
-                              got_min=self.min_batch)
+            raise ConfigError(
+                "{max_batch} ({got_max}) must be >= {min_batch} ({got_min})",
+                got_max=self.max_batch,
+                got_min=self.min_batch,
+            )
         if self.max_blocks is not None and self.max_blocks < 1:
             raise ConfigError("{max_blocks} must be >= 1")
         if self.max_block_units is not None and self.max_block_units != -1 and self.max_block_units < 1:
-            raise ConfigError("{max_block_units} must be >= 1, -1 (a third of the units) or None (no limit), "
-                              "got {got}", got=self.max_block_units)
+            raise ConfigError(
+                "{max_block_units} must be >= 1, -1 (a third of the units) or None (no limit), got {got}",
+                got=self.max_block_units,
+            )
         _check_choices(self)
 
     def block_units_limit(self, n_units: int) -> int | None:
@@ -283,8 +308,15 @@ class ExitConfig:
 
 
 #: The nested records, by ``PlanConfig`` field.
-_RECORDS: dict[str, type] = {"budget": BudgetConfig, "data": DataConfig, "target": TargetConfig,
-                             "search": SearchConfig, "heads": HeadsConfig, "recipe": RecipeConfig, "exits": ExitConfig}
+_RECORDS: dict[str, type] = {
+    "budget": BudgetConfig,
+    "data": DataConfig,
+    "target": TargetConfig,
+    "search": SearchConfig,
+    "heads": HeadsConfig,
+    "recipe": RecipeConfig,
+    "exits": ExitConfig,
+}
 #: Each option name (a record's field) -> the ``PlanConfig`` field of its record.
 _RECORD_OF: dict[str, str] = {f.name: rec for rec, cls in _RECORDS.items() for f in dataclasses.fields(cls)}
 
@@ -325,13 +357,18 @@ class PlanConfig:
         for name, value in options.items():
             if name != "seed":
                 parts[_RECORD_OF[name]][name] = value
-        return cls(**{rec: _RECORDS[rec](**kw) for rec, kw in parts.items()},
-                   **({"seed": options["seed"]} if "seed" in options else {}))
+        return cls(
+            **{rec: _RECORDS[rec](**kw) for rec, kw in parts.items()},
+            **({"seed": options["seed"]} if "seed" in options else {}),
+        )
 
     def options(self) -> dict[str, Any]:
         """Every option by name: ``from_options(**cfg.options()) == cfg``."""
-        out = {f.name: getattr(getattr(self, rec), f.name) for rec, cls in _RECORDS.items()
-               for f in dataclasses.fields(cls)}
+        out = {
+            f.name: getattr(getattr(self, rec), f.name)
+            for rec, cls in _RECORDS.items()
+            for f in dataclasses.fields(cls)
+        }
         return {**out, "seed": self.seed}
 
     def replace(self, **options: Any) -> PlanConfig:

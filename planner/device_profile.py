@@ -56,8 +56,18 @@ if TYPE_CHECKING:
     from neuroflux.planner.profile import SGDConfig
     from neuroflux.runtime.train import UnitTrainer
 
-__all__ = ["DeviceProfile", "load_profile", "save_profile", "measure_profile", "cached_profile", "cache_dir",
-           "DEFAULT_CUDA_WORKSPACE_BYTES", "measure_workspace_bytes", "MemoryCalibration", "measure_memory_calibration"]
+__all__ = [
+    "DeviceProfile",
+    "load_profile",
+    "save_profile",
+    "measure_profile",
+    "cached_profile",
+    "cache_dir",
+    "DEFAULT_CUDA_WORKSPACE_BYTES",
+    "measure_workspace_bytes",
+    "MemoryCalibration",
+    "measure_memory_calibration",
+]
 
 DEFAULT_CUDA_WORKSPACE_BYTES = 2 * 32 * 2**20 + 2**20
 """Two cuBLAS handles at Hopper's default 32 MiB workspace, plus the 1 MiB
@@ -118,25 +128,40 @@ def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
     p = Path(path)
     try:
         data = json.loads(p.read_text())
-        prof = DeviceProfile(**{f.name: data[f.name] for f in dataclasses.fields(DeviceProfile)
-                                if f.name in data or f.default is dataclasses.MISSING})
+        prof = DeviceProfile(
+            **{
+                f.name: data[f.name]
+                for f in dataclasses.fields(DeviceProfile)
+                if f.name in data or f.default is dataclasses.MISSING
+            }
+        )
     except FileNotFoundError:
-        raise NeuroFluxError(f"device profile {p} not found; measure one on the target with "
-                             "`python -m neuroflux.planner.device_profile -o FILE`") from None
+        raise NeuroFluxError(
+            f"device profile {p} not found; measure one on the target with "
+            "`python -m neuroflux.planner.device_profile -o FILE`"
+        ) from None
     except OSError as e:  # a directory, no permission
         raise NeuroFluxError(f"cannot read the device profile {p} ({e.strerror}); give a profile JSON file") from None
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as e:
-        raise NeuroFluxError(f"device profile {p} is not a valid profile ({type(e).__name__}: {e}); re-measure it") from e
+        raise NeuroFluxError(
+            f"device profile {p} is not a valid profile ({type(e).__name__}: {e}); re-measure it"
+        ) from e
     if prof.kind not in ("cpu", "cuda") or not isinstance(prof.name, str):
-        raise NeuroFluxError(f"device profile {p}: kind {prof.kind!r} (cpu or cuda) and name {prof.name!r} (text) are "
-                             "not a profile's; re-measure it")
+        raise NeuroFluxError(
+            f"device profile {p}: kind {prof.kind!r} (cpu or cuda) and name {prof.name!r} (text) are "
+            "not a profile's; re-measure it"
+        )
     numeric = ("flops_per_s", "op_overhead_s", "workspace_bytes", "step_overhead_bytes", "activation_scale")
     for name in numeric:
         v = getattr(prof, name, None)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise NeuroFluxError(f"device profile {p}: {name} is {v!r}, not a number; re-measure it")
-    if (not (prof.flops_per_s > 0 and prof.op_overhead_s >= 0) or (prof.workspace_bytes or 0) < 0
-            or (prof.step_overhead_bytes or 0) < 0 or (prof.activation_scale is not None and prof.activation_scale < 1)):
+    if (
+        not (prof.flops_per_s > 0 and prof.op_overhead_s >= 0)
+        or (prof.workspace_bytes or 0) < 0
+        or (prof.step_overhead_bytes or 0) < 0
+        or (prof.activation_scale is not None and prof.activation_scale < 1)
+    ):
         raise NeuroFluxError(f"device profile {p} has non-positive speeds; re-measure it")
     return prof
 
@@ -158,14 +183,21 @@ def measure_profile(device: str = "cpu", *, runs: int = 5) -> DeviceProfile:
     cal = measure_memory_calibration(dev) if dev.type == "cuda" else MemoryCalibration()
     speeds = [measure_device_speed(dev) for _ in range(runs)]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
-    return DeviceProfile(name=name, kind="cuda" if dev.type == "cuda" else "cpu",
-                         flops_per_s=statistics.median(s.flops_per_s for s in speeds),
-                         op_overhead_s=statistics.median(s.op_overhead_s for s in speeds), source="measured",
-                         date=time.strftime("%Y-%m-%d"), torch=torch.__version__, workspace_bytes=workspace,
-                         step_overhead_bytes=cal.step_overhead_bytes, activation_scale=cal.activation_scale)
+    return DeviceProfile(
+        name=name,
+        kind="cuda" if dev.type == "cuda" else "cpu",
+        flops_per_s=statistics.median(s.flops_per_s for s in speeds),
+        op_overhead_s=statistics.median(s.op_overhead_s for s in speeds),
+        source="measured",
+        date=time.strftime("%Y-%m-%d"),
+        torch=torch.__version__,
+        workspace_bytes=workspace,
+        step_overhead_bytes=cal.step_overhead_bytes,
+        activation_scale=cal.activation_scale,
+    )
 
 
-def measure_workspace_bytes(dev) -> int:  # noqa: ANN001
+def measure_workspace_bytes(dev) -> int:
     """Bytes the allocator holds after one matmul forward and backward once
     every tensor is freed: the cuBLAS workspaces of the forward thread and of
     autograd's backward thread. Exact only in a process that has not used
@@ -183,8 +215,12 @@ def measure_workspace_bytes(dev) -> int:  # noqa: ANN001
     return held if held > 0 else DEFAULT_CUDA_WORKSPACE_BYTES
 
 
-def measure_memory_calibration(dev, *, batches: tuple[int, int] = (16, 64),  # noqa: ANN001
-                               floor: bool = True) -> MemoryCalibration:
+def measure_memory_calibration(
+    dev,
+    *,
+    batches: tuple[int, int] = (16, 64),
+    floor: bool = True,
+) -> MemoryCalibration:
     """Run a reference network's training step (the runtime's UnitTrainer)
     on ``dev`` at two batch sizes and compare its memory beyond the resident
     state with the planner's fake-tensor prediction of the same step. On the
@@ -199,8 +235,15 @@ def measure_memory_calibration(dev, *, batches: tuple[int, int] = (16, 64),  # n
     fake = FakeTensorMode()
     with fake:
         fake_model = _reference_network()
-    pred = profile_step(fake_model, None, _REFERENCE_SHAPE, _REFERENCE_CLASSES, fake_mode=fake, sgd=sgd,
-                        foreach=dev.type == "cuda" or None)
+    pred = profile_step(
+        fake_model,
+        None,
+        _REFERENCE_SHAPE,
+        _REFERENCE_CLASSES,
+        fake_mode=fake,
+        sgd=sgd,
+        foreach=dev.type == "cuda" or None,
+    )
     dyn = _measured_step_bytes(dev, batches=batches, sgd=sgd)
     per = (dyn[1] - dyn[0]) / (batches[1] - batches[0])
     fixed = dyn[0] - per * batches[0]
@@ -221,11 +264,20 @@ def _reference_network() -> nn.Module:
 
     def cbr(i: int, o: int, s: int = 1) -> list[nn.Module]:
         return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
-    return nn.Sequential(*cbr(3, 64), *cbr(64, 64), *cbr(64, 128, 2), *cbr(128, 128), *cbr(128, 256, 2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
+
+    return nn.Sequential(
+        *cbr(3, 64),
+        *cbr(64, 64),
+        *cbr(64, 128, 2),
+        *cbr(128, 128),
+        *cbr(128, 256, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(256, 10),
+    )
 
 
-def _measured_step_bytes(dev, *, batches: tuple[int, int], sgd: SGDConfig) -> list[float]:  # noqa: ANN001
+def _measured_step_bytes(dev, *, batches: tuple[int, int], sgd: SGDConfig) -> list[float]:
     """Memory the reference network's real training step allocates beyond
     its resident state on ``dev``, at each of ``batches`` (after one step
     to reach steady state: momentum buffers, library handles)."""
@@ -235,8 +287,15 @@ def _measured_step_bytes(dev, *, batches: tuple[int, int], sgd: SGDConfig) -> li
 
     torch.manual_seed(0)
     model = _reference_network().to(dev)
-    t = UnitTrainer(model, None, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay, total_steps=10**6,
-                    schedule="constant")
+    t = UnitTrainer(
+        model,
+        None,
+        lr=sgd.lr,
+        momentum=sgd.momentum,
+        weight_decay=sgd.weight_decay,
+        total_steps=10**6,
+        schedule="constant",
+    )
     t.train(True)
 
     def batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +310,7 @@ def _measured_step_bytes(dev, *, batches: tuple[int, int], sgd: SGDConfig) -> li
     return dyn
 
 
-def _step_bytes(dev, t: UnitTrainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:  # noqa: ANN001
+def _step_bytes(dev, t: UnitTrainer, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """One step's peak memory beyond the state it starts from: CUDA's
     allocator statistics, or on the CPU the planner's own accounting
     (MemTracker) on real tensors."""
@@ -319,17 +378,26 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    ap = argparse.ArgumentParser(prog="nf-profile",
-                                 description="Measure this machine's device profile (speed, and on CUDA the library "
-                                             "workspace and memory calibration) for nf-plan --device-profile.")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                    help="auto: the GPU when there is one, else the CPU")
+    ap = argparse.ArgumentParser(
+        prog="nf-profile",
+        description="Measure this machine's device profile (speed, and on CUDA the library "
+        "workspace and memory calibration) for nf-plan --device-profile.",
+    )
+    ap.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: the GPU when there is one, else the CPU",
+    )
     ap.add_argument("-o", "--output", required=True, help="profile JSON to write")
     args = ap.parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        print("nf-profile: error: --device cuda, but torch sees no CUDA device here; run it on the GPU machine "
-              "(or --device cpu)", file=sys.stderr)
+        print(
+            "nf-profile: error: --device cuda, but torch sees no CUDA device here; run it on the GPU machine "
+            "(or --device cpu)",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.output)
     if not out.parent.is_dir():

@@ -4,7 +4,7 @@ options, widest first. The heads themselves are the runtime's
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from neuroflux.planner.config import HeadsConfig
 from neuroflux.planner.units import UnitSpan
@@ -13,8 +13,9 @@ from neuroflux.runtime.heads import HEAD_KINDS
 __all__ = ["head_widths", "unit_head_options"]
 
 
-def head_widths(in_shape: Sequence[int], *, kind: str = "pooled", min_width: int = 8,
-                max_options: int = 4) -> list[tuple[str, int]]:
+def head_widths(
+    in_shape: Sequence[int], *, kind: str = "pooled", min_width: int = 8, max_options: int = 4
+) -> list[tuple[str, int]]:
     """Candidate (kind, width) pairs, widest first: C, C/2, C/4, ... >= min_width.
 
     Feature maps (C, H, W) get heads of ``kind``; anything else a linear head.
@@ -34,5 +35,8 @@ def head_widths(in_shape: Sequence[int], *, kind: str = "pooled", min_width: int
 
 def unit_head_options(span: UnitSpan, heads: HeadsConfig, *, last: bool) -> list[tuple[str, int]]:
     """A unit's aux options, widest first; the last unit exits through the model's head."""
-    return [("model", 0)] if last else head_widths(span.output_shape, kind=heads.head_kind,
-                                                   max_options=heads.max_aux_options)
+    return (
+        [("model", 0)]
+        if last
+        else head_widths(span.output_shape, kind=heads.head_kind, max_options=heads.max_aux_options)
+    )

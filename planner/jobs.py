@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,8 +82,13 @@ def infer_meta(mf: ModelFile | ModelObject, cfg: PlanConfig, fake: FakeTensorMod
     model = mf.build_fake(fake)
     gm = trace(model, shape)  # first: an untraceable model gets the error that names the module
     if gm.meta.get(META_CAPTURE) == "shape-specialized":
-        log.warning("%s: torch.fx cannot trace %s() symbolically (shape arithmetic in forward); traced it with the "
-                    "input shape %s fixed instead (the batch stays free)", mf.path.name, mf.factory_name, shape)
+        log.warning(
+            "%s: torch.fx cannot trace %s() symbolically (shape arithmetic in forward); traced it with the "
+            "input shape %s fixed instead (the batch stays free)",
+            mf.path.name,
+            mf.factory_name,
+            shape,
+        )
     classes = _output_classes(mf, model, shape, fake)
     return ModelMeta(shape=shape, classes=classes, train_n=int(train_n), val_n=int(val_n), model=model, gm=gm)
 
@@ -109,8 +115,7 @@ def _data_sizes(mf: ModelFile | ModelObject, cfg: PlanConfig) -> tuple[tuple[int
     return tuple(int(s) for s in shape), train_n, val_n
 
 
-def _output_classes(mf: ModelFile | ModelObject, model: nn.Module, shape: tuple[int, ...],
-                    fake: FakeTensorMode) -> int:
+def _output_classes(mf: ModelFile | ModelObject, model: nn.Module, shape: tuple[int, ...], fake: FakeTensorMode) -> int:
     """The classes the model outputs, checked against NUM_CLASSES, on a fake batch of 2."""
     classes = mf.num_classes()
     with fake:
@@ -128,11 +133,15 @@ def _output_classes(mf: ModelFile | ModelObject, model: nn.Module, shape: tuple[
             f"{mf.path}: the model must return logits of shape (batch, classes); for a batch of 2 it returned {got}"
         )
     if classes is not None and int(classes) != out.shape[1]:
-        raise NeuroFluxError(f"{mf.path}: NUM_CLASSES is {classes} but {mf.factory_name}() outputs {out.shape[1]} "
-                             f"classes; fix NUM_CLASSES, or set {mf.factory_name}.NUM_CLASSES for this factory")
+        raise NeuroFluxError(
+            f"{mf.path}: NUM_CLASSES is {classes} but {mf.factory_name}() outputs {out.shape[1]} "
+            f"classes; fix NUM_CLASSES, or set {mf.factory_name}.NUM_CLASSES for this factory"
+        )
     if out.shape[1] < 2:
-        raise NeuroFluxError(f"{mf.path}: {mf.factory_name}() outputs {out.shape[1]} class; a classifier needs at "
-                             "least 2 (with one, every loss is 0 and nothing is learned)")
+        raise NeuroFluxError(
+            f"{mf.path}: {mf.factory_name}() outputs {out.shape[1]} class; a classifier needs at "
+            "least 2 (with one, every loss is 0 and nothing is learned)"
+        )
     return int(out.shape[1])
 
 
@@ -161,16 +170,25 @@ class Profiled:
 def profile_model(model_spec: str | ModelObject, cfg: PlanConfig, report: Progress) -> Profiled:
     """Load, trace and profile ``model_spec``: its units' costs and the BP baselines' steps."""
     torch.manual_seed(cfg.seed)
-    mf = model_spec if isinstance(model_spec, ModelObject) else \
-        load_model_file(model_spec, factory=cfg.data.factory, datasets=cfg.data.datasets)
+    mf = (
+        model_spec
+        if isinstance(model_spec, ModelObject)
+        else load_model_file(model_spec, factory=cfg.data.factory, datasets=cfg.data.datasets)
+    )
     fake = FakeTensorMode()
     meta = infer_meta(mf, cfg, fake)
     propagate_shapes(meta.gm, meta.shape, fake)
     spans = find_units(meta.gm)
     recipe = cfg.recipe
-    jobs = ProfilingJobs(cfg=cfg, fake=fake, meta=meta, spans=spans,
-                         unit_mods=split_units(meta.gm, [s.nodes for s in spans]), target=device_target(cfg),
-                         sgd=SGDConfig(lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay))
+    jobs = ProfilingJobs(
+        cfg=cfg,
+        fake=fake,
+        meta=meta,
+        spans=spans,
+        unit_mods=split_units(meta.gm, [s.nodes for s in spans]),
+        target=device_target(cfg),
+        sgd=SGDConfig(lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay),
+    )
     if cfg.target.cost == "measure":
         if cfg.target.device_kind == "cuda" and not torch.cuda.is_available():
             raise NeuroFluxError("--cost measure with a CUDA target needs a CUDA device here; use --cost flops")
@@ -179,11 +197,23 @@ def profile_model(model_spec: str | ModelObject, cfg: PlanConfig, report: Progre
         jobs.real_mods = split_units(real_gm, [s.nodes for s in spans])
         jobs.device = torch.device(cfg.target.device_kind)
     unit_costs, bp_prof, ck_prof = jobs.run(report)
-    return Profiled(mf=mf, gm=meta.gm, spans=spans, shape=meta.shape, classes=meta.classes, train_n=meta.train_n,
-                    val_n=meta.val_n, model_params=sum(p.numel() for p in meta.model.parameters()),
-                    unit_costs=unit_costs, bp_prof=bp_prof, ck_prof=ck_prof, target=jobs.target,
-                    real=None if jobs.real_mods is None else (real_gm, CheckpointedChain(jobs.real_mods)),
-                    device=jobs.device, sgd=jobs.sgd)
+    return Profiled(
+        mf=mf,
+        gm=meta.gm,
+        spans=spans,
+        shape=meta.shape,
+        classes=meta.classes,
+        train_n=meta.train_n,
+        val_n=meta.val_n,
+        model_params=sum(p.numel() for p in meta.model.parameters()),
+        unit_costs=unit_costs,
+        bp_prof=bp_prof,
+        ck_prof=ck_prof,
+        target=jobs.target,
+        real=None if jobs.real_mods is None else (real_gm, CheckpointedChain(jobs.real_mods)),
+        device=jobs.device,
+        sgd=jobs.sgd,
+    )
 
 
 @dataclass
@@ -220,8 +250,12 @@ class ProfilingJobs:
         # Units that compute the same thing on the same shape (a deep ResNet's
         # repeated blocks) have the same costs: profile one, reuse its options.
         first_of: dict[tuple[str, tuple[int, ...], bool], int] = {}
-        same_as = [first_of.setdefault((unit_signature(mod, span.input_shape), tuple(span.output_shape),
-                                        span.index == last), span.index) for span, mod in zip(spans, self.unit_mods)]
+        same_as = [
+            first_of.setdefault(
+                (unit_signature(mod, span.input_shape), tuple(span.output_shape), span.index == last), span.index
+            )
+            for span, mod in zip(spans, self.unit_mods)
+        ]
         distinct = sorted(first_of.values())
         weight = {k: len(self.option_lists[k]) for k in distinct} | {-1: 2 * len(spans), -2: 3 * len(spans)}
         total, done = sum(weight.values()), 0
@@ -244,41 +278,68 @@ class ProfilingJobs:
         dtype_bytes = 2 if self.cfg.budget.cache_dtype == "float16" else 4
         speed = self.target.speed
         return UnitCost(
-            name=f"u{span.index}", options=options, out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes,
+            name=f"u{span.index}",
+            options=options,
+            out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes,
             fwd_per_sample_s=fwd.flops_per_sample / speed.flops_per_s,
             fwd_fixed_s=fwd.ops * speed.op_overhead_s,
-            infer_static_bytes=fwd.weight_bytes, infer_fixed_bytes=fwd.fixed_bytes,
-            infer_per_sample_bytes=math.ceil(fwd.per_sample_bytes * self.target.cal.activation_scale))
+            infer_static_bytes=fwd.weight_bytes,
+            infer_fixed_bytes=fwd.fixed_bytes,
+            infer_per_sample_bytes=math.ceil(fwd.per_sample_bytes * self.target.cal.activation_scale),
+        )
 
-    def job(self, k: int):  # noqa: ANN201
+    def job(self, k: int):
         """Unit ``k``'s options, or for -1 and -2 the BP and BP-checkpointing steps (whole-model, the longest jobs)."""
         if k >= 0:
             return self.options(k)
         model = self.meta.gm if k == -1 else CheckpointedChain(self.unit_mods)
-        return calibrated(profile_step(model, None, self.meta.shape, self.meta.classes, fake_mode=self.fake,
-                                       sgd=self.sgd, foreach=self.foreach), self.target.cal)
+        return calibrated(
+            profile_step(
+                model, None, self.meta.shape, self.meta.classes, fake_mode=self.fake, sgd=self.sgd, foreach=self.foreach
+            ),
+            self.target.cal,
+        )
 
     def options(self, k: int) -> tuple[tuple[AuxOption, ...], ForwardProfile]:
         """Unit ``k``'s aux options (memory and step time per head) and its inference forward."""
         span, mod, classes, fake = self.spans[k], self.unit_mods[k], self.meta.classes, self.fake
         with fake:
-            heads = [None if kind == "model" else build_head(kind, span.output_shape, width, classes)
-                     for kind, width in self.option_lists[k]]
+            heads = [
+                None if kind == "model" else build_head(kind, span.output_shape, width, classes)
+                for kind, width in self.option_lists[k]
+            ]
         if None in heads:
-            profs = [profile_step(mod, h, span.input_shape, classes, fake_mode=fake, sgd=self.sgd, foreach=self.foreach)
-                     for h in heads]
+            profs = [
+                profile_step(mod, h, span.input_shape, classes, fake_mode=fake, sgd=self.sgd, foreach=self.foreach)
+                for h in heads
+            ]
         else:
-            profs = profile_unit_options(mod, heads, span.input_shape, span.output_shape, classes, fake_mode=fake,
-                                         sgd=self.sgd, foreach=self.foreach)
+            profs = profile_unit_options(
+                mod,
+                heads,
+                span.input_shape,
+                span.output_shape,
+                classes,
+                fake_mode=fake,
+                sgd=self.sgd,
+                foreach=self.foreach,
+            )
         options = []
         for (kind, width), head, prof in zip(self.option_lists[k], heads, profs):
             prof = calibrated(prof, self.target.cal)
             step_fixed, step_per = self.step_time(prof, k, kind, width)
-            options.append(AuxOption(
-                kind=kind, width=width, head_params=0 if head is None else sum(p.numel() for p in head.parameters()),
-                static_bytes=prof.static_bytes, dyn_fixed_bytes=prof.dyn_fixed_bytes,
-                dyn_per_sample_bytes=prof.dyn_per_sample_bytes, step_fixed_s=step_fixed, step_per_sample_s=step_per,
-            ))
+            options.append(
+                AuxOption(
+                    kind=kind,
+                    width=width,
+                    head_params=0 if head is None else sum(p.numel() for p in head.parameters()),
+                    static_bytes=prof.static_bytes,
+                    dyn_fixed_bytes=prof.dyn_fixed_bytes,
+                    dyn_per_sample_bytes=prof.dyn_per_sample_bytes,
+                    step_fixed_s=step_fixed,
+                    step_per_sample_s=step_per,
+                )
+            )
         return tuple(options), profile_forward(mod, span.input_shape, fake_mode=fake)
 
     def step_time(self, prof: StepProfile, k: int, kind: str, width: int) -> tuple[float, float]:
@@ -286,10 +347,18 @@ class ProfilingJobs:
         FLOPs and ops, or (--cost measure) timed on real tensors."""
         speed = self.target.speed
         if self.cfg.target.cost == "flops":
-            return prof.ops * speed.op_overhead_s + prof.flops_fixed / speed.flops_per_s, \
-                prof.flops_per_sample / speed.flops_per_s
+            return (
+                prof.ops * speed.op_overhead_s + prof.flops_fixed / speed.flops_per_s,
+                prof.flops_per_sample / speed.flops_per_s,
+            )
         assert self.real_mods is not None
         span = self.spans[k]
         head = None if kind == "model" else build_head(kind, span.output_shape, width, self.meta.classes)
-        return measure_step_time(WithExit(self.real_mods[k], head), span.input_shape, self.meta.classes,
-                                 device=self.device, batches=(8, 32), sgd=self.sgd)
+        return measure_step_time(
+            WithExit(self.real_mods[k], head),
+            span.input_shape,
+            self.meta.classes,
+            device=self.device,
+            batches=(8, 32),
+            sgd=self.sgd,
+        )

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -49,8 +50,9 @@ def _run(i: int) -> tuple[int, object]:
     return i, _JOB(i)
 
 
-def map_forked(job: Callable[[int], T], order: Sequence[int], *, workers: int,
-               on_done: Callable[[int], None] = lambda i: None) -> dict[int, T]:
+def map_forked(
+    job: Callable[[int], T], order: Sequence[int], *, workers: int, on_done: Callable[[int], None] = lambda i: None
+) -> dict[int, T]:
     """``{i: job(i)}`` for every ``i`` in ``order`` (started in that order:
     put the longest first), on up to ``workers`` forked processes. An error
     in a job is raised here, as in a serial run."""

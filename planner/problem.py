@@ -43,8 +43,9 @@ counted here: the plan stacks them in RAM only where what is left allows.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence, get_args
+from typing import Literal, get_args
 
 __all__ = [
     "AuxOption",
@@ -240,8 +241,9 @@ def prefix_fixed_s(p: Problem, src: int, start: int) -> float:
     return sum(u.fwd_fixed_s for u in p.units[src:start])
 
 
-def block_peak_bytes(p: Problem, start: int, end: int, batch: int, options: Sequence[int], *,
-                     src: int | None = None) -> int:
+def block_peak_bytes(
+    p: Problem, start: int, end: int, batch: int, options: Sequence[int], *, src: int | None = None
+) -> int:
     """Device peak of the block ``start..end`` at ``batch``; ``src`` < start:
     units ``src..start-1`` are recomputed for it (see the module docstring)."""
     units = range(start, end + 1)
@@ -257,8 +259,16 @@ def block_steps(p: Problem, batch: int) -> int:
     return p.epochs * math.ceil(p.train_size / batch)
 
 
-def block_time_s(p: Problem, start: int, end: int, batch: int, options: Sequence[int], *,
-                 src: int | None = None, boundary: Boundary = "ram") -> float:
+def block_time_s(
+    p: Problem,
+    start: int,
+    end: int,
+    batch: int,
+    options: Sequence[int],
+    *,
+    src: int | None = None,
+    boundary: Boundary = "ram",
+) -> float:
     units = range(start, end + 1)
     train = block_steps(p, batch) * sum(p.units[u].options[options[u]].step_s(batch) for u in units)
     return train + recompute_time_s(p, src, start, batch) + pass_time_s(p, start, end, src=src, boundary=boundary)
@@ -306,8 +316,9 @@ def host_ok(p: Problem, src: int, src_kind: Boundary | None, end: int, boundary:
 
 def plan_time_s(p: Problem, blocks: Sequence[BlockChoice], options: Sequence[int]) -> float:
     srcs = block_sources(blocks)
-    return sum(block_time_s(p, b.start, b.end, b.batch_size, options, src=s, boundary=b.boundary)
-               for b, s in zip(blocks, srcs))
+    return sum(
+        block_time_s(p, b.start, b.end, b.batch_size, options, src=s, boundary=b.boundary) for b, s in zip(blocks, srcs)
+    )
 
 
 def block_allowed(p: Problem, start: int, end: int) -> bool:
@@ -329,7 +340,7 @@ def check_solution(p: Problem, s: Solution) -> list[str]:
         return [f"{len(s.options)} options for {p.n} units"]
     pos = 0
     srcs = block_sources(s.blocks)
-    for i, (b, src) in enumerate(zip(s.blocks, srcs)):
+    for b, src in zip(s.blocks, srcs):
         if b.start != pos or b.end < b.start:
             errs.append(f"blocks are not contiguous at unit {pos}")
         pos = b.end + 1

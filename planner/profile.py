@@ -22,22 +22,36 @@ import copy
 import gc
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
-from neuroflux.planner.step_meter import StepMeter
-from neuroflux.runtime.train import UnitTrainer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from neuroflux.common import seconds_per_call
+from neuroflux.planner.step_meter import StepMeter
+from neuroflux.runtime.train import UnitTrainer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["StepProfile", "DeviceSpeed", "profile_step", "forward_flops", "ForwardProfile", "profile_forward", "measure_device_speed", "measure_step_time", "SGDConfig",
-           "StepMeter", "state_bytes", "state_tensors", "profile_unit_options"]
+__all__ = [
+    "StepProfile",
+    "DeviceSpeed",
+    "profile_step",
+    "forward_flops",
+    "ForwardProfile",
+    "profile_forward",
+    "measure_device_speed",
+    "measure_step_time",
+    "SGDConfig",
+    "StepMeter",
+    "state_bytes",
+    "state_tensors",
+    "profile_unit_options",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +87,9 @@ class DeviceSpeed:
         return p.ops * self.op_overhead_s + (p.flops_fixed + p.flops_per_sample * batch) / self.flops_per_s
 
 
-def state_tensors(modules: Sequence[nn.Module], opt: torch.optim.Optimizer, *, grads: bool = True) -> list[torch.Tensor]:
+def state_tensors(
+    modules: Sequence[nn.Module], opt: torch.optim.Optimizer, *, grads: bool = True
+) -> list[torch.Tensor]:
     """Params, buffers, (``grads``) their gradients and the optimizer's state tensors, once each."""
     tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
     if grads:
@@ -93,8 +109,16 @@ def state_bytes(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> int
 
 
 def _trainer(unit: nn.Module, head: nn.Module | None, sgd: SGDConfig, foreach: bool | None = None) -> UnitTrainer:
-    return UnitTrainer(unit, head, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay, total_steps=1_000_000,
-                       schedule="constant", foreach=foreach)
+    return UnitTrainer(
+        unit,
+        head,
+        lr=sgd.lr,
+        momentum=sgd.momentum,
+        weight_decay=sgd.weight_decay,
+        total_steps=1_000_000,
+        schedule="constant",
+        foreach=foreach,
+    )
 
 
 def _step(t: UnitTrainer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -116,8 +140,9 @@ def _prepared(unit: nn.Module, head: nn.Module | None, sgd: SGDConfig, foreach: 
     return t
 
 
-def _measure(t: UnitTrainer, input_shape: Sequence[int], num_classes: int, batch: int, *,
-             mark_head: bool = False) -> StepMeter:
+def _measure(
+    t: UnitTrainer, input_shape: Sequence[int], num_classes: int, batch: int, *, mark_head: bool = False
+) -> StepMeter:
     """One step of ``t`` under a StepMeter. ``mark_head``: mark where the
     head starts and where the unit's backward starts (the gradient of the
     unit's output is complete: the head's backward, parameter gradients
@@ -146,7 +171,9 @@ def _measure(t: UnitTrainer, input_shape: Sequence[int], num_classes: int, batch
         for h in handles:
             h.remove()
     if mark_head and len(meter.marks) != 2:
-        raise RuntimeError(f"expected the head and the unit's backward to start once each, saw {len(meter.marks)} marks")
+        raise RuntimeError(
+            f"expected the head and the unit's backward to start once each, saw {len(meter.marks)} marks"
+        )
     return meter
 
 
@@ -210,8 +237,9 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-def _on_meta_first(run: Callable[..., T], modules: Sequence[nn.Module | None],
-                   fake_mode: torch._subclasses.fake_tensor.FakeTensorMode) -> T:
+def _on_meta_first(
+    run: Callable[..., T], modules: Sequence[nn.Module | None], fake_mode: torch._subclasses.fake_tensor.FakeTensorMode
+) -> T:
     """``run(mode, *modules)`` on meta copies of the modules under
     ``torch.device("meta")``; where that fails (an op with no meta kernel,
     which fake tensors run on real zeros instead), on the modules themselves
@@ -227,7 +255,7 @@ def _on_meta_first(run: Callable[..., T], modules: Sequence[nn.Module | None],
     try:
         metas = [_meta_copy(m) for m in modules]
         return run(torch.device("meta"), *metas)
-    except Exception as e:  # noqa: BLE001 - the fake run below is the reference and raises real errors
+    except Exception as e:
         log.debug("meta profiling failed (%s: %s); profiling on fake tensors", type(e).__name__, e)
         return run(fake_mode, *modules)
 
@@ -271,17 +299,34 @@ def profile_unit_options(
     Equal to the full steps byte for byte (a test holds it to that on every
     zoo unit and head)."""
     if len(heads) < 2:
-        return [profile_step(unit, h, input_shape, num_classes, fake_mode=fake_mode, batches=batches, sgd=sgd,
-                             foreach=foreach) for h in heads]
+        return [
+            profile_step(
+                unit, h, input_shape, num_classes, fake_mode=fake_mode, batches=batches, sgd=sgd, foreach=foreach
+            )
+            for h in heads
+        ]
     assert batches[1] > batches[0]
-    return _on_meta_first(lambda mode, unit, *heads: _composed(mode, unit, heads, input_shape, output_shape, num_classes,
-                                                               batches=batches, sgd=sgd, foreach=foreach),
-                          [unit, *heads], fake_mode)
+    return _on_meta_first(
+        lambda mode, unit, *heads: _composed(
+            mode, unit, heads, input_shape, output_shape, num_classes, batches=batches, sgd=sgd, foreach=foreach
+        ),
+        [unit, *heads],
+        fake_mode,
+    )
 
 
-def _composed(mode: Any, unit: nn.Module, heads: Sequence[nn.Module], input_shape: Sequence[int],
-              output_shape: Sequence[int], num_classes: int, *, batches: tuple[int, int], sgd: SGDConfig,
-              foreach: bool | None) -> list[StepProfile]:
+def _composed(
+    mode: Any,
+    unit: nn.Module,
+    heads: Sequence[nn.Module],
+    input_shape: Sequence[int],
+    output_shape: Sequence[int],
+    num_classes: int,
+    *,
+    batches: tuple[int, int],
+    sgd: SGDConfig,
+    foreach: bool | None,
+) -> list[StepProfile]:
     """``profile_unit_options``'s work, with the modules' tensors living in ``mode``."""
     with mode:
         ref = _prepared(unit, heads[0], sgd, foreach)
@@ -290,8 +335,12 @@ def _composed(mode: Any, unit: nn.Module, heads: Sequence[nn.Module], input_shap
         alone = []
         for h in heads:
             t = _prepared(_GradSource(), h, sgd, foreach)
-            alone.append((state_bytes(t.modules(), t.opt), [_measure(t, output_shape, num_classes, b, mark_head=True)
-                                                              for b in batches]))
+            alone.append(
+                (
+                    state_bytes(t.modules(), t.opt),
+                    [_measure(t, output_shape, num_classes, b, mark_head=True) for b in batches],
+                )
+            )
     out = []
     _, ref_alone = alone[0]
     for head_static, head_alone in alone:
@@ -323,8 +372,9 @@ class ForwardProfile:
     """Dispatched ops of one forward (its fixed per-call cost)."""
 
 
-def profile_forward(module: nn.Module, input_shape: Sequence[int], *, fake_mode,
-                    batches: tuple[int, int] = (8, 16)) -> ForwardProfile:
+def profile_forward(
+    module: nn.Module, input_shape: Sequence[int], *, fake_mode, batches: tuple[int, int] = (8, 16)
+) -> ForwardProfile:
     """Memory and FLOPs of ``module``'s eval-mode forward under ``no_grad``
     (how a frozen prefix is recomputed for a later block), on fake tensors,
     at two batch sizes (exactly linear in the batch)."""
@@ -352,8 +402,13 @@ def _forward(mode: Any, module: nn.Module, input_shape: Sequence[int], *, batche
         module.train()
     b1, b2 = batches
     per = max(0, math.ceil((peaks[1] - peaks[0]) / (b2 - b1)))
-    return ForwardProfile(flops_per_sample=flops[1] / b2, weight_bytes=static,
-                          fixed_bytes=max(0, peaks[0] - static - per * b1), per_sample_bytes=per, ops=ops)
+    return ForwardProfile(
+        flops_per_sample=flops[1] / b2,
+        weight_bytes=static,
+        fixed_bytes=max(0, peaks[0] - static - per * b1),
+        per_sample_bytes=per,
+        ops=ops,
+    )
 
 
 def forward_flops(module: nn.Module, input_shape: Sequence[int], *, fake_mode, batch: int = 8) -> float:
@@ -399,7 +454,6 @@ def measure_step_time(
     for b in batches:
         x = torch.randn(b, *input_shape, device=device)
         y = torch.randint(0, num_classes, (b,), device=device)
-        times.append(seconds_per_call(lambda: _step(t, x, y), device=device, reps=reps, median=True))
+        times.append(seconds_per_call(lambda x=x, y=y: _step(t, x, y), device=device, reps=reps, median=True))
     per = max(0.0, (times[1] - times[0]) / (batches[1] - batches[0]))
     return max(0.0, times[0] - per * batches[0]), per
-

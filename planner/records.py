@@ -61,8 +61,17 @@ from neuroflux.schemas.plan import (
 __all__ = ["plan_record"]
 
 
-def plan_record(pr: Profiled, cfg: PlanConfig, *, problem: Problem, solution: Solution, bp: Baseline, ck: Baseline,
-                engine: str, plan_dir: Path) -> Plan:
+def plan_record(
+    pr: Profiled,
+    cfg: PlanConfig,
+    *,
+    problem: Problem,
+    solution: Solution,
+    bp: Baseline,
+    ck: Baseline,
+    engine: str,
+    plan_dir: Path,
+) -> Plan:
     """The plan: ``solution`` to ``problem`` for the profiled model ``pr``,
     with its baselines and the engine that solved it."""
     blocks = _block_records(problem, solution, cfg)
@@ -75,12 +84,26 @@ def plan_record(pr: Profiled, cfg: PlanConfig, *, problem: Problem, solution: So
         model=_model_spec(pr, plan_dir),
         device=_device_spec(problem, cfg, pr.target),
         budget_bytes=cfg.budget.budget_bytes,
-        recipe=Recipe(optimizer="sgd", lr=recipe.lr, base_batch_size=recipe.base_batch_size,
-                      lr_scaling=recipe.lr_scaling, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
-                      schedule=recipe.schedule, epochs_per_block=recipe.epochs, seed=cfg.seed,
-                      train_size=problem.train_size, val_size=problem.val_size),
-        exit_policy=ExitPolicy(patience=exits.patience, tolerance=exits.tolerance, prefer=exits.prefer,
-                               epoch_patience=exits.epoch_patience, max_extra_epochs=exits.max_extra_epochs),
+        recipe=Recipe(
+            optimizer="sgd",
+            lr=recipe.lr,
+            base_batch_size=recipe.base_batch_size,
+            lr_scaling=recipe.lr_scaling,
+            momentum=recipe.momentum,
+            weight_decay=recipe.weight_decay,
+            schedule=recipe.schedule,
+            epochs_per_block=recipe.epochs,
+            seed=cfg.seed,
+            train_size=problem.train_size,
+            val_size=problem.val_size,
+        ),
+        exit_policy=ExitPolicy(
+            patience=exits.patience,
+            tolerance=exits.tolerance,
+            prefer=exits.prefer,
+            epoch_patience=exits.epoch_patience,
+            max_extra_epochs=exits.max_extra_epochs,
+        ),
         units=_unit_records(pr.spans, problem, solution),
         blocks=blocks,
         graph_nodes=nodes,
@@ -92,7 +115,7 @@ def plan_record(pr: Profiled, cfg: PlanConfig, *, problem: Problem, solution: So
             speedup_vs_bp_checkpoint=ck.predicted_time_s / total if ck.fits and total > 0 else None,
             peak_bytes=max(b.predicted_peak_bytes for b in blocks),
             assumes="no early stop: every block runs its planned epochs and every unit trains; adaptive depth and "
-                    "per-block epochs only shorten this (extra epochs are paid from time that converged blocks saved)",
+            "per-block epochs only shorten this (extra epochs are paid from time that converged blocks saved)",
         ),
         solver=_solver_info(problem, solution, cfg, engine),
         profile=_profile_info(cfg, pr.target),
@@ -102,38 +125,67 @@ def plan_record(pr: Profiled, cfg: PlanConfig, *, problem: Problem, solution: So
 
 def _model_spec(pr: Profiled, plan_dir: Path) -> ModelSpec:
     mf = pr.mf
-    return ModelSpec(file=_model_file(mf, plan_dir), sha256=mf.sha256, factory=mf.factory_name,
-                     datasets=mf.datasets_name, input_shape=list(pr.shape), num_classes=pr.classes,
-                     params=pr.model_params, capture=pr.gm.meta.get(META_CAPTURE, "symbolic"), source=mf.source)
+    return ModelSpec(
+        file=_model_file(mf, plan_dir),
+        sha256=mf.sha256,
+        factory=mf.factory_name,
+        datasets=mf.datasets_name,
+        input_shape=list(pr.shape),
+        num_classes=pr.classes,
+        params=pr.model_params,
+        capture=pr.gm.meta.get(META_CAPTURE, "symbolic"),
+        source=mf.source,
+    )
 
 
 def _device_spec(problem: Problem, cfg: PlanConfig, target: Target) -> DeviceSpec:
     budget = cfg.budget
-    return DeviceSpec(kind=cfg.target.device_kind, name=target.name, budget_text=budget.budget_text,
-                      budget_bytes=budget.budget_bytes, budget_source=budget.budget_source,
-                      margin_fraction=budget.margin, cache_budget_bytes=problem.cache_budget_bytes,
-                      workspace_bytes=problem.workspace_bytes, step_overhead_bytes=target.cal.step_overhead_bytes,
-                      activation_scale=target.cal.activation_scale, disk_budget_bytes=problem.disk_budget_bytes)
+    return DeviceSpec(
+        kind=cfg.target.device_kind,
+        name=target.name,
+        budget_text=budget.budget_text,
+        budget_bytes=budget.budget_bytes,
+        budget_source=budget.budget_source,
+        margin_fraction=budget.margin,
+        cache_budget_bytes=problem.cache_budget_bytes,
+        workspace_bytes=problem.workspace_bytes,
+        step_overhead_bytes=target.cal.step_overhead_bytes,
+        activation_scale=target.cal.activation_scale,
+        disk_budget_bytes=problem.disk_budget_bytes,
+    )
 
 
 def _solver_info(problem: Problem, solution: Solution, cfg: PlanConfig, engine: str) -> SolverInfo:
     search = cfg.search
-    return SolverInfo(strategy=search.strategy, engine=engine, status=solution.status,
-                      widths_status=solution.widths_status, wall_time_s=solution.wall_time_s,
-                      time_limit_s=search.time_limit_s, seed=cfg.seed, objective_time_s=solution.time_s,
-                      lower_bound_s=solution.lower_bound_s, tie_tolerance=cfg.heads.tie_tolerance,
-                      num_variables=solution.num_variables, num_constraints=solution.num_constraints,
-                      max_blocks=search.max_blocks, min_batch_size=problem.batch_sizes[0],
-                      max_batch_size=problem.batch_sizes[-1])
+    return SolverInfo(
+        strategy=search.strategy,
+        engine=engine,
+        status=solution.status,
+        widths_status=solution.widths_status,
+        wall_time_s=solution.wall_time_s,
+        time_limit_s=search.time_limit_s,
+        seed=cfg.seed,
+        objective_time_s=solution.time_s,
+        lower_bound_s=solution.lower_bound_s,
+        tie_tolerance=cfg.heads.tie_tolerance,
+        num_variables=solution.num_variables,
+        num_constraints=solution.num_constraints,
+        max_blocks=search.max_blocks,
+        min_batch_size=problem.batch_sizes[0],
+        max_batch_size=problem.batch_sizes[-1],
+    )
 
 
 def _profile_info(cfg: PlanConfig, target: Target) -> ProfileInfo:
     flops = cfg.target.cost == "flops"
-    return ProfileInfo(memory_source="fake", cost_source=cfg.target.cost,
-                       device_flops_per_s=target.speed.flops_per_s if flops else 0.0,
-                       op_overhead_s=target.speed.op_overhead_s if flops else 0.0,
-                       device_speed_source=target.speed_source if flops else "measured steps",
-                       profile_batch_sizes=[8, 16])
+    return ProfileInfo(
+        memory_source="fake",
+        cost_source=cfg.target.cost,
+        device_flops_per_s=target.speed.flops_per_s if flops else 0.0,
+        op_overhead_s=target.speed.op_overhead_s if flops else 0.0,
+        device_speed_source=target.speed_source if flops else "measured steps",
+        profile_batch_sizes=[8, 16],
+    )
 
 
 def _model_file(mf: ModelFile | ModelObject, plan_dir: Path) -> str:
@@ -154,14 +206,24 @@ def _unit_records(spans: list[UnitSpan], problem: Problem, solution: Solution) -
         is_last = span.index == len(spans) - 1
         units.append(
             Unit(
-                name=cost.name, index=span.index, nodes=list(span.nodes), input_node=span.input_node,
-                output_node=span.output_node, input_shape=list(span.input_shape), output_shape=list(span.output_shape),
-                params=span.params, out_bytes_per_sample=cost.out_bytes_per_sample, is_last=is_last,
+                name=cost.name,
+                index=span.index,
+                nodes=list(span.nodes),
+                input_node=span.input_node,
+                output_node=span.output_node,
+                input_shape=list(span.input_shape),
+                output_shape=list(span.output_shape),
+                params=span.params,
+                out_bytes_per_sample=cost.out_bytes_per_sample,
+                is_last=is_last,
                 aux=None if is_last else AuxHead(kind=o.kind, width=o.width, params=o.head_params),
                 profile=UnitProfile(
-                    static_bytes=o.static_bytes, dyn_fixed_bytes=o.dyn_fixed_bytes,
-                    dyn_per_sample_bytes=o.dyn_per_sample_bytes, step_fixed_s=o.step_fixed_s,
-                    step_per_sample_s=o.step_per_sample_s, fwd_per_sample_s=cost.fwd_per_sample_s,
+                    static_bytes=o.static_bytes,
+                    dyn_fixed_bytes=o.dyn_fixed_bytes,
+                    dyn_per_sample_bytes=o.dyn_per_sample_bytes,
+                    step_fixed_s=o.step_fixed_s,
+                    step_per_sample_s=o.step_per_sample_s,
+                    fwd_per_sample_s=cost.fwd_per_sample_s,
                 ),
             )
         )
@@ -181,19 +243,31 @@ def _block_records(problem: Problem, solution: Solution, cfg: PlanConfig) -> lis
         cached = not last_block and bc.boundary != "recompute"
         blocks.append(
             Block(
-                index=i, units=[problem.units[u].name for u in range(bc.start, bc.end + 1)], batch_size=bc.batch_size,
+                index=i,
+                units=[problem.units[u].name for u in range(bc.start, bc.end + 1)],
+                batch_size=bc.batch_size,
                 epochs=cfg.recipe.epochs,
                 lr=cfg.recipe.lr_at(bc.batch_size),
                 steps=block_steps(problem, bc.batch_size),
                 predicted_peak_bytes=peak + problem.workspace_bytes,
-                predicted_time_s=block_time_s(problem, bc.start, bc.end, bc.batch_size, solution.options, src=src,
-                                              boundary=bc.boundary),
-                cache=CacheSpec(location=bc.boundary, dtype=cfg.budget.cache_dtype, bytes=cache_bytes(problem, bc.end),
-                                file=f"cache/block{i}.npy" if bc.boundary == "disk" else None) if cached else None,
+                predicted_time_s=block_time_s(
+                    problem, bc.start, bc.end, bc.batch_size, solution.options, src=src, boundary=bc.boundary
+                ),
+                cache=CacheSpec(
+                    location=bc.boundary,
+                    dtype=cfg.budget.cache_dtype,
+                    bytes=cache_bytes(problem, bc.end),
+                    file=f"cache/block{i}.npy" if bc.boundary == "disk" else None,
+                )
+                if cached
+                else None,
                 shuffle_seed=shuffle_seed(cfg.seed, i),
-                input=BlockInput(kind=kind, source_block=source_block,
-                                 recompute_units=[problem.units[u].name for u in range(src, bc.start)],
-                                 recompute_s=recompute_time_s(problem, src, bc.start, bc.batch_size)),
+                input=BlockInput(
+                    kind=kind,
+                    source_block=source_block,
+                    recompute_units=[problem.units[u].name for u in range(src, bc.start)],
+                    recompute_s=recompute_time_s(problem, src, bc.start, bc.batch_size),
+                ),
                 predicted_peak_recompute_bytes=peak - own,
             )
         )
@@ -220,13 +294,28 @@ def _data_spec(problem: Problem, solution: Solution, cfg: PlanConfig, shape: tup
     if data_mode != "auto":
         mode, reason = data_mode, f"--data-mode {data_mode}"
     elif inputs <= room:
-        mode, reason = "stack", (f"the inputs ({format_bytes(inputs)} as float32) fit the host budget beside the "
-                                 f"caches' {format_bytes(peaks['ram'])} of RAM")
+        mode, reason = (
+            "stack",
+            (
+                f"the inputs ({format_bytes(inputs)} as float32) fit the host budget beside the "
+                f"caches' {format_bytes(peaks['ram'])} of RAM"
+            ),
+        )
     else:
-        mode, reason = "stream", (f"the inputs ({format_bytes(inputs)} as float32) do not fit the host budget's "
-                                  f"{format_bytes(max(room, 0))} left beside the caches' RAM")
-    return DataSpec(mode=mode, input_bytes=inputs, peak_cache_ram_bytes=peaks["ram"],
-                    peak_cache_disk_bytes=peaks["disk"], reason=reason)
+        mode, reason = (
+            "stream",
+            (
+                f"the inputs ({format_bytes(inputs)} as float32) do not fit the host budget's "
+                f"{format_bytes(max(room, 0))} left beside the caches' RAM"
+            ),
+        )
+    return DataSpec(
+        mode=mode,
+        input_bytes=inputs,
+        peak_cache_ram_bytes=peaks["ram"],
+        peak_cache_disk_bytes=peaks["disk"],
+        reason=reason,
+    )
 
 
 def _graph_records(gm: Any) -> tuple[list[GraphNode], list[GraphEdge]]:
@@ -239,7 +328,14 @@ def _graph_records(gm: Any) -> tuple[list[GraphNode], list[GraphEdge]]:
         unit = n.meta.get(META_UNIT)
         shape = n.meta.get(META_SHAPE)
         target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-        nodes.append(GraphNode(name=n.name, op=n.op, target=str(target), unit=None if unit is None else f"u{unit}",
-                               shape=None if shape is None else list(shape)))
+        nodes.append(
+            GraphNode(
+                name=n.name,
+                op=n.op,
+                target=str(target),
+                unit=None if unit is None else f"u{unit}",
+                shape=None if shape is None else list(shape),
+            )
+        )
     edges = [GraphEdge(src=a, dst=b) for a, b in g.edges]
     return nodes, edges

@@ -57,10 +57,14 @@ def solve(problem: Problem, cfg: PlanConfig) -> tuple[Solution, str]:
     if solution.status == "infeasible" and dp is None and greedy.status == "feasible":
         return greedy, "greedy"  # no lightest heads, and caches alone do not fit: the greedy plan recomputes
     if solution.status == "timeout" and seed is not None and seed.status in ("feasible", "optimal"):
-        log.warning("CP-SAT found no plan within %.0f s; writing the %s plan (raise --time-limit for CP-SAT's)",
-                    search.time_limit_s, "dynamic program's" if seed is dp else "greedy")
-        return dataclasses.replace(seed, message=f"CP-SAT timed out ({solution.message})"), \
-            "dp" if seed is dp else "greedy"
+        log.warning(
+            "CP-SAT found no plan within %.0f s; writing the %s plan (raise --time-limit for CP-SAT's)",
+            search.time_limit_s,
+            "dynamic program's" if seed is dp else "greedy",
+        )
+        return dataclasses.replace(
+            seed, message=f"CP-SAT timed out ({solution.message})"
+        ), "dp" if seed is dp else "greedy"
     return solution, "cp-sat"
 
 
@@ -78,8 +82,11 @@ def raise_infeasible(problem: Problem, solution: Solution, cfg: PlanConfig) -> N
             f"budget {budget.budget_text} ({budget.budget_bytes} bytes) is too small: even one unit at batch "
             f"{problem.batch_sizes[0]} with the narrowest aux head needs more. The smallest budget that works is "
             f"{need} bytes ({format_bytes(need)}, with the {budget.margin:.0%} margin"
-            + (f" and the device's {format_bytes(problem.workspace_bytes)} of library workspace"
-               if problem.workspace_bytes else "")
+            + (
+                f" and the device's {format_bytes(problem.workspace_bytes)} of library workspace"
+                if problem.workspace_bytes
+                else ""
+            )
             + f"); pass --budget {need} or more, "
             "or lower --min-batch",
             min_budget_bytes=need,

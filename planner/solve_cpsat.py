@@ -95,13 +95,30 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solu
         return Solution(status="infeasible", message="no split into blocks fits the memory and cache budgets", **failed)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         failed["wall_time_s"] = time.perf_counter() - t0
-        return Solution(status="timeout", message=f"CP-SAT found no plan within {config.time_limit_s}s "
-                        f"({solver.status_name(status)}); raise --time-limit", **failed)
+        return Solution(
+            status="timeout",
+            message=f"CP-SAT found no plan within {config.time_limit_s}s "
+            f"({solver.status_name(status)}); raise --time-limit",
+            **failed,
+        )
     chosen, widths_status = _widen_heads(model, solver, config, cp_model, stats)
-    blocks = sorted((BlockChoice(start=s, end=e, batch_size=p.batch_sizes[k])
-                     for (s, e, k), var in model.seg.items() if chosen.boolean_value(var)), key=lambda b: b.start)
-    options = tuple(next(o for o in range(len(p.units[u].options)) for k in range(len(p.batch_sizes))
-                         if chosen.boolean_value(model.z[u, k, o])) for u in range(p.n))
+    blocks = sorted(
+        (
+            BlockChoice(start=s, end=e, batch_size=p.batch_sizes[k])
+            for (s, e, k), var in model.seg.items()
+            if chosen.boolean_value(var)
+        ),
+        key=lambda b: b.start,
+    )
+    options = tuple(
+        next(
+            o
+            for o in range(len(p.units[u].options))
+            for k in range(len(p.batch_sizes))
+            if chosen.boolean_value(model.z[u, k, o])
+        )
+        for u in range(p.n)
+    )
     return Solution(
         status="optimal" if status == cp_model.OPTIMAL else "feasible",
         widths_status=widths_status,
@@ -140,11 +157,17 @@ def _possible_blocks(p: Problem) -> list[tuple[int, int, int]]:
         static = sum(min(o.static_bytes for o in u.options) for u in units)
         return static + max(min(o.dyn_bytes(b) for o in u.options) for u in units)
 
-    return [(s, e, k) for s in range(p.n) for e in range(s, p.n) if block_allowed(p, s, e) and ram_pair_ok(p, s, e)
-            for k in range(len(p.batch_sizes)) if lightest_peak(s, e, p.batch_sizes[k]) <= p.cap_bytes]
+    return [
+        (s, e, k)
+        for s in range(p.n)
+        for e in range(s, p.n)
+        if block_allowed(p, s, e) and ram_pair_ok(p, s, e)
+        for k in range(len(p.batch_sizes))
+        if lightest_peak(s, e, p.batch_sizes[k]) <= p.cap_bytes
+    ]
 
 
-def _build_model(p: Problem, cp_model) -> _Model:  # noqa: ANN001
+def _build_model(p: Problem, cp_model) -> _Model:
     """Variables, constraints and the time objective."""
     n, K = p.n, len(p.batch_sizes)
     m = cp_model.CpModel()
@@ -181,7 +204,7 @@ def _build_model(p: Problem, cp_model) -> _Model:  # noqa: ANN001
     return _Model(m=m, seg=seg, z=z, time_expr=time_expr)
 
 
-def _solver(cp_model, config: SolverConfig, time_limit_s: float):  # noqa: ANN001, ANN202
+def _solver(cp_model, config: SolverConfig, time_limit_s: float):
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
     solver.parameters.random_seed = config.seed
@@ -190,7 +213,7 @@ def _solver(cp_model, config: SolverConfig, time_limit_s: float):  # noqa: ANN00
     return solver
 
 
-def _widen_heads(model: _Model, solver, config: SolverConfig, cp_model, stats: dict) -> tuple[Any, str]:  # noqa: ANN001
+def _widen_heads(model: _Model, solver, config: SolverConfig, cp_model, stats: dict) -> tuple[Any, str]:
     """Phase 2: the widest heads within the time tolerance. Lexicographic:
     fewest narrowing steps first, then least time, so the slack buys wider
     heads and never an arbitrary slower batch size. Returns the solver

@@ -46,16 +46,21 @@ __all__ = ["solve_dp", "lightest_options"]
 
 
 def _le(a: AuxOption, b: AuxOption) -> bool:
-    return (a.static_bytes <= b.static_bytes and a.dyn_fixed_bytes <= b.dyn_fixed_bytes
-            and a.dyn_per_sample_bytes <= b.dyn_per_sample_bytes and a.step_fixed_s <= b.step_fixed_s
-            and a.step_per_sample_s <= b.step_per_sample_s)
+    return (
+        a.static_bytes <= b.static_bytes
+        and a.dyn_fixed_bytes <= b.dyn_fixed_bytes
+        and a.dyn_per_sample_bytes <= b.dyn_per_sample_bytes
+        and a.step_fixed_s <= b.step_fixed_s
+        and a.step_per_sample_s <= b.step_per_sample_s
+    )
 
 
 def _le_on(a: AuxOption, b: AuxOption, batches: tuple[int, int]) -> bool:
     """``a`` <= ``b`` at every batch in ``batches[0]..batches[1]``: their
     dynamic bytes and step times are affine in the batch, so at both ends."""
     return a.static_bytes <= b.static_bytes and all(
-        a.dyn_bytes(n) <= b.dyn_bytes(n) and a.step_s(n) <= b.step_s(n) for n in batches)
+        a.dyn_bytes(n) <= b.dyn_bytes(n) and a.step_s(n) <= b.step_s(n) for n in batches
+    )
 
 
 def lightest_options(p: Problem) -> tuple[int, ...] | None:
@@ -68,8 +73,9 @@ def lightest_options(p: Problem) -> tuple[int, ...] | None:
     for u in p.units:
         found = next((i for i, o in enumerate(u.options) if all(_le(o, other) for other in u.options)), None)
         if found is None:
-            found = next((i for i, o in enumerate(u.options) if all(_le_on(o, other, ends) for other in u.options)),
-                         None)
+            found = next(
+                (i for i, o in enumerate(u.options) if all(_le_on(o, other, ends) for other in u.options)), None
+            )
         if found is None:
             return None
         out.append(found)
@@ -97,18 +103,27 @@ def solve_dp(p: Problem, *, tie_tolerance: float = 0.0) -> Solution | None:
     best, back, at = _shortest_paths(p, _Tables(p, base))
     finals = sorted(((best[st], st[3], str(st[2]), st[1]), st) for st in at[p.n])
     if not finals:
-        why = ("no split into blocks fits the memory budget (every boundary may recompute, so the cache budgets "
-               "are not the limit)" if "recompute" in p.boundaries else
-               "no split into blocks fits the memory and cache budgets")
+        why = (
+            "no split into blocks fits the memory budget (every boundary may recompute, so the cache budgets "
+            "are not the limit)"
+            if "recompute" in p.boundaries
+            else "no split into blocks fits the memory and cache budgets"
+        )
         return Solution(status="infeasible", wall_time_s=time.perf_counter() - t0, message=why)
     blocks = _blocks_to(p, finals[0][-1], back)
     options = list(base)
     optimum = plan_time_s(p, blocks, options)
     widened = _widen(p, blocks, options, limit=optimum * (1 + tie_tolerance)) if tie_tolerance > 0 else False
-    return Solution(status="optimal", widths_status="feasible" if widened else "skipped", blocks=tuple(blocks),
-                    options=tuple(options), time_s=plan_time_s(p, blocks, options), lower_bound_s=optimum,
-                    wall_time_s=time.perf_counter() - t0,
-                    stats={"dp_optimum_s": optimum, "dp_states": float(len(best))})
+    return Solution(
+        status="optimal",
+        widths_status="feasible" if widened else "skipped",
+        blocks=tuple(blocks),
+        options=tuple(options),
+        time_s=plan_time_s(p, blocks, options),
+        lower_bound_s=optimum,
+        wall_time_s=time.perf_counter() - t0,
+        stats={"dp_optimum_s": optimum, "dp_states": float(len(best))},
+    )
 
 
 #: How a state was reached: the previous state, the block's end, its batch index and its boundary.
@@ -142,9 +157,11 @@ def _shortest_paths(p: Problem, table: _Tables) -> tuple[dict[_State, float], di
                 train = table.train[s][e][k] + table.recompute_s(c, s, k)
                 src_ram = table.cache[c - 1] if kind == "ram" and c > 0 else 0
                 src_disk = table.cache[c - 1] if kind == "disk" and c > 0 else 0
-                for out in (p.boundaries if e < n - 1 else (None,)):
-                    if src_ram + (table.cache[e] if out == "ram" else 0) > p.cache_budget_bytes or \
-                            src_disk + (table.cache[e] if out == "disk" else 0) > p.disk_budget_bytes:
+                for out in p.boundaries if e < n - 1 else (None,):
+                    if (
+                        src_ram + (table.cache[e] if out == "ram" else 0) > p.cache_budget_bytes
+                        or src_disk + (table.cache[e] if out == "disk" else 0) > p.disk_budget_bytes
+                    ):
                         continue
                     cost = train + table.pass_s(c, e, out)
                     nxt = (e + 1, c, kind, j + counted) if out == "recompute" else (e + 1, e + 1, out, j + counted)
@@ -161,8 +178,7 @@ def _blocks_to(p: Problem, state: _State, back: dict[_State, _Back]) -> list[Blo
     blocks: list[BlockChoice] = []
     while state[0] > 0:
         prev, e, k, out = back[state]
-        blocks.append(BlockChoice(start=prev[0], end=e, batch_size=p.batch_sizes[k],
-                                  boundary=out))  # type: ignore[arg-type]
+        blocks.append(BlockChoice(start=prev[0], end=e, batch_size=p.batch_sizes[k], boundary=out))  # type: ignore[arg-type]
         state = prev
     blocks.reverse()
     return blocks
@@ -220,8 +236,10 @@ class _Tables:
         key = (c, s)
         if key not in self._prefix:
             units = self.p.units[c:s]
-            self._prefix[key] = (sum(u.infer_static_bytes for u in units),
-                                 [max((u.infer_bytes(b) for u in units), default=0) for b in self.p.batch_sizes])
+            self._prefix[key] = (
+                sum(u.infer_static_bytes for u in units),
+                [max((u.infer_bytes(b) for u in units), default=0) for b in self.p.batch_sizes],
+            )
         return self._prefix[key]
 
     def best_batch(self, s: int, e: int, c: int) -> int | None:
@@ -230,8 +248,11 @@ class _Tables:
         p = self.p
         cap, static, dyn, train = p.cap_bytes, self.static[s][e], self.dyn[s][e], self.train[s][e]
         pstatic, pinfer = self.prefix(c, s) if c < s else (0, None)
-        fits = [k for k in range(len(dyn))
-                if static + pstatic + (dyn[k] if pinfer is None else max(dyn[k], pinfer[k])) <= cap]
+        fits = [
+            k
+            for k in range(len(dyn))
+            if static + pstatic + (dyn[k] if pinfer is None else max(dyn[k], pinfer[k])) <= cap
+        ]
         fixed = self.X[s] - self.X[c] if c < s else 0.0
         return min(fits, key=lambda k: (train[k] + self.steps[k] * fixed, -k)) if fits else None
 
@@ -254,8 +275,9 @@ def _widen(p: Problem, blocks: list[BlockChoice], options: list[int], *, limit: 
             trial[u] -= 1
             if block_peak_bytes(p, b.start, b.end, b.batch_size, trial, src=src_of[b.start]) > p.cap_bytes:
                 continue
-            extra = block_steps(p, b.batch_size) * (p.units[u].options[trial[u]].step_s(b.batch_size)
-                                                    - p.units[u].options[options[u]].step_s(b.batch_size))
+            extra = block_steps(p, b.batch_size) * (
+                p.units[u].options[trial[u]].step_s(b.batch_size) - p.units[u].options[options[u]].step_s(b.batch_size)
+            )
             if total + extra <= limit:
                 moves.append((extra, u))
         if not moves:

@@ -44,33 +44,17 @@ def solve_greedy(p: Problem, *, group_factor: float = 2.0) -> Solution:
             )
         options.append(fits[0])
 
-    def per_sample(u: int) -> int:
-        return p.units[u].options[options[u]].dyn_per_sample_bytes
-
-    spans: list[tuple[int, int]] = []
-    start = 0
-    for u in range(1, p.n + 1):
-        if u < p.n and (p.max_block_units is None or u - start < p.max_block_units):
-            similar = max(per_sample(u), per_sample(start)) <= group_factor * max(1, min(per_sample(u), per_sample(start)))
-            fits = block_peak_bytes(p, start, u, b_min, options) <= p.cap_bytes
-            if similar and fits:
-                continue
-        spans.append((start, u - 1))
-        start = u
-    if p.max_blocks is not None:
-        while len(spans) > p.max_blocks:  # merge the pair with the smallest merged peak
-            merged = [
-                (block_peak_bytes(p, spans[i][0], spans[i + 1][1], b_min, options), i) for i in range(len(spans) - 1)
-            ]
-            _, i = min(merged)
-            spans[i : i + 2] = [(spans[i][0], spans[i + 1][1])]
+    spans = _group(p, options, group_factor=group_factor)
     blocks: list[BlockChoice] = []
     src, src_kind = 0, None
     for s, e in spans:
         kind = next((k for k in p.boundaries if k == "recompute" or host_ok(p, src, src_kind, e, k)), None)
         if kind is None or not host_ok(p, src, src_kind, e, None):
-            return Solution(status="infeasible", wall_time_s=time.perf_counter() - t0,
-                            message=f"the caches around units {s}..{e} exceed the host budgets; allow recompute")
+            return Solution(
+                status="infeasible",
+                wall_time_s=time.perf_counter() - t0,
+                message=f"the caches around units {s}..{e} exceed the host budgets; allow recompute",
+            )
         fitting = [b for b in p.batch_sizes if block_peak_bytes(p, s, e, b, options, src=src) <= p.cap_bytes]
         if not fitting or not block_allowed(p, s, e):
             return Solution(
@@ -90,3 +74,35 @@ def solve_greedy(p: Problem, *, group_factor: float = 2.0) -> Solution:
         lower_bound_s=0.0,
         wall_time_s=time.perf_counter() - t0,
     )
+
+
+def _group(p: Problem, options: list[int], *, group_factor: float) -> list[tuple[int, int]]:
+    """The paper's grouping: consecutive units whose activations per sample
+    are within ``group_factor`` of each other share a block while it fits at
+    the smallest batch; then, over ``max_blocks``, the pair with the smallest
+    merged peak merges."""
+    b_min = p.batch_sizes[0]
+
+    def per_sample(u: int) -> int:
+        return p.units[u].options[options[u]].dyn_per_sample_bytes
+
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for u in range(1, p.n + 1):
+        if u < p.n and (p.max_block_units is None or u - start < p.max_block_units):
+            similar = max(per_sample(u), per_sample(start)) <= group_factor * max(
+                1, min(per_sample(u), per_sample(start))
+            )
+            fits = block_peak_bytes(p, start, u, b_min, options) <= p.cap_bytes
+            if similar and fits:
+                continue
+        spans.append((start, u - 1))
+        start = u
+    if p.max_blocks is not None:
+        while len(spans) > p.max_blocks:  # merge the pair with the smallest merged peak
+            merged = [
+                (block_peak_bytes(p, spans[i][0], spans[i + 1][1], b_min, options), i) for i in range(len(spans) - 1)
+            ]
+            _, i = min(merged)
+            spans[i : i + 2] = [(spans[i][0], spans[i + 1][1])]
+    return spans

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,7 +70,7 @@ class StepMeter(TorchDispatchMode):
         self._live[key] = (weakref.ref(st, lambda _, k=key, n=size: self._freed(k, n)), size)
         self.current += size
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _METADATA:  # queries, not kernels; whether one reaches a mode at all varies within a process
             return func(*args, **kwargs)
@@ -99,26 +99,39 @@ class StepMeter(TorchDispatchMode):
         return out
 
 
-_METADATA = frozenset({
-    torch.ops.prim.device.default, torch.ops.prim.layout.default,
-    torch.ops.aten.sym_is_contiguous.default, torch.ops.aten.is_contiguous.default,
-    torch.ops.aten.is_contiguous.memory_format, torch.ops.aten.is_strides_like_format.default,
-    torch.ops.aten.is_non_overlapping_and_dense.default, torch.ops.aten.size.default,
-    torch.ops.aten.sym_size.default, torch.ops.aten.stride.default, torch.ops.aten.sym_stride.default,
-    torch.ops.aten.storage_offset.default, torch.ops.aten.sym_storage_offset.default,
-    torch.ops.aten.numel.default, torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default,
-})
+_METADATA = frozenset(
+    {
+        torch.ops.prim.device.default,
+        torch.ops.prim.layout.default,
+        torch.ops.aten.sym_is_contiguous.default,
+        torch.ops.aten.is_contiguous.default,
+        torch.ops.aten.is_contiguous.memory_format,
+        torch.ops.aten.is_strides_like_format.default,
+        torch.ops.aten.is_non_overlapping_and_dense.default,
+        torch.ops.aten.size.default,
+        torch.ops.aten.sym_size.default,
+        torch.ops.aten.stride.default,
+        torch.ops.aten.sym_stride.default,
+        torch.ops.aten.storage_offset.default,
+        torch.ops.aten.sym_storage_offset.default,
+        torch.ops.aten.numel.default,
+        torch.ops.aten.sym_numel.default,
+        torch.ops.aten.dim.default,
+    }
+)
 _DECOMPOSES: dict = {}
 
 
-def _decomposes(func) -> bool:  # noqa: ANN001
+def _decomposes(func) -> bool:
     """Whether ``func`` has a CompositeImplicitAutograd kernel (the ops
     ``FlopCounterMode`` splits into counted parts); asked once per op."""
     known = _DECOMPOSES.get(func)
     if known is None:
         key = torch._C.DispatchKey.CompositeImplicitAutograd
-        known = _DECOMPOSES[func] = (
-            key in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key))
+        known = _DECOMPOSES[func] = key in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(
+            func.name(), key
+        )
     return known
+
 
 _CUDA_MIN_ALLOC = 512

@@ -64,8 +64,10 @@ def device_target(cfg: PlanConfig) -> Target:
     if prof is None:
         speed = DeviceSpeed(flops_per_s=t.device_flops_per_s, op_overhead_s=t.op_overhead_s)
     else:
-        speed = DeviceSpeed(flops_per_s=t.device_flops_per_s or prof.flops_per_s,
-                            op_overhead_s=prof.op_overhead_s if t.op_overhead_s is None else t.op_overhead_s)
+        speed = DeviceSpeed(
+            flops_per_s=t.device_flops_per_s or prof.flops_per_s,
+            op_overhead_s=prof.op_overhead_s if t.op_overhead_s is None else t.op_overhead_s,
+        )
         source = f"{source} ({prof.name}, {prof.source} {prof.date})"
     return Target(speed=speed, speed_source=source, workspace=workspace, cal=cal, name=name)
 
@@ -83,13 +85,18 @@ def _speed_profile(cfg: PlanConfig) -> tuple[DeviceProfile | None, str]:
     if t.device_flops_per_s and t.op_overhead_s is not None:
         return None, "flags"
     if t.device_kind == "cuda" and here == "cpu" and t.device_flops_per_s is None:
-        log.warning("planning for CUDA on a machine without one: times use this CPU's speed; pass "
-                    "--device-profile with the GPU's profile")
+        log.warning(
+            "planning for CUDA on a machine without one: times use this CPU's speed; pass "
+            "--device-profile with the GPU's profile"
+        )
     prof, path = cached_profile(here)
     return prof, f"cached profile {path}"
 
 
 def calibrated(prof: StepProfile, cal: MemoryCalibration) -> StepProfile:
     """A step profile as the target device will allocate it."""
-    return dataclasses.replace(prof, dyn_fixed_bytes=prof.dyn_fixed_bytes + cal.step_overhead_bytes,
-                               dyn_per_sample_bytes=math.ceil(prof.dyn_per_sample_bytes * cal.activation_scale))
+    return dataclasses.replace(
+        prof,
+        dyn_fixed_bytes=prof.dyn_fixed_bytes + cal.step_overhead_bytes,
+        dyn_per_sample_bytes=math.ceil(prof.dyn_per_sample_bytes * cal.activation_scale),
+    )

@@ -14,8 +14,8 @@ Results go in ``node.meta`` under documented keys (see ``META_*``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import networkx as nx
 import torch
@@ -27,7 +27,16 @@ from torch.fx.passes.shape_prop import ShapeProp
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.graph import META_ROOT, META_SHAPE, META_UNIT, attr_at
 
-__all__ = ["UnitSpan", "unit_signature", "find_units", "keep_small_blocks_whole", "propagate_shapes", "activation_graph", "META_SHAPE", "META_UNIT"]
+__all__ = [
+    "UnitSpan",
+    "unit_signature",
+    "find_units",
+    "keep_small_blocks_whole",
+    "propagate_shapes",
+    "activation_graph",
+    "META_SHAPE",
+    "META_UNIT",
+]
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -44,7 +53,9 @@ class UnitSpan:
     params: int
 
 
-def propagate_shapes(gm: fx.GraphModule, input_shape: Sequence[int], fake_mode: FakeTensorMode, *, batch: int = 2) -> None:
+def propagate_shapes(
+    gm: fx.GraphModule, input_shape: Sequence[int], fake_mode: FakeTensorMode, *, batch: int = 2
+) -> None:
     """Run ShapeProp on fake tensors and store per-sample shapes in meta."""
     with fake_mode:
         x = torch.empty((batch, *input_shape))
@@ -179,14 +190,22 @@ def find_units(gm: fx.GraphModule, *, keep_whole: KeepWhole = keep_small_blocks_
         for n in grp:
             n.meta[META_UNIT] = i
         last = grp[-1]
-        units.append(UnitSpan(index=i, nodes=tuple(n.name for n in grp), input_node=prev_node.name,
-                              output_node=last.name, input_shape=tuple(prev_node.meta[META_SHAPE]),
-                              output_shape=tuple(last.meta[META_SHAPE]), params=sum(_params_of(gm, grp).values())))
+        units.append(
+            UnitSpan(
+                index=i,
+                nodes=tuple(n.name for n in grp),
+                input_node=prev_node.name,
+                output_node=last.name,
+                input_shape=tuple(prev_node.meta[META_SHAPE]),
+                output_shape=tuple(last.meta[META_SHAPE]),
+                params=sum(_params_of(gm, grp).values()),
+            )
+        )
         prev_node = last
     return units
 
 
-def _spans_between_cuts(gm: fx.GraphModule, g, nodes: list[fx.Node], inp: fx.Node) -> list[list[fx.Node]]:  # noqa: ANN001
+def _spans_between_cuts(gm: fx.GraphModule, g, nodes: list[fx.Node], inp: fx.Node) -> list[list[fx.Node]]:
     """Activation nodes between consecutive cut points (the output is always one)."""
     order = {n.name: i for i, n in enumerate(nodes)}
     cuts = _cut_points(gm, g)
@@ -229,7 +248,9 @@ def _group_into_units(gm: fx.GraphModule, spans: list[list[fx.Node]]) -> list[li
         groups[1] = groups[0] + groups[1]
         groups.pop(0)
     spatial = [
-        i for i, grp in enumerate(groups) if any(_is_compute(gm, n) and len(n.meta.get(META_SHAPE) or ()) >= 2 for n in grp)
+        i
+        for i, grp in enumerate(groups)
+        if any(_is_compute(gm, n) and len(n.meta.get(META_SHAPE) or ()) >= 2 for n in grp)
     ]
     if spatial and spatial[-1] < len(groups) - 1:
         k = spatial[-1]
@@ -268,7 +289,8 @@ def unit_signature(mod: fx.GraphModule, input_shape: Sequence[int]) -> str:
         if n.op == "call_module":
             sub = mod.get_submodule(n.target)
             target = f"{type(sub).__qualname__}:{sub!r}:" + ",".join(
-                f"{tuple(t.shape)}{t.dtype}{t.requires_grad}" for t in (*sub.parameters(), *sub.buffers()))
+                f"{tuple(t.shape)}{t.dtype}{t.requires_grad}" for t in (*sub.parameters(), *sub.buffers())
+            )
         elif n.op == "get_attr":
             t = attr_at(mod, str(n.target))
             target = f"attr:{tuple(t.shape)}{t.dtype}" if isinstance(t, torch.Tensor) else f"attr:{type(t).__name__}"

@@ -43,8 +43,10 @@ def check_model_file(plan: Plan, plan_path: Path, *, force: bool = False) -> Non
         raise NeuroFluxError(f"the plan's model file {path} is missing; restore it or re-plan")
     digest = sha256_of(path)
     if digest != plan.model.sha256 and not force:
-        raise NeuroFluxError(f"model file {path} changed since it was planned (sha256 {digest[:12]}..., plan has "
-                             f"{plan.model.sha256[:12]}...); re-plan with nf-plan, or pass --force to show the old plan")
+        raise NeuroFluxError(
+            f"model file {path} changed since it was planned (sha256 {digest[:12]}..., plan has "
+            f"{plan.model.sha256[:12]}...); re-plan with nf-plan, or pass --force to show the old plan"
+        )
 
 
 def open_model_file(plan: Plan, plan_path: Path, *, force: bool = False) -> ModelFile:
@@ -53,7 +55,8 @@ def open_model_file(plan: Plan, plan_path: Path, *, force: bool = False) -> Mode
     if plan.model.source == "object":
         raise NeuroFluxError(
             f"this plan was made in Python from a {plan.model.file} object, not from a model file; train it from "
-            "Python: neuroflux.train(plan, model, train_set, val_set)")
+            "Python: neuroflux.train(plan, model, train_set, val_set)"
+        )
     if plan.model.source == "import":
         mf = load_model_file(f"{plan.model.file}:{plan.model.factory}", datasets=plan.model.datasets)
         path, digest = mf.path, mf.sha256
@@ -75,13 +78,16 @@ def open_model_file(plan: Plan, plan_path: Path, *, force: bool = False) -> Mode
 def check_model_object(plan: Plan, source: ModelObject, *, force: bool = False) -> None:
     """Refuse a model object whose structure is not the planned one."""
     if plan.model.source != "object":
-        raise NeuroFluxError(f"this plan was made from {plan.model.file}; run it with nf-run, or re-plan the model "
-                             "object with neuroflux.plan(model, ...)")
+        raise NeuroFluxError(
+            f"this plan was made from {plan.model.file}; run it with nf-run, or re-plan the model "
+            "object with neuroflux.plan(model, ...)"
+        )
     if source.sha256 != plan.model.sha256 and not force:
         raise NeuroFluxError(
             f"the {source.label} model differs from the one planned (fingerprint {source.sha256[:12]}..., plan has "
             f"{plan.model.sha256[:12]}...: parameter names, shapes or dtypes changed); re-plan it with "
-            "neuroflux.plan(model, ...), or pass force=True to run the old plan anyway")
+            "neuroflux.plan(model, ...), or pass force=True to run the old plan anyway"
+        )
 
 
 def assemble(plan: Plan, mf: ModelFile | ModelObject, *, seed: int | None = None) -> Assembled:
@@ -96,7 +102,9 @@ def assemble(plan: Plan, mf: ModelFile | ModelObject, *, seed: int | None = None
     torch.manual_seed(seed + 1)
     heads: list[nn.Module | None] = []
     for u in plan.units:
-        heads.append(None if u.aux is None else build_head(u.aux.kind, u.output_shape, u.aux.width, plan.model.num_classes))
+        heads.append(
+            None if u.aux is None else build_head(u.aux.kind, u.output_shape, u.aux.width, plan.model.num_classes)
+        )
     return Assembled(model=gm, units=units, heads=heads)
 
 

@@ -36,8 +36,9 @@ class BlockCaches:
     """This rank's caches: ``sources[j]`` is block ``j``'s output as (train,
     val) sources; ``sources[None]`` the dataset."""
 
-    def __init__(self, plan: Plan, *, run_dir: Path, dist: Dist, device: torch.device,
-                 dataset: tuple[Any, Any]) -> None:
+    def __init__(
+        self, plan: Plan, *, run_dir: Path, dist: Dist, device: torch.device, dataset: tuple[Any, Any]
+    ) -> None:
         self.plan, self.run_dir, self.dist, self.device = plan, run_dir, dist, device
         self.sources: dict[int | None, tuple[Any, Any]] = {None: dataset}
 
@@ -53,8 +54,9 @@ class BlockCaches:
     def write(self, stage: Stage, train: Any, val: Any, *, state: RunState) -> None:
         """The trained ``stage``'s outputs: the cache later blocks read (its digest recorded in ``state``)."""
         path = self.file(stage.index, stage.cache) if stage.cache.location == "disk" else None
-        self.sources[stage.index] = write_cache(stage, train, val, plan=self.plan, path=path, device=self.device,
-                                                dist=self.dist)
+        self.sources[stage.index] = write_cache(
+            stage, train, val, plan=self.plan, path=path, device=self.device, dist=self.dist
+        )
         self._record_digest(state, stage.index, stage.cache)
 
     def drop(self, stages: list[Stage], *, after: Stage) -> None:
@@ -83,8 +85,9 @@ class BlockCaches:
             spec, blk = self.plan.blocks[j].cache, self.plan.blocks[j]
             shape = tuple(self.plan.unit(blk.units[-1]).output_shape)
             if spec.location == "disk":
-                opened = self._open_disk(j, spec, shape, n_train + n_val,
-                                         digest=state.cache_digests.get(self._digest_key(j)))
+                opened = self._open_disk(
+                    j, spec, shape, n_train + n_val, digest=state.cache_digests.get(self._digest_key(j))
+                )
                 if opened is not None:
                     x, y = opened
                     self.sources[j] = (TensorCache(x[:n_train], y[:n_train]), TensorCache(x[n_train:], y[n_train:]))
@@ -93,8 +96,17 @@ class BlockCaches:
             last = self.plan.unit(blk.units[-1]).index
             chain = Chain(asm.units[: last + 1]).to(self.device).eval()
             path = self.file(j, spec) if spec.location == "disk" else None
-            self.sources[j] = cache_through(chain, raw[0], raw[1], plan=self.plan, index=j, spec=spec, path=path,
-                                            batch=blk.batch_size, device=self.device)
+            self.sources[j] = cache_through(
+                chain,
+                raw[0],
+                raw[1],
+                plan=self.plan,
+                index=j,
+                spec=spec,
+                path=path,
+                batch=blk.batch_size,
+                device=self.device,
+            )
             self._record_digest(state, j, spec)
             chain.to("cpu")
 
@@ -136,8 +148,9 @@ class BlockCaches:
 
 def _needed(stages: list[Stage], after: int) -> set[int]:
     """Caches that stages after position ``after`` read."""
-    return {s.source.source_block for s in stages[after + 1:] if s.source is not None
-            and s.source.source_block is not None}
+    return {
+        s.source.source_block for s in stages[after + 1 :] if s.source is not None and s.source.source_block is not None
+    }
 
 
 def _file_digest(path: Path, *, samples: int = 64, chunk: int = 1 << 16) -> str:

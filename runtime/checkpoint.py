@@ -40,10 +40,15 @@ def plan_key(plan: Plan, policy: RunPolicy) -> str:
     """Digest of every plan decision that changes the result (not the
     solver's timings): a resume must continue the same training."""
     p = plan
-    key = {"model": p.model.sha256, "recipe": dataclasses.asdict(p.recipe), "exit": dataclasses.asdict(p.exit_policy),
-           "heads": [None if u.aux is None else dataclasses.asdict(u.aux) for u in p.units],
-           "blocks": [dataclasses.asdict(b) for b in p.blocks], "units": [u.nodes for u in p.units],
-           "overrides": [policy.patience, policy.tolerance, policy.epoch_patience]}
+    key = {
+        "model": p.model.sha256,
+        "recipe": dataclasses.asdict(p.recipe),
+        "exit": dataclasses.asdict(p.exit_policy),
+        "heads": [None if u.aux is None else dataclasses.asdict(u.aux) for u in p.units],
+        "blocks": [dataclasses.asdict(b) for b in p.blocks],
+        "units": [u.nodes for u in p.units],
+        "overrides": [policy.patience, policy.tolerance, policy.epoch_patience],
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -51,15 +56,29 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_checkpoint(path: Path, *, method: str, plan_key: str, world_size: int, asm: Assembled, state: RunState,
-                    trainers: list[UnitTrainer] | None) -> None:
+def save_checkpoint(
+    path: Path,
+    *,
+    method: str,
+    plan_key: str,
+    world_size: int,
+    asm: Assembled,
+    state: RunState,
+    trainers: list[UnitTrainer] | None,
+) -> None:
     """The run as it stands; ``trainers``: the current stage's, mid-stage (None between stages)."""
-    atomic_torch_save({
-        "world_size": world_size,
-        "method": method, "plan_sha": plan_key, "model": asm.model.state_dict(),
-        "heads": [None if h is None else h.state_dict() for h in asm.heads],
-        "trainers": None if trainers is None else [t.state_dict() for t in trainers], "state": state.to_json(),
-    }, path)
+    atomic_torch_save(
+        {
+            "world_size": world_size,
+            "method": method,
+            "plan_sha": plan_key,
+            "model": asm.model.state_dict(),
+            "heads": [None if h is None else h.state_dict() for h in asm.heads],
+            "trainers": None if trainers is None else [t.state_dict() for t in trainers],
+            "state": state.to_json(),
+        },
+        path,
+    )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -92,8 +111,10 @@ def restore_checkpoint(ckpt: dict[str, Any], asm: Assembled, stages: list[Stage]
         state = RunState.from_json(ckpt["state"])
         k = len(state.done)
         if len(ckpt["heads"]) != len(asm.heads) or k > len(stages):
-            raise ValueError(f"{len(ckpt['heads'])} heads and {k} finished stages for {len(asm.heads)} units "
-                             f"and {len(stages)} stages")
+            raise ValueError(
+                f"{len(ckpt['heads'])} heads and {k} finished stages for {len(asm.heads)} units "
+                f"and {len(stages)} stages"
+            )
         asm.model.load_state_dict(ckpt["model"])
         for h, hs in zip(asm.heads, ckpt["heads"]):
             if h is not None and hs is not None:
@@ -102,8 +123,10 @@ def restore_checkpoint(ckpt: dict[str, Any], asm: Assembled, stages: list[Stage]
             _restore_trainers(stages[k].trainers, ckpt["trainers"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise NeuroFluxError(f"the checkpoint in {run_dir} does not fit this plan's model ({first}); it was "
-                             "damaged or written by another model: start a new --out") from None
+        raise NeuroFluxError(
+            f"the checkpoint in {run_dir} does not fit this plan's model ({first}); it was "
+            "damaged or written by another model: start a new --out"
+        ) from None
     log.info("resuming at stage %d, epoch %d", k, state.epoch)
     return state
 
@@ -117,5 +140,7 @@ def _restore_trainers(trainers: list[UnitTrainer], saved: list[Any]) -> None:
         for p, st in t.opt.state.items():
             buf = st.get("momentum_buffer")
             if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape):
-                raise ValueError(f"a momentum buffer of shape {getattr(buf, 'shape', None)} for a "
-                                 f"parameter of shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"a momentum buffer of shape {getattr(buf, 'shape', None)} for a "
+                    f"parameter of shape {tuple(p.shape)}"
+                )

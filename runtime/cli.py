@@ -44,28 +44,53 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="nf-run", description="Train a model as its NeuroFlux plan says.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="nf-run",
+        description="Train a model as its NeuroFlux plan says.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("plan", help="plan file written by nf-plan")
-    ap.add_argument("--baseline", choices=["bp", "bp-checkpoint"], default=None,
-                    help="train the original model end to end instead, at the batch the plan found to fit")
+    ap.add_argument(
+        "--baseline",
+        choices=["bp", "bp-checkpoint"],
+        default=None,
+        help="train the original model end to end instead, at the batch the plan found to fit",
+    )
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--out", default=None, help="run directory (default: a new folder under runs/)")
     ap.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     ap.add_argument("--force", action="store_true", help="run even if the model file changed since planning")
-    ap.add_argument("--patience", type=int, default=None,
-                    help="override the plan's adaptive depth: exits in a row without improvement before stopping (0: full depth)")
-    ap.add_argument("--epoch-patience", type=int, default=None,
-                    help="override the plan's per-block epochs: epochs without improvement before a block moves on "
-                    "(0: planned epochs)")
+    ap.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="override the plan's adaptive depth: exits in a row without improvement before stopping (0: full depth)",
+    )
+    ap.add_argument(
+        "--epoch-patience",
+        type=int,
+        default=None,
+        help="override the plan's per-block epochs: epochs without improvement before a block moves on "
+        "(0: planned epochs)",
+    )
     ap.add_argument("--tolerance", type=float, default=None, help="override the plan's exit tolerance")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export of the final model")
-    ap.add_argument("--loader-workers", type=int, default=None, metavar="N",
-                    help="DataLoader worker processes reading the dataset (default: one per core beyond the "
-                    "trainer's, at most 8; 0 reads in the training process)")
-    ap.add_argument("--nproc", type=int, default=None, metavar="N",
-                    help="train on N processes on this machine: runs torchrun --standalone --nproc-per-node N for you "
-                    "(one per GPU; see README, 'Several processes and GPUs')")
+    ap.add_argument(
+        "--loader-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="DataLoader worker processes reading the dataset (default: one per core beyond the "
+        "trainer's, at most 8; 0 reads in the training process)",
+    )
+    ap.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on N processes on this machine: runs torchrun --standalone --nproc-per-node N for you "
+        "(one per GPU; see README, 'Several processes and GPUs')",
+    )
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
     return ap
 
@@ -79,7 +104,8 @@ def _sigterm_as_interrupt() -> None:
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        def handler(signum, frame):  # noqa: ANN001
+
+        def handler(signum, frame):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             _SIGNALLED.append(signum)
@@ -93,7 +119,7 @@ _SIGNALLED: list[int] = []
 """Signals this process took: then it is exiting, and keeps ignoring more."""
 
 
-def _saved_handlers():  # noqa: ANN202
+def _saved_handlers():
     """The process's SIGTERM and SIGINT handlers, to restore after main()
     (tests call it in-process)."""
     import signal
@@ -129,7 +155,7 @@ def _launch(argv: list[str], n: int) -> int:
     proc = subprocess.Popen(_torchrun_argv(argv, n))
     stopped = []
 
-    def forward(signum, frame):  # noqa: ANN001
+    def forward(signum, frame):
         stopped.append(signum)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM if len(stopped) == 1 else signal.SIGKILL)
@@ -138,8 +164,11 @@ def _launch(argv: list[str], n: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches torchrun and its workers directly (one process group)
     rc = proc.wait()
     if stopped:
-        print("\nnf-run: interrupted; torchrun and its workers stopped. Continue with the same command and --resume "
-              "--out DIR", file=sys.stderr)
+        print(
+            "\nnf-run: interrupted; torchrun and its workers stopped. Continue with the same command and --resume "
+            "--out DIR",
+            file=sys.stderr,
+        )
         return 130
     return rc
 
@@ -154,8 +183,16 @@ def _torchrun_argv(argv: list[str], n: int) -> list[str]:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-            "-m", "neuroflux.runtime.cli", *rest]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        "-m",
+        "neuroflux.runtime.cli",
+        *rest,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +232,11 @@ def _main(argv: list[str]) -> int:
         method = args.baseline or "neuroflux"
         if args.resume and args.out is None:
             raise NeuroFluxError("--resume needs --out DIR: the run directory to continue")
-        out = Path(args.out) if args.out else Path("runs") / f"{Path(args.plan).stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = (
+            Path(args.out)
+            if args.out
+            else Path("runs") / f"{Path(args.plan).stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
         return _run(args, plan, method, out)
     except NeuroFluxError as e:
         from neuroflux.runtime.runner import Diverged
@@ -207,9 +248,11 @@ def _main(argv: list[str]) -> int:
         return 2
     except OSError as e:  # the run directory turned read-only or full mid-run (user paths are checked up front)
         where = f" in {out}" if out else ""
-        print(f"nf-run: error: cannot write {e.filename or 'a file'}{where} ({e.strerror or e}); the last checkpoint is "
-              f"kept: make the run directory writable (or free space there), then run again with --resume",
-              file=sys.stderr)
+        print(
+            f"nf-run: error: cannot write {e.filename or 'a file'}{where} ({e.strerror or e}); the last checkpoint is "
+            f"kept: make the run directory writable (or free space there), then run again with --resume",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         where = f" --out {out}" if out else ""
@@ -220,7 +263,7 @@ def _main(argv: list[str]) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:  # noqa: ANN001
+def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:
     import torch
 
     from neuroflux.runtime.progress import progress_bars
@@ -228,9 +271,18 @@ def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:  # noqa
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone reports
     bar = progress_bars(enabled=main_rank and not args.quiet)
-    cfg = RunConfig(out_dir=out, method=method, device=args.device, resume=args.resume, force=args.force,
-                    patience=args.patience, tolerance=args.tolerance, epoch_patience=args.epoch_patience,
-                    export_onnx=not args.no_onnx, loader_workers=args.loader_workers)
+    cfg = RunConfig(
+        out_dir=out,
+        method=method,
+        device=args.device,
+        resume=args.resume,
+        force=args.force,
+        patience=args.patience,
+        tolerance=args.tolerance,
+        epoch_patience=args.epoch_patience,
+        export_onnx=not args.no_onnx,
+        loader_workers=args.loader_workers,
+    )
     try:
         summary = run_plan(plan, Path(args.plan), cfg, bar=bar)
     except torch.OutOfMemoryError as e:
@@ -259,8 +311,14 @@ def print_summary(s: dict) -> None:
     for b in s["blocks"]:
         units = b["units"][0] + (f"..{b['units'][-1]}" if len(b["units"]) > 1 else "")
         exits = " ".join(f"{u}:{a:.3f}" for u, a in b["exit_accuracies"].items())
-        t.add_row(str(b["index"]), units, str(b["batch_size"]), f"{b['time_s']:.1f} s",
-                  f"{format_bytes(b['measured_peak_bytes'])} / {format_bytes(b['predicted_peak_bytes'])}", exits)
+        t.add_row(
+            str(b["index"]),
+            units,
+            str(b["batch_size"]),
+            f"{b['time_s']:.1f} s",
+            f"{format_bytes(b['measured_peak_bytes'])} / {format_bytes(b['predicted_peak_bytes'])}",
+            exits,
+        )
     c = Console()
     c.print(t)
     st = s.get("stopping") or {}
@@ -269,11 +327,15 @@ def print_summary(s: dict) -> None:
     if st and s["method"] == "neuroflux":
         ran, planned = st["epochs_run"], st["epochs_planned"]
         epochs = " ".join(f"b{k}:{ran[k]}/{planned[k]}" for k in ran)
-        c.print(f"epochs run/planned per block: {epochs}; training time saved by stopping: "
-                f"{st['saved_estimated_s']:.1f} s (estimated)")
-    c.print(f"final model: exit {s['final_exit']}, val accuracy {s['final_accuracy']:.4f}, "
-            f"{s['final_params']:,} params vs {s['original_params']:,} original ({s['param_reduction']:.1f}x fewer), "
-            f"inference {s['throughput']['speedup']:.2f}x the original's throughput; wall time {s['wall_time_s']:.1f} s")
+        c.print(
+            f"epochs run/planned per block: {epochs}; training time saved by stopping: "
+            f"{st['saved_estimated_s']:.1f} s (estimated)"
+        )
+    c.print(
+        f"final model: exit {s['final_exit']}, val accuracy {s['final_accuracy']:.4f}, "
+        f"{s['final_params']:,} params vs {s['original_params']:,} original ({s['param_reduction']:.1f}x fewer), "
+        f"inference {s['throughput']['speedup']:.2f}x the original's throughput; wall time {s['wall_time_s']:.1f} s"
+    )
 
 
 if __name__ == "__main__":

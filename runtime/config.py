@@ -57,7 +57,9 @@ class RunPolicy:
     @classmethod
     def of(cls, plan: Plan, cfg: RunConfig) -> RunPolicy:
         ep = plan.exit_policy
-        return cls(patience=ep.patience if cfg.patience is None else cfg.patience,
-                   tolerance=ep.tolerance if cfg.tolerance is None else cfg.tolerance,
-                   epoch_patience=ep.epoch_patience if cfg.epoch_patience is None else cfg.epoch_patience,
-                   max_extra_epochs=ep.max_extra_epochs)
+        return cls(
+            patience=ep.patience if cfg.patience is None else cfg.patience,
+            tolerance=ep.tolerance if cfg.tolerance is None else cfg.tolerance,
+            epoch_patience=ep.epoch_patience if cfg.epoch_patience is None else cfg.epoch_patience,
+            max_extra_epochs=ep.max_extra_epochs,
+        )

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +36,18 @@ from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.distributed import Dist, shard_indices
 from neuroflux.schemas.plan import Plan
 
-__all__ = ["TensorCache", "StreamSource", "PrefixSource", "call_augment", "dataset_tensors", "check_samples",
-           "CacheWriter", "default_loader_workers", "dataset_sources", "labels_file"]
+__all__ = [
+    "TensorCache",
+    "StreamSource",
+    "PrefixSource",
+    "call_augment",
+    "dataset_tensors",
+    "check_samples",
+    "CacheWriter",
+    "default_loader_workers",
+    "dataset_sources",
+    "labels_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +64,7 @@ def default_loader_workers() -> int:
     return max(0, min(8, cores - 1))
 
 
-def _loader(ds, batches: list[list[int]], *, workers: int, pin: bool) -> DataLoader:  # noqa: ANN001
+def _loader(ds, batches: list[list[int]], *, workers: int, pin: bool) -> DataLoader:
     """Batches of ``ds`` at the given indices, in order: ``workers``
     processes decode ahead (two batches each), into pinned memory when
     feeding a GPU."""
@@ -68,8 +79,10 @@ def _read_error(what: str, e: BaseException, indices: list[int]) -> NeuroFluxErr
     else:
         cause = f"{type(e).__name__}: {lines[0] if lines else ''}"
     span = f"{indices[0]}" if len(indices) == 1 else f"{min(indices)}..{max(indices)} (a batch)"
-    return NeuroFluxError(f"reading {what} samples {span} failed: {cause[:200]}; datasets must yield (float tensor "
-                          "of one shape, int label) pairs: fix the dataset or its transform")
+    return NeuroFluxError(
+        f"reading {what} samples {span} failed: {cause[:200]}; datasets must yield (float tensor "
+        "of one shape, int label) pairs: fix the dataset or its transform"
+    )
 
 
 def _iter_loader(loader: DataLoader, batches: list[list[int]], what: str) -> Iterator[tuple[list[int], Any]]:
@@ -78,8 +91,9 @@ def _iter_loader(loader: DataLoader, batches: list[list[int]], what: str) -> Ite
         try:
             item = next(it)
         except StopIteration:
-            raise NeuroFluxError(f"{what} dataset yielded fewer samples than its __len__ says ({len(loader.dataset)}); "
-                                 "fix __len__") from None
+            raise NeuroFluxError(
+                f"{what} dataset yielded fewer samples than its __len__ says ({len(loader.dataset)}); fix __len__"
+            ) from None
         except NeuroFluxError:
             raise
         except Exception as e:  # the dataset's own code: IndexError, OSError, PIL errors, collate's RuntimeError
@@ -90,16 +104,19 @@ def _iter_loader(loader: DataLoader, batches: list[list[int]], what: str) -> Ite
 def _as_pair(item: Any, what: str, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(item, (list, tuple)) or len(item) != 2:
         n = len(item) if isinstance(item, (list, tuple)) else type(item).__name__
-        raise NeuroFluxError(f"{what} samples {min(idx)}..{max(idx)} are not (input, label) pairs (got {n} items); "
-                             "datasets must yield (tensor, int) pairs")
+        raise NeuroFluxError(
+            f"{what} samples {min(idx)}..{max(idx)} are not (input, label) pairs (got {n} items); "
+            "datasets must yield (tensor, int) pairs"
+        )
     x, y = item
     if not isinstance(x, torch.Tensor):
         raise NeuroFluxError(f"{what} inputs are {type(x).__name__}, not tensors; add a ToTensor-like transform")
     return x, torch.as_tensor(y)
 
 
-def dataset_tensors(ds, *, what: str, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
-                    workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - any map-style dataset
+def dataset_tensors(
+    ds, *, what: str, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None, workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels) of a whole map-style dataset, stacked once (read by
     ``workers`` processes), and checked once: float inputs of
     ``input_shape``, all finite; integer labels in ``[0, num_classes)``. A
@@ -126,8 +143,15 @@ def dataset_tensors(ds, *, what: str, input_shape: tuple[int, ...] | None = None
     return x, y
 
 
-def check_samples(x: torch.Tensor, y: torch.Tensor, *, what: str, input_shape: tuple[int, ...] | None,
-                  num_classes: int | None, indices: Sequence[int] | None = None) -> None:
+def check_samples(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    what: str,
+    input_shape: tuple[int, ...] | None,
+    num_classes: int | None,
+    indices: Sequence[int] | None = None,
+) -> None:
     """Refuse data that would train on garbage, naming the first bad index
     (``indices``: the dataset index of each row, for a batch)."""
     at = (lambda i: int(indices[i])) if indices is not None else int
@@ -135,24 +159,32 @@ def check_samples(x: torch.Tensor, y: torch.Tensor, *, what: str, input_shape: t
         raise NeuroFluxError(f"{what} inputs are {x.dtype}; datasets must yield float tensors")
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
         where = f" (samples {at(0)}..{at(len(x) - 1)})" if indices is not None else ""
-        raise NeuroFluxError(f"{what} samples have shape {tuple(x.shape[1:])}{where}, the plan was made for "
-                             f"{tuple(input_shape)}; fix the datasets function or re-plan")
+        raise NeuroFluxError(
+            f"{what} samples have shape {tuple(x.shape[1:])}{where}, the plan was made for "
+            f"{tuple(input_shape)}; fix the datasets function or re-plan"
+        )
     finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
     if not bool(finite.all()):
         i = int((~finite).nonzero()[0])
-        raise NeuroFluxError(f"{what} sample {at(i)} has NaN or infinite inputs ({int((~finite).sum())} such samples"
-                             f"{' in its batch' if indices is not None else ''}); clean the data before training")
+        raise NeuroFluxError(
+            f"{what} sample {at(i)} has NaN or infinite inputs ({int((~finite).sum())} such samples"
+            f"{' in its batch' if indices is not None else ''}); clean the data before training"
+        )
     if y.dim() != 1 or len(y) != len(x):
         raise NeuroFluxError(f"{what} labels have shape {tuple(y.shape)}; expected one integer label per sample")
     if torch.is_floating_point(y) or y.dtype == torch.bool or torch.is_complex(y):
-        raise NeuroFluxError(f"{what} labels are {y.dtype}; labels must be integer class indices (e.g. torch.long), "
-                             "not floats or one-hot vectors")
+        raise NeuroFluxError(
+            f"{what} labels are {y.dtype}; labels must be integer class indices (e.g. torch.long), "
+            "not floats or one-hot vectors"
+        )
     if num_classes is not None:
         bad = (y < 0) | (y >= num_classes)
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
-            raise NeuroFluxError(f"{what} sample {at(i)} has label {int(y[i])}, outside [0, {num_classes}) for this "
-                                 f"{num_classes}-class model")
+            raise NeuroFluxError(
+                f"{what} sample {at(i)} has label {int(y[i])}, outside [0, {num_classes}) for this "
+                f"{num_classes}-class model"
+            )
 
 
 def _order(n: int, *, shuffle: bool, generator: torch.Generator | None) -> torch.Tensor:
@@ -163,8 +195,16 @@ class StreamSource:
     """A map-style dataset read batch by batch: nothing is held beyond the
     batches in flight. ``indices`` restricts it to a subset (a rank's shard)."""
 
-    def __init__(self, ds, *, what: str, input_shape: tuple[int, ...] | None, num_classes: int | None,  # noqa: ANN001
-                 workers: int, indices: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        ds,
+        *,
+        what: str,
+        input_shape: tuple[int, ...] | None,
+        num_classes: int | None,
+        workers: int,
+        indices: Sequence[int] | None = None,
+    ) -> None:
         self.ds, self.what, self.workers = ds, what, workers
         self.input_shape, self.num_classes = input_shape, num_classes
         self.indices = None if indices is None else [int(i) for i in indices]
@@ -172,8 +212,9 @@ class StreamSource:
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.ds)
 
-    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = _order(len(self), shuffle=shuffle, generator=generator).tolist()
         if self.indices is not None:
             order = [self.indices[i] for i in order]
@@ -191,12 +232,15 @@ def call_augment(fn: Any, x: torch.Tensor) -> torch.Tensor:
     try:
         out = fn(x)
     except Exception as e:
-        raise NeuroFluxError(f"augment() raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; "
-                             "fix the model file's augment function") from e
+        raise NeuroFluxError(
+            f"augment() raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; "
+            "fix the model file's augment function"
+        ) from e
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise NeuroFluxError(f"augment() returned {got} for a batch of shape {tuple(x.shape)}; it must return a "
-                             "batch of the same shape")
+        raise NeuroFluxError(
+            f"augment() returned {got} for a batch of shape {tuple(x.shape)}; it must return a batch of the same shape"
+        )
     return out
 
 
@@ -212,8 +256,9 @@ class PrefixSource:
     def __len__(self) -> int:
         return len(self.base)
 
-    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.prefix.eval()
         for x, y in self.base.batches(batch_size, shuffle=shuffle, generator=generator, device=device):
             if self.augment is not None and shuffle:
@@ -244,14 +289,17 @@ class TensorCache:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def index_batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    def index_batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
+    ) -> Iterator[torch.Tensor]:
         n = len(self)
         order = _order(n, shuffle=shuffle, generator=generator)
         for i in range(0, n, batch_size):
             yield order[i : i + batch_size]
 
-    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for idx in self.index_batches(batch_size, shuffle=shuffle, generator=generator):
             yield self.take(idx, device)
 
@@ -262,7 +310,7 @@ class TensorCache:
             return torch.from_numpy(np.ascontiguousarray(self.x[sorted_idx.numpy()]))[torch.argsort(inverse)]
         return self.x.index_select(0, idx)
 
-    def subset(self, idx: torch.Tensor) -> "TensorCache":
+    def subset(self, idx: torch.Tensor) -> TensorCache:
         """The samples ``idx`` as a cache of their own (a copy: a data-parallel
         rank keeps only its shard)."""
         return TensorCache(self._gather(idx), self.y.index_select(0, idx))
@@ -295,8 +343,9 @@ class TensorCache:
 class CacheWriter:
     """Preallocated output cache filled batch by batch, in RAM or on disk."""
 
-    def __init__(self, n: int, sample_shape: tuple[int, ...], *, dtype: str, location: str, path: Path | None,
-                 pin: bool = False) -> None:
+    def __init__(
+        self, n: int, sample_shape: tuple[int, ...], *, dtype: str, location: str, path: Path | None, pin: bool = False
+    ) -> None:
         tdtype, ndtype = _DTYPES[dtype]
         self.location = location
         self.path = path
@@ -310,9 +359,11 @@ class CacheWriter:
 
     def append(self, out: torch.Tensor) -> None:
         if tuple(out.shape[1:]) != tuple(self.x.shape[1:]):
-            raise NeuroFluxError(f"the block's outputs have shape {tuple(out.shape[1:])} but the plan says "
-                                 f"{tuple(self.x.shape[1:])} (its output_shape was edited, or the model changed): "
-                                 "re-plan with nf-plan")
+            raise NeuroFluxError(
+                f"the block's outputs have shape {tuple(out.shape[1:])} but the plan says "
+                f"{tuple(self.x.shape[1:])} (its output_shape was edited, or the model changed): "
+                "re-plan with nf-plan"
+            )
         b = out.shape[0]
         chunk = out.detach().to("cpu", dtype=self._tdtype)
         if self.location == "disk":
@@ -340,7 +391,7 @@ def labels_file(cache: Path) -> Path:
     return cache.with_name(f"{cache.stem}.labels{cache.suffix}")
 
 
-def _allocate_disk_cache(path: Path, ndtype, shape: tuple[int, ...]) -> np.memmap:  # noqa: ANN001
+def _allocate_disk_cache(path: Path, ndtype, shape: tuple[int, ...]) -> np.memmap:
     """A memory-mapped ``.npy`` whose blocks are really allocated: a sparse
     file on a full disk kills the process with SIGBUS at some later write;
     this fails now, with how much space is needed and where."""
@@ -348,8 +399,10 @@ def _allocate_disk_cache(path: Path, ndtype, shape: tuple[int, ...]) -> np.memma
     import shutil
 
     if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise NeuroFluxError(f"the disk cache {path} exists and is not a regular file (a directory or a link); "
-                             "remove it, then --resume (the cache is rebuilt from the finished blocks)")
+        raise NeuroFluxError(
+            f"the disk cache {path} exists and is not a regular file (a directory or a link); "
+            "remove it, then --resume (the cache is rebuilt from the finished blocks)"
+        )
     path.unlink(missing_ok=True)  # a new file: never written through another name of an old one
     path.parent.mkdir(parents=True, exist_ok=True)
     need = int(np.prod(shape)) * np.dtype(ndtype).itemsize
@@ -357,7 +410,8 @@ def _allocate_disk_cache(path: Path, ndtype, shape: tuple[int, ...]) -> np.memma
     if free < need + (16 << 20):
         raise NeuroFluxError(
             f"the disk cache {path} needs {need / 2**30:.2f} GiB but {path.parent} has {free / 2**30:.2f} GiB free; "
-            "free space there (or re-plan with --cache-location ram or --cache-dtype float16), then --resume")
+            "free space there (or re-plan with --cache-location ram or --cache-dtype float16), then --resume"
+        )
     x = np.lib.format.open_memmap(path, mode="w+", dtype=ndtype, shape=shape)
     try:
         with open(path, "r+b") as f:
@@ -366,29 +420,32 @@ def _allocate_disk_cache(path: Path, ndtype, shape: tuple[int, ...]) -> np.memma
         del x
         path.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
-            raise NeuroFluxError(f"no space left for the disk cache {path} ({need / 2**30:.2f} GiB); free space "
-                                 "there, then --resume") from None
+            raise NeuroFluxError(
+                f"no space left for the disk cache {path} ({need / 2**30:.2f} GiB); free space there, then --resume"
+            ) from None
         raise
     return x
 
 
-def dataset_sources(train_set: Any, val_set: Any, plan: Plan, *, dist: Dist, check_sizes: bool,
-                    workers: int) -> tuple[Any, Any]:
+def dataset_sources(
+    train_set: Any, val_set: Any, plan: Plan, *, dist: Dist, check_sizes: bool, workers: int
+) -> tuple[Any, Any]:
     """The dataset as the plan says: stacked in RAM once, or streamed
     through DataLoader workers; checked against the plan's sizes (when
     ``check_sizes``); this rank's shard under torchrun."""
     r = plan.recipe
     for what, ds, planned in (("train", train_set, r.train_size), ("val", val_set, r.val_size)):
         if len(ds) != planned and check_sizes:
-            raise NeuroFluxError(f"the {what} set has {len(ds)} samples but the plan was made for {planned}: its "
-                                 "batches, learning-rate schedule and cache sizes assume that many; re-plan for "
-                                 "this data (or pass --force to run anyway)")
+            raise NeuroFluxError(
+                f"the {what} set has {len(ds)} samples but the plan was made for {planned}: its "
+                "batches, learning-rate schedule and cache sizes assume that many; re-plan for "
+                "this data (or pass --force to run anyway)"
+            )
     meta = dict(input_shape=tuple(plan.model.input_shape), num_classes=plan.model.num_classes)
     mode = plan.data.mode if plan.data is not None else "stack"
     shards = [None, None]
     if dist.enabled:  # this rank's shards: its caches hold only these
-        shards = [shard_indices(len(train_set), dist, equal=True),
-                  shard_indices(len(val_set), dist, equal=False)]
+        shards = [shard_indices(len(train_set), dist, equal=True), shard_indices(len(val_set), dist, equal=False)]
     out = []
     for what, ds, shard in (("train", train_set, shards[0]), ("val", val_set, shards[1])):
         if mode == "stream":
@@ -396,7 +453,10 @@ def dataset_sources(train_set: Any, val_set: Any, plan: Plan, *, dist: Dist, che
             continue
         src = TensorCache(*dataset_tensors(ds, what=what, workers=workers, **meta))
         if what == "train" and len(src) > 1 and bool((src.y == src.y[0]).all()):
-            log.warning("every training sample has label %d: the run can only learn to predict that class; "
-                        "check the datasets function", int(src.y[0]))
+            log.warning(
+                "every training sample has label %d: the run can only learn to predict that class; "
+                "check the datasets function",
+                int(src.y[0]),
+            )
         out.append(src if shard is None else src.subset(shard))
     return out[0], out[1]

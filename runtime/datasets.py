@@ -24,6 +24,7 @@ DATA_ENV = "NEUROFLUX_DATA"
 #: ``NEUROFLUX_LIMIT=TRAIN[,VAL]`` keeps the first samples only (benchmarks on a budget of time).
 LIMIT_ENV = "NEUROFLUX_LIMIT"
 
+
 def parse_limit(text: str, *, what: str = LIMIT_ENV) -> tuple[int, int | None]:
     """``TRAIN[,VAL]`` as positive sample counts; anything else is an error
     naming the form (a negative count would silently mean "all but")."""
@@ -33,7 +34,9 @@ def parse_limit(text: str, *, what: str = LIMIT_ENV) -> tuple[int, int | None]:
     except ValueError:
         values = []
     if not 1 <= len(values) <= 2 or any(v < 1 for v in values):
-        raise NeuroFluxError(f"{what} {text!r} must be TRAIN[,VAL]: one or two positive sample counts, e.g. 20000,10000")
+        raise NeuroFluxError(
+            f"{what} {text!r} must be TRAIN[,VAL]: one or two positive sample counts, e.g. 20000,10000"
+        )
     return values[0], values[1] if len(values) > 1 else None
 
 
@@ -58,9 +61,7 @@ def fashion_mnist(
     if os.environ.get(LIMIT_ENV) and train_limit is None and val_limit is None:
         train_limit, val_limit = parse_limit(os.environ[LIMIT_ENV])
     if not path.is_file():
-        raise NeuroFluxError(
-            f"Fashion-MNIST file {path} not found; set {DATA_ENV} to the path of fashion_mnist.npz"
-        )
+        raise NeuroFluxError(f"Fashion-MNIST file {path} not found; set {DATA_ENV} to the path of fashion_mnist.npz")
     with np.load(path) as f:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
         if missing:
@@ -82,7 +83,9 @@ def fashion_mnist(
     return out[0], out[1]
 
 
-def synthetic(shape: tuple[int, ...], *, num_classes: int, train_size: int, val_size: int, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+def synthetic(
+    shape: tuple[int, ...], *, num_classes: int, train_size: int, val_size: int, seed: int = 0
+) -> tuple[TensorDataset, TensorDataset]:
     """Random inputs and labels of a given shape: for throughput only, never
     accuracy. ``NEUROFLUX_LIMIT`` caps the sizes, as for real data."""
     if os.environ.get(LIMIT_ENV):
@@ -93,4 +96,5 @@ def synthetic(shape: tuple[int, ...], *, num_classes: int, train_size: int, val_
 
     def make(n: int) -> TensorDataset:
         return TensorDataset(torch.randn((n, *shape), generator=g), torch.randint(0, num_classes, (n,), generator=g))
+
     return make(train_size), make(val_size)

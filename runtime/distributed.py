@@ -26,9 +26,9 @@ What each rank does (``runtime/runner.py``):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence
 
 import torch
 
@@ -132,8 +132,10 @@ def from_env(device_type: str) -> Dist:
         try:
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
         except Exception as e:  # a rendezvous that never completes, a port in use
-            raise NeuroFluxError(f"could not join the torchrun process group ({type(e).__name__}: {e}); check "
-                                 "torchrun's --nproc-per-node / --nnodes and rendezvous flags") from e
+            raise NeuroFluxError(
+                f"could not join the torchrun process group ({type(e).__name__}: {e}); check "
+                "torchrun's --nproc-per-node / --nnodes and rendezvous flags"
+            ) from e
     return Dist(rank=dist.get_rank(), world=dist.get_world_size())
 
 

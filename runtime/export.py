@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -29,8 +29,14 @@ def export_onnx(module: nn.Module, input_shape: Sequence[int], path: Path | None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module, (x,), dynamo=True, input_names=["input"], output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False, report=False,
+            module,
+            (x,),
+            dynamo=True,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            verbose=False,
+            report=False,
         )
     onnx_log.setLevel(level)
     data = program.model_proto.SerializeToString()
@@ -40,8 +46,9 @@ def export_onnx(module: nn.Module, input_shape: Sequence[int], path: Path | None
 
 
 @torch.no_grad()
-def throughput(module: nn.Module, input_shape: Sequence[int], *, device: torch.device, batch: int | None = None,
-               reps: int = 5) -> float:
+def throughput(
+    module: nn.Module, input_shape: Sequence[int], *, device: torch.device, batch: int | None = None, reps: int = 5
+) -> float:
     """Inference images per second (median of ``reps`` after a warm-up), under
     ``torch.inference_mode`` so that no activation is kept for autograd.
     Default batch: 128, or 32 for inputs larger than 3x64x64 (ImageNet

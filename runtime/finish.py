@@ -35,9 +35,20 @@ def choose_exit(plan: Plan, accs: dict[str, float], *, method: Method, tolerance
     return next(u for u in order if accs[u] >= best - tolerance)
 
 
-def finish_run(plan: Plan, asm: Assembled, stages: list[Stage], state: RunState, *, cfg: RunConfig,
-               policy: RunPolicy, run_dir: RunDir, device: torch.device, dist: Dist, capped: bool,
-               wall_s: float) -> dict[str, Any]:
+def finish_run(
+    plan: Plan,
+    asm: Assembled,
+    stages: list[Stage],
+    state: RunState,
+    *,
+    cfg: RunConfig,
+    policy: RunPolicy,
+    run_dir: RunDir,
+    device: torch.device,
+    dist: Dist,
+    capped: bool,
+    wall_s: float,
+) -> dict[str, Any]:
     """The final model saved (and exported), measured and summarized; returns the summary dict."""
     accs = state.exit_acc
     chosen = choose_exit(plan, accs, method=cfg.method, tolerance=policy.tolerance)
@@ -54,18 +65,26 @@ def finish_run(plan: Plan, asm: Assembled, stages: list[Stage], state: RunState,
         set_cap(device, 1.0)
     tp_final, tp_orig = _throughputs(final, asm.model, shape, device=device, batch=cfg.throughput_batch)
     summary = {
-        "method": cfg.method, "status": "ok", "final_accuracy": accs[chosen], "final_exit": chosen,
-        "final_params": final_params, "original_params": original_params,
-        "param_reduction": original_params / final_params, "wall_time_s": wall_s,
-        "train_time_s": state.train_s, "blocks": [block_result_json(b) for b in state.done],
+        "method": cfg.method,
+        "status": "ok",
+        "final_accuracy": accs[chosen],
+        "final_exit": chosen,
+        "final_params": final_params,
+        "original_params": original_params,
+        "param_reduction": original_params / final_params,
+        "wall_time_s": wall_s,
+        "train_time_s": state.train_s,
+        "blocks": [block_result_json(b) for b in state.done],
         "stopped_early": state.stopped,
         "stopping": stopping_summary(plan, stages, state, method=cfg.method, policy=policy),
         "exit_accuracies": {u.name: accs[u.name] for u in plan.units if u.name in accs},
-        "throughput": {"final_images_per_s": tp_final, "original_images_per_s": tp_orig,
-                       "speedup": tp_final / tp_orig},
+        "throughput": {"final_images_per_s": tp_final, "original_images_per_s": tp_orig, "speedup": tp_final / tp_orig},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "budget_bytes": plan.budget_bytes, "budget_enforced": capped,
-        "torch": torch.__version__, "command": cfg.command, "world_size": dist.world,
+        "budget_bytes": plan.budget_bytes,
+        "budget_enforced": capped,
+        "torch": torch.__version__,
+        "command": cfg.command,
+        "world_size": dist.world,
     }
     # Typed on the way out: a field missing or misnamed fails here, not in a reader.
     summary = summary_to_dict(summary_from_dict(summary))
@@ -73,8 +92,9 @@ def finish_run(plan: Plan, asm: Assembled, stages: list[Stage], state: RunState,
     return summary
 
 
-def _throughputs(final: nn.Module, original: nn.Module, shape: Any, *, device: torch.device,
-                 batch: int | None) -> tuple[float, float]:
+def _throughputs(
+    final: nn.Module, original: nn.Module, shape: Any, *, device: torch.device, batch: int | None
+) -> tuple[float, float]:
     """Inference images per second of the final and the original model (both left on the CPU)."""
     reps = 1 if batch is not None else 5
     tp_final = throughput(final, shape, device=device, batch=batch, reps=reps)
@@ -84,8 +104,9 @@ def _throughputs(final: nn.Module, original: nn.Module, shape: Any, *, device: t
     return tp_final, tp_orig
 
 
-def stopping_summary(plan: Plan, stages: list[Stage], state: RunState, *, method: Method,
-                     policy: RunPolicy) -> dict[str, Any]:
+def stopping_summary(
+    plan: Plan, stages: list[Stage], state: RunState, *, method: Method, policy: RunPolicy
+) -> dict[str, Any]:
     """Where training stopped, why, and the training time that saved (in the
     plan's terms: see ``predicted_epoch_s``)."""
     ran = {b.index: b.epochs_run for b in state.done}
@@ -94,8 +115,9 @@ def stopping_summary(plan: Plan, stages: list[Stage], state: RunState, *, method
     for s in stages:
         if s.index in ran and method == "neuroflux":
             saved_pred += (s.epochs - ran[s.index]) * predicted_epoch_s(plan, s)
-    predicted_ran = sum(plan.blocks[s.index].predicted_time_s for s in stages if s.index in ran) \
-        if method == "neuroflux" else 0.0
+    predicted_ran = (
+        sum(plan.blocks[s.index].predicted_time_s for s in stages if s.index in ran) if method == "neuroflux" else 0.0
+    )
     measured_ran = sum(b.time_s for b in state.done)
     scale = measured_ran / predicted_ran if predicted_ran > 0 else 1.0
     last = state.done[-1].units[-1] if state.done else None
@@ -110,7 +132,9 @@ def stopping_summary(plan: Plan, stages: list[Stage], state: RunState, *, method
         "epochs_run": {str(k): v for k, v in ran.items()},
         "saved_predicted_s": saved_pred,
         "saved_estimated_s": saved_pred * scale,
-        "patience_units": policy.patience, "epoch_patience": policy.epoch_patience, "tolerance": policy.tolerance,
+        "patience_units": policy.patience,
+        "epoch_patience": policy.epoch_patience,
+        "tolerance": policy.tolerance,
     }
 
 

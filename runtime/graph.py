@@ -7,7 +7,8 @@ with the original model (no copies).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -15,8 +16,17 @@ from torch import nn
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["TraceFailure", "trace", "split_units", "UnitModule", "attr_at", "META_ROOT", "META_CAPTURE", "META_SHAPE",
-           "META_UNIT"]
+__all__ = [
+    "TraceFailure",
+    "trace",
+    "split_units",
+    "UnitModule",
+    "attr_at",
+    "META_ROOT",
+    "META_CAPTURE",
+    "META_SHAPE",
+    "META_UNIT",
+]
 
 # Metadata keys NeuroFlux writes on traced graphs, in one place.
 #: ``gm.meta[META_ROOT]``: the original model (the graph keeps only the modules it calls).
@@ -70,7 +80,7 @@ class _ShapeProxy(fx.Proxy):
 
     value: Any = None
 
-    def size(self, dim: int | None = None) -> Any:  # noqa: D102
+    def size(self, dim: int | None = None) -> Any:
         v = self.value
         if not isinstance(v, torch.Tensor):
             return self.tracer.create_proxy("call_method", "size", (self,) if dim is None else (self, dim), {})
@@ -82,16 +92,16 @@ class _ShapeProxy(fx.Proxy):
         return int(v.shape[dim])
 
     @property
-    def shape(self) -> Any:  # noqa: D102
+    def shape(self) -> Any:
         return self.size()
 
-    def dim(self) -> Any:  # noqa: D102
+    def dim(self) -> Any:
         if isinstance(self.value, torch.Tensor):
             return self.value.dim()
         return self.tracer.create_proxy("call_method", "dim", (self,), {})
 
     @property
-    def ndim(self) -> Any:  # noqa: D102
+    def ndim(self) -> Any:
         return self.dim()
 
 
@@ -123,7 +133,7 @@ class _ShapeTracer(_PathTracer):
         finally:
             self._forwards.pop()
 
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # noqa: ANN001
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         rv = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if not isinstance(rv, _ShapeProxy):
             return rv
@@ -189,7 +199,7 @@ def _trace_with_shape(model: nn.Module, shape: tuple[int, ...], first: Exception
         with fake:
             out = check(torch.empty(3, *shape))
         ok = isinstance(out, torch.Tensor) and out.shape[0] == 3
-    except Exception:  # noqa: BLE001
+    except Exception:
         ok = False
     if not ok:
         raise TraceFailure(

@@ -21,7 +21,7 @@ for units whose output is not a feature map.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 

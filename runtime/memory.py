@@ -21,8 +21,17 @@ from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.train import StepStats, UnitTrainer, block_step
 from neuroflux.schemas.plan import Plan
 
-__all__ = ["CAP_ENV", "CAN_TRACK", "cap_requested", "enforce_budget", "set_cap", "check_device",
-           "check_edited_batches", "tracked_step", "nvml_process_bytes"]
+__all__ = [
+    "CAP_ENV",
+    "CAN_TRACK",
+    "cap_requested",
+    "enforce_budget",
+    "set_cap",
+    "check_device",
+    "check_edited_batches",
+    "tracked_step",
+    "nvml_process_bytes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +56,10 @@ def enforce_budget(device: torch.device, *, budget_bytes: int) -> None:
     set_cap(device, frac)
     log.info("CUDA allocator capped at %.4f of %d bytes (= budget %d)", frac, total, budget_bytes)
     if torch.backends.cudnn.benchmark:  # its algorithm search peaked at 2.6 GB for ResNet-18 (H200 probe)
-        log.warning("turning torch.backends.cudnn.benchmark off: its algorithm search allocates far beyond "
-                    "the budget (set NEUROFLUX_CUDA_CAP=0 to run uncapped instead)")
+        log.warning(
+            "turning torch.backends.cudnn.benchmark off: its algorithm search allocates far beyond "
+            "the budget (set NEUROFLUX_CUDA_CAP=0 to run uncapped instead)"
+        )
         torch.backends.cudnn.benchmark = False
 
 
@@ -64,15 +75,25 @@ def check_device(plan: Plan, device: torch.device) -> None:
     planned, here = plan.device, device.type
     name = torch.cuda.get_device_name(device) if here == "cuda" else "cpu"
     if planned.kind == "cpu" and here == "cuda":
-        log.warning("the plan was made for the CPU and runs on %s: it holds no CUDA library workspace or memory "
-                    "calibration, so the allocator cap may be hit; re-plan with nf-plan --device cuda", name)
+        log.warning(
+            "the plan was made for the CPU and runs on %s: it holds no CUDA library workspace or memory "
+            "calibration, so the allocator cap may be hit; re-plan with nf-plan --device cuda",
+            name,
+        )
     elif planned.kind == "cuda" and here == "cpu":
-        log.warning("the plan was made for %s and runs on the CPU: predicted times do not apply, and the budget "
-                    "is accounted, not enforced", planned.name)
+        log.warning(
+            "the plan was made for %s and runs on the CPU: predicted times do not apply, and the budget "
+            "is accounted, not enforced",
+            planned.name,
+        )
     elif here == "cuda" and planned.name != name and "not present" not in planned.name:
-        log.warning("the plan was made for %s and runs on %s: predicted times and the device's memory terms "
-                    "(workspace, calibration) were for that one; re-plan here (or with this device's "
-                    "--device-profile) for exact ones", planned.name, name)
+        log.warning(
+            "the plan was made for %s and runs on %s: predicted times and the device's memory terms "
+            "(workspace, calibration) were for that one; re-plan here (or with this device's "
+            "--device-profile) for exact ones",
+            planned.name,
+            name,
+        )
 
 
 def check_edited_batches(plan: Plan, *, device: torch.device) -> None:
@@ -84,16 +105,19 @@ def check_edited_batches(plan: Plan, *, device: torch.device) -> None:
         peak = plan.block_peak_bytes(b)
         if peak <= cap * 1.001:
             continue
-        msg = (f"block {b.index} runs at batch {b.batch_size}, whose predicted peak {format_mib(peak)} exceeds "
-               f"the budget {plan.device.budget_text} (less the {plan.device.margin_fraction:.0%} margin); the plan "
-               "was edited by hand: re-plan with nf-plan")
+        msg = (
+            f"block {b.index} runs at batch {b.batch_size}, whose predicted peak {format_mib(peak)} exceeds "
+            f"the budget {plan.device.budget_text} (less the {plan.device.margin_fraction:.0%} margin); the plan "
+            "was edited by hand: re-plan with nf-plan"
+        )
         if device.type == "cuda":
             raise NeuroFluxError(msg)
         log.warning("%s (CPU: accounted, not enforced)", msg)
 
 
-def tracked_step(trainers: list[UnitTrainer], inputs: list[torch.Tensor], yb: torch.Tensor, stats: StepStats, *,
-                 prefix: nn.Module) -> int:
+def tracked_step(
+    trainers: list[UnitTrainer], inputs: list[torch.Tensor], yb: torch.Tensor, stats: StepStats, *, prefix: nn.Module
+) -> int:
     """One ``block_step`` under MemTracker; returns its peak in bytes."""
     tracker = MemTracker()
     for t in trainers:

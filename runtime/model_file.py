@@ -19,10 +19,11 @@ import importlib.util
 import re
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ class ModelFile:
         """How messages and plans name it: the file, or ``package.module:factory``."""
         return str(self.path) if self.import_name is None else f"{self.import_name}:{self.factory_name}"
 
-    def build_fake(self, fake_mode) -> nn.Module:  # noqa: ANN001
+    def build_fake(self, fake_mode) -> nn.Module:
         """The model with its parameters in ``fake_mode`` (no memory)."""
         with fake_mode:
             return self.build()
@@ -91,21 +92,24 @@ class ModelFile:
         fn = self._get(self.factory_name, what="model factory")
         try:
             model = fn()
-        except SystemExit as e:  # a plan must never be skipped with exit 0 (nf-plan ... && nf-run would run a stale one)
-            raise NeuroFluxError(f"{self.path}: {self.factory_name}() called sys.exit({e.code}); a factory must return "
-                                 "the model") from None
+        except (
+            SystemExit
+        ) as e:  # a plan must never be skipped with exit 0 (nf-plan ... && nf-run would run a stale one)
+            raise NeuroFluxError(
+                f"{self.path}: {self.factory_name}() called sys.exit({e.code}); a factory must return the model"
+            ) from None
         except Exception as e:
             raise NeuroFluxError(
-                f"{self.path}: {self.factory_name}() raised {type(e).__name__}: {e}\n"
-                f"{_user_frames(e, self.path)}"
+                f"{self.path}: {self.factory_name}() raised {type(e).__name__}: {e}\n{_user_frames(e, self.path)}"
             ) from e
         if not isinstance(model, nn.Module):
             raise NeuroFluxError(
                 f"{self.path}: {self.factory_name}() returned {type(model).__name__}, expected a torch.nn.Module"
             )
         if not any(True for _ in model.parameters()):
-            raise NeuroFluxError(f"{self.path}: {self.factory_name}() returned a model without parameters; there is "
-                                 "nothing to train")
+            raise NeuroFluxError(
+                f"{self.path}: {self.factory_name}() returned a model without parameters; there is nothing to train"
+            )
         return model
 
     def datasets(self) -> tuple[Any, Any]:
@@ -194,9 +198,7 @@ def load_model_file(spec: str | Path, *, factory: str | None = None, datasets: s
         mspec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(mod_name, None)
-        raise NeuroFluxError(
-            f"importing {path} raised {type(e).__name__}: {e}\n{_user_frames(e, path)}"
-        ) from e
+        raise NeuroFluxError(f"importing {path} raised {type(e).__name__}: {e}\n{_user_frames(e, path)}") from e
     finally:
         sys.path.remove(str(path.parent))
     mf = ModelFile(path=path, sha256=sha256_of(path), module=module, factory_name=factory, datasets_name=datasets)
@@ -209,15 +211,22 @@ def _load_import(spec: str, *, factory: str | None, datasets: str) -> ModelFile:
     try:
         module = importlib.import_module(name)
     except ImportError as e:
-        raise NeuroFluxError(f"cannot import {name!r} for model {spec!r} ({e}); install the package, or give a model "
-                             f"file path instead") from e
+        raise NeuroFluxError(
+            f"cannot import {name!r} for model {spec!r} ({e}); install the package, or give a model file path instead"
+        ) from e
     except Exception as e:
         raise NeuroFluxError(f"importing {name} raised {type(e).__name__}: {e}") from e
     file = getattr(module, "__file__", None)
     if file is None:
         raise NeuroFluxError(f"{name} has no source file (a namespace package?); name a module with the factory in it")
-    mf = ModelFile(path=Path(file).resolve(), sha256=sha256_of(file), module=module, factory_name=factory or attr,
-                   datasets_name=datasets, import_name=name)
+    mf = ModelFile(
+        path=Path(file).resolve(),
+        sha256=sha256_of(file),
+        module=module,
+        factory_name=factory or attr,
+        datasets_name=datasets,
+        import_name=name,
+    )
     mf._get(mf.factory_name, what="model factory")
     return mf
 
@@ -232,9 +241,15 @@ class ModelObject:
     datasets_name = "<datasets>"
     source = "object"
 
-    def __init__(self, model: nn.Module, *, datasets: tuple[Any, Any] | None = None,
-                 input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        datasets: tuple[Any, Any] | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        num_classes: int | None = None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise NeuroFluxError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -250,7 +265,7 @@ class ModelObject:
     def build(self) -> nn.Module:
         return copy.deepcopy(self.model)
 
-    def build_fake(self, fake_mode) -> nn.Module:  # noqa: ANN001
+    def build_fake(self, fake_mode) -> nn.Module:
         # Copy the module with every tensor replaced by a fake CPU tensor of its shape and dtype: no memory,
         # no real copy, and the same plan whether the object lives on a GPU, the CPU or the meta device.
         def fake(t: torch.Tensor) -> torch.Tensor:
@@ -295,8 +310,9 @@ def _shape(value: Any, name: str, path: Path) -> tuple[int, ...]:
     except (TypeError, ValueError):
         shape = ()
     if not shape or any(d < 1 for d in shape):
-        raise NeuroFluxError(f"{path}: {name} = {value!r}; it must be one sample's shape, e.g. (3, 32, 32) for "
-                             "channels, height, width")
+        raise NeuroFluxError(
+            f"{path}: {name} = {value!r}; it must be one sample's shape, e.g. (3, 32, 32) for channels, height, width"
+        )
     return shape
 
 

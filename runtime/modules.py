@@ -5,7 +5,7 @@ trains and the planner profiles).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint

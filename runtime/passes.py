@@ -6,8 +6,9 @@ whose block recomputes its input through frozen units on every batch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,27 +43,48 @@ def eval_exits(stage: Stage, val: Any, *, device: torch.device, dist: Dist) -> d
 
 
 @torch.inference_mode()
-def write_cache(stage: Stage, train: Any, val: Any, *, plan: Plan, path: Path | None, device: torch.device,
-                dist: Dist) -> tuple[TensorCache, TensorCache]:
+def write_cache(
+    stage: Stage, train: Any, val: Any, *, plan: Plan, path: Path | None, device: torch.device, dist: Dist
+) -> tuple[TensorCache, TensorCache]:
     """The block's outputs for train then val: the next block's input cache
     (``path``: its file, for a disk cache)."""
     for t in stage.trainers:
         t.train(False)
         dist.broadcast_buffers(t.modules())
     units = Chain([t.unit for t in stage.trainers])
-    return cache_through(units, train, val, plan=plan, index=stage.index, spec=stage.cache, path=path,
-                         batch=stage.batch_size, device=device)
+    return cache_through(
+        units,
+        train,
+        val,
+        plan=plan,
+        index=stage.index,
+        spec=stage.cache,
+        path=path,
+        batch=stage.batch_size,
+        device=device,
+    )
 
 
-def cache_through(units: nn.Module, train: Any, val: Any, *, plan: Plan, index: int, spec: Any, path: Path | None,
-                  batch: int, device: torch.device) -> tuple[TensorCache, TensorCache]:
+def cache_through(
+    units: nn.Module,
+    train: Any,
+    val: Any,
+    *,
+    plan: Plan,
+    index: int,
+    spec: Any,
+    path: Path | None,
+    batch: int,
+    device: torch.device,
+) -> tuple[TensorCache, TensorCache]:
     """``train`` then ``val`` through ``units`` into block ``index``'s cache
     (``spec``: location and dtype; ``path``: the file of a disk cache), at
     ``batch`` (the training batch: inside the budget). Callers hold
     inference mode."""
     shape = tuple(plan.units[plan.unit(plan.blocks[index].units[-1]).index].output_shape)
-    writer = CacheWriter(len(train) + len(val), shape, dtype=spec.dtype, location=spec.location, path=path,
-                         pin=device.type == "cuda")
+    writer = CacheWriter(
+        len(train) + len(val), shape, dtype=spec.dtype, location=spec.location, path=path, pin=device.type == "cuda"
+    )
     labels = []
     for data in (train, val):
         for x, y in data.batches(batch, shuffle=False, device=device):
@@ -73,9 +95,16 @@ def cache_through(units: nn.Module, train: Any, val: Any, *, plan: Plan, index: 
     return TensorCache(full.x[:n], full.y[:n]), TensorCache(full.x[n:], full.y[n:])
 
 
-def stage_input(stage: Stage, sources: Mapping[int | None, tuple[Any, Any]], asm: Assembled, *, plan: Plan,
-                augment: Callable[[torch.Tensor], torch.Tensor] | None, device: torch.device,
-                dist: Dist) -> tuple[Any, Any, nn.Module]:
+def stage_input(
+    stage: Stage,
+    sources: Mapping[int | None, tuple[Any, Any]],
+    asm: Assembled,
+    *,
+    plan: Plan,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    device: torch.device,
+    dist: Dist,
+) -> tuple[Any, Any, nn.Module]:
     """The stage's train and val sources, and its recomputed prefix (an
     empty Chain when it reads a cache or the dataset directly). ``sources``:
     block index -> (train, val) caches, ``None`` the dataset; ``augment``

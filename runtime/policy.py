@@ -22,10 +22,19 @@ the block boundary, the only place where skipping the rest saves time.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence, TypedDict
+from collections.abc import Sequence
+from typing import Any, Literal, TypedDict
 
-__all__ = ["EpochDecision", "BlockState", "DepthState", "new_block_state", "epoch_decision", "new_depth_state",
-           "observe_exits", "depth_should_stop"]
+__all__ = [
+    "EpochDecision",
+    "BlockState",
+    "DepthState",
+    "new_block_state",
+    "epoch_decision",
+    "new_depth_state",
+    "observe_exits",
+    "depth_should_stop",
+]
 
 EpochDecision = Literal["continue", "converged", "extended", "done", "planned"]
 
@@ -65,8 +74,17 @@ def new_block_state(index: int, epochs: int) -> BlockState:
     return {"index": index, "limit": epochs, "best": -1.0, "stall": 0, "extra": 0}
 
 
-def epoch_decision(blk: BlockState, best_here: float, *, epochs_done: int, tolerance: float, epoch_patience: int,
-                   max_extra: int, bank_s: float, epoch_s: float) -> tuple[EpochDecision, float]:
+def epoch_decision(
+    blk: BlockState,
+    best_here: float,
+    *,
+    epochs_done: int,
+    tolerance: float,
+    epoch_patience: int,
+    max_extra: int,
+    bank_s: float,
+    epoch_s: float,
+) -> tuple[EpochDecision, float]:
     """Update ``blk`` after an epoch whose best exit scored ``best_here``;
     returns the decision and the change to the time bank (seconds)."""
     if epoch_patience <= 0:

@@ -4,7 +4,8 @@ hand to the runner (tqdm's interface), or ``NoBar`` for none."""
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["BarFactory", "NoBar", "progress_bars"]
 

@@ -49,8 +49,9 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             write_probe(self.path)
         except OSError as e:
-            raise NeuroFluxError(f"cannot write to the run directory {self.path} ({e.strerror}); "
-                                 "choose a writable --out") from None
+            raise NeuroFluxError(
+                f"cannot write to the run directory {self.path} ({e.strerror}); choose a writable --out"
+            ) from None
         lock = RunLock(self.path)
         lock.acquire()
         return lock
@@ -74,23 +75,34 @@ class RunDir:
                 raise NeuroFluxError(
                     f"the run in {self.path} was trained on {n} process{'es' if n > 1 else ''} and this is "
                     f"{self.dist.world}: each rank's data shard and cache depend on it. Resume with the same number "
-                    f"({'torchrun --nproc-per-node ' + str(n) + ' ...' if n > 1 else 'plain nf-run'} --resume)")
+                    f"({'torchrun --nproc-per-node ' + str(n) + ' ...' if n > 1 else 'plain nf-run'} --resume)"
+                )
             failed = ckpt["state"].get("failed")  # the raw state: it is typed once the model is built
             if failed:
-                raise NeuroFluxError(f"the run in {self.path} failed ({failed}); it cannot be resumed: "
-                                     "re-plan (e.g. with a lower --lr) and start a new --out")
+                raise NeuroFluxError(
+                    f"the run in {self.path} failed ({failed}); it cannot be resumed: "
+                    "re-plan (e.g. with a lower --lr) and start a new --out"
+                )
             return ckpt
         # The caller has made the directory and holds its lock.
         if any(p.name != ".lock" for p in self.path.iterdir()):
-            raise NeuroFluxError(f"run directory {self.path} is not empty; pass --resume to continue it, "
-                                 "or a new --out")
+            raise NeuroFluxError(
+                f"run directory {self.path} is not empty; pass --resume to continue it, or a new --out"
+            )
         return None
 
     def save(self, asm: Assembled, state: RunState, *, trainers: list[UnitTrainer] | None) -> None:
         """``checkpoint.pt`` (rank 0): the run as it stands, mid-stage with the stage's ``trainers``."""
         if self.dist.main:
-            checkpoint.save_checkpoint(self.checkpoint_path, method=self.method, plan_key=self.plan_key,
-                                       world_size=self.dist.world, asm=asm, state=state, trainers=trainers)
+            checkpoint.save_checkpoint(
+                self.checkpoint_path,
+                method=self.method,
+                plan_key=self.plan_key,
+                world_size=self.dist.world,
+                asm=asm,
+                state=state,
+                trainers=trainers,
+            )
 
     def log(self, record: dict[str, Any]) -> None:
         """One record appended to ``metrics.jsonl`` (rank 0)."""
@@ -137,8 +149,10 @@ def confined_path(run_dir: Path, rel: str) -> Path:
     run_dir = Path(run_dir)
 
     def refuse(why: str) -> NeuroFluxError:
-        return NeuroFluxError(f"refusing the path {rel!r} inside the run directory {run_dir}: {why}; the plan was "
-                              "edited or the run directory contains a link: re-plan or use a new --out")
+        return NeuroFluxError(
+            f"refusing the path {rel!r} inside the run directory {run_dir}: {why}; the plan was "
+            "edited or the run directory contains a link: re-plan or use a new --out"
+        )
 
     if not isinstance(rel, str):
         raise refuse(f"it is a {type(rel).__name__}, not a relative path string")
@@ -169,7 +183,6 @@ def confined_path(run_dir: Path, rel: str) -> Path:
     return run_dir.joinpath(*parts)
 
 
-
 class RunLock:
     """An exclusive ``flock`` on ``<run dir>/.lock`` holding the owner's pid.
 
@@ -187,23 +200,32 @@ class RunLock:
         from neuroflux.errors import NeuroFluxError
 
         def refuse(what: str) -> NeuroFluxError:
-            return NeuroFluxError(f"the run directory {self.path.parent} holds {what}; nf-run will not write through "
-                                  "it: use another --out (or remove .lock if you made it yourself)")
+            return NeuroFluxError(
+                f"the run directory {self.path.parent} holds {what}; nf-run will not write through "
+                "it: use another --out (or remove .lock if you made it yourself)"
+            )
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # O_NOFOLLOW: a planted .lock -> /some/file must not get that file
         # truncated and overwritten with our pid. O_NONBLOCK: a planted FIFO
         # or device must not hang the open (refused just below).
-        fd, _ = _open_regular(self.path, os.O_RDWR | os.O_CREAT, refuse, link="a link named .lock (a symbolic link)",
-                              other="a .lock that is not a regular file",
-                              hard="a link named .lock (a hard link: a file with other names)")
+        fd, _ = _open_regular(
+            self.path,
+            os.O_RDWR | os.O_CREAT,
+            refuse,
+            link="a link named .lock (a symbolic link)",
+            other="a .lock that is not a regular file",
+            hard="a link named .lock (a hard link: a file with other names)",
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise NeuroFluxError(f"run directory {self.path.parent} is in use by another nf-run (pid {holder}); "
-                                 "wait for it to finish, or use another --out") from None
+            raise NeuroFluxError(
+                f"run directory {self.path.parent} is in use by another nf-run (pid {holder}); "
+                "wait for it to finish, or use another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -217,9 +239,9 @@ class RunLock:
             self._fd = None
 
 
-
-def _open_regular(path: Path, flags: int, refuse: Any, *, link: str, other: str,
-                  hard: str) -> tuple[int, os.stat_result]:
+def _open_regular(
+    path: Path, flags: int, refuse: Any, *, link: str, other: str, hard: str
+) -> tuple[int, os.stat_result]:
     """``os.open`` that never follows a link (``O_NOFOLLOW``) nor hangs on a
     FIFO or device (``O_NONBLOCK``), and keeps the descriptor only for a
     regular file with no other names (a hard link would let a write reach
@@ -239,7 +261,6 @@ def _open_regular(path: Path, flags: int, refuse: Any, *, link: str, other: str,
     return fd, st
 
 
-
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append ``record`` as one JSON line to ``path`` (created if missing).
 
@@ -255,18 +276,26 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     name = Path(path).name
 
     def refuse(what: str) -> NeuroFluxError:
-        return NeuroFluxError(f"{name} in the run directory is {what}; refusing to write through it ({path}): "
-                              "use another --out (or remove it if you made it yourself)")
+        return NeuroFluxError(
+            f"{name} in the run directory is {what}; refusing to write through it ({path}): "
+            "use another --out (or remove it if you made it yourself)"
+        )
 
     # O_RDWR, not O_WRONLY: the torn-line check reads the last byte.
-    fd, st = _open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, refuse, link="a symbolic link",
-                           other="not a regular file", hard="a hard link (a file with other names)")
+    fd, st = _open_regular(
+        path,
+        os.O_RDWR | os.O_APPEND | os.O_CREAT,
+        refuse,
+        link="a symbolic link",
+        other="not a regular file",
+        hard="a hard link (a file with other names)",
+    )
     try:
         data = (json.dumps(record) + "\n").encode()
         if st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n":
             data = b"\n" + data
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)

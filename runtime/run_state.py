@@ -68,10 +68,17 @@ class RunState:
     def to_json(self) -> dict[str, Any]:
         """The checkpoint's ``state``: ``cache_digests`` and ``failed`` only once set."""
         out: dict[str, Any] = {
-            "done": [block_result_json(b) for b in self.done], "epoch": self.epoch, "exit_acc": self.exit_acc,
-            "stopped": self.stopped, "stop": None if self.stop is None else dataclasses.asdict(self.stop),
-            "elapsed_s": self.elapsed_s, "train_s": self.train_s, "depth": self.depth, "block": self.block,
-            "last_accs": self.last_accs, "bank_s": self.bank_s,
+            "done": [block_result_json(b) for b in self.done],
+            "epoch": self.epoch,
+            "exit_acc": self.exit_acc,
+            "stopped": self.stopped,
+            "stop": None if self.stop is None else dataclasses.asdict(self.stop),
+            "elapsed_s": self.elapsed_s,
+            "train_s": self.train_s,
+            "depth": self.depth,
+            "block": self.block,
+            "last_accs": self.last_accs,
+            "bank_s": self.bank_s,
         }
         if self.cache_digests:
             out["cache_digests"] = self.cache_digests

@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from neuroflux.common import torch_device
+from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.assemble import (
     Assembled,
     assemble,
@@ -65,10 +69,6 @@ from neuroflux.runtime.stages import (
 from neuroflux.runtime.train import StepStats, block_step
 from neuroflux.schemas.plan import Plan
 from neuroflux.schemas.summary import BlockResult
-from torch import nn
-
-from neuroflux.common import torch_device
-from neuroflux.errors import NeuroFluxError
 
 __all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged", "KEEP_CACHES_ENV"]
 
@@ -79,8 +79,9 @@ class Diverged(NeuroFluxError):
     """A non-finite loss: the run failed (exit 3), nothing is exported."""
 
 
-def run_plan(plan: Plan, plan_path: Path | None, cfg: RunConfig, *, bar: BarFactory = NoBar,
-             source: ModelObject | None = None) -> dict[str, Any]:
+def run_plan(
+    plan: Plan, plan_path: Path | None, cfg: RunConfig, *, bar: BarFactory = NoBar, source: ModelObject | None = None
+) -> dict[str, Any]:
     """Execute ``plan`` (or a baseline of it); returns the summary dict. The
     model comes from the plan's model file (``plan_path`` locates a relative
     one) or, for a plan made in Python, from ``source``, whose structure
@@ -89,8 +90,9 @@ def run_plan(plan: Plan, plan_path: Path | None, cfg: RunConfig, *, bar: BarFact
 
 
 class Runner:
-    def __init__(self, plan: Plan, plan_path: Path | None, cfg: RunConfig, bar: BarFactory,
-                 source: ModelObject | None = None) -> None:
+    def __init__(
+        self, plan: Plan, plan_path: Path | None, cfg: RunConfig, bar: BarFactory, source: ModelObject | None = None
+    ) -> None:
         self.plan, self.cfg, self.bar = plan, cfg, bar
         self.out = cfg.out_dir
         self.device = torch_device(cfg.device)
@@ -118,7 +120,8 @@ class Runner:
                 raise NeuroFluxError(
                     f"rank {self.dist.rank}: a collective with the other processes failed ({str(e).splitlines()[0]}); "
                     f"another rank probably died. The last checkpoint in {self.out} is kept: run the same torchrun "
-                    "command with --resume") from e
+                    "command with --resume"
+                ) from e
             raise
         finally:
             self.dist.close()
@@ -137,8 +140,11 @@ class Runner:
     def _run_locked(self, ckpt: dict[str, Any] | None | bool = False) -> dict[str, Any]:
         t_start = time.perf_counter()
         if ckpt is False:  # not prepared by rank 0 already
-            ckpt = self.run_dir.prepare(resume=self.cfg.resume) if self.dist.main else \
-                (load_checkpoint(self.run_dir.checkpoint_path) if self.cfg.resume else None)
+            ckpt = (
+                self.run_dir.prepare(resume=self.cfg.resume)
+                if self.dist.main
+                else (load_checkpoint(self.run_dir.checkpoint_path) if self.cfg.resume else None)
+            )
         asm = assemble(self.plan, self.mf)
         if self.cfg.method == "neuroflux":
             check_edited_batches(self.plan, device=self.device)
@@ -164,11 +170,18 @@ class Runner:
         train_set, val_set = self.mf.datasets()
         workers = default_loader_workers() if self.cfg.loader_workers is None else self.cfg.loader_workers
         # Dry runs (max_steps_per_epoch) cut the data on purpose.
-        return dataset_sources(train_set, val_set, self.plan, dist=self.dist, workers=workers,
-                               check_sizes=not self.cfg.force and self.cfg.max_steps_per_epoch is None)
+        return dataset_sources(
+            train_set,
+            val_set,
+            self.plan,
+            dist=self.dist,
+            workers=workers,
+            check_sizes=not self.cfg.force and self.cfg.max_steps_per_epoch is None,
+        )
 
-    def _run_stages(self, stages: list[Stage], *, start: int, caches: BlockCaches, asm: Assembled, state: RunState,
-                    clock: _Clock) -> None:
+    def _run_stages(
+        self, stages: list[Stage], *, start: int, caches: BlockCaches, asm: Assembled, state: RunState, clock: _Clock
+    ) -> None:
         """The stages from ``start`` on, each checkpointed and logged; a
         divergence is saved and summarized before it is raised."""
         blocks_bar = self.bar(total=len(stages), desc=self.cfg.method, leave=True, initial=start)
@@ -188,8 +201,9 @@ class Runner:
             state.failed = str(e)
             self.run_dir.save(asm, state, trainers=None)
             self._log({"event": "diverged", "reason": str(e)})
-            write_diverged_summary(state, run_dir=self.run_dir, method=self.cfg.method, error=str(e),
-                                   command=self.cfg.command)
+            write_diverged_summary(
+                state, run_dir=self.run_dir, method=self.cfg.method, error=str(e), command=self.cfg.command
+            )
             raise
         finally:
             blocks_bar.close()
@@ -198,15 +212,28 @@ class Runner:
         self.run_dir.log(record)
 
     def _finish(self, asm: Assembled, stages: list[Stage], state: RunState, wall_s: float) -> dict[str, Any]:
-        return finish_run(self.plan, asm, stages, state, cfg=self.cfg, policy=self.policy, run_dir=self.run_dir,
-                          device=self.device, dist=self.dist, capped=self.capped, wall_s=wall_s)
+        return finish_run(
+            self.plan,
+            asm,
+            stages,
+            state,
+            cfg=self.cfg,
+            policy=self.policy,
+            run_dir=self.run_dir,
+            device=self.device,
+            dist=self.dist,
+            capped=self.capped,
+            wall_s=wall_s,
+        )
 
     # ---------------------------------------------------------------- a stage
-    def _run_stage(self, stage: Stage, caches: BlockCaches, asm: Assembled, state: RunState, clock: _Clock, *,
-                   stages: list[Stage]) -> None:
+    def _run_stage(
+        self, stage: Stage, caches: BlockCaches, asm: Assembled, state: RunState, clock: _Clock, *, stages: list[Stage]
+    ) -> None:
         dev = self.device
-        train, val, prefix = stage_input(stage, caches.sources, asm, plan=self.plan, augment=self.mf.augment(),
-                                         device=dev, dist=self.dist)
+        train, val, prefix = stage_input(
+            stage, caches.sources, asm, plan=self.plan, augment=self.mf.augment(), device=dev, dist=self.dist
+        )
         for t in stage.trainers:
             for m in t.modules():
                 m.to(dev)
@@ -229,20 +256,30 @@ class Runner:
         state.done.append(self._block_result(stage, accs, peak=int(peak), epochs_run=state.epoch, t0=t0, clock=clock))
         state.epoch, state.block, state.last_accs = 0, None, None
 
-    def _block_result(self, stage: Stage, accs: dict[str, float], *, peak: int, epochs_run: int, t0: float,
-                      clock: _Clock) -> BlockResult:
+    def _block_result(
+        self, stage: Stage, accs: dict[str, float], *, peak: int, epochs_run: int, t0: float, clock: _Clock
+    ) -> BlockResult:
         dev = self.device
         time_s, elapsed_s = time.perf_counter() - t0, clock()
-        return BlockResult(index=stage.index, units=[self.plan.units[i].name for i in stage.unit_idx],
-                           batch_size=stage.batch_size, epochs=stage.epochs, epochs_run=epochs_run,
-                           measured_peak_bytes=peak, predicted_peak_bytes=stage.predicted_peak_bytes,
-                           peak_source="torch.cuda.max_memory_allocated" if dev.type == "cuda"
-                           else "MemTracker (first steps, CPU)",
-                           exit_accuracies=accs, exit_accuracy=max(accs.values()), time_s=time_s, elapsed_s=elapsed_s,
-                           nvml_process_bytes=nvml_process_bytes() if dev.type == "cuda" else None)
+        return BlockResult(
+            index=stage.index,
+            units=[self.plan.units[i].name for i in stage.unit_idx],
+            batch_size=stage.batch_size,
+            epochs=stage.epochs,
+            epochs_run=epochs_run,
+            measured_peak_bytes=peak,
+            predicted_peak_bytes=stage.predicted_peak_bytes,
+            peak_source="torch.cuda.max_memory_allocated" if dev.type == "cuda" else "MemTracker (first steps, CPU)",
+            exit_accuracies=accs,
+            exit_accuracy=max(accs.values()),
+            time_s=time_s,
+            elapsed_s=elapsed_s,
+            nvml_process_bytes=nvml_process_bytes() if dev.type == "cuda" else None,
+        )
 
-    def _run_epochs(self, stage: Stage, train: Any, val: Any, *, prefix: nn.Module, asm: Assembled, state: RunState,
-                    clock: _Clock) -> tuple[dict[str, float], int]:
+    def _run_epochs(
+        self, stage: Stage, train: Any, val: Any, *, prefix: nn.Module, asm: Assembled, state: RunState, clock: _Clock
+    ) -> tuple[dict[str, float], int]:
         """The stage's epochs from ``state.epoch`` on, each checkpointed and
         logged; returns the last exit accuracies and the measured CPU peak."""
         blk = state.block
@@ -253,8 +290,9 @@ class Runner:
         while state.epoch < blk["limit"]:
             epoch = state.epoch
             te = time.perf_counter()
-            peak, (loss, acc) = self._train_epoch(stage, train, epoch, blk["limit"], track=epoch == first,
-                                                  prefix=prefix)
+            peak, (loss, acc) = self._train_epoch(
+                stage, train, epoch, blk["limit"], track=epoch == first, prefix=prefix
+            )
             measured_cpu_peak = max(measured_cpu_peak, peak)
             state.train_s += time.perf_counter() - te
             accs = self._eval_exits(stage, val)
@@ -262,11 +300,20 @@ class Runner:
             decision = self._epoch_policy(stage, blk, accs, state, steps=steps)
             state.last_accs = accs
             state.elapsed_s = clock()
-            rec = {"event": "epoch", "method": self.cfg.method, "block": stage.index, "epoch": epoch + 1,
-                   "units": stage.exits if self.cfg.method == "neuroflux" else ["model"],
-                   "train_loss": loss, "train_acc": acc,
-                   "val_exit_acc": accs, "val_acc": max(accs.values()), "decision": decision,
-                   "epoch_s": time.perf_counter() - te, "elapsed_s": state.elapsed_s}
+            rec = {
+                "event": "epoch",
+                "method": self.cfg.method,
+                "block": stage.index,
+                "epoch": epoch + 1,
+                "units": stage.exits if self.cfg.method == "neuroflux" else ["model"],
+                "train_loss": loss,
+                "train_acc": acc,
+                "val_exit_acc": accs,
+                "val_acc": max(accs.values()),
+                "decision": decision,
+                "epoch_s": time.perf_counter() - te,
+                "elapsed_s": state.elapsed_s,
+            }
             # Checkpoint first: a logged epoch is always a saved epoch.
             self.run_dir.save(asm, state, trainers=stage.trainers)
             self._log(rec)
@@ -274,8 +321,9 @@ class Runner:
                 break
         return accs, measured_cpu_peak
 
-    def _train_epoch(self, stage: Stage, train: Any, epoch: int, limit: int, *, track: bool,
-                     prefix: nn.Module) -> tuple[int, tuple[list[float], list[float]]]:
+    def _train_epoch(
+        self, stage: Stage, train: Any, epoch: int, limit: int, *, track: bool, prefix: nn.Module
+    ) -> tuple[int, tuple[list[float], list[float]]]:
         """One epoch of ``stage`` on ``train``; returns the MemTracker peak of
         its first steps on CPU when ``track`` (0 otherwise), and each unit's
         mean train loss and accuracy."""
@@ -288,8 +336,11 @@ class Runner:
             t.train(True)
         stats = StepStats(len(stage.trainers), dev)
         gen = torch.Generator().manual_seed(stage.shuffle_seed + epoch)
-        ebar = self.bar(total=steps_per_epoch(len(train), batch_size=stage.batch_size),
-                        desc=f"block {stage.index} epoch {epoch + 1}/{limit}", leave=False)
+        ebar = self.bar(
+            total=steps_per_epoch(len(train), batch_size=stage.batch_size),
+            desc=f"block {stage.index} epoch {epoch + 1}/{limit}",
+            leave=False,
+        )
         peak = 0
         batches = train.batches(stage.batch_size, shuffle=True, generator=gen, device=dev)
         want = tuple(self.plan.units[stage.unit_idx[0]].input_shape)
@@ -299,9 +350,11 @@ class Runner:
         for xb, yb in batches:
             step += 1
             if step == 0 and tuple(xb.shape[1:]) != want:
-                raise NeuroFluxError(f"block {stage.index}'s input batches have shape {tuple(xb.shape[1:])} but "
-                                     f"the plan says {want} for {self.plan.units[stage.unit_idx[0]].name} (its "
-                                     "shapes were edited, or the model changed): re-plan with nf-plan")
+                raise NeuroFluxError(
+                    f"block {stage.index}'s input batches have shape {tuple(xb.shape[1:])} but "
+                    f"the plan says {want} for {self.plan.units[stage.unit_idx[0]].name} (its "
+                    "shapes were edited, or the model changed): re-plan with nf-plan"
+                )
             if augment is not None:
                 xb = call_augment(augment, xb)
             inputs = [xb]
@@ -332,25 +385,35 @@ class Runner:
         if not bad:
             return
         where = ", ".join(stage.exits[i] if self.cfg.method == "neuroflux" else "the model" for i in bad)
-        raise Diverged(f"training diverged in block {stage.index} at epoch {epoch + 1}: non-finite loss in {where} "
-                       f"(lr {stage.trainers[bad[0]].opt.param_groups[0]['lr']:.3g}); re-plan with a lower --lr "
-                       "(e.g. 10x lower) and start a new --out")
+        raise Diverged(
+            f"training diverged in block {stage.index} at epoch {epoch + 1}: non-finite loss in {where} "
+            f"(lr {stage.trainers[bad[0]].opt.param_groups[0]['lr']:.3g}); re-plan with a lower --lr "
+            "(e.g. 10x lower) and start a new --out"
+        )
 
     def _eval_exits(self, stage: Stage, val: Any) -> dict[str, float]:
         return eval_exits(stage, val, device=self.device, dist=self.dist)
 
     # ---------------------------------------------------------------- adaptive epochs and depth
-    def _epoch_policy(self, stage: Stage, blk: BlockState, accs: dict[str, float], state: RunState, *,
-                      steps: int) -> str:
+    def _epoch_policy(
+        self, stage: Stage, blk: BlockState, accs: dict[str, float], state: RunState, *, steps: int
+    ) -> str:
         """Per-block epochs (``policy.epoch_decision``), NeuroFlux only; a
         granted extra epoch stretches the units' LR schedules. ``steps``: an
         epoch's (this rank's)."""
         if self.cfg.method != "neuroflux":
             return "planned"
         p = self.policy
-        decision, bank = epoch_decision(blk, max(accs.values()), epochs_done=state.epoch, tolerance=p.tolerance,
-                                        epoch_patience=p.epoch_patience, max_extra=p.max_extra_epochs,
-                                        bank_s=state.bank_s, epoch_s=predicted_epoch_s(self.plan, stage))
+        decision, bank = epoch_decision(
+            blk,
+            max(accs.values()),
+            epochs_done=state.epoch,
+            tolerance=p.tolerance,
+            epoch_patience=p.epoch_patience,
+            max_extra=p.max_extra_epochs,
+            bank_s=state.bank_s,
+            epoch_s=predicted_epoch_s(self.plan, stage),
+        )
         state.bank_s += bank
         if decision == "extended":
             for t in stage.trainers:
@@ -367,14 +430,20 @@ class Runner:
         pos = stages.index(stage)
         if not depth_should_stop(depth, patience=p.patience, is_last_block=pos == len(stages) - 1):
             return
-        skipped = stages[pos + 1:]
-        state.stopped = (f"the last {depth['stall']} exits (through {stage.exits[-1]}) did not beat the best, "
-                         f"{depth['best_exit']} at {depth['best']:.4f}, by more than {p.tolerance:.3f} "
-                         f"(patience {p.patience} units); stopped after block {stage.index}")
-        state.stop = StopRecord(after_block=stage.index, at_unit=stage.exits[-1], best_exit=depth["best_exit"],
-                                blocks_skipped=[s.index for s in skipped],
-                                units_skipped=[u for s in skipped for u in s.exits],
-                                skipped_predicted_s=sum(self.plan.blocks[s.index].predicted_time_s for s in skipped))
+        skipped = stages[pos + 1 :]
+        state.stopped = (
+            f"the last {depth['stall']} exits (through {stage.exits[-1]}) did not beat the best, "
+            f"{depth['best_exit']} at {depth['best']:.4f}, by more than {p.tolerance:.3f} "
+            f"(patience {p.patience} units); stopped after block {stage.index}"
+        )
+        state.stop = StopRecord(
+            after_block=stage.index,
+            at_unit=stage.exits[-1],
+            best_exit=depth["best_exit"],
+            blocks_skipped=[s.index for s in skipped],
+            units_skipped=[u for s in skipped for u in s.exits],
+            skipped_predicted_s=sum(self.plan.blocks[s.index].predicted_time_s for s in skipped),
+        )
         self._log({"event": "early_stop", "reason": state.stopped, **dataclasses.asdict(state.stop)})
 
 

@@ -52,8 +52,9 @@ def predicted_epoch_s(plan: Plan, stage: Stage) -> float:
     reported as saved add up; the schedule counts a rank's steps instead)."""
     b = stage.batch_size
     steps = steps_per_epoch(plan.recipe.train_size, batch_size=b)
-    return steps * sum(plan.units[i].profile.step_fixed_s + plan.units[i].profile.step_per_sample_s * b
-                       for i in stage.unit_idx)
+    return steps * sum(
+        plan.units[i].profile.step_fixed_s + plan.units[i].profile.step_per_sample_s * b for i in stage.unit_idx
+    )
 
 
 def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist) -> list[Stage]:
@@ -63,13 +64,32 @@ def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist) -> l
         stages = []
         for b in plan.blocks:
             idx = [plan.unit(u).index for u in b.units]
-            stages.append(Stage(index=b.index, unit_idx=idx, exits=list(b.units),
-                                trainers=[_trainer(plan, asm.units[i], asm.heads[i], dist=dist, lr=b.lr, steps=b.steps,
-                                                   batch=b.batch_size, epochs=b.epochs) for i in idx],
-                                batch_size=b.batch_size, epochs=b.epochs,
-                                predicted_peak_bytes=b.predicted_peak_bytes, cache=b.cache,
-                                shuffle_seed=shuffle_seed(plan.recipe.seed, b.index) if b.shuffle_seed is None
-                                else b.shuffle_seed, source=b.source()))
+            stages.append(
+                Stage(
+                    index=b.index,
+                    unit_idx=idx,
+                    exits=list(b.units),
+                    trainers=[
+                        _trainer(
+                            plan,
+                            asm.units[i],
+                            asm.heads[i],
+                            dist=dist,
+                            lr=b.lr,
+                            steps=b.steps,
+                            batch=b.batch_size,
+                            epochs=b.epochs,
+                        )
+                        for i in idx
+                    ],
+                    batch_size=b.batch_size,
+                    epochs=b.epochs,
+                    predicted_peak_bytes=b.predicted_peak_bytes,
+                    cache=b.cache,
+                    shuffle_seed=shuffle_seed(plan.recipe.seed, b.index) if b.shuffle_seed is None else b.shuffle_seed,
+                    source=b.source(),
+                )
+            )
         return stages
     base = plan.baseline.bp if method == "bp" else plan.baseline.bp_checkpoint
     if not base.fits:
@@ -79,19 +99,38 @@ def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist) -> l
         )
     whole = asm.model if method == "bp" else CheckpointedChain(asm.units)
     steps, lr = base.steps, base.lr  # the plan decides; the runtime executes
-    return [Stage(index=0, unit_idx=list(range(len(plan.units))), exits=[plan.units[-1].name],
-                  trainers=[_trainer(plan, whole, None, dist=dist, lr=lr, steps=steps, batch=base.batch_size,
-                                     epochs=base.epochs)], batch_size=base.batch_size, epochs=base.epochs,
-                  predicted_peak_bytes=base.predicted_peak_bytes, cache=None,
-                  shuffle_seed=shuffle_seed(plan.recipe.seed, 0))]
+    return [
+        Stage(
+            index=0,
+            unit_idx=list(range(len(plan.units))),
+            exits=[plan.units[-1].name],
+            trainers=[
+                _trainer(plan, whole, None, dist=dist, lr=lr, steps=steps, batch=base.batch_size, epochs=base.epochs)
+            ],
+            batch_size=base.batch_size,
+            epochs=base.epochs,
+            predicted_peak_bytes=base.predicted_peak_bytes,
+            cache=None,
+            shuffle_seed=shuffle_seed(plan.recipe.seed, 0),
+        )
+    ]
 
 
-def _trainer(plan: Plan, unit: nn.Module, head: nn.Module | None, *, dist: Dist, lr: float, steps: int, batch: int,
-             epochs: int) -> UnitTrainer:
+def _trainer(
+    plan: Plan, unit: nn.Module, head: nn.Module | None, *, dist: Dist, lr: float, steps: int, batch: int, epochs: int
+) -> UnitTrainer:
     """A unit's trainer with the plan's recipe; its schedule spans ``steps``,
     the plan's (one process) or, under torchrun, the steps this rank takes."""
     r = plan.recipe
     if dist.enabled:  # each rank steps through its shard: the schedule spans the steps it really takes
         steps = epochs * steps_per_epoch(r.train_size, batch_size=batch, world=dist.world)
-    return UnitTrainer(unit, head, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay, total_steps=steps,
-                       schedule=r.schedule, grad_sync=dist.average_grads if dist.enabled else None)
+    return UnitTrainer(
+        unit,
+        head,
+        lr=lr,
+        momentum=r.momentum,
+        weight_decay=r.weight_decay,
+        total_steps=steps,
+        schedule=r.schedule,
+        grad_sync=dist.average_grads if dist.enabled else None,
+    )

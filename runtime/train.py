@@ -10,7 +10,7 @@ unit's activations are alive at a time (the planner's memory model).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +48,19 @@ class Schedule:
 
 
 class UnitTrainer:
-    def __init__(self, unit: nn.Module, head: nn.Module | None, *, lr: float, momentum: float, weight_decay: float,
-                 total_steps: int, schedule: str, foreach: bool | None = None,
-                 grad_sync: Callable[[list[torch.Tensor]], None] | None = None) -> None:
+    def __init__(
+        self,
+        unit: nn.Module,
+        head: nn.Module | None,
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        total_steps: int,
+        schedule: str,
+        foreach: bool | None = None,
+        grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
+    ) -> None:
         self.unit = unit
         self.head = head
         params = list(unit.parameters()) + (list(head.parameters()) if head is not None else [])
@@ -101,8 +111,11 @@ class UnitTrainer:
         return out.detach(), loss.detach() * y.shape[0], correct
 
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "head": None if self.head is None else self.head.state_dict()}
+        return {
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "head": None if self.head is None else self.head.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])
@@ -119,7 +132,9 @@ def shuffle_seed(seed: int, block: int) -> int:
     return seed * 1_000_003 + block * 1009
 
 
-def block_step(trainers: Sequence[UnitTrainer], inputs: list[torch.Tensor], y: torch.Tensor, stats: StepStats | None = None) -> None:
+def block_step(
+    trainers: Sequence[UnitTrainer], inputs: list[torch.Tensor], y: torch.Tensor, stats: StepStats | None = None
+) -> None:
     """One batch through a block. ``inputs`` holds the batch and is emptied,
     so the block's input can be freed once the first unit has used it."""
     h = inputs.pop()

@@ -29,7 +29,6 @@ from neuroflux.schemas.plan import (
 from neuroflux.schemas.specs import DeviceSpec, ExitPolicy, ModelSpec, Recipe
 from neuroflux.schemas.summary import BlockResult, RunSummary, Stopping, Throughput, load_summary, summary_from_dict
 
-
 __all__ = [
     "SCHEMA_VERSION",
     "AuxHead",

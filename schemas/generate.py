@@ -50,9 +50,16 @@ def _field_schema(name: str, tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
 
 
 #: Fields that must be at least 1 (a zero would divide or build an empty layer).
-_AT_LEAST_ONE = {("Block", "batch_size"), ("Block", "epochs"), ("Block", "steps"), ("ModelSpec", "num_classes"),
-                 ("Recipe", "epochs_per_block"), ("Recipe", "train_size"), ("Recipe", "val_size"),
-                 ("Recipe", "base_batch_size")}
+_AT_LEAST_ONE = {
+    ("Block", "batch_size"),
+    ("Block", "epochs"),
+    ("Block", "steps"),
+    ("ModelSpec", "num_classes"),
+    ("Recipe", "epochs_per_block"),
+    ("Recipe", "train_size"),
+    ("Recipe", "val_size"),
+    ("Recipe", "base_batch_size"),
+}
 
 
 def _object_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
@@ -71,8 +78,11 @@ def _object_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
         "description": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
         "properties": props,
         # A field with a default was added in a minor version: older plans omit it.
-        "required": [f.name for f in dataclasses.fields(cls)
-                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING],
+        "required": [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ],
         "additionalProperties": False,
     }
 
@@ -120,7 +130,9 @@ def generate_summary_schema() -> dict[str, Any]:
     top = _object_schema(RunSummary, defs)
     # A finished run has every field; a diverged one only the required few and its error.
     top["if"] = {"properties": {"status": {"const": "ok"}}}
-    top["then"] = {"required": [f.name for f in dataclasses.fields(RunSummary) if f.name not in ("error", "stopped_early")]}
+    top["then"] = {
+        "required": [f.name for f in dataclasses.fields(RunSummary) if f.name not in ("error", "stopped_early")]
+    }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://neuroflux.dev/schemas/summary.json",

@@ -93,16 +93,16 @@ class Plan:
     def __post_init__(self) -> None:
         for i, u in enumerate(self.units):
             if u.index != i or u.name != f"u{i}":
-                raise PlanError(f"units are out of order: position {i} holds {u.name} (index {u.index}); "
-                                "re-create the plan with nf-plan")
+                raise PlanError(
+                    f"units are out of order: position {i} holds {u.name} (index {u.index}); "
+                    "re-create the plan with nf-plan"
+                )
             if u.aux is not None and u.aux.kind != "linear" and u.aux.width < 1:
                 raise PlanError(f"unit {u.name}'s {u.aux.kind} head has width {u.aux.width}; widths are >= 1")
         names = [u.name for u in self.units]
         planned = [n for b in self.blocks for n in b.units]
         if planned != names:
-            raise PlanError(
-                f"plan blocks cover units {planned}, expected every unit once in order {names}"
-            )
+            raise PlanError(f"plan blocks cover units {planned}, expected every unit once in order {names}")
         if self.budget_bytes != self.device.budget_bytes:
             raise PlanError("budget_bytes differs from device.budget_bytes")
         self._check_recipe()
@@ -116,22 +116,39 @@ class Plan:
         r, fix = self.recipe, "re-create the plan with nf-plan"
         checks = [
             (math.isfinite(r.lr) and r.lr > 0, f"recipe.lr is {r.lr}; it must be a positive number"),
-            (math.isfinite(r.momentum) and 0 <= r.momentum < 1, f"recipe.momentum is {r.momentum}; it must be in [0, 1)"),
-            (math.isfinite(r.weight_decay) and r.weight_decay >= 0, f"recipe.weight_decay is {r.weight_decay}; it must be >= 0"),
+            (
+                math.isfinite(r.momentum) and 0 <= r.momentum < 1,
+                f"recipe.momentum is {r.momentum}; it must be in [0, 1)",
+            ),
+            (
+                math.isfinite(r.weight_decay) and r.weight_decay >= 0,
+                f"recipe.weight_decay is {r.weight_decay}; it must be >= 0",
+            ),
             (0 <= r.seed < 2**63, f"recipe.seed is {r.seed}; seeds must be in [0, 2^63)"),
             (r.train_size >= 1 and r.val_size >= 1, "recipe.train_size and val_size must be >= 1"),
-            (self.exit_policy.patience >= 0 and self.exit_policy.epoch_patience >= 0
-             and self.exit_policy.max_extra_epochs >= 0, "exit_policy counts must be >= 0"),
-            (math.isfinite(self.exit_policy.tolerance) and 0 <= self.exit_policy.tolerance <= 1,
-             f"exit_policy.tolerance is {self.exit_policy.tolerance}; it must be in [0, 1]"),
+            (
+                self.exit_policy.patience >= 0
+                and self.exit_policy.epoch_patience >= 0
+                and self.exit_policy.max_extra_epochs >= 0,
+                "exit_policy counts must be >= 0",
+            ),
+            (
+                math.isfinite(self.exit_policy.tolerance) and 0 <= self.exit_policy.tolerance <= 1,
+                f"exit_policy.tolerance is {self.exit_policy.tolerance}; it must be in [0, 1]",
+            ),
         ]
         for b in self.blocks:
             checks += [
-                (b.batch_size >= 1 and b.epochs >= 1 and b.steps >= 1, f"block {b.index} has batch {b.batch_size}, "
-                 f"{b.epochs} epochs and {b.steps} steps; each must be >= 1"),
+                (
+                    b.batch_size >= 1 and b.epochs >= 1 and b.steps >= 1,
+                    f"block {b.index} has batch {b.batch_size}, "
+                    f"{b.epochs} epochs and {b.steps} steps; each must be >= 1",
+                ),
                 (math.isfinite(b.lr) and b.lr > 0, f"block {b.index}'s lr is {b.lr}; it must be a positive number"),
-                (b.shuffle_seed is None or 0 <= b.shuffle_seed < 2**62,
-                 f"block {b.index}'s shuffle_seed is {b.shuffle_seed}; it must be in [0, 2^62)"),
+                (
+                    b.shuffle_seed is None or 0 <= b.shuffle_seed < 2**62,
+                    f"block {b.index}'s shuffle_seed is {b.shuffle_seed}; it must be in [0, 2^62)",
+                ),
             ]
         for ok, what in checks:
             if not ok:
@@ -143,13 +160,17 @@ class Plan:
         for u in self.units:
             last = u.index == len(self.units) - 1
             if u.is_last != last or (u.aux is None) != last:
-                raise PlanError(f"unit {u.name} {'has' if u.aux is not None else 'lacks'} an aux head (is_last "
-                                f"{u.is_last}); only the last unit exits through the model's head: re-create the plan")
+                raise PlanError(
+                    f"unit {u.name} {'has' if u.aux is not None else 'lacks'} an aux head (is_last "
+                    f"{u.is_last}); only the last unit exits through the model's head: re-create the plan"
+                )
             if not u.output_shape or any(d < 1 for d in u.output_shape) or any(d < 1 for d in u.input_shape):
                 raise PlanError(f"unit {u.name} has shapes {u.input_shape} -> {u.output_shape}; re-create the plan")
             if u.aux is not None and u.aux.width > 16 * max(u.output_shape[0], 8):
-                raise PlanError(f"unit {u.name}'s aux head is {u.aux.width} wide for {u.output_shape[0]} channels "
-                                "(the planner offers at most the unit's channels): re-create the plan")
+                raise PlanError(
+                    f"unit {u.name}'s aux head is {u.aux.width} wide for {u.output_shape[0]} channels "
+                    "(the planner offers at most the unit's channels): re-create the plan"
+                )
 
     def _check_sources(self) -> None:
         """Every block reads what an earlier block wrote, and recomputes
@@ -171,18 +192,29 @@ class Plan:
                 ok = b.index > 0 and (j is None or 0 <= j < b.index) and (src.kind == "recompute" or j == b.index - 1)
                 if ok:
                     start = 0 if j is None else self.unit(self.blocks[j].units[-1]).index + 1
-                    ok = [self.unit(u).index for u in src.recompute_units] == list(range(start, first)) and \
-                        (j is None or self.blocks[j].cache is not None) and (src.kind == "recompute") == (start < first)
+                    ok = (
+                        [self.unit(u).index for u in src.recompute_units] == list(range(start, first))
+                        and (j is None or self.blocks[j].cache is not None)
+                        and (src.kind == "recompute") == (start < first)
+                    )
             if not ok:
-                raise PlanError(f"block {b.index}'s input ({src.kind}, source block {src.source_block}, recomputing "
-                                f"{src.recompute_units}) does not follow from the blocks before it; re-create the plan "
-                                "with nf-plan")
+                raise PlanError(
+                    f"block {b.index}'s input ({src.kind}, source block {src.source_block}, recomputing "
+                    f"{src.recompute_units}) does not follow from the blocks before it; re-create the plan "
+                    "with nf-plan"
+                )
             if b.cache is not None and b.cache.file is not None:
                 f = b.cache.file
-                if f.startswith(("/", "\\")) or ".." in f.replace("\\", "/").split("/") or f.strip("./") == "" \
-                        or f.endswith(("/", "\\")):
-                    raise PlanError(f"block {b.index}'s cache file {f!r} is not a plain path inside the run "
-                                    "directory; re-create the plan with nf-plan")
+                if (
+                    f.startswith(("/", "\\"))
+                    or ".." in f.replace("\\", "/").split("/")
+                    or f.strip("./") == ""
+                    or f.endswith(("/", "\\"))
+                ):
+                    raise PlanError(
+                        f"block {b.index}'s cache file {f!r} is not a plain path inside the run "
+                        "directory; re-create the plan with nf-plan"
+                    )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as JSON (atomically), as ``nf-plan -o`` does."""
@@ -200,10 +232,12 @@ class Plan:
         largest one-unit step (units step one at a time), plus what
         recomputing its input costs (recorded by the planner)."""
         units = [self.unit(u) for u in block.units]
-        return self.device.workspace_bytes + sum(u.profile.static_bytes for u in units) + max(
-            u.profile.dyn_fixed_bytes + u.profile.dyn_per_sample_bytes * block.batch_size for u in units) \
+        return (
+            self.device.workspace_bytes
+            + sum(u.profile.static_bytes for u in units)
+            + max(u.profile.dyn_fixed_bytes + u.profile.dyn_per_sample_bytes * block.batch_size for u in units)
             + block.predicted_peak_recompute_bytes
-
+        )
 
 
 def plan_from_dict(data: dict[str, Any]) -> Plan:
@@ -263,7 +297,9 @@ def _check_version(data: dict[str, Any]) -> None:
             "upgrade neuroflux, or re-plan with this version's nf-plan"
         )
     if major != my_major or minor < 0:
-        raise PlanError(f"plan schema version {version} is not supported (this NeuroFlux reads {SCHEMA_VERSION}); re-plan")
+        raise PlanError(
+            f"plan schema version {version} is not supported (this NeuroFlux reads {SCHEMA_VERSION}); re-plan"
+        )
 
 
 def _validate(data: dict[str, Any]) -> None:

@@ -21,8 +21,18 @@ from typing import Any, Literal, TypedDict
 from neuroflux.errors import NeuroFluxError
 from neuroflux.schemas.typed_json import record_from_json, validate_record
 
-__all__ = ["BlockResult", "Stopping", "Throughput", "RunSummary", "RunState", "load_summary", "summary_from_dict",
-           "summary_to_dict", "summary_schema", "check_run_state"]
+__all__ = [
+    "BlockResult",
+    "Stopping",
+    "Throughput",
+    "RunSummary",
+    "RunState",
+    "load_summary",
+    "summary_from_dict",
+    "summary_to_dict",
+    "summary_schema",
+    "check_run_state",
+]
 
 
 @dataclass(frozen=True, kw_only=True)

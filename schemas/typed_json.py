@@ -27,8 +27,11 @@ def record_from_json(tp: Any, value: Any) -> Any:
         return [record_from_json(item, v) for v in value]
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
-        kwargs = {f.name: record_from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)
-                  if f.name in value or f.default is dataclasses.MISSING}
+        kwargs = {
+            f.name: record_from_json(hints[f.name], value[f.name])
+            for f in dataclasses.fields(tp)
+            if f.name in value or f.default is dataclasses.MISSING
+        }
         return tp(**kwargs)
     if tp is float and isinstance(value, int):
         return float(value)
@@ -37,8 +40,9 @@ def record_from_json(tp: Any, value: Any) -> Any:
     return value
 
 
-def validate_record(data: Any, schema_doc: dict[str, Any], *, what: str, fix: str,
-                    error: type[NeuroFluxError] = NeuroFluxError) -> None:
+def validate_record(
+    data: Any, schema_doc: dict[str, Any], *, what: str, fix: str, error: type[NeuroFluxError] = NeuroFluxError
+) -> None:
     """Check ``data`` against a JSON Schema; the first problem (where, what,
     how many more) and ``fix`` become ``error``. A field the schema does not
     know is named as such."""

@@ -19,7 +19,7 @@ SUMMARIES_CHECKED: list[Path] = []
 
 
 @pytest.fixture(autouse=True)
-def _summaries_match_the_schema(request):  # noqa: ANN001, ANN202
+def _summaries_match_the_schema(request):
     yield
     tmp = request.node.funcargs.get("tmp_path")
     if tmp is None:

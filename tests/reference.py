@@ -49,11 +49,14 @@ def _evaluate(p: Problem, spans, kinds, options):
     shells = [BlockChoice(start=s, end=e, batch_size=p.batch_sizes[0], boundary=k) for (s, e), k in zip(spans, kinds)]
     srcs = block_sources(shells)
     total, blocks = 0.0, []
-    for i, ((s, e), kind, src) in enumerate(zip(spans, kinds, srcs)):
+    for (s, e), kind, src in zip(spans, kinds, srcs):
         if not block_allowed(p, s, e) or not host_ok(p, src, source_kind(shells, src), e, kind):
             return None
-        cands = [(block_time_s(p, s, e, b, options, src=src, boundary=kind), b) for b in p.batch_sizes
-                 if block_peak_bytes(p, s, e, b, options, src=src) <= p.cap_bytes]
+        cands = [
+            (block_time_s(p, s, e, b, options, src=src, boundary=kind), b)
+            for b in p.batch_sizes
+            if block_peak_bytes(p, s, e, b, options, src=src) <= p.cap_bytes
+        ]
         if not cands:
             return None
         t, b = min(cands)

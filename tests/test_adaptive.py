@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import tiny_plan
+
 from neuroflux.runtime.policy import (
     depth_should_stop,
     epoch_decision,
@@ -67,8 +67,9 @@ def test_improving_block_takes_extra_epochs_only_when_the_bank_pays() -> None:
 def test_epoch_patience_zero_runs_the_planned_epochs() -> None:
     blk = new_block_state(0, epochs=3)
     for e in (1, 2, 3):
-        assert epoch_decision(blk, 0.5, epochs_done=e, tolerance=TOL, epoch_patience=0, max_extra=2, bank_s=1e9,
-                              epoch_s=1.0) == ("planned", 0.0)
+        assert epoch_decision(
+            blk, 0.5, epochs_done=e, tolerance=TOL, epoch_patience=0, max_extra=2, bank_s=1e9, epoch_s=1.0
+        ) == ("planned", 0.0)
 
 
 # ------------------------------------------------------------------ the runner on scripted accuracies
@@ -78,7 +79,7 @@ def script_exits(monkeypatch, table: dict[tuple[int, int], dict[str, float]]) ->
     calls: list[tuple[int, int]] = []
     seen: dict[int, int] = {}
 
-    def fake_eval(self, stage, val):  # noqa: ANN001
+    def fake_eval(self, stage, val):
         seen[stage.index] = seen.get(stage.index, 0) + 1
         calls.append((stage.index, seen[stage.index]))
         e = seen[stage.index]
@@ -90,10 +91,21 @@ def script_exits(monkeypatch, table: dict[tuple[int, int], dict[str, float]]) ->
     return calls
 
 
-PLATEAU = {(0, 1): {"u0": 0.60}, (0, 2): {"u0": 0.80}, (1, 1): {"u1": 0.70}, (1, 2): {"u1": 0.801},
-           (2, 1): {"u2": 0.95}}
-RISING = {(0, 1): {"u0": 0.60}, (0, 2): {"u0": 0.70}, (1, 1): {"u1": 0.75}, (1, 2): {"u1": 0.80},
-          (2, 1): {"u2": 0.85}, (2, 2): {"u2": 0.90}}
+PLATEAU = {
+    (0, 1): {"u0": 0.60},
+    (0, 2): {"u0": 0.80},
+    (1, 1): {"u1": 0.70},
+    (1, 2): {"u1": 0.801},
+    (2, 1): {"u2": 0.95},
+}
+RISING = {
+    (0, 1): {"u0": 0.60},
+    (0, 2): {"u0": 0.70},
+    (1, 1): {"u1": 0.75},
+    (1, 2): {"u1": 0.80},
+    (2, 1): {"u2": 0.85},
+    (2, 2): {"u2": 0.90},
+}
 
 
 def test_run_stops_on_a_scripted_plateau_and_says_where_and_why(tmp_path: Path, monkeypatch) -> None:
@@ -125,9 +137,16 @@ def test_run_goes_full_depth_while_exits_improve(tmp_path: Path, monkeypatch) ->
 
 def test_converged_block_moves_on_and_banks_epochs_for_an_improving_one(tmp_path: Path, monkeypatch) -> None:
     plan, path, _ = tiny_plan(tmp_path, epochs=3, patience=0, epoch_patience=1, max_extra_epochs=1)
-    table = {(0, 1): {"u0": 0.6}, (0, 2): {"u0": 0.6},                       # converged after 2 of 3 epochs
-             (1, 1): {"u1": 0.6}, (1, 2): {"u1": 0.6},                       # converged too
-             (2, 1): {"u2": 0.7}, (2, 2): {"u2": 0.8}, (2, 3): {"u2": 0.9}, (2, 4): {"u2": 0.95}}
+    table = {
+        (0, 1): {"u0": 0.6},
+        (0, 2): {"u0": 0.6},  # converged after 2 of 3 epochs
+        (1, 1): {"u1": 0.6},
+        (1, 2): {"u1": 0.6},  # converged too
+        (2, 1): {"u2": 0.7},
+        (2, 2): {"u2": 0.8},
+        (2, 3): {"u2": 0.9},
+        (2, 4): {"u2": 0.95},
+    }
     script_exits(monkeypatch, table)
     s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
     assert s["stopping"]["epochs_run"] == {"0": 2, "1": 2, "2": 4}, "one extra epoch, paid by the two saved"
@@ -144,7 +163,7 @@ def test_early_stopped_run_resumes_to_the_same_result(tmp_path: Path, monkeypatc
     # Interrupted after the stop was checkpointed, before the final model was written.
     original_finish = Runner._finish
 
-    def interrupted(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+    def interrupted(self, *a, **k):
         raise KeyboardInterrupt
 
     calls = script_exits(monkeypatch, PLATEAU)
@@ -192,7 +211,7 @@ def test_resume_rebuilds_a_ram_cache_and_ends_as_an_uninterrupted_run(tmp_path: 
     original = Runner._run_stage
     ran: list[int] = []
 
-    def stop_after_block_0(self, stage, *a, **k):  # noqa: ANN001, ANN002, ANN003
+    def stop_after_block_0(self, stage, *a, **k):
         if stage.index == 1:
             raise KeyboardInterrupt
         ran.append(stage.index)

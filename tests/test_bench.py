@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import ROOT
-
 import pytest
+from helpers import ROOT
 
 from neuroflux.planner.budget import parse_bytes
 from neuroflux.planner.config import PlanConfig
-from neuroflux.tools.bench import build_parser, main as nf_bench
+from neuroflux.tools.bench import build_parser
+from neuroflux.tools.bench import main as nf_bench
 from neuroflux.tools.bench_cells import METHODS, PRESETS, model_path, resolve_cells
 from neuroflux.tools.bench_report import time_to_target
 
@@ -88,7 +88,7 @@ def test_shared_profiling_gives_the_plans_made_apart(tmp_path: Path) -> None:
     from neuroflux.planner.build import make_plan, make_plan_shared
     from neuroflux.schemas.plan import plan_to_dict
 
-    def comparable(plan):  # noqa: ANN001, ANN202
+    def comparable(plan):
         d = plan_to_dict(plan)
         d["solver"].pop("wall_time_s")
         return d
@@ -96,8 +96,15 @@ def test_shared_profiling_gives_the_plans_made_apart(tmp_path: Path) -> None:
     profiles: dict = {}
     model = str(ROOT / "examples" / "small_cnn.py")
     for budget, strategy in [(40_000_000, "optimal"), (40_000_000, "greedy"), (200_000_000, "optimal")]:
-        cfg = PlanConfig.from_options(budget_bytes=budget, budget_text=str(budget), strategy=strategy,
-                                      device_flops_per_s=1e11, op_overhead_s=5e-6, disk_budget_bytes=0, time_limit_s=10)
+        cfg = PlanConfig.from_options(
+            budget_bytes=budget,
+            budget_text=str(budget),
+            strategy=strategy,
+            device_flops_per_s=1e11,
+            op_overhead_s=5e-6,
+            disk_budget_bytes=0,
+            time_limit_s=10,
+        )
         alone = make_plan(model, cfg, plan_dir=tmp_path).plan
         shared = make_plan_shared(model, cfg, plan_dir=tmp_path, profiles=profiles).plan
         assert comparable(shared) == comparable(alone), (budget, strategy)

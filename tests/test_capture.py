@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import ROOT, plan_for
+
 from neuroflux.runtime.graph import TraceFailure, trace
 
-SHAPE_MODEL = '''
+SHAPE_MODEL = """
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,7 +57,7 @@ def model():
 
 def datasets():
     return synthetic((1, 12, 12), num_classes=4, train_size=96, val_size=32)
-'''
+"""
 
 
 def _model_file(tmp_path: Path, src: str = SHAPE_MODEL) -> Path:
@@ -86,8 +86,9 @@ def test_shape_model_plans_trains_and_exports(tmp_path: Path) -> None:
     from neuroflux.runtime.runner import RunConfig, run_plan
     from neuroflux.tools.graph_cli import main as nf_graph
 
-    result, path = plan_for(_model_file(tmp_path), tmp_path, budget=64 * 2**20, strategy="greedy", epochs=1,
-                            min_batch=8, max_batch=32)
+    result, path = plan_for(
+        _model_file(tmp_path), tmp_path, budget=64 * 2**20, strategy="greedy", epochs=1, min_batch=8, max_batch=32
+    )
     plan = result.plan
     assert plan.model.capture == "shape-specialized"
     assert any("block1" in n for u in plan.units for n in u.nodes)
@@ -117,6 +118,7 @@ def test_a_batch_fixed_into_the_graph_is_refused(tmp_path: Path) -> None:
 
 
 def test_zoo_shufflenet_plans(tmp_path: Path) -> None:
-    result, _ = plan_for(ROOT / "examples" / "shufflenetv2.py", tmp_path, budget=200 * 2**20, train_size=512,
-                         val_size=128)
+    result, _ = plan_for(
+        ROOT / "examples" / "shufflenetv2.py", tmp_path, budget=200 * 2**20, train_size=512, val_size=128
+    )
     assert result.plan.model.capture == "shape-specialized" and len(result.plan.units) >= 10

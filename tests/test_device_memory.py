@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, plan_for, tiny_plan
 from torch import nn
 
-from helpers import ROOT, plan_for, tiny_plan
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.device_profile import (
     DEFAULT_CUDA_CALIBRATION,
@@ -47,10 +47,15 @@ def test_cuda_plan_includes_workspace_and_calibration(tmp_path: Path) -> None:
     ws, over, scale = 50 * 2**20, 3 * 2**20, 1.25
     prof = _profile(tmp_path, workspace_bytes=ws, step_overhead_bytes=over, activation_scale=scale)
     cpu_result, _ = plan_for(ROOT / "examples" / "small_cnn.py", tmp_path / "cpu", budget=120 * 2**20)
-    result, _ = plan_for(ROOT / "examples" / "small_cnn.py", tmp_path, budget=120 * 2**20, device_kind="cuda",
-                         device_profile=str(prof))
+    result, _ = plan_for(
+        ROOT / "examples" / "small_cnn.py", tmp_path, budget=120 * 2**20, device_kind="cuda", device_profile=str(prof)
+    )
     plan, cpu = result.plan, cpu_result.plan
-    assert (plan.device.workspace_bytes, plan.device.step_overhead_bytes, plan.device.activation_scale) == (ws, over, scale)
+    assert (plan.device.workspace_bytes, plan.device.step_overhead_bytes, plan.device.activation_scale) == (
+        ws,
+        over,
+        scale,
+    )
     assert (cpu.device.workspace_bytes, cpu.device.step_overhead_bytes, cpu.device.activation_scale) == (0, 0, 1.0)
     for u, c in zip(plan.units, cpu.units):  # calibration applied to every unit's dyn terms, not to its state
         assert u.profile.static_bytes == c.profile.static_bytes
@@ -59,16 +64,24 @@ def test_cuda_plan_includes_workspace_and_calibration(tmp_path: Path) -> None:
     cap = plan.budget_bytes * (1 - plan.device.margin_fraction)
     for b in plan.blocks:
         units = [plan.unit(n) for n in b.units]
-        peak = ws + sum(u.profile.static_bytes for u in units) + max(
-            u.profile.dyn_fixed_bytes + u.profile.dyn_per_sample_bytes * b.batch_size for u in units)
+        peak = (
+            ws
+            + sum(u.profile.static_bytes for u in units)
+            + max(u.profile.dyn_fixed_bytes + u.profile.dyn_per_sample_bytes * b.batch_size for u in units)
+        )
         assert b.predicted_peak_bytes == peak <= cap
     assert plan.baseline.bp.predicted_peak_bytes <= cap
     assert plan.baseline.bp.batch_size <= cpu.baseline.bp.batch_size
 
 
 def test_cuda_plan_without_measured_terms_uses_the_defaults(tmp_path: Path) -> None:
-    result, _ = plan_for(ROOT / "examples" / "small_cnn.py", tmp_path, budget=200 * 2**20, device_kind="cuda",
-                         device_profile=str(_profile(tmp_path)))
+    result, _ = plan_for(
+        ROOT / "examples" / "small_cnn.py",
+        tmp_path,
+        budget=200 * 2**20,
+        device_kind="cuda",
+        device_profile=str(_profile(tmp_path)),
+    )
     d = result.plan.device
     assert d.workspace_bytes == DEFAULT_CUDA_WORKSPACE_BYTES
     assert (d.step_overhead_bytes, d.activation_scale) == dataclasses.astuple(DEFAULT_CUDA_CALIBRATION)
@@ -78,8 +91,13 @@ def test_too_small_budget_names_the_workspace(tmp_path: Path) -> None:
     from neuroflux.planner.solve import InfeasibleBudget
 
     with pytest.raises(InfeasibleBudget, match="library workspace") as e:
-        plan_for(ROOT / "examples" / "small_cnn.py", tmp_path, budget=40 * 2**20, device_kind="cuda",
-                 device_profile=str(_profile(tmp_path)))
+        plan_for(
+            ROOT / "examples" / "small_cnn.py",
+            tmp_path,
+            budget=40 * 2**20,
+            device_kind="cuda",
+            device_profile=str(_profile(tmp_path)),
+        )
     assert e.value.min_budget_bytes > DEFAULT_CUDA_WORKSPACE_BYTES
 
 
@@ -94,7 +112,9 @@ def test_plans_of_schema_2_0_still_load(tmp_path: Path) -> None:
     assert load_plan(path) == plan
 
 
-@pytest.mark.parametrize("field,value", [("workspace_bytes", -1), ("step_overhead_bytes", -5), ("activation_scale", 0.9)])
+@pytest.mark.parametrize(
+    "field,value", [("workspace_bytes", -1), ("step_overhead_bytes", -5), ("activation_scale", 0.9)]
+)
 def test_bad_profile_terms_are_refused(tmp_path: Path, field: str, value: float) -> None:
     with pytest.raises(NeuroFluxError, match="re-measure"):
         load_profile(_profile(tmp_path, **{field: value}))
@@ -108,7 +128,9 @@ def test_weight_decay_in_place_matches_torch_sgd(foreach: bool) -> None:
     a = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     b = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     b.load_state_dict(a.state_dict())
-    t = UnitTrainer(a, None, lr=0.1, momentum=0.9, weight_decay=0.01, total_steps=100, schedule="constant", foreach=foreach)
+    t = UnitTrainer(
+        a, None, lr=0.1, momentum=0.9, weight_decay=0.01, total_steps=100, schedule="constant", foreach=foreach
+    )
     opt = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     for _ in range(4):
         x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
@@ -133,12 +155,17 @@ def test_foreach_profile_equals_the_loop_profile() -> None:
 
     fake = FakeTensorMode()
     with fake:
-        m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10))
+        m = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10)
+        )
     sgd = SGDConfig(weight_decay=5e-4)
     loop = profile_step(m, None, (3, 8, 8), 10, fake_mode=fake, sgd=sgd)
     multi = profile_step(m, None, (3, 8, 8), 10, fake_mode=fake, sgd=sgd, foreach=True)
     assert (loop.static_bytes, loop.dyn_fixed_bytes, loop.dyn_per_sample_bytes) == (
-        multi.static_bytes, multi.dyn_fixed_bytes, multi.dyn_per_sample_bytes)
+        multi.static_bytes,
+        multi.dyn_fixed_bytes,
+        multi.dyn_per_sample_bytes,
+    )
 
 
 def test_evaluation_and_cache_writes_run_at_the_planned_batch(tmp_path: Path, monkeypatch) -> None:
@@ -152,7 +179,7 @@ def test_evaluation_and_cache_writes_run_at_the_planned_batch(tmp_path: Path, mo
     seen: list[int] = []
     orig = rdata.TensorCache.index_batches
 
-    def spy(self, batch, *a, **k):  # noqa: ANN001
+    def spy(self, batch, *a, **k):
         seen.append(batch)
         return orig(self, batch, *a, **k)
 
@@ -183,6 +210,9 @@ def test_nf_run_warns_when_the_plan_was_for_another_device(tmp_path: Path, caplo
     gpu_plan = dataclasses.replace(plan, device=dataclasses.replace(plan.device, kind="cuda", name="NVIDIA H200"))
     save_plan(gpu_plan, path)
     with caplog.at_level("WARNING"):
-        run_plan(gpu_plan, path, RunConfig(out_dir=tmp_path / "run", export_onnx=False, throughput_batch=4,
-                                           max_steps_per_epoch=1))
+        run_plan(
+            gpu_plan,
+            path,
+            RunConfig(out_dir=tmp_path / "run", export_onnx=False, throughput_batch=4, max_steps_per_epoch=1),
+        )
     assert "made for NVIDIA H200 and runs on the CPU" in caplog.text

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import ROOT, plan_for, wait_for_metrics
-from neuroflux.runtime.caches import KEEP_CACHES_ENV
+
 from neuroflux.runtime.assemble import assemble
+from neuroflux.runtime.caches import KEEP_CACHES_ENV
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.heads import build_head
 from neuroflux.runtime.model_file import load_model_file
@@ -27,22 +27,52 @@ from neuroflux.schemas import load_plan
 
 #: The tests' tiny model without BatchNorm: with it, per-rank batch statistics
 #: would (rightly, as with DistributedDataParallel) differ from one process's.
-NO_BN = (Path(__file__).resolve().parent / "tiny_model.py").read_text() \
-    .replace("        self.bn1 = nn.BatchNorm2d(8)\n", "").replace("F.relu(self.bn1(self.conv1(x)))", "F.relu(self.conv1(x))")
+NO_BN = (
+    (Path(__file__).resolve().parent / "tiny_model.py")
+    .read_text()
+    .replace("        self.bn1 = nn.BatchNorm2d(8)\n", "")
+    .replace("F.relu(self.bn1(self.conv1(x)))", "F.relu(self.conv1(x))")
+)
 
 
 def _torchrun(*args: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NEUROFLUX_DIST_TIMEOUT": "60", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                             "-m", "neuroflux.runtime.cli", *args, "--device", "cpu", "-q", "--no-onnx"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "neuroflux.runtime.cli",
+            *args,
+            "--device",
+            "cpu",
+            "-q",
+            "--no-onnx",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
-def _plan(tmp_path: Path, **kw):  # noqa: ANN202
+def _plan(tmp_path: Path, **kw):
     model = tmp_path / "tiny_nobn.py"
     model.write_text(NO_BN)
-    result, path = plan_for(model, tmp_path, budget=2 * 10**6, strategy="greedy", min_batch=8, max_batch=16,
-                            patience=10, epoch_patience=0, **kw)
+    result, path = plan_for(
+        model,
+        tmp_path,
+        budget=2 * 10**6,
+        strategy="greedy",
+        min_batch=8,
+        max_batch=16,
+        patience=10,
+        epoch_patience=0,
+        **kw,
+    )
     return result.plan, path, model
 
 
@@ -151,8 +181,27 @@ def test_demo_plan_on_two_ranks_is_within_3_points_of_one_process(tmp_path: Path
     plan_file = tmp_path / "plan.json"
     from neuroflux.planner.cli import main as nf_plan
 
-    assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "-o", str(plan_file), "-q",
-                    "--train-size", "1000", "--val-size", "1000", "--epochs", "2", "--device", "cpu"]) == 0
+    assert (
+        nf_plan(
+            [
+                str(ROOT / "examples" / "small_cnn.py"),
+                "--budget",
+                "16MB",
+                "-o",
+                str(plan_file),
+                "-q",
+                "--train-size",
+                "1000",
+                "--val-size",
+                "1000",
+                "--epochs",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     os.environ["NEUROFLUX_LIMIT"] = env["NEUROFLUX_LIMIT"]
     try:
         assert nf_run([str(plan_file), "--out", str(tmp_path / "one"), "--device", "cpu", "-q", "--no-onnx"]) == 0
@@ -170,9 +219,25 @@ def test_demo_plan_on_two_ranks_is_within_3_points_of_one_process(tmp_path: Path
 def test_nproc_runs_torchrun_for_the_user(tmp_path: Path) -> None:
     _, path, _ = _plan(tmp_path, epochs=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NEUROFLUX_DIST_TIMEOUT": "60"}
-    proc = subprocess.run([sys.executable, "-m", "neuroflux.runtime.cli", str(path), "--nproc", "2", "--out",
-                           str(tmp_path / "run"), "--device", "cpu", "--no-onnx"], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "neuroflux.runtime.cli",
+            str(path),
+            "--nproc",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--no-onnx",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
     assert "x 2 processes" in proc.stdout

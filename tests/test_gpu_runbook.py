@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_DATA
 from helpers import ROOT
 
@@ -18,10 +17,20 @@ from helpers import ROOT
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.is_file(), reason="needs ../shared/data/fashion_mnist.npz")
 def test_gpu_runbook_dry_run(tmp_path: Path) -> None:
-    env = {**os.environ, "NF_GPU_DIR": str(tmp_path / "gpu"), "NF_DRY_OUT": str(tmp_path / "out"),
-           "NEUROFLUX_DATA": str(SHARED_DATA), "NEUROFLUX_CACHE": str(tmp_path / "cache")}
-    prep = subprocess.run(["bash", str(ROOT / "tools/gpu/prepare.sh"), "--no-wheels"], env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = {
+        **os.environ,
+        "NF_GPU_DIR": str(tmp_path / "gpu"),
+        "NF_DRY_OUT": str(tmp_path / "out"),
+        "NEUROFLUX_DATA": str(SHARED_DATA),
+        "NEUROFLUX_CACHE": str(tmp_path / "cache"),
+    }
+    prep = subprocess.run(
+        ["bash", str(ROOT / "tools/gpu/prepare.sh"), "--no-wheels"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert prep.returncode == 0, prep.stdout + prep.stderr
     assert "travelling size" in prep.stdout
     # The GPU image has no ortools and no pydot: the run must not need them.
@@ -33,13 +42,19 @@ def test_gpu_runbook_dry_run(tmp_path: Path) -> None:
         "    def find_spec(self, name, path, target=None):\n"
         "        if name.split('.')[0] in ('ortools', 'pydot'):\n"
         "            raise ModuleNotFoundError(name + ' is not on the GPU machine')\n"
-        "sys.meta_path.insert(0, _Block())\n")
+        "sys.meta_path.insert(0, _Block())\n"
+    )
     run_env = {**env, "PYTHONPATH": os.pathsep.join([str(blocker), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     # Every cell is planned by prepare.sh; two run through the script here (a
     # Fashion-MNIST cell and the ImageNet-shaped one, planned and loaded), to
     # keep the suite short: the other cells differ only in model and budget.
-    run = subprocess.run(["bash", str(ROOT / "tools/gpu/run.sh"), "--dry-run", "resnet18-350MB",
-                          "resnet34-imagenet-8GB"], env=run_env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        ["bash", str(ROOT / "tools/gpu/run.sh"), "--dry-run", "resnet18-350MB", "resnet34-imagenet-8GB"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     cells = {c["name"]: c for c in results["cells"]}

@@ -13,13 +13,20 @@ import onnx
 import pydot
 import pytest
 import torch
-
 from helpers import ROOT, plan_for
+
 from neuroflux.runtime.assemble import assemble, open_model_file
 from neuroflux.runtime.modules import Chain
-from neuroflux.tools.graph_cli import main as nf_graph
 from neuroflux.schemas.summary import BlockResult, RunSummary, Stopping, Throughput, summary_to_dict
-from neuroflux.tools.screenshot import color_bands, dump_dom, find_browser, png_distinct_rows, screenshot, tallest_column
+from neuroflux.tools.graph_cli import main as nf_graph
+from neuroflux.tools.screenshot import (
+    color_bands,
+    dump_dom,
+    find_browser,
+    png_distinct_rows,
+    screenshot,
+    tallest_column,
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +98,58 @@ def test_html_has_one_bar_per_block_and_overlays_a_run(resnet_plan, tmp_path: Pa
     assert len(re.findall(r'class="bar pred"', svg)) == len(plan.blocks)
     run = tmp_path / "run"
     run.mkdir()
-    blocks = [BlockResult(index=b.index, units=list(b.units), batch_size=b.batch_size, epochs=b.epochs, epochs_run=b.epochs,
-                          measured_peak_bytes=b.predicted_peak_bytes, predicted_peak_bytes=b.predicted_peak_bytes,
-                          peak_source="test", exit_accuracies={b.units[0]: 0.5}, exit_accuracy=0.5, time_s=1.5,
-                          elapsed_s=1.5 * (b.index + 1)) for b in plan.blocks]
-    stopping = Stopping(stopped_at_unit="u3", stopped_after_block=0, full_depth=False, reason="test", blocks_skipped=[],
-                        units_skipped=[], epochs_planned={}, epochs_run={}, saved_predicted_s=0.0, saved_estimated_s=0.0,
-                        patience_units=2, epoch_patience=1, tolerance=0.005)
-    summary = RunSummary(method="neuroflux", status="ok", blocks=blocks, command="test", final_accuracy=0.9,
-                         final_exit="u3", final_params=10, original_params=100, param_reduction=10.0, wall_time_s=1.0,
-                         train_time_s=1.0, stopping=stopping, exit_accuracies={"u0": 0.5},
-                         throughput=Throughput(final_images_per_s=2.0, original_images_per_s=1.0, speedup=2.0),
-                         device="cpu", budget_bytes=plan.budget_bytes, budget_enforced=False, torch="test")
+    blocks = [
+        BlockResult(
+            index=b.index,
+            units=list(b.units),
+            batch_size=b.batch_size,
+            epochs=b.epochs,
+            epochs_run=b.epochs,
+            measured_peak_bytes=b.predicted_peak_bytes,
+            predicted_peak_bytes=b.predicted_peak_bytes,
+            peak_source="test",
+            exit_accuracies={b.units[0]: 0.5},
+            exit_accuracy=0.5,
+            time_s=1.5,
+            elapsed_s=1.5 * (b.index + 1),
+        )
+        for b in plan.blocks
+    ]
+    stopping = Stopping(
+        stopped_at_unit="u3",
+        stopped_after_block=0,
+        full_depth=False,
+        reason="test",
+        blocks_skipped=[],
+        units_skipped=[],
+        epochs_planned={},
+        epochs_run={},
+        saved_predicted_s=0.0,
+        saved_estimated_s=0.0,
+        patience_units=2,
+        epoch_patience=1,
+        tolerance=0.005,
+    )
+    summary = RunSummary(
+        method="neuroflux",
+        status="ok",
+        blocks=blocks,
+        command="test",
+        final_accuracy=0.9,
+        final_exit="u3",
+        final_params=10,
+        original_params=100,
+        param_reduction=10.0,
+        wall_time_s=1.0,
+        train_time_s=1.0,
+        stopping=stopping,
+        exit_accuracies={"u0": 0.5},
+        throughput=Throughput(final_images_per_s=2.0, original_images_per_s=1.0, speedup=2.0),
+        device="cpu",
+        budget_bytes=plan.budget_bytes,
+        budget_enforced=False,
+        torch="test",
+    )
     (run / "summary.json").write_text(json.dumps(summary_to_dict(summary)))
     overlaid = tmp_path / "overlaid.html"
     assert nf_graph([str(path), "-o", str(overlaid), "--run", str(run)]) == 0
@@ -133,7 +180,7 @@ def test_html_report_in_headless_chromium(resnet_plan, tmp_path: Path) -> None:
     assert all(6 <= last - first + 1 <= 16 for first, last in bars), bars  # 12 px bars, not merged, not slivers
     assert tallest_column(png, red) >= 20 * len(plan.blocks) // 2, "no budget line"
     dom = dump_dom(page)
-    table = dom[dom.index("<table"): dom.index("</table>")]
+    table = dom[dom.index("<table") : dom.index("</table>")]
     assert table.count("<tr>") == len(plan.blocks) + 1
     assert all(f"<td>{b.batch_size}</td>" in table for b in plan.blocks)
 

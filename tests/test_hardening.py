@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import tiny_plan
-from neuroflux.runtime.run_dir import RunLock
+
 from neuroflux.runtime.cli import main as nf_run
+from neuroflux.runtime.run_dir import RunLock
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -26,7 +26,7 @@ class _Payload:
     def __init__(self, target: str) -> None:
         self.target = target
 
-    def __reduce__(self):  # noqa: ANN204 - runs on unpickling with weights_only=False
+    def __reduce__(self):
         return (Path.touch, (Path(self.target),))
 
 
@@ -63,16 +63,20 @@ def test_divergence_is_a_failed_run_not_a_result(tmp_path: Path, capsys) -> None
     assert rc == 2 and "failed" in err
 
 
-@pytest.mark.parametrize("corruption,message", [
-    ("x[7, 0, 0, 0] = float('nan')", "train sample 7 has NaN"),
-    ("y = y.float()", "labels must be integer class indices"),
-    ("y[3] = 9", "train sample 3 has label 9, outside [0, 4)"),
-])
+@pytest.mark.parametrize(
+    "corruption,message",
+    [
+        ("x[7, 0, 0, 0] = float('nan')", "train sample 7 has NaN"),
+        ("y = y.float()", "labels must be integer class indices"),
+        ("y[3] = 9", "train sample 3 has label 9, outside [0, 4)"),
+    ],
+)
 def test_bad_data_is_refused_with_the_first_bad_index(tmp_path: Path, capsys, corruption: str, message: str) -> None:
     plan, path, model = tiny_plan(tmp_path, epochs=1)
     src = model.read_text().replace(
         "    return TensorDataset(x[:TRAIN], y[:TRAIN])",
-        f"    {corruption}\n    return TensorDataset(x[:TRAIN], y[:TRAIN])")
+        f"    {corruption}\n    return TensorDataset(x[:TRAIN], y[:TRAIN])",
+    )
     assert src != model.read_text()
     model.write_text(src)
     rc, err = run_cli(capsys, str(path), "--out", str(tmp_path / "run"), "--force")
@@ -105,7 +109,7 @@ def test_second_run_in_a_locked_directory_names_the_holder(tmp_path: Path, capsy
             try:
                 RunLock(run_dir).acquire()
                 q.put("acquired")
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 q.put(str(e))
 
         p = ctx.Process(target=other)
@@ -128,14 +132,18 @@ def test_out_naming_a_file_is_refused_before_training(tmp_path: Path, capsys) ->
     assert rc == 2 and "is a file" in err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--budget", "99999999999999999999GB"], "more than any device has"),
-    (["--budget", "1GB", "--lr=-1"], "--lr must be a positive finite number"),
-    (["--budget", "1GB", "--lr", "nan"], "--lr must be a positive finite number"),
-    (["--budget", "1GB", "--lr", "inf"], "--lr must be a positive finite number"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--budget", "99999999999999999999GB"], "more than any device has"),
+        (["--budget", "1GB", "--lr=-1"], "--lr must be a positive finite number"),
+        (["--budget", "1GB", "--lr", "nan"], "--lr must be a positive finite number"),
+        (["--budget", "1GB", "--lr", "inf"], "--lr must be a positive finite number"),
+    ],
+)
 def test_nf_plan_ordinary_mistakes_are_exit_2(tmp_path: Path, capsys, args: list[str], message: str) -> None:
     from helpers import ROOT
+
     from neuroflux.planner.cli import main as nf_plan
 
     rc = nf_plan([str(ROOT / "examples" / "small_cnn.py"), *args, "-o", str(tmp_path / "p.json"), "-q"])
@@ -151,10 +159,11 @@ def test_nf_plan_refuses_a_read_only_output_before_planning(tmp_path: Path, caps
     import tempfile
 
     from helpers import ROOT
+
     from neuroflux.planner import build
     from neuroflux.planner.cli import main as nf_plan
 
-    def read_only(*a, **k):  # noqa: ANN002, ANN003
+    def read_only(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
 
     planned = []
@@ -166,12 +175,15 @@ def test_nf_plan_refuses_a_read_only_output_before_planning(tmp_path: Path, caps
     assert not planned, "refused before planning"
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: d["blocks"][0].__setitem__("batch_size", 0), "blocks/0/batch_size"),
-    (lambda d: d["model"].__setitem__("num_classes", 0), "model/num_classes"),
-    (lambda d: d["units"].reverse(), "out of order"),
-    (lambda d: d["units"][0]["aux"].__setitem__("width", 0), "width 0"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d["blocks"][0].__setitem__("batch_size", 0), "blocks/0/batch_size"),
+        (lambda d: d["model"].__setitem__("num_classes", 0), "model/num_classes"),
+        (lambda d: d["units"].reverse(), "out of order"),
+        (lambda d: d["units"][0]["aux"].__setitem__("width", 0), "width 0"),
+    ],
+)
 def test_hand_edited_plans_are_refused(tmp_path: Path, capsys, edit, message: str) -> None:
     plan, path, _ = tiny_plan(tmp_path, epochs=1)
     data = json.loads(path.read_text())
@@ -220,7 +232,7 @@ def test_out_in_a_read_only_place_is_refused_before_training(tmp_path: Path, cap
 
     plan, path, _ = tiny_plan(tmp_path, epochs=1)
 
-    def read_only(directory) -> None:  # noqa: ANN001
+    def read_only(directory) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr("neuroflux.runtime.run_dir.write_probe", read_only)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import tiny_plan, wait_for_metrics
+
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.cli import main as nf_plan
 from neuroflux.runtime.cli import main as nf_run
@@ -25,7 +25,7 @@ from neuroflux.schemas import PlanError, load_plan
 HERE = Path(__file__).resolve().parent
 
 
-def _edited(path: Path, edit) -> Path:  # noqa: ANN001
+def _edited(path: Path, edit) -> Path:
     data = json.loads(path.read_text())
     edit(data)
     out = path.with_name("edited.json")
@@ -33,42 +33,56 @@ def _edited(path: Path, edit) -> Path:  # noqa: ANN001
     return out
 
 
-def _set(*path):  # noqa: ANN002, ANN202
+def _set(*path):
     """An edit setting ``data[k1][k2]... = value``; the last argument is the value."""
     *keys, value = path
 
-    def edit(d):  # noqa: ANN001, ANN202
+    def edit(d):
         for k in keys[:-1]:
             d = d[k]
         d[keys[-1]] = value
+
     return edit
 
 
 # ------------------------------------------------------------------ hand-edited plan fields (item 10)
 @pytest.fixture(scope="module")
-def shared_plan(tmp_path_factory) -> Path:  # noqa: ANN001
+def shared_plan(tmp_path_factory) -> Path:
     """One tiny plan for the edit cases (planning it is most of each case's time)."""
     _, path, _ = tiny_plan(tmp_path_factory.mktemp("shared"), epochs=1)
     return path
 
 
-@pytest.mark.parametrize("edit, match", [
-    (_set("recipe", "lr", -1), "recipe.lr"),
-    (_set("recipe", "momentum", -3), "recipe.momentum"),
-    (_set("recipe", "seed", 2**64), "seed"),
-    (_set("blocks", 0, "shuffle_seed", 2**64), "shuffle_seed"),
-    (_set("blocks", 1, "index", 7), "index 7"),
-    (_set("blocks", 0, "cache", None), "does not follow"),
-    (_set("units", 0, "aux", None), "lacks an aux head"),
-    (_set("units", 2, "aux", {"kind": "pooled", "width": 8, "params": 1}), "has an aux head"),
-    (_set("units", 0, "aux", "width", 10**6), "wide"),
-    (_set("blocks", 0, "cache", {"location": "disk", "dtype": "float32", "bytes": 1, "file": "."}), "not a plain path"),
-    (_set("blocks", 0, "cache", {"location": "disk", "dtype": "float32", "bytes": 1, "file": "../model.py"}), "not a plain path"),
-    (_set("blocks", 0, "cache", {"location": "disk", "dtype": "float32", "bytes": 1, "file": "/etc/x.npy"}), "not a plain path"),
-    (_set("blocks", 1, "lr", 0.0), "lr"),
-])
-def test_plan_fields_that_cannot_run_are_refused_at_load(shared_plan: Path, tmp_path: Path, capsys, edit,
-                                                         match: str) -> None:
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_set("recipe", "lr", -1), "recipe.lr"),
+        (_set("recipe", "momentum", -3), "recipe.momentum"),
+        (_set("recipe", "seed", 2**64), "seed"),
+        (_set("blocks", 0, "shuffle_seed", 2**64), "shuffle_seed"),
+        (_set("blocks", 1, "index", 7), "index 7"),
+        (_set("blocks", 0, "cache", None), "does not follow"),
+        (_set("units", 0, "aux", None), "lacks an aux head"),
+        (_set("units", 2, "aux", {"kind": "pooled", "width": 8, "params": 1}), "has an aux head"),
+        (_set("units", 0, "aux", "width", 10**6), "wide"),
+        (
+            _set("blocks", 0, "cache", {"location": "disk", "dtype": "float32", "bytes": 1, "file": "."}),
+            "not a plain path",
+        ),
+        (
+            _set("blocks", 0, "cache", {"location": "disk", "dtype": "float32", "bytes": 1, "file": "../model.py"}),
+            "not a plain path",
+        ),
+        (
+            _set("blocks", 0, "cache", {"location": "disk", "dtype": "float32", "bytes": 1, "file": "/etc/x.npy"}),
+            "not a plain path",
+        ),
+        (_set("blocks", 1, "lr", 0.0), "lr"),
+    ],
+)
+def test_plan_fields_that_cannot_run_are_refused_at_load(
+    shared_plan: Path, tmp_path: Path, capsys, edit, match: str
+) -> None:
     path = tmp_path / "plan.json"
     path.write_text(shared_plan.read_text())
     bad = _edited(path, edit)
@@ -99,7 +113,7 @@ def test_a_checkpoint_with_other_contents_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
     original = Runner._run_stage
 
-    def stop(self, stage, *a, **k):  # noqa: ANN001, ANN002, ANN003
+    def stop(self, stage, *a, **k):
         if stage.index == 1:
             raise KeyboardInterrupt
         return original(self, stage, *a, **k)
@@ -119,8 +133,16 @@ def test_a_checkpoint_with_other_contents_is_refused(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ nf-run overrides and directories (item 12)
-@pytest.mark.parametrize("flags", [["--patience", "-1"], ["--tolerance", "nan"], ["--epoch-patience", "-2"],
-                                   ["--tolerance", "2"], ["--loader-workers", "-1"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--patience", "-1"],
+        ["--tolerance", "nan"],
+        ["--epoch-patience", "-2"],
+        ["--tolerance", "2"],
+        ["--loader-workers", "-1"],
+    ],
+)
 def test_out_of_range_overrides_are_refused(tmp_path: Path, capsys, flags: list[str]) -> None:
     _, path, _ = tiny_plan(tmp_path, epochs=1)
     assert nf_run([str(path), "--out", str(tmp_path / "run"), *flags]) == 2
@@ -136,13 +158,22 @@ def test_resume_into_a_new_directory_creates_nothing(tmp_path: Path, capsys) -> 
 
 
 # ------------------------------------------------------------------ model files and datasets (item 9)
-@pytest.mark.parametrize("body, match", [
-    ("def model():\n    import sys\n    sys.exit(0)\n", "sys.exit"),
-    ("class M(nn.Module):\n    def forward(self, x):\n        return x.flatten(1)[:, :3]\ndef model():\n    return M()\n",
-     "without parameters"),
-    ("INPUT_SHAPE = 28\ndef model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n", "INPUT_SHAPE = 28"),
-    ("def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 1))\n", "at least 2"),
-])
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("def model():\n    import sys\n    sys.exit(0)\n", "sys.exit"),
+        (
+            "class M(nn.Module):\n    def forward(self, x):\n        return x.flatten(1)[:, :3]\n"
+            "def model():\n    return M()\n",
+            "without parameters",
+        ),
+        (
+            "INPUT_SHAPE = 28\ndef model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n",
+            "INPUT_SHAPE = 28",
+        ),
+        ("def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 1))\n", "at least 2"),
+    ],
+)
 def test_model_file_mistakes_are_exit_2_and_write_no_plan(tmp_path: Path, capsys, body: str, match: str) -> None:
     model = tmp_path / "m.py"
     model.write_text("from torch import nn\nINPUT_SHAPE = (1, 8, 8)\n" + body)
@@ -155,15 +186,15 @@ def test_model_file_mistakes_are_exit_2_and_write_no_plan(tmp_path: Path, capsys
 
 _DATASETS = {
     "raises": "class D(torch.utils.data.Dataset):\n    def __len__(self): return 64\n"
-              "    def __getitem__(self, i):\n        if i == 40: raise OSError('bad file')\n"
-              "        return torch.zeros(1, 16, 16), 0\n",
+    "    def __getitem__(self, i):\n        if i == 40: raise OSError('bad file')\n"
+    "        return torch.zeros(1, 16, 16), 0\n",
     "ragged": "class D(torch.utils.data.Dataset):\n    def __len__(self): return 64\n"
-              "    def __getitem__(self, i): return torch.zeros(1, 16, 16 if i < 10 else 15), 0\n",
+    "    def __getitem__(self, i): return torch.zeros(1, 16, 16 if i < 10 else 15), 0\n",
     "triples": "class D(torch.utils.data.Dataset):\n    def __len__(self): return 64\n"
-               "    def __getitem__(self, i): return torch.zeros(1, 16, 16), 0, 1\n",
+    "    def __getitem__(self, i): return torch.zeros(1, 16, 16), 0, 1\n",
     "too long": "class D(torch.utils.data.Dataset):\n    def __len__(self): return 64\n"
-                "    def __getitem__(self, i):\n        if i >= 50: raise IndexError(i)\n"
-                "        return torch.zeros(1, 16, 16), 0\n",
+    "    def __getitem__(self, i):\n        if i >= 50: raise IndexError(i)\n"
+    "        return torch.zeros(1, 16, 16), 0\n",
 }
 
 
@@ -174,8 +205,25 @@ def test_dataset_mistakes_are_exit_2_naming_the_samples(tmp_path: Path, capsys, 
     model = tmp_path / "m.py"
     model.write_text(src)
     out = tmp_path / "plan.json"
-    assert nf_plan([f"{model}", "--datasets", "datasets_bad", "--budget", "1GB", "-o", str(out), "-q",
-                    "--device-tflops", "0.1", "--op-overhead-us", "5"]) == 0
+    assert (
+        nf_plan(
+            [
+                f"{model}",
+                "--datasets",
+                "datasets_bad",
+                "--budget",
+                "1GB",
+                "-o",
+                str(out),
+                "-q",
+                "--device-tflops",
+                "0.1",
+                "--op-overhead-us",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert nf_run([str(out), "--out", str(tmp_path / "run"), "-q", "--device", "cpu", "--loader-workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "train" in err and "Traceback" not in err, err
@@ -207,11 +255,26 @@ def test_device_profile_mistakes_are_exit_2(tmp_path: Path, capsys) -> None:
     model = tmp_path / "tiny_model.py"
     model.write_text((HERE / "tiny_model.py").read_text())
     prof = tmp_path / "p.json"
-    prof.write_text(json.dumps({"name": "x", "kind": "cpu", "flops_per_s": "fast", "op_overhead_s": 1e-6,
-                                "source": "measured", "date": "d", "torch": "t"}))
+    prof.write_text(
+        json.dumps(
+            {
+                "name": "x",
+                "kind": "cpu",
+                "flops_per_s": "fast",
+                "op_overhead_s": 1e-6,
+                "source": "measured",
+                "date": "d",
+                "torch": "t",
+            }
+        )
+    )
     for where in (prof, tmp_path):  # a wrong-typed field; a directory
-        assert nf_plan([str(model), "--budget", "1GB", "--device-profile", str(where), "-o",
-                        str(tmp_path / "plan.json"), "-q"]) == 2
+        assert (
+            nf_plan(
+                [str(model), "--budget", "1GB", "--device-profile", str(where), "-o", str(tmp_path / "plan.json"), "-q"]
+            )
+            == 2
+        )
     err = capsys.readouterr().err
     assert "not a number" in err and "cannot read the device profile" in err and "Traceback" not in err
 
@@ -241,8 +304,15 @@ def test_dot_attributes_cannot_be_injected_and_the_model_file_is_not_run(tmp_pat
 
 
 # ------------------------------------------------------------------ nf-bench (item 5)
-@pytest.mark.parametrize("flags, code", [(["--limit", "abc"], 2), (["--limit", "-5"], 2), (["--epochs", "0"], 2),
-                                         (["--budgets", "1KB", "--methods", "neuroflux"], 1)])
+@pytest.mark.parametrize(
+    "flags, code",
+    [
+        (["--limit", "abc"], 2),
+        (["--limit", "-5"], 2),
+        (["--epochs", "0"], 2),
+        (["--budgets", "1KB", "--methods", "neuroflux"], 1),
+    ],
+)
 def test_nf_bench_checks_flags_and_fails_when_a_run_fails(tmp_path: Path, capsys, flags: list[str], code: int) -> None:
     from neuroflux.tools.bench import main as nf_bench
 
@@ -254,24 +324,35 @@ def test_nf_bench_checks_flags_and_fails_when_a_run_fails(tmp_path: Path, capsys
 
 # ------------------------------------------------------------------ API misuse (item 7)
 def test_api_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
-    import neuroflux
     from torch import nn
+
+    import neuroflux
 
     m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     kw = dict(budget="50MB", input_shape=(1, 8, 8), train_size=64, val_size=16)
-    for bad, err in [(dict(train_size=0), ValueError), (dict(strategy="fast"), ValueError),
-                     (dict(train_size="10"), TypeError), (dict(budget=True), TypeError),
-                     (dict(input_shape=28), ValueError), (dict(no_such=1), TypeError)]:
+    for bad, err in [
+        (dict(train_size=0), ValueError),
+        (dict(strategy="fast"), ValueError),
+        (dict(train_size="10"), TypeError),
+        (dict(budget=True), TypeError),
+        (dict(input_shape=28), ValueError),
+        (dict(no_such=1), TypeError),
+    ]:
         with pytest.raises(err):
             neuroflux.plan(m, **{**kw, **bad})
     plan = neuroflux.plan(m, **kw, epochs=1)
     data = torch.utils.data.TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,)))
     val = torch.utils.data.TensorDataset(torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,)))
-    for bad, err in [(dict(method="sgd"), ValueError), (dict(device="tpu"), ValueError), (dict(resume="yes"), TypeError),
-                     (dict(out=3), TypeError)]:
+    for bad, err in [
+        (dict(method="sgd"), ValueError),
+        (dict(device="tpu"), ValueError),
+        (dict(resume="yes"), TypeError),
+        (dict(out=3), TypeError),
+    ]:
         with pytest.raises(err):
-            neuroflux.train(plan, m, data, val, out=tmp_path / "run", **{k: v for k, v in bad.items() if k != "out"}) \
-                if "out" not in bad else neuroflux.train(plan, m, data, val, **bad)
+            neuroflux.train(
+                plan, m, data, val, out=tmp_path / "run", **{k: v for k, v in bad.items() if k != "out"}
+            ) if "out" not in bad else neuroflux.train(plan, m, data, val, **bad)
         assert not (tmp_path / "run").exists(), "nothing written before the arguments were checked"
     with pytest.raises(TypeError):
         neuroflux.train("plan.json", m, data, val, out=tmp_path / "run")
@@ -288,9 +369,24 @@ def test_api_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
 def test_two_sigterms_in_a_row_exit_130_without_a_traceback(tmp_path: Path) -> None:
     _, path, _ = tiny_plan(tmp_path, train=4096, epochs=3)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "neuroflux.runtime.cli", str(path), "--out", str(out), "-q",
-                             "--no-onnx", "--device", "cpu"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "neuroflux.runtime.cli",
+            str(path),
+            "--out",
+            str(out),
+            "-q",
+            "--no-onnx",
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     wait_for_metrics(out / "metrics.jsonl", lambda recs: any(r["event"] == "epoch" for r in recs), proc)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
@@ -306,7 +402,7 @@ def test_a_kill_between_checkpoint_and_log_leaves_one_record_per_block(tmp_path:
     original = Runner._log
     seen = []
 
-    def killed_once(self, record):  # noqa: ANN001, ANN202
+    def killed_once(self, record):
         if record.get("event") == "block" and record.get("index") == 0 and not seen:
             seen.append(1)
             raise KeyboardInterrupt  # after block 0's checkpoint, before its record
@@ -325,8 +421,25 @@ def test_sigterm_to_the_launcher_stops_torchrun_and_frees_the_run(tmp_path: Path
     _, path, _ = tiny_plan(tmp_path, train=4096, epochs=3)
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NEUROFLUX_DIST_TIMEOUT": "60", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "neuroflux.runtime.cli", str(path), "--nproc", "2", "--out",
-                             str(out), "--device", "cpu", "--no-onnx", "-q"], stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "neuroflux.runtime.cli",
+            str(path),
+            "--nproc",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-onnx",
+            "-q",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     wait_for_metrics(out / "metrics.jsonl", lambda recs: any(r["event"] == "epoch" for r in recs), proc, timeout=240)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -341,7 +454,8 @@ def test_sigterm_to_the_launcher_stops_torchrun_and_frees_the_run(tmp_path: Path
     assert (out / "checkpoint.pt").is_file()
 
 
-# ------------------------------------------------------------------ links planted in a run directory (item 2), read-only mid-run (item 8)
+# ------------------------------------------------------------------ links planted in a run directory (item 2),
+# read-only mid-run (item 8)
 def test_resume_refuses_links_planted_in_the_run_directory(tmp_path: Path, monkeypatch, capsys) -> None:
     """An interrupted run whose directory gained links (a shared temporary
     folder): resuming never writes through them; the victims are unchanged."""
@@ -385,7 +499,7 @@ def test_a_run_directory_that_turns_read_only_is_exit_2(tmp_path: Path, monkeypa
     _, path, _ = tiny_plan(tmp_path, epochs=2)
     calls = []
 
-    def read_only(obj, p):  # noqa: ANN001, ANN202
+    def read_only(obj, p):
         calls.append(p)
         if len(calls) > 1:  # the first checkpoint is written, then the disk turns read-only
             raise OSError(errno.EROFS, "Read-only file system", str(p))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ROOT, plan_for
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from helpers import ROOT, plan_for
 from neuroflux.runtime.assemble import assemble
 from neuroflux.runtime.model_file import load_model_file
 from neuroflux.runtime.train import UnitTrainer, block_step
@@ -15,8 +15,12 @@ from neuroflux.runtime.train import UnitTrainer, block_step
 
 def measured_block_peak(plan, asm, block) -> int:
     idx = [u.index for u in plan.units if u.name in block.units]
-    trainers = [UnitTrainer(asm.units[i], asm.heads[i], lr=0.01, momentum=0.9, weight_decay=5e-4, total_steps=10,
-                            schedule="cosine") for i in idx]
+    trainers = [
+        UnitTrainer(
+            asm.units[i], asm.heads[i], lr=0.01, momentum=0.9, weight_decay=5e-4, total_steps=10, schedule="cosine"
+        )
+        for i in idx
+    ]
     shape = plan.units[idx[0]].input_shape
     b = block.batch_size
     y = torch.randint(0, plan.model.num_classes, (b,))
@@ -29,11 +33,16 @@ def measured_block_peak(plan, asm, block) -> int:
     return sum(dev["Total"] for dev in tracker.get_tracker_snapshot("peak").values())
 
 
-@pytest.mark.parametrize("model,budget,head_kind", [
-    ("small_cnn", 20 * 10**6, "pooled"), ("small_cnn", 20 * 10**6, "conv"),
-    ("resnet18", 150 * 10**6, "pooled"), ("resnet18", 150 * 10**6, "conv"),
-    ("mobilenetv2", 120 * 10**6, "pooled"),
-])
+@pytest.mark.parametrize(
+    "model,budget,head_kind",
+    [
+        ("small_cnn", 20 * 10**6, "pooled"),
+        ("small_cnn", 20 * 10**6, "conv"),
+        ("resnet18", 150 * 10**6, "pooled"),
+        ("resnet18", 150 * 10**6, "conv"),
+        ("mobilenetv2", 120 * 10**6, "pooled"),
+    ],
+)
 def test_block_peak_within_2_percent_of_pytorch_accounting(tmp_path, model, budget, head_kind) -> None:
     result, _ = plan_for(ROOT / "examples" / f"{model}.py", tmp_path, budget=budget, max_batch=64, head_kind=head_kind)
     plan = result.plan

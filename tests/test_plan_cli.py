@@ -7,8 +7,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from helpers import ROOT
+
 from neuroflux.planner.budget import parse_bytes
 from neuroflux.planner.cli import main as nf_plan
 from neuroflux.schemas import load_plan, schema
@@ -19,8 +19,16 @@ ZOO = ["small_cnn", "vgg11", "vgg16", "resnet18", "resnet34", "mobilenetv2"]
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("1GB", 10**9), ("1GiB", 2**30), ("512MB", 512 * 10**6), ("512MiB", 512 * 2**20), ("1.5G", 1_500_000_000),
-     ("1000000", 10**6), (" 2 gib ", 2 * 2**30), ("64KiB", 65536)],
+    [
+        ("1GB", 10**9),
+        ("1GiB", 2**30),
+        ("512MB", 512 * 10**6),
+        ("512MiB", 512 * 2**20),
+        ("1.5G", 1_500_000_000),
+        ("1000000", 10**6),
+        (" 2 gib ", 2 * 2**30),
+        ("64KiB", 65536),
+    ],
 )
 def test_parse_bytes(text: str, expected: int) -> None:
     assert parse_bytes(text) == expected
@@ -28,7 +36,7 @@ def test_parse_bytes(text: str, expected: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "abc", "1XB", "-1GB", "1.2.3G", "GB", "0.1"])
 def test_parse_bytes_rejects_garbage(text: str) -> None:
-    with pytest.raises(ValueError, match="512MiB"  if text != "0.1" else "less than one byte"):
+    with pytest.raises(ValueError, match="512MiB" if text != "0.1" else "less than one byte"):
         parse_bytes(text)
 
 
@@ -40,7 +48,9 @@ def test_committed_schema_matches_the_dataclasses() -> None:
 def test_every_zoo_model_plans_at_1gb(tmp_path: Path, name: str, capsys) -> None:
     out = tmp_path / "plan.json"
     # How long planning takes is a benchmark (benchmarks/plan_times.py), not an assertion.
-    assert nf_plan([str(ROOT / "examples" / f"{name}.py"), "--budget", "1GB", "-o", str(out), "--time-limit", "20"]) == 0
+    assert (
+        nf_plan([str(ROOT / "examples" / f"{name}.py"), "--budget", "1GB", "-o", str(out), "--time-limit", "20"]) == 0
+    )
     data = json.loads(out.read_text())
     jsonschema.validate(data, schema())
     plan = load_plan(out)
@@ -63,7 +73,9 @@ def test_greedy_and_optimal_on_the_same_model(tmp_path: Path) -> None:
     model = str(ROOT / "examples" / "small_cnn.py")
     speed = ["--device-tflops", "0.1", "--op-overhead-us", "5"]  # one cost model for both plans
     assert nf_plan([model, "--budget", "30MB", "-o", str(tmp_path / "o.json"), "-q", *speed]) == 0
-    assert nf_plan([model, "--budget", "30MB", "-o", str(tmp_path / "g.json"), "-q", "--strategy", "greedy", *speed]) == 0
+    assert (
+        nf_plan([model, "--budget", "30MB", "-o", str(tmp_path / "g.json"), "-q", "--strategy", "greedy", *speed]) == 0
+    )
     opt, greedy = load_plan(tmp_path / "o.json"), load_plan(tmp_path / "g.json")
     assert greedy.solver.strategy == "greedy" and opt.solver.strategy == "optimal"
     assert opt.predicted.time_s <= greedy.predicted.time_s * (1 + opt.solver.tie_tolerance) + 1e-9
@@ -108,15 +120,34 @@ D = ["--budget", "1GB", "--train-size", "64", "--val-size", "16"]  # the usual f
         (GOOD + "def model():\n    raise RuntimeError('boom')\n", D, "model() raised RuntimeError: boom"),
         (GOOD + "def model():\n    return nn.Conv2d(1, 2, 3)\n", D, "logits of shape (batch, classes)"),
         (GOOD + "def model():\n    return 3\n", D, "expected a torch.nn.Module"),
-        (GOOD + "class M(nn.Module):\n    def __init__(s):\n        super().__init__(); s.c = nn.Conv2d(1,2,3)\n"
-         "    def forward(s, x):\n        y = s.c(x)\n        return y.flatten(1) if y.sum() > 0 else y.flatten(1)\n"
-         "def model():\n    return M()\n", D, "cannot trace"),
+        (
+            GOOD + "class M(nn.Module):\n    def __init__(s):\n        super().__init__(); s.c = nn.Conv2d(1,2,3)\n"
+            "    def forward(s, x):\n        y = s.c(x)\n        return y.flatten(1) if y.sum() > 0 else y.flatten(1)\n"
+            "def model():\n    return M()\n",
+            D,
+            "cannot trace",
+        ),
         (GOOD + "syntax error here\n", D, "importing"),
-        (GOOD + "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n", ["--budget", "1XB", "--train-size", "64", "--val-size", "16"], "cannot read budget"),
-        (GOOD + "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n", ["--train-size", "64", "--val-size", "16"], "no NVIDIA GPU"),
-        (GOOD + "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n", ["--budget", "1GB"], "has no datasets()"),
-        (GOOD + "def model():\n    return nn.Sequential(nn.Conv2d(1, 64, 3), nn.Flatten(), nn.Linear(2304, 3))\n",
-         ["--budget", "10KB", "--train-size", "100", "--val-size", "10"], "smallest budget that works is"),
+        (
+            GOOD + "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n",
+            ["--budget", "1XB", "--train-size", "64", "--val-size", "16"],
+            "cannot read budget",
+        ),
+        (
+            GOOD + "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n",
+            ["--train-size", "64", "--val-size", "16"],
+            "no NVIDIA GPU",
+        ),
+        (
+            GOOD + "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n",
+            ["--budget", "1GB"],
+            "has no datasets()",
+        ),
+        (
+            GOOD + "def model():\n    return nn.Sequential(nn.Conv2d(1, 64, 3), nn.Flatten(), nn.Linear(2304, 3))\n",
+            ["--budget", "10KB", "--train-size", "100", "--val-size", "10"],
+            "smallest budget that works is",
+        ),
     ],
 )
 def test_plan_cli_errors(tmp_path: Path, capsys, source, argv_extra, message) -> None:
@@ -130,22 +161,51 @@ def test_plan_cli_errors(tmp_path: Path, capsys, source, argv_extra, message) ->
 
 
 def test_factory_override_and_size_flags(tmp_path: Path) -> None:
-    src = GOOD + "def build_net():\n    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))\n"
+    src = (
+        GOOD
+        + "def build_net():\n    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))\n"
+    )
     path = write(tmp_path, "m.py", src)
     out = tmp_path / "p.json"
-    assert nf_plan([f"{path}:build_net", "--budget", "1GB", "--train-size", "64", "--val-size", "16", "-o", str(out), "-q"]) == 0
+    assert (
+        nf_plan(
+            [f"{path}:build_net", "--budget", "1GB", "--train-size", "64", "--val-size", "16", "-o", str(out), "-q"]
+        )
+        == 0
+    )
     plan = load_plan(out)
     assert plan.model.factory == "build_net" and plan.model.num_classes == 3 and plan.recipe.train_size == 64
 
 
 def test_measured_cost_model_on_cpu(tmp_path: Path) -> None:
     """--cost measure times real steps here instead of counting FLOPs."""
-    src = GOOD + ("def model():\n    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),"
-                  " nn.ReLU(), nn.Flatten(), nn.Linear(512, 3))\n")
+    src = GOOD + (
+        "def model():\n    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),"
+        " nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 3))\n"
+    )
     path = write(tmp_path, "m.py", src)
     out = tmp_path / "p.json"
-    assert nf_plan([str(path), "--budget", "1GB", "--train-size", "256", "--val-size", "32", "--cost", "measure",
-                    "--device", "cpu", "-o", str(out), "-q"]) == 0
+    assert (
+        nf_plan(
+            [
+                str(path),
+                "--budget",
+                "1GB",
+                "--train-size",
+                "256",
+                "--val-size",
+                "32",
+                "--cost",
+                "measure",
+                "--device",
+                "cpu",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     plan = load_plan(out)
     assert plan.profile.cost_source == "measure" and plan.profile.device_flops_per_s == 0.0
     assert all(u.profile.step_fixed_s + u.profile.step_per_sample_s > 0 for u in plan.units)
@@ -166,7 +226,9 @@ def documented_pairs() -> list[tuple[str, str]]:
             if not re.search(r"\bnf-(plan|bench)\b", line):
                 continue
             ds = re.search(r"--datasets (\w+)", line)
-            for m in re.finditer(r"(?:examples/)?\b(small_cnn|vgg11|vgg16|resnet18|resnet34|mobilenetv2)(?:\.py)?(:\w+)?", line):
+            for m in re.finditer(
+                r"(?:examples/)?\b(small_cnn|vgg11|vgg16|resnet18|resnet34|mobilenetv2)(?:\.py)?(:\w+)?", line
+            ):
                 pairs.add((m.group(1) + (m.group(2) or ""), ds.group(1) if ds else "datasets"))
     return sorted((m, d) for m, d in pairs if ":" in m or d != "datasets")
 
@@ -178,8 +240,26 @@ def test_every_documented_factory_and_datasets_pair_plans(tmp_path: Path, model:
     from neuroflux.tools.bench_cells import model_path
 
     out = tmp_path / "plan.json"
-    rc = nf_plan([model_path(model), "--datasets", datasets, "--budget", "8GB", "-o", str(out), "-q",
-                  "--time-limit", "5", "--device-tflops", "0.1", "--op-overhead-us", "5", "--epochs", "1"])
+    rc = nf_plan(
+        [
+            model_path(model),
+            "--datasets",
+            datasets,
+            "--budget",
+            "8GB",
+            "-o",
+            str(out),
+            "-q",
+            "--time-limit",
+            "5",
+            "--device-tflops",
+            "0.1",
+            "--op-overhead-us",
+            "5",
+            "--epochs",
+            "1",
+        ]
+    )
     assert rc == 0
     plan = load_plan(out)
     if "imagenet" in model:
@@ -188,8 +268,13 @@ def test_every_documented_factory_and_datasets_pair_plans(tmp_path: Path, model:
 
 def _decisions(path: Path) -> dict:
     d = json.loads(path.read_text())
-    return {"blocks": d["blocks"], "units": [(u["name"], u["aux"], u["profile"]) for u in d["units"]],
-            "predicted": d["predicted"], "baseline": d["baseline"], "speed": d["profile"]}
+    return {
+        "blocks": d["blocks"],
+        "units": [(u["name"], u["aux"], u["profile"]) for u in d["units"]],
+        "predicted": d["predicted"],
+        "baseline": d["baseline"],
+        "speed": d["profile"],
+    }
 
 
 def test_same_inputs_give_the_same_plan_whatever_the_load(tmp_path: Path, monkeypatch) -> None:
@@ -214,8 +299,25 @@ def test_device_profile_file_plans_for_another_device(tmp_path: Path) -> None:
     prof = ROOT / "benchmarks" / "device-profiles" / "h100-estimated.json"
     out = tmp_path / "plan.json"
     # 128MB: on CUDA the cuBLAS workspace (65 MiB) and the step calibration come on top of the CPU's 16MB
-    assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--budget", "128MB", "--device", "cuda", "-q",
-                    "--device-profile", str(prof), "-o", str(out), "--time-limit", "10"]) == 0
+    assert (
+        nf_plan(
+            [
+                str(ROOT / "examples" / "small_cnn.py"),
+                "--budget",
+                "128MB",
+                "--device",
+                "cuda",
+                "-q",
+                "--device-profile",
+                str(prof),
+                "-o",
+                str(out),
+                "--time-limit",
+                "10",
+            ]
+        )
+        == 0
+    )
     plan = load_plan(out)
     assert plan.device.kind == "cuda" and plan.profile.device_flops_per_s == 4.0e13
     assert plan.device.workspace_bytes == 68157440 and plan.device.activation_scale == 1.109
@@ -229,13 +331,30 @@ def test_solver_timeout_falls_back_to_a_plan(tmp_path: Path, monkeypatch, caplog
     from neuroflux.planner import solve
     from neuroflux.planner.problem import Solution
 
-    monkeypatch.setattr(solve, "solve_cpsat", lambda *a, **k: Solution(status="timeout", message="CP-SAT found no plan"))
+    monkeypatch.setattr(
+        solve, "solve_cpsat", lambda *a, **k: Solution(status="timeout", message="CP-SAT found no plan")
+    )
     if not dp_applies:
         monkeypatch.setattr(solve, "solve_dp", lambda *a, **k: None)
     out = tmp_path / "plan.json"
     with caplog.at_level("WARNING"):
-        assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "-q", "-o", str(out),
-                        "--device-tflops", "0.1", "--op-overhead-us", "5"]) == 0
+        assert (
+            nf_plan(
+                [
+                    str(ROOT / "examples" / "small_cnn.py"),
+                    "--budget",
+                    "16MB",
+                    "-q",
+                    "-o",
+                    str(out),
+                    "--device-tflops",
+                    "0.1",
+                    "--op-overhead-us",
+                    "5",
+                ]
+            )
+            == 0
+        )
     plan = load_plan(out)
     assert plan.blocks and plan.solver.engine == ("dp" if dp_applies else "greedy")
     assert plan.solver.status == ("optimal" if dp_applies else "feasible")
@@ -252,10 +371,30 @@ def test_deep_model_plans_with_the_dynamic_program(tmp_path: Path) -> None:
         "    layers = [nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()]\n"
         "    for _ in range(25):\n"
         "        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]\n"
-        "    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))\n")
+        "    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))\n"
+    )
     out = tmp_path / "plan.json"
-    assert nf_plan([str(model), "--budget", "4MB", "-q", "-o", str(out), "--train-size", "2048", "--val-size", "256",
-                    "--device-tflops", "0.1", "--op-overhead-us", "5"]) == 0
+    assert (
+        nf_plan(
+            [
+                str(model),
+                "--budget",
+                "4MB",
+                "-q",
+                "-o",
+                str(out),
+                "--train-size",
+                "2048",
+                "--val-size",
+                "256",
+                "--device-tflops",
+                "0.1",
+                "--op-overhead-us",
+                "5",
+            ]
+        )
+        == 0
+    )
     plan = load_plan(out)
     assert len(plan.units) > 24 and plan.solver.engine == "dp" and plan.solver.status == "optimal"
     assert plan.solver.wall_time_s < 10, "the solver's share (the whole run's time is benchmarks/plan_times.py's)"
@@ -267,9 +406,28 @@ def test_sweep_profiles_once_and_more_budget_is_never_slower(tmp_path: Path, cap
     from neuroflux.planner.sweep import parse_sweep
 
     out = tmp_path / "sweep"
-    assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--sweep", "4MB:256MB:6", "-o", str(out),
-                    "--device-tflops", "0.1", "--op-overhead-us", "5", "--train-size", "2048", "--val-size", "256",
-                    "--time-limit", "10"]) == 0
+    assert (
+        nf_plan(
+            [
+                str(ROOT / "examples" / "small_cnn.py"),
+                "--sweep",
+                "4MB:256MB:6",
+                "-o",
+                str(out),
+                "--device-tflops",
+                "0.1",
+                "--op-overhead-us",
+                "5",
+                "--train-size",
+                "2048",
+                "--val-size",
+                "256",
+                "--time-limit",
+                "10",
+            ]
+        )
+        == 0
+    )
     report = capsys.readouterr().out
     assert "budget sweep" in report and "too small" in report  # 4MB has no plan, and says why
     rows = json.loads((out / "sweep.json").read_text())["rows"]
@@ -287,8 +445,15 @@ def test_sweep_profiles_once_and_more_budget_is_never_slower(tmp_path: Path, cap
     assert "<svg" in (out / "sweep.html").read_text() and math.isfinite(least[-1])
 
 
-@pytest.mark.parametrize("spec,message", [("100MB:1GB", "LOW:HIGH:COUNT"), ("1GB:100MB:3", "HIGH must be larger"),
-                                          ("1GB,1000MB", "twice"), ("1GB,lots", "sweep budget")])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("100MB:1GB", "LOW:HIGH:COUNT"),
+        ("1GB:100MB:3", "HIGH must be larger"),
+        ("1GB,1000MB", "twice"),
+        ("1GB,lots", "sweep budget"),
+    ],
+)
 def test_sweep_spec_errors(spec: str, message: str, capsys) -> None:
     assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--sweep", spec, "-q"]) == 2
     assert message in capsys.readouterr().err

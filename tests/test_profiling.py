@@ -10,16 +10,23 @@ import json
 
 import pytest
 import torch
+from helpers import ROOT, plan_for
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import ROOT, plan_for
+from neuroflux.planner.heads import head_widths
 from neuroflux.planner.parallel import map_forked
-from neuroflux.planner.profile import SGDConfig, StepMeter, profile_step, profile_unit_options, state_bytes, state_tensors
+from neuroflux.planner.profile import (
+    SGDConfig,
+    StepMeter,
+    profile_step,
+    profile_unit_options,
+    state_bytes,
+    state_tensors,
+)
 from neuroflux.planner.units import find_units, propagate_shapes
 from neuroflux.runtime.graph import split_units, trace
-from neuroflux.planner.heads import head_widths
 from neuroflux.runtime.heads import build_head
 from neuroflux.runtime.model_file import load_model_file
 from neuroflux.runtime.modules import CheckpointedChain
@@ -37,7 +44,7 @@ def _units(model: str, fake: FakeTensorMode):
     return gm, shape, spans, split_units(gm, [s.nodes for s in spans])
 
 
-def _trainer(unit, head) -> UnitTrainer:  # noqa: ANN001
+def _trainer(unit, head) -> UnitTrainer:
     t = UnitTrainer(unit, head, lr=0.1, momentum=0.9, weight_decay=5e-4, total_steps=100, schedule="constant")
     t.train(True)
     return t
@@ -52,8 +59,10 @@ def test_step_meter_equals_memtracker_and_flop_counter(model: str) -> None:
     real_gm = trace(load_model_file(ROOT / "examples" / f"{model}.py").build(), shape)
     real_mods = split_units(real_gm, [s.nodes for s in spans])
     k = 1
-    cases = [(real_mods[k], build_head("pooled", spans[k].output_shape, 16, 10), spans[k].input_shape),
-             (CheckpointedChain(real_mods), None, shape)]
+    cases = [
+        (real_mods[k], build_head("pooled", spans[k].output_shape, 16, 10), spans[k].input_shape),
+        (CheckpointedChain(real_mods), None, shape),
+    ]
     for unit, head, in_shape in cases:
         t = _trainer(unit, head)
         x, y = torch.randn(8, *in_shape), torch.randint(0, 10, (8,))
@@ -101,11 +110,17 @@ def test_checkpointed_baseline_prediction_matches_a_real_step() -> None:
     assert abs(pred.peak_bytes(b) - real) <= 0.001 * real, (pred.peak_bytes(b), real)
 
 
-@pytest.mark.parametrize("model,head_kind,foreach", [
-    ("small_cnn", "pooled", None), ("small_cnn", "conv", True), ("resnet18", "pooled", True), ("resnet18", "conv", None),
-    ("mobilenetv2", "pooled", None),
-])
-def test_composed_head_profiles_equal_a_full_step_per_head(model: str, head_kind: str, foreach) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    "model,head_kind,foreach",
+    [
+        ("small_cnn", "pooled", None),
+        ("small_cnn", "conv", True),
+        ("resnet18", "pooled", True),
+        ("resnet18", "conv", None),
+        ("mobilenetv2", "pooled", None),
+    ],
+)
+def test_composed_head_profiles_equal_a_full_step_per_head(model: str, head_kind: str, foreach) -> None:
     """One step of the unit and one of each head alone give every option's
     profile exactly as a full unit+head step does (memory to the byte, FLOPs,
     ops), on every unit but the last (the model's own head)."""
@@ -120,8 +135,9 @@ def test_composed_head_profiles_equal_a_full_step_per_head(model: str, head_kind
             heads = [build_head(k, span.output_shape, w, 10) for k, w in head_widths(span.output_shape, kind=head_kind)]
         sgd = SGDConfig(momentum=0.9, weight_decay=5e-4)
         direct = [profile_step(mod, h, span.input_shape, 10, fake_mode=fake, sgd=sgd, foreach=foreach) for h in heads]
-        composed = profile_unit_options(mod, heads, span.input_shape, span.output_shape, 10, fake_mode=fake, sgd=sgd,
-                                        foreach=foreach)
+        composed = profile_unit_options(
+            mod, heads, span.input_shape, span.output_shape, 10, fake_mode=fake, sgd=sgd, foreach=foreach
+        )
         assert composed == direct, span.index
         checked += len(heads)
     assert checked >= 8
@@ -136,7 +152,7 @@ def test_map_forked_returns_every_result_in_job_order() -> None:
         map_forked(lambda i: 1 // i, [1, 0], workers=2)
 
 
-def test_plan_is_the_same_with_one_or_several_profiling_workers(tmp_path) -> None:  # noqa: ANN001
+def test_plan_is_the_same_with_one_or_several_profiling_workers(tmp_path) -> None:
     plans = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"

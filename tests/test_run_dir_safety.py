@@ -32,6 +32,7 @@ def run_dir(tmp_path: Path) -> Path:
 
 # -- confined_path ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rel", ["../x", "/etc/passwd", "a/../../b", "a/..", "..", "", ".", "cache/", "./"])
 def test_confined_path_refuses_paths_that_leave_the_run_dir(tmp_path: Path, rel: str) -> None:
     from neuroflux.runtime.run_dir import confined_path
@@ -90,6 +91,7 @@ def test_confined_path_accepts_a_path_inside_a_normal_run_dir(tmp_path: Path) ->
 
 # -- RunLock ------------------------------------------------------------------
 
+
 def test_run_lock_refuses_a_planted_symlink_and_leaves_its_target_alone(tmp_path: Path) -> None:
     run, target = run_dir(tmp_path), victim(tmp_path)
     (run / ".lock").symlink_to(target)
@@ -127,10 +129,13 @@ def test_run_lock_refuses_a_directory_named_lock(tmp_path: Path) -> None:
 
 # -- append_jsonl -------------------------------------------------------------
 
+
 def test_append_jsonl_refuses_a_symlinked_metrics_file(tmp_path: Path) -> None:
     run, target = run_dir(tmp_path), victim(tmp_path)
     (run / "metrics.jsonl").symlink_to(target)
-    with pytest.raises(NeuroFluxError, match="metrics.jsonl in the run directory is a symbolic link; refusing to write"):
+    with pytest.raises(
+        NeuroFluxError, match="metrics.jsonl in the run directory is a symbolic link; refusing to write"
+    ):
         append_jsonl(run / "metrics.jsonl", {"step": 1})
     assert target.read_text() == VICTIM_TEXT
 
@@ -158,6 +163,7 @@ def test_append_jsonl_puts_the_next_record_after_a_torn_line_on_its_own_line(tmp
 
 
 # -- write_probe --------------------------------------------------------------
+
 
 def test_write_probe_leaves_nothing_and_ignores_a_planted_write_test_link(tmp_path: Path) -> None:
     from neuroflux.common import write_probe

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import tiny_plan, wait_for_metrics
+
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.heads import build_head
 from neuroflux.runtime.runner import RunConfig, Runner, run_plan
@@ -70,7 +70,9 @@ def test_unit_matches_plain_pytorch_local_learning(tmp_path: Path) -> None:
     from neuroflux.runtime.train import UnitTrainer
 
     asm = assemble(plan, load_model_file(model_path))
-    t = UnitTrainer(asm.units[0], asm.heads[0], lr=0.0, momentum=0.0, weight_decay=0.0, total_steps=1, schedule="constant")
+    t = UnitTrainer(
+        asm.units[0], asm.heads[0], lr=0.0, momentum=0.0, weight_decay=0.0, total_steps=1, schedule="constant"
+    )
     grads = {}
     w = asm.units[0].get_submodule("conv1").weight
     w.register_hook(lambda g: grads.setdefault("w", g.clone()))
@@ -90,7 +92,9 @@ def test_later_blocks_never_run_earlier_modules(tmp_path: Path, monkeypatch) -> 
         current["stage"] = stage.index
         if stage.index == 0:  # hook the first block's modules once they exist
             for i in stage.unit_idx:
-                stage.trainers[i].unit.register_forward_hook(lambda m, inp, out, i=i: calls.append((current["stage"], f"u{i}")))
+                stage.trainers[i].unit.register_forward_hook(
+                    lambda m, inp, out, i=i: calls.append((current["stage"], f"u{i}"))
+                )
         try:
             return original_run_stage(self, stage, *a, **k)
         finally:
@@ -99,7 +103,9 @@ def test_later_blocks_never_run_earlier_modules(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setattr(Runner, "_run_stage", run_stage)
     run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
     assert calls, "hooks never fired"
-    assert {stage for stage, _ in calls if stage is not None} == {0}, "a module of block 0 ran while a later block trained"
+    assert {stage for stage, _ in calls if stage is not None} == {0}, (
+        "a module of block 0 ran while a later block trained"
+    )
 
 
 def test_summary_files_and_onnx_predictions(tmp_path: Path, monkeypatch) -> None:
@@ -149,8 +155,13 @@ def test_baselines_write_the_same_files(tmp_path: Path, baseline: str) -> None:
 
 def _nf_run_proc(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "neuroflux.runtime.cli", *args, "-q", "--no-onnx", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "neuroflux.runtime.cli", *args, "-q", "--no-onnx", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 @pytest.mark.slow

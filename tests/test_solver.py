@@ -6,6 +6,7 @@ import dataclasses
 import random
 
 import pytest
+from reference import brute_force
 
 from neuroflux.planner.problem import (
     AuxOption,
@@ -19,7 +20,6 @@ from neuroflux.planner.problem import (
 from neuroflux.planner.solve_cpsat import SolverConfig, solve_cpsat
 from neuroflux.planner.solve_dp import solve_dp
 from neuroflux.planner.solve_greedy import solve_greedy
-from reference import brute_force
 
 
 def random_problem(rng: random.Random, *, n: int, monotone: bool = False, boundaries: bool = False) -> Problem:
@@ -49,19 +49,33 @@ def random_problem(rng: random.Random, *, n: int, monotone: bool = False, bounda
                 )
             )
         units.append(
-            UnitCost(name=f"u{i}", options=tuple(opts), out_bytes_per_sample=rng.choice([256, 1024, 4096]),
-                     fwd_per_sample_s=rng.uniform(1e-7, 1e-5))
+            UnitCost(
+                name=f"u{i}",
+                options=tuple(opts),
+                out_bytes_per_sample=rng.choice([256, 1024, 4096]),
+                fwd_per_sample_s=rng.uniform(1e-7, 1e-5),
+            )
         )
     batch_sizes = candidate_batch_sizes(min_batch=8, max_batch=rng.choice([32, 64, 256]))
     extra: dict = {}
     if boundaries:
-        units = [dataclasses.replace(u, infer_static_bytes=rng.randint(1, 64) * 1024 * 32,
-                                     infer_fixed_bytes=rng.randint(0, 8) * 1024,
-                                     infer_per_sample_bytes=rng.choice([1, 4, 16]) * 1024,
-                                     fwd_fixed_s=rng.uniform(0, 5e-4)) for u in units]
-        extra = dict(boundaries=("ram", "disk", "recompute"), disk_budget_bytes=rng.choice([0, 8, 32]) * 1024 * 1024,
-                     disk_bytes_per_s=rng.choice([1e8, 1e9]))
-    return Problem(**extra,
+        units = [
+            dataclasses.replace(
+                u,
+                infer_static_bytes=rng.randint(1, 64) * 1024 * 32,
+                infer_fixed_bytes=rng.randint(0, 8) * 1024,
+                infer_per_sample_bytes=rng.choice([1, 4, 16]) * 1024,
+                fwd_fixed_s=rng.uniform(0, 5e-4),
+            )
+            for u in units
+        ]
+        extra = dict(
+            boundaries=("ram", "disk", "recompute"),
+            disk_budget_bytes=rng.choice([0, 8, 32]) * 1024 * 1024,
+            disk_bytes_per_s=rng.choice([1e8, 1e9]),
+        )
+    return Problem(
+        **extra,
         units=tuple(units),
         batch_sizes=batch_sizes,
         train_size=rng.choice([1000, 5000]),
@@ -90,16 +104,35 @@ def test_cpsat_matches_brute_force(seed: int) -> None:
 
 def test_enough_random_instances_are_feasible() -> None:
     """Guard against a generator that only makes trivial (infeasible) cases."""
-    feasible = sum(brute_force(random_problem(random.Random(s), n=random.Random(s).randint(2, 5))) is not None for s in range(24))
+    feasible = sum(
+        brute_force(random_problem(random.Random(s), n=random.Random(s).randint(2, 5))) is not None for s in range(24)
+    )
     assert feasible >= 20
 
 
 def test_phase_two_prefers_widest_heads_at_equal_time() -> None:
-    opt = lambda w, t: AuxOption(kind="conv", width=w, head_params=w, static_bytes=1000, dyn_fixed_bytes=0,
-                                 dyn_per_sample_bytes=100, step_fixed_s=t, step_per_sample_s=0.0)
+    def opt(w: int, t: float) -> AuxOption:
+        return AuxOption(
+            kind="conv",
+            width=w,
+            head_params=w,
+            static_bytes=1000,
+            dyn_fixed_bytes=0,
+            dyn_per_sample_bytes=100,
+            step_fixed_s=t,
+            step_per_sample_s=0.0,
+        )
+
     u = UnitCost(name="u0", options=(opt(64, 1.0e-3), opt(32, 0.999e-3)), out_bytes_per_sample=4, fwd_per_sample_s=0)
-    p = Problem(units=(u, u), batch_sizes=(8, 16), train_size=160, val_size=16, epochs=1,
-                cap_bytes=10**6, cache_budget_bytes=10**9)
+    p = Problem(
+        units=(u, u),
+        batch_sizes=(8, 16),
+        train_size=160,
+        val_size=16,
+        epochs=1,
+        cap_bytes=10**6,
+        cache_budget_bytes=10**9,
+    )
     assert solve_cpsat(p, SolverConfig(tie_tolerance=0.0)).options == (1, 1)
     assert solve_cpsat(p, SolverConfig(tie_tolerance=0.01)).options == (0, 0)
 
@@ -151,11 +184,27 @@ def test_dp_matches_brute_force_and_cpsat(seed: int) -> None:
 
 
 def test_dp_declines_problems_without_a_lightest_option() -> None:
-    opt = lambda t, m: AuxOption(kind="conv", width=8, head_params=1, static_bytes=m, dyn_fixed_bytes=0,  # noqa: E731
-                                 dyn_per_sample_bytes=1, step_fixed_s=t, step_per_sample_s=0.0)
-    p = Problem(units=(UnitCost(name="u0", options=(opt(1.0, 10), opt(2.0, 5)), out_bytes_per_sample=1,
-                                fwd_per_sample_s=0.0),), batch_sizes=(8,), train_size=8, val_size=8, epochs=1,
-                cap_bytes=10**6, cache_budget_bytes=10**9)
+    def opt(t: float, m: int) -> AuxOption:
+        return AuxOption(
+            kind="conv",
+            width=8,
+            head_params=1,
+            static_bytes=m,
+            dyn_fixed_bytes=0,
+            dyn_per_sample_bytes=1,
+            step_fixed_s=t,
+            step_per_sample_s=0.0,
+        )
+
+    p = Problem(
+        units=(UnitCost(name="u0", options=(opt(1.0, 10), opt(2.0, 5)), out_bytes_per_sample=1, fwd_per_sample_s=0.0),),
+        batch_sizes=(8,),
+        train_size=8,
+        val_size=8,
+        epochs=1,
+        cap_bytes=10**6,
+        cache_budget_bytes=10**9,
+    )
     assert solve_dp(p) is None
 
 
@@ -171,10 +220,19 @@ def test_dp_plans_crossing_options_like_brute_force(seed: int) -> None:
     units = []
     for u in p.units:
         # Narrower options move 1 KiB per sample into the fixed term, less than it saves at the smallest batch.
-        units.append(dataclasses.replace(u, options=tuple(
-            dataclasses.replace(o, dyn_fixed_bytes=o.dyn_fixed_bytes + j * (lo - 1) * 1024,
-                                dyn_per_sample_bytes=o.dyn_per_sample_bytes - j * 2048)
-            for j, o in enumerate(u.options))))
+        units.append(
+            dataclasses.replace(
+                u,
+                options=tuple(
+                    dataclasses.replace(
+                        o,
+                        dyn_fixed_bytes=o.dyn_fixed_bytes + j * (lo - 1) * 1024,
+                        dyn_per_sample_bytes=o.dyn_per_sample_bytes - j * 2048,
+                    )
+                    for j, o in enumerate(u.options)
+                ),
+            )
+        )
     p = dataclasses.replace(p, units=tuple(units))
     crossing = [u for u in p.units if len(u.options) > 1]
     assert all(o.dyn_fixed_bytes > u.options[0].dyn_fixed_bytes for u in crossing for o in u.options[1:])
@@ -207,8 +265,15 @@ def test_deep_network_plans_to_the_optimum_in_seconds() -> None:
     import time
 
     p = random_problem(random.Random(3), n=150, monotone=True)
-    p = Problem(**{**p.__dict__, "cap_bytes": 200 * 1024 * 1024, "cache_budget_bytes": 10**12, "max_blocks": None,
-                   "max_block_units": 50})
+    p = Problem(
+        **{
+            **p.__dict__,
+            "cap_bytes": 200 * 1024 * 1024,
+            "cache_budget_bytes": 10**12,
+            "max_blocks": None,
+            "max_block_units": 50,
+        }
+    )
     t0 = time.perf_counter()
     sol = solve_dp(p, tie_tolerance=0.1)
     assert time.perf_counter() - t0 < 10
@@ -254,17 +319,43 @@ def test_boundary_instances_use_every_kind() -> None:
 def test_recompute_always_plans_when_one_unit_fits() -> None:
     """No host budget at all: every boundary recomputes, and the plan costs
     the prefix's forward per epoch."""
-    u = UnitCost(name="u", options=(AuxOption(kind="conv", width=8, head_params=8, static_bytes=1000, dyn_fixed_bytes=0,
-                                              dyn_per_sample_bytes=100, step_fixed_s=1e-3, step_per_sample_s=0.0),),
-                 out_bytes_per_sample=4096, fwd_per_sample_s=1e-5, fwd_fixed_s=1e-4, infer_static_bytes=500,
-                 infer_per_sample_bytes=50)
-    p = Problem(units=(u, u, u), batch_sizes=(8, 16), train_size=160, val_size=16, epochs=2, cap_bytes=10**6,
-                cache_budget_bytes=0, boundaries=("ram", "disk", "recompute"), max_block_units=1)
+    u = UnitCost(
+        name="u",
+        options=(
+            AuxOption(
+                kind="conv",
+                width=8,
+                head_params=8,
+                static_bytes=1000,
+                dyn_fixed_bytes=0,
+                dyn_per_sample_bytes=100,
+                step_fixed_s=1e-3,
+                step_per_sample_s=0.0,
+            ),
+        ),
+        out_bytes_per_sample=4096,
+        fwd_per_sample_s=1e-5,
+        fwd_fixed_s=1e-4,
+        infer_static_bytes=500,
+        infer_per_sample_bytes=50,
+    )
+    p = Problem(
+        units=(u, u, u),
+        batch_sizes=(8, 16),
+        train_size=160,
+        val_size=16,
+        epochs=2,
+        cap_bytes=10**6,
+        cache_budget_bytes=0,
+        boundaries=("ram", "disk", "recompute"),
+        max_block_units=1,
+    )
     sol = solve_dp(p)
     assert sol.status == "optimal" and [b.boundary for b in sol.blocks[:-1]] == ["recompute", "recompute"]
     assert check_solution(p, sol) == []
     # Block 2 recomputes units 0 and 1 on 2 epochs of 160 samples (2 * 160 * 2e-5 s), and pays their
     # fixed forward cost on each of its 2 * 10 steps at batch 16 (20 * 2e-4 s), on top of its own steps.
     from neuroflux.planner.problem import recompute_time_s
+
     assert recompute_time_s(p, 0, 2, 16) == pytest.approx(2 * 160 * 2e-5 + 20 * 2e-4)
     assert solve_dp(dataclasses.replace(p, boundaries=("ram",))).status == "infeasible"

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import ROOT, plan_for, tiny_plan
+
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.data import StreamSource
 from neuroflux.runtime.runner import RunConfig, Runner, run_plan
@@ -22,11 +22,11 @@ from neuroflux.schemas import load_plan
 HERE = Path(__file__).resolve().parent
 
 
-def _run(plan, path: Path, out: Path, **kw):  # noqa: ANN001, ANN202
+def _run(plan, path: Path, out: Path, **kw):
     return run_plan(plan, path, RunConfig(out_dir=out, device="cpu", export_onnx=False, loader_workers=0, **kw))
 
 
-def _final_weights_close(a_dir: Path, b_dir: Path, **tol) -> None:  # noqa: ANN003
+def _final_weights_close(a_dir: Path, b_dir: Path, **tol) -> None:
     a, b = torch.load(a_dir / "final_model.pt"), torch.load(b_dir / "final_model.pt")
     assert a.keys() == b.keys()
     for k in a:
@@ -39,8 +39,9 @@ def test_recompute_boundary_matches_an_fp32_ram_cache(tmp_path: Path) -> None:
     fp32 RAM cache of the same outputs gives: same exits, same weights."""
     (tmp_path / "c").mkdir()
     (tmp_path / "r").mkdir()
-    cached, cpath, _ = tiny_plan(tmp_path / "c", epochs=1, cache_location="ram", cache_dtype="float32",
-                                 max_block_units=1)
+    cached, cpath, _ = tiny_plan(
+        tmp_path / "c", epochs=1, cache_location="ram", cache_dtype="float32", max_block_units=1
+    )
     recomputed, rpath, _ = tiny_plan(tmp_path / "r", epochs=1, cache_location="recompute", max_block_units=1)
     assert [b.source().kind for b in cached.blocks] == ["data", "cache", "cache"]
     assert [b.source().kind for b in recomputed.blocks] == ["data", "recompute", "recompute"]
@@ -67,11 +68,20 @@ def _with_boundaries(path: Path, kinds: list[str]) -> Path:
     for i, b in enumerate(blocks):
         first = int(b["units"][0][1:])
         recompute = [f"u{u}" for u in range(src_start, first)]
-        b["input"] = {"kind": "data" if i == 0 else ("recompute" if recompute else "cache"), "source_block": src_block,
-                      "recompute_units": recompute, "recompute_s": 0.0}
+        b["input"] = {
+            "kind": "data" if i == 0 else ("recompute" if recompute else "cache"),
+            "source_block": src_block,
+            "recompute_units": recompute,
+            "recompute_s": 0.0,
+        }
         kind = kinds[i] if i < 2 else None
         if kind in ("ram", "disk"):
-            b["cache"] = {"location": kind, "dtype": "float32", "bytes": 1, "file": f"cache/block{i}.npy" if kind == "disk" else None}
+            b["cache"] = {
+                "location": kind,
+                "dtype": "float32",
+                "bytes": 1,
+                "file": f"cache/block{i}.npy" if kind == "disk" else None,
+            }
             src_block, src_start = i, int(b["units"][-1][1:]) + 1
         else:
             b["cache"] = None
@@ -80,11 +90,11 @@ def _with_boundaries(path: Path, kinds: list[str]) -> Path:
     return out
 
 
-def _interrupt_at(monkeypatch, index: int) -> list[int]:  # noqa: ANN001
+def _interrupt_at(monkeypatch, index: int) -> list[int]:
     original = Runner._run_stage
     ran: list[int] = []
 
-    def stop(self, stage, *a, **k):  # noqa: ANN001, ANN002, ANN003
+    def stop(self, stage, *a, **k):
         if stage.index == index:
             raise KeyboardInterrupt
         ran.append(stage.index)
@@ -113,8 +123,11 @@ def test_each_boundary_kind_trains_and_resumes_after_a_kill(tmp_path: Path, monk
         s = _run(plan, path, out, resume=True)
         assert s["exit_accuracies"] == pytest.approx(ref["exit_accuracies"], abs=1.5 / 128)
         _final_weights_close(tmp_path / "ref", out, atol=1e-4, rtol=1e-4)
-        epochs = [json.loads(line)["block"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                  if json.loads(line)["event"] == "epoch"]
+        epochs = [
+            json.loads(line)["block"]
+            for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["event"] == "epoch"
+        ]
         assert epochs == [0, 1, 2], "no finished block trains again"
         # Disk caches nobody reads any more are gone: the plan's disk budget holds.
         assert not list((out / "cache").glob("*.npy")) if (out / "cache").exists() else True
@@ -172,8 +185,25 @@ def test_caches_that_fit_nowhere_recompute_and_the_plan_says_so(tmp_path: Path, 
     model = tmp_path / "tiny_model.py"
     model.write_text((HERE / "tiny_model.py").read_text())
     out = tmp_path / "plan.json"
-    rc = nf_plan([str(model), "--budget", "1GB", "--host-budget", "0", "--disk-budget", "0", "--max-block-units", "1",
-                  "--device-tflops", "0.1", "--op-overhead-us", "5", "-o", str(out)])
+    rc = nf_plan(
+        [
+            str(model),
+            "--budget",
+            "1GB",
+            "--host-budget",
+            "0",
+            "--disk-budget",
+            "0",
+            "--max-block-units",
+            "1",
+            "--device-tflops",
+            "0.1",
+            "--op-overhead-us",
+            "5",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     plan = load_plan(out)
@@ -182,8 +212,22 @@ def test_caches_that_fit_nowhere_recompute_and_the_plan_says_so(tmp_path: Path, 
     assert plan.blocks[2].input_text() == "recompute u0..u1 from data"
     assert "recompute" in text and "inputs: stream" in text
     # With room for caches, the same model caches (cheaper than recomputing).
-    rc = nf_plan([str(model), "--budget", "1GB", "--max-block-units", "1", "--device-tflops", "0.1",
-                  "--op-overhead-us", "5", "-o", str(out), "-q"])
+    rc = nf_plan(
+        [
+            str(model),
+            "--budget",
+            "1GB",
+            "--max-block-units",
+            "1",
+            "--device-tflops",
+            "0.1",
+            "--op-overhead-us",
+            "5",
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
     assert rc == 0 and [b.source().kind for b in load_plan(out).blocks] == ["data", "cache", "cache"]
     assert load_plan(out).data.mode == "stack"
 
@@ -191,8 +235,11 @@ def test_caches_that_fit_nowhere_recompute_and_the_plan_says_so(tmp_path: Path, 
 def test_the_plan_is_checked_against_the_data(tmp_path: Path, monkeypatch) -> None:
     """A plan made for 512 samples refuses 600 (its schedule and caches
     assume 512), naming both; --force runs it anyway."""
-    src = (HERE / "tiny_model.py").read_text().replace(
-        "TRAIN, VAL = 512, 128", "import os\nTRAIN, VAL = int(os.environ.get('NF_TINY_TRAIN', 512)), 128")
+    src = (
+        (HERE / "tiny_model.py")
+        .read_text()
+        .replace("TRAIN, VAL = 512, 128", "import os\nTRAIN, VAL = int(os.environ.get('NF_TINY_TRAIN', 512)), 128")
+    )
     model = tmp_path / "tiny_env.py"
     model.write_text(src)
     result, path = plan_for(model, tmp_path, strategy="greedy", epochs=1, min_batch=8, max_batch=32)
@@ -217,7 +264,7 @@ def test_stream_source_checks_samples_on_the_fly_naming_the_index(tmp_path: Path
         def __len__(self) -> int:
             return 10
 
-        def __getitem__(self, i: int):  # noqa: ANN204
+        def __getitem__(self, i: int):
             if i == 7:
                 raise OSError("cannot decode")
             return torch.zeros(1, 4, 4), 0
@@ -234,8 +281,10 @@ def test_stream_and_stack_give_the_same_batches() -> None:
     stream = StreamSource(ds, what="train", input_shape=(1, 2, 2), num_classes=3, workers=0)
     stack = TensorCache(*ds.tensors)
     cpu = torch.device("cpu")
-    for a, b in zip(stream.batches(16, shuffle=True, generator=torch.Generator().manual_seed(3), device=cpu),
-                    stack.batches(16, shuffle=True, generator=torch.Generator().manual_seed(3), device=cpu)):
+    for a, b in zip(
+        stream.batches(16, shuffle=True, generator=torch.Generator().manual_seed(3), device=cpu),
+        stack.batches(16, shuffle=True, generator=torch.Generator().manual_seed(3), device=cpu),
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -250,8 +299,9 @@ sys.exit(rc)
 def _peak_rss_bytes(cmd: list[str], env: dict[str, str], cwd: Path) -> int:
     """Peak resident memory of the largest process of ``cmd`` (the trainer;
     its DataLoader workers are separate processes, each smaller)."""
-    p = subprocess.run([sys.executable, "-c", _RSS_RUN, *cmd], env=env, cwd=cwd, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-c", _RSS_RUN, *cmd], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     line = next(ln for ln in p.stdout.splitlines() if ln.startswith("MAXRSS_KIB"))
     return int(line.split()[1]) * 1024
@@ -275,16 +325,38 @@ def test_streams_an_image_folder_larger_than_the_host_budget(tmp_path: Path, mon
         decoded = write_folder(root, train=train, val=val)
         env["NF_IMAGE_ROOT"] = str(root)
         monkeypatch.setenv("NF_IMAGE_ROOT", str(root))
-        result, plan = plan_for(model, tmp_path, budget=200 * 10**6, cache_budget_bytes=budget, epochs=1, max_batch=64,
-                                data_mode="stream" if name == "small" else "auto")
+        result, plan = plan_for(
+            model,
+            tmp_path,
+            budget=200 * 10**6,
+            cache_budget_bytes=budget,
+            epochs=1,
+            max_batch=64,
+            data_mode="stream" if name == "small" else "auto",
+        )
         plan = plan.rename(tmp_path / f"{name}.json")
         p = load_plan(plan)
         assert p.data.mode == "stream"
         if name == "large":
             assert decoded > 3 * budget and "do not fit" in p.data.reason
-        peaks[name] = _peak_rss_bytes([sys.executable, "-m", "neuroflux.runtime.cli", str(plan), "--out",
-                                       str(tmp_path / f"run-{name}"), "--device", "cpu", "--no-onnx", "-q",
-                                       "--loader-workers", "1"], env, tmp_path)
+        peaks[name] = _peak_rss_bytes(
+            [
+                sys.executable,
+                "-m",
+                "neuroflux.runtime.cli",
+                str(plan),
+                "--out",
+                str(tmp_path / f"run-{name}"),
+                "--device",
+                "cpu",
+                "--no-onnx",
+                "-q",
+                "--loader-workers",
+                "1",
+            ],
+            env,
+            tmp_path,
+        )
         summary = json.loads((tmp_path / f"run-{name}" / "summary.json").read_text())
         assert summary["status"] == "ok"
     allowance = peaks["small"] + 8 * 2**20  # allocator slack on top of the fixed costs, stated
@@ -300,20 +372,41 @@ def test_a_mixed_plan_killed_with_sigkill_resumes(tmp_path: Path) -> None:
     import signal
 
     from helpers import wait_for_metrics
+
     from neuroflux.runtime.cli import main as nf_run
 
     _, path, _ = tiny_plan(tmp_path, train=4096, epochs=2, max_block_units=1)
     path = _with_boundaries(path, ["disk", "recompute"])
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "neuroflux.runtime.cli", str(path), "--out", str(out), "--device",
-                             "cpu", "-q", "--no-onnx", "--loader-workers", "0"], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "neuroflux.runtime.cli",
+            str(path),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "-q",
+            "--no-onnx",
+            "--loader-workers",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     wait_for_metrics(out / "metrics.jsonl", lambda recs: sum(r["event"] == "block" for r in recs) >= 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists(), "the run finished before it was killed; the test proves nothing"
-    assert nf_run([str(path), "--resume", "--out", str(out), "--device", "cpu", "-q", "--no-onnx",
-                   "--loader-workers", "0"]) == 0
+    assert (
+        nf_run(
+            [str(path), "--resume", "--out", str(out), "--device", "cpu", "-q", "--no-onnx", "--loader-workers", "0"]
+        )
+        == 0
+    )
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [(r["block"], r["epoch"]) for r in recs if r["event"] == "epoch"]
     assert len(epochs) == len(set(epochs)), f"an epoch ran twice: {epochs}"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from conftest import ROOT
 from helpers import tiny_plan
+
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.runner import RunConfig, run_plan
 from neuroflux.schemas import RunSummary, load_summary
@@ -23,7 +23,7 @@ def test_committed_summary_schema_matches_the_records() -> None:
     assert committed == generate_summary_schema(), "run: python -m neuroflux.schemas.generate"
 
 
-def test_a_real_run_loads_typed_and_a_finished_run_needs_every_field(tmp_path: Path, tmp_path_factory) -> None:  # noqa: ANN001
+def test_a_real_run_loads_typed_and_a_finished_run_needs_every_field(tmp_path: Path, tmp_path_factory) -> None:
     plan, path, _ = tiny_plan(tmp_path, epochs=1)
     returned = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
     s = load_summary(tmp_path / "run")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ROOT
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from helpers import ROOT
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.units import find_units, propagate_shapes
 from neuroflux.runtime.graph import TraceFailure, split_units, trace

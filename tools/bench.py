@@ -41,9 +41,13 @@ __all__ = ["build_parser", "main", "run_bench", "time_to_target"]
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nf-bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="a prepared matrix: cpu (half-width models, with the heads and depth ablation), "
-                    "gpu (each cell < 10 min on one H100), smoke")
+    ap.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="a prepared matrix: cpu (half-width models, with the heads and depth ablation), "
+        "gpu (each cell < 10 min on one H100), smoke",
+    )
     ap.add_argument("--cell", nargs="+", default=None, help="run only these cells of the preset (see --list)")
     ap.add_argument("--list", action="store_true", help="print the preset's cells and exit")
     ap.add_argument("--models", nargs="+", default=["small_cnn"], help="zoo names or model files (name:factory)")
@@ -52,23 +56,40 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--data", default=None, help="Fashion-MNIST .npz (sets NEUROFLUX_DATA)")
     ap.add_argument("--limit", default=None, help="TRAIN[,VAL]: first samples only (sets NEUROFLUX_LIMIT)")
-    ap.add_argument("--target", type=float, default=None,
-                    help="target val accuracy for time-to-target (default: BP's final accuracy minus one point)")
-    ap.add_argument("--datasets", default="datasets",
-                    help="datasets function of every model file (e.g. datasets_imagenet: synthetic, throughput only)")
+    ap.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="target val accuracy for time-to-target (default: BP's final accuracy minus one point)",
+    )
+    ap.add_argument(
+        "--datasets",
+        default="datasets",
+        help="datasets function of every model file (e.g. datasets_imagenet: synthetic, throughput only)",
+    )
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--time-limit", type=float, default=30.0)
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--results", default=None,
-                    help="folder for results.json/results.md (default: --out); rewritten after every method")
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="folder for results.json/results.md (default: --out); rewritten after every method",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny CI configuration: checks the harness, not speed")
     ap.add_argument("--plan-only", action="store_true", help="make the cells' plans (and plans.json indexes) and stop")
     ap.add_argument("--plans", default=None, help="run prepared plans from this --plan-only output, no solver needed")
-    ap.add_argument("--plan-device", choices=["cpu", "cuda"], default=None,
-                    help="device kind the plans target (default: the run device)")
+    ap.add_argument(
+        "--plan-device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="device kind the plans target (default: the run device)",
+    )
     ap.add_argument("--device-profile", default=None, help="device profile JSON for planning (e.g. the GPU's)")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="CPU, tiny data, one step per epoch: checks a matrix before scarce GPU time is spent on it")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU, tiny data, one step per epoch: checks a matrix before scarce GPU time is spent on it",
+    )
     ap.add_argument("--skip-runs", nargs="*", default=[], help="cells to plan and load but not train")
     return ap
 
@@ -103,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nf-bench: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"nf-bench: error: {e.strerror or e} ({e.filename or ''}); check --out, --results and --plans",
-              file=sys.stderr)
+        print(
+            f"nf-bench: error: {e.strerror or e} ({e.filename or ''}); check --out, --results and --plans",
+            file=sys.stderr,
+        )
         return 2
     if results is None:
         return 0
@@ -123,8 +146,11 @@ def _main(args: argparse.Namespace) -> dict[str, Any] | None:
     cells = resolve_cells(args)
     if args.list:
         for c in cells:
-            print(f"{c.name}: {c.model} @ {c.budget}, {c.epochs} epochs, methods {', '.join(c.methods)}"
-                  + (f", limit {c.limit}" if c.limit else "") + (f", {len(c.variants)} ablation runs" if c.variants else ""))
+            print(
+                f"{c.name}: {c.model} @ {c.budget}, {c.epochs} epochs, methods {', '.join(c.methods)}"
+                + (f", limit {c.limit}" if c.limit else "")
+                + (f", {len(c.variants)} ablation runs" if c.variants else "")
+            )
         return None
     if args.data:
         os.environ[DATA_ENV] = str(Path(args.data).resolve())
@@ -137,12 +163,24 @@ def _main(args: argparse.Namespace) -> dict[str, Any] | None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise NeuroFluxError("--device cuda but no CUDA device is available; use --device cpu or --dry-run")
-    opts = BenchOptions(device=device, target=args.target, time_limit=args.time_limit, plan_device=args.plan_device,
-                        device_profile=args.device_profile, plans=Path(args.plans) if args.plans else None,
-                        plan_only=args.plan_only, max_steps=1 if args.dry_run else None,
-                        skip_runs=tuple(args.skip_runs))
-    return run_bench(cells=cells, out=out, opts=opts, log=lambda m: print(m, file=sys.stderr, flush=True),
-                     results_dir=Path(args.results) if args.results else None)
+    opts = BenchOptions(
+        device=device,
+        target=args.target,
+        time_limit=args.time_limit,
+        plan_device=args.plan_device,
+        device_profile=args.device_profile,
+        plans=Path(args.plans) if args.plans else None,
+        plan_only=args.plan_only,
+        max_steps=1 if args.dry_run else None,
+        skip_runs=tuple(args.skip_runs),
+    )
+    return run_bench(
+        cells=cells,
+        out=out,
+        opts=opts,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+        results_dir=Path(args.results) if args.results else None,
+    )
 
 
 if __name__ == "__main__":

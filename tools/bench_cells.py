@@ -47,8 +47,16 @@ class Cell:
 #: The ablation: what the new heads and adaptive depth each buy, on the same cell (each label says what is
 #: switched off: conv heads at the old tie tolerance, and training every block for its planned epochs).
 ABLATION = (
-    ("old heads, fixed depth", (("head_kind", "conv"), ("tie_tolerance", 0.01), ("patience", 0), ("epoch_patience", 0),
-                                ("max_block_units", None))),
+    (
+        "old heads, fixed depth",
+        (
+            ("head_kind", "conv"),
+            ("tie_tolerance", 0.01),
+            ("patience", 0),
+            ("epoch_patience", 0),
+            ("max_block_units", None),
+        ),
+    ),
     ("new heads, fixed depth", (("patience", 0), ("epoch_patience", 0), ("max_block_units", None))),
 )
 
@@ -56,8 +64,14 @@ _GPU_METHODS = ("neuroflux", "bp", "bp-checkpoint")
 PRESETS: dict[str, tuple[Cell, ...]] = {
     # CPU (2 cores): half-width models on the first 20,000 training images.
     "cpu": (
-        Cell(name="resnet18-half-80MB", model="resnet18:model_half", budget="80MB", epochs=3, limit="20000,10000",
-             variants=ABLATION),
+        Cell(
+            name="resnet18-half-80MB",
+            model="resnet18:model_half",
+            budget="80MB",
+            epochs=3,
+            limit="20000,10000",
+            variants=ABLATION,
+        ),
         Cell(name="vgg11-half-40MB", model="vgg11:model_half", budget="40MB", epochs=3, limit="20000,10000"),
         Cell(name="resnet18-half-400MB", model="resnet18:model_half", budget="400MB", epochs=3, limit="20000,10000"),
     ),
@@ -66,8 +80,15 @@ PRESETS: dict[str, tuple[Cell, ...]] = {
     "gpu": (
         Cell(name="resnet18-350MB", model="resnet18", budget="350MB", epochs=3, methods=_GPU_METHODS),
         Cell(name="vgg16-350MB", model="vgg16", budget="350MB", epochs=3, methods=_GPU_METHODS),
-        Cell(name="resnet34-imagenet-8GB", model="resnet34:model_imagenet", budget="8GB", epochs=1,
-             datasets="datasets_imagenet", data=None, methods=_GPU_METHODS),
+        Cell(
+            name="resnet34-imagenet-8GB",
+            model="resnet34:model_imagenet",
+            budget="8GB",
+            epochs=1,
+            datasets="datasets_imagenet",
+            data=None,
+            methods=_GPU_METHODS,
+        ),
         Cell(name="resnet18-2GB", model="resnet18", budget="2GB", epochs=3, methods=_GPU_METHODS),
         Cell(name="vgg16-2GB", model="vgg16", budget="2GB", epochs=3, methods=_GPU_METHODS),
     ),
@@ -84,15 +105,30 @@ def resolve_cells(args: argparse.Namespace) -> list[Cell]:
             names = {c.name for c in cells}
             unknown = [n for n in args.cell if n not in names]
             if unknown:
-                raise NeuroFluxError(f"preset {args.preset} has no cell {', '.join(unknown)}; "
-                                     f"its cells: {', '.join(sorted(names))}")
+                raise NeuroFluxError(
+                    f"preset {args.preset} has no cell {', '.join(unknown)}; its cells: {', '.join(sorted(names))}"
+                )
             cells = [c for c in cells if c.name in args.cell]
         return cells
     if args.smoke:  # explicit flags still win
         base = PRESETS["smoke"][0]
-        return [Cell(name=f"small_cnn-{b}", model="small_cnn", budget=b, epochs=1, limit=args.limit or base.limit,
-                     data=None) for b in (args.budgets or [base.budget])]
-    return [Cell(name=f"{Path(m.split(':')[0]).stem}{'-' + m.split(':')[1] if ':' in m else ''}-{b}", model=m,
-                 budget=b, epochs=args.epochs, methods=tuple(args.methods), limit=args.limit, datasets=args.datasets,
-                 data="fashion_mnist" if args.data else None)
-            for m in args.models for b in (args.budgets or ["16MB"])]
+        return [
+            Cell(
+                name=f"small_cnn-{b}", model="small_cnn", budget=b, epochs=1, limit=args.limit or base.limit, data=None
+            )
+            for b in (args.budgets or [base.budget])
+        ]
+    return [
+        Cell(
+            name=f"{Path(m.split(':')[0]).stem}{'-' + m.split(':')[1] if ':' in m else ''}-{b}",
+            model=m,
+            budget=b,
+            epochs=args.epochs,
+            methods=tuple(args.methods),
+            limit=args.limit,
+            datasets=args.datasets,
+            data="fashion_mnist" if args.data else None,
+        )
+        for m in args.models
+        for b in (args.budgets or ["16MB"])
+    ]

@@ -53,18 +53,27 @@ def compare_runs(cell: dict[str, Any], target: float | None) -> None:
         v["throughput_gain"] = v["throughput_final"] / v["throughput_original"]
 
 
-def save_results(cell_result: dict[str, Any], *, done: dict[str, Any], res_dir: Path, run_device: str,
-                 data_name: str) -> dict[str, Any]:
+def save_results(
+    cell_result: dict[str, Any], *, done: dict[str, Any], res_dir: Path, run_device: str, data_name: str
+) -> dict[str, Any]:
     """Record ``cell_result`` (whole or partial) in ``done`` and rewrite
     ``results.json`` and ``results.md`` with every cell so far (the runs
     ran on ``run_device``: cpu or cuda)."""
     import torch
 
     done[cell_result["name"]] = {**cell_result, "data": data_name}
-    device = torch.cuda.get_device_name(0) if run_device == "cuda" else \
-        f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    results = {"device": device, "torch": torch.__version__, "command": shlex.join(["nf-bench", *sys.argv[1:]]),
-               "date": time.strftime("%Y-%m-%d %H:%M"), "cells": list(done.values())}
+    device = (
+        torch.cuda.get_device_name(0)
+        if run_device == "cuda"
+        else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    )
+    results = {
+        "device": device,
+        "torch": torch.__version__,
+        "command": shlex.join(["nf-bench", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cells": list(done.values()),
+    }
     res_dir.mkdir(parents=True, exist_ok=True)
     (res_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (res_dir / "results.md").write_text(markdown(results))
@@ -79,30 +88,41 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [f"#### {c['name']}: planned only ({', '.join(c.get('plans', {}))})", ""]
             continue
         data = Path(c.get("data") or "shipped subset").name + (
-            f", first {c['limit']} (train,val)" if c.get("limit") else "")
+            f", first {c['limit']} (train,val)" if c.get("limit") else ""
+        )
         target = "-" if c.get("target_accuracy") is None else f"{c['target_accuracy']:.4f} ({c.get('target_rule', '')})"
-        lines += [f"#### {c['name']}: {c['model']} @ {c['budget']}, {c['epochs']} epochs per block / BP epochs; "
-                  f"data: {data}; target {target}", "",
-                  "| method | batch | val acc | vs BP | wall s | to target s | speed-up vs BP (wall / to target) | "
-                  "peak measured / predicted MiB | final params | param. reduction | inference gain | stopped at |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"#### {c['name']}: {c['model']} @ {c['budget']}, {c['epochs']} epochs per block / BP epochs; "
+            f"data: {data}; target {target}",
+            "",
+            "| method | batch | val acc | vs BP | wall s | to target s | speed-up vs BP (wall / to target) | "
+            "peak measured / predicted MiB | final params | param. reduction | inference gain | stopped at |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for m, v in c["runs"].items():
             if "error" in v:
                 lines.append(f"| {m} | - | - | - | - | - | - | {v['error'][:80]} | - | - | - | - |")
                 continue
-            sp = "-" if m == "bp" else f"{v.get('speedup_vs_bp_wall', float('nan')):.2f}x / " + (
-                f"{v['speedup_vs_bp_to_target']:.2f}x" if v.get("speedup_vs_bp_to_target") else "never")
+            sp = (
+                "-"
+                if m == "bp"
+                else f"{v.get('speedup_vs_bp_wall', float('nan')):.2f}x / "
+                + (f"{v['speedup_vs_bp_to_target']:.2f}x" if v.get("speedup_vs_bp_to_target") else "never")
+            )
             tt = f"{v['time_to_target_s']:.0f}" if v.get("time_to_target_s") else "never"
             delta = "-" if "accuracy_delta_vs_bp" not in v else f"{100 * v['accuracy_delta_vs_bp']:+.2f} pt"
             stop = "-"
             if m.startswith("neuroflux"):
                 ran = v.get("epochs_run") or {}
-                stop = f"{v.get('stopped_at_unit')} ({v['blocks']}/{v['planned_blocks']} blocks; epochs " \
-                       f"{'/'.join(str(e) for e in ran.values())})"
+                stop = (
+                    f"{v.get('stopped_at_unit')} ({v['blocks']}/{v['planned_blocks']} blocks; epochs "
+                    f"{'/'.join(str(e) for e in ran.values())})"
+                )
             lines.append(
                 f"| {m} | {','.join(map(str, v['batch_sizes']))} | {v['final_accuracy']:.4f} | {delta} | "
                 f"{v['wall_time_s']:.0f} | {tt} | {sp} | {v['measured_peak_bytes'] / 2**20:.1f} / "
                 f"{v['predicted_peak_bytes'] / 2**20:.1f} | {v['final_params']:,} | {v['param_reduction']:.1f}x | "
-                f"{v['throughput_gain']:.2f}x | {stop} |")
+                f"{v['throughput_gain']:.2f}x | {stop} |"
+            )
         lines.append("")
     return "\n".join(lines)

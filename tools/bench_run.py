@@ -10,9 +10,10 @@ import copy
 import functools
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.datasets import DATA_ENV, LIMIT_ENV
@@ -75,31 +76,45 @@ def _run_one(plan_path: Path, method: str, out: Path, opts: BenchOptions) -> dic
 
     plan = load_plan(plan_path)
     runtime_method = "neuroflux" if method.startswith("neuroflux") else method
-    s = run_plan(plan, plan_path, RunConfig(out_dir=out, method=runtime_method, device=opts.device, export_onnx=False,
-                                            max_steps_per_epoch=opts.max_steps,
-                                            command=f"nf-bench ({method} of {plan_path.name})",
-                                            throughput_batch=8 if opts.max_steps is not None else None))
+    s = run_plan(
+        plan,
+        plan_path,
+        RunConfig(
+            out_dir=out,
+            method=runtime_method,
+            device=opts.device,
+            export_onnx=False,
+            max_steps_per_epoch=opts.max_steps,
+            command=f"nf-bench ({method} of {plan_path.name})",
+            throughput_batch=8 if opts.max_steps is not None else None,
+        ),
+    )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"summary": s, "metrics": metrics, "plan": plan}
 
 
-def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str, Any]:  # noqa: ANN001
+def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str, Any]:
     """Plans for the cell: optimal, greedy and each ablation variant; label ->
     path or error. Written with an index, ``plans.json``, that ``--plans`` reads."""
     if opts.plans is not None:
         index_path = opts.plans / cell.name / "plans.json"
         if not index_path.is_file():
-            raise NeuroFluxError(f"no prepared plans for cell {cell.name} in {opts.plans}; "
-                                 "run nf-bench --plan-only first")
+            raise NeuroFluxError(
+                f"no prepared plans for cell {cell.name} in {opts.plans}; run nf-bench --plan-only first"
+            )
         try:
             index = json.loads(index_path.read_text())
             if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
                 raise ValueError("not an object of label -> plan file")
         except (ValueError, UnicodeDecodeError) as e:
-            raise NeuroFluxError(f"{index_path} is not a plans index ({str(e).splitlines()[0][:120]}); make it again "
-                                 "with nf-bench --plan-only") from None
-        return {label: (index_path.parent / v if not v.startswith("error:") else NeuroFluxError(v[6:]))
-                for label, v in index.items()}
+            raise NeuroFluxError(
+                f"{index_path} is not a plans index ({str(e).splitlines()[0][:120]}); make it again "
+                "with nf-bench --plan-only"
+            ) from None
+        return {
+            label: (index_path.parent / v if not v.startswith("error:") else NeuroFluxError(v[6:]))
+            for label, v in index.items()
+        }
     from neuroflux.planner.budget import parse_bytes
     from neuroflux.planner.build import make_plan_shared
     from neuroflux.planner.config import PlanConfig
@@ -113,10 +128,18 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
     plans: dict[str, Any] = {}
     index: dict[str, str] = {}
     for i, (label, strategy, overrides) in enumerate(wanted):
-        cfg = PlanConfig.from_options(budget_bytes=parse_bytes(cell.budget), budget_text=cell.budget, device_kind=kind,
-                                      device_name=_device_name(kind, opts), strategy=strategy, epochs=cell.epochs,
-                                      time_limit_s=opts.time_limit, datasets=cell.datasets,
-                                      device_profile=opts.device_profile, **dict(overrides))
+        cfg = PlanConfig.from_options(
+            budget_bytes=parse_bytes(cell.budget),
+            budget_text=cell.budget,
+            device_kind=kind,
+            device_name=_device_name(kind, opts),
+            strategy=strategy,
+            epochs=cell.epochs,
+            time_limit_s=opts.time_limit,
+            datasets=cell.datasets,
+            device_profile=opts.device_profile,
+            **dict(overrides),
+        )
         try:
             res = make_plan_shared(model_path(cell.model), cfg, plan_dir=cell_dir, profiles=_PROFILES)
         except NeuroFluxError as e:
@@ -159,26 +182,40 @@ def _run_record(r: dict[str, Any], method: str, cell: Cell) -> dict[str, Any]:
         "budget_enforced": s.get("budget_enforced", False),
         "cap_held": measured <= parse_bytes(cell.budget),
         "nvml_process_bytes": max(nvml) if nvml else None,
-        "final_accuracy": s["final_accuracy"], "final_exit": s["final_exit"],
-        "wall_time_s": s["wall_time_s"], "train_time_s": s["train_time_s"],
+        "final_accuracy": s["final_accuracy"],
+        "final_exit": s["final_exit"],
+        "wall_time_s": s["wall_time_s"],
+        "train_time_s": s["train_time_s"],
         "measured_peak_bytes": max(b["measured_peak_bytes"] for b in s["blocks"]),
         "predicted_peak_bytes": max(b["predicted_peak_bytes"] for b in s["blocks"]),
-        "final_params": s["final_params"], "original_params": s["original_params"],
+        "final_params": s["final_params"],
+        "original_params": s["original_params"],
         "throughput_final": s["throughput"]["final_images_per_s"],
         "throughput_original": s["throughput"]["original_images_per_s"],
-        "batch_sizes": [b["batch_size"] for b in s["blocks"]], "blocks": len(s["blocks"]),
-        "planned_blocks": len(plan.blocks), "heads": sorted({u.aux.kind for u in plan.units if u.aux is not None}),
-        "stopped_early": s["stopped_early"], "stopped_at_unit": st.get("stopped_at_unit"),
-        "epochs_run": st.get("epochs_run"), "saved_estimated_s": st.get("saved_estimated_s"),
+        "batch_sizes": [b["batch_size"] for b in s["blocks"]],
+        "blocks": len(s["blocks"]),
+        "planned_blocks": len(plan.blocks),
+        "heads": sorted({u.aux.kind for u in plan.units if u.aux is not None}),
+        "stopped_early": s["stopped_early"],
+        "stopped_at_unit": st.get("stopped_at_unit"),
+        "epochs_run": st.get("epochs_run"),
+        "saved_estimated_s": st.get("saved_estimated_s"),
         "exit_accuracies": s["exit_accuracies"],
-        "predicted_time_s": plan.predicted.time_s if method.startswith("neuroflux")
+        "predicted_time_s": plan.predicted.time_s
+        if method.startswith("neuroflux")
         else getattr(plan.baseline, method.replace("-", "_")).predicted_time_s,
         "metrics": r["metrics"],
     }
 
 
-def run_cell(cell: Cell, *, out: Path, opts: BenchOptions, log=print,  # noqa: ANN001
-             on_run: Callable[[dict[str, Any]], object] | None = None) -> dict[str, Any]:
+def run_cell(
+    cell: Cell,
+    *,
+    out: Path,
+    opts: BenchOptions,
+    log=print,
+    on_run: Callable[[dict[str, Any]], object] | None = None,
+) -> dict[str, Any]:
     """Plan and run every method of ``cell``; ratios only within the cell.
     ``on_run`` gets the partial cell after every method, so a run cut off
     mid-cell (a device's time limit) keeps the methods it finished."""
@@ -187,19 +224,19 @@ def run_cell(cell: Cell, *, out: Path, opts: BenchOptions, log=print,  # noqa: A
     from neuroflux.planner.budget import parse_bytes
 
     cell_dir = out / cell.name
-    result: dict[str, Any] = {"name": cell.name, "model": cell.model, "budget": cell.budget, "epochs": cell.epochs,
-                              "limit": cell.limit, "datasets": cell.datasets, "budget_bytes": parse_bytes(cell.budget),
-                              "runs": {}}
+    result: dict[str, Any] = {
+        "name": cell.name,
+        "model": cell.model,
+        "budget": cell.budget,
+        "epochs": cell.epochs,
+        "limit": cell.limit,
+        "datasets": cell.datasets,
+        "budget_bytes": parse_bytes(cell.budget),
+        "runs": {},
+    }
     plans = _plan_cell(cell, cell_dir, opts, log)
     if opts.plan_only or cell.name in opts.skip_runs:
-        result["planned_only"] = True
-        for label, plan in plans.items():  # prepared plans must load, on this torch
-            if not isinstance(plan, Exception):
-                from neuroflux.schemas import load_plan
-
-                load_plan(plan)
-        result["plans"] = {k: str(v) for k, v in plans.items()}
-        return result
+        return _planned_only(result, plans)
     labels = [m for m in cell.methods if m != "neuroflux-greedy" or "neuroflux-greedy" in plans]
     labels += [f"neuroflux ({label})" for label, _ in cell.variants]
     for label in labels:
@@ -228,12 +265,30 @@ def run_cell(cell: Cell, *, out: Path, opts: BenchOptions, log=print,  # noqa: A
     return result
 
 
+def _planned_only(result: dict[str, Any], plans: dict[str, Any]) -> dict[str, Any]:
+    """A cell planned, not run: its plans must load, on this torch."""
+    from neuroflux.schemas import load_plan
+
+    result["planned_only"] = True
+    for plan in plans.values():
+        if not isinstance(plan, Exception):
+            load_plan(plan)
+    result["plans"] = {k: str(v) for k, v in plans.items()}
+    return result
+
+
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in label).strip("-")
 
 
-def run_bench(*, cells: list[Cell], out: Path, opts: BenchOptions, log=print,  # noqa: ANN001
-              results_dir: Path | None = None) -> dict[str, Any]:
+def run_bench(
+    *,
+    cells: list[Cell],
+    out: Path,
+    opts: BenchOptions,
+    log=print,
+    results_dir: Path | None = None,
+) -> dict[str, Any]:
     """Run ``cells`` in order; ``results.json`` and ``results.md`` in
     ``results_dir`` (default ``out``) are rewritten after every method, so an
     interrupted run keeps what it measured, and cells from earlier
@@ -248,16 +303,23 @@ def run_bench(*, cells: list[Cell], out: Path, opts: BenchOptions, log=print,  #
             if cell.data == "fashion_mnist":
                 data = shared_data_path()
                 if not data.is_file():
-                    raise NeuroFluxError(f"cell {cell.name} needs the full Fashion-MNIST file, not found at {data}; "
-                                         f"set {DATA_ENV} or pass --data")
+                    raise NeuroFluxError(
+                        f"cell {cell.name} needs the full Fashion-MNIST file, not found at {data}; "
+                        f"set {DATA_ENV} or pass --data"
+                    )
                 os.environ[DATA_ENV] = str(data.resolve())
             limit = os.environ.get(DRY_LIMIT_ENV) or cell.limit
             if limit:
                 os.environ[LIMIT_ENV] = limit
             else:
                 os.environ.pop(LIMIT_ENV, None)
-            save = functools.partial(save_results, done=done, res_dir=res_dir, run_device=opts.device,
-                                     data_name=_portable(os.environ.get(DATA_ENV, "shipped subset")))
+            save = functools.partial(
+                save_results,
+                done=done,
+                res_dir=res_dir,
+                run_device=opts.device,
+                data_name=_portable(os.environ.get(DATA_ENV, "shipped subset")),
+            )
             results = save(run_cell(cell, out=out, opts=opts, log=log, on_run=save))
     return results
 

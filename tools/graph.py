@@ -26,8 +26,10 @@ FORMATS = ("onnx", "dot", "graphml", "html")
 def format_for(path: Path, explicit: str | None) -> str:
     fmt = explicit or path.suffix.lower().lstrip(".")
     if fmt not in FORMATS:
-        raise NeuroFluxError(f"unknown format {fmt!r} for {path}; use one of {', '.join(FORMATS)} "
-                             "(from the file's extension or --format)")
+        raise NeuroFluxError(
+            f"unknown format {fmt!r} for {path}; use one of {', '.join(FORMATS)} "
+            "(from the file's extension or --format)"
+        )
     return fmt
 
 
@@ -37,10 +39,13 @@ def _unit_attrs(plan: Plan) -> dict[str, dict[str, Any]]:
     for u in plan.units:
         b = block_of[u.name]
         out[u.name] = {
-            "unit": u.name, "block": b.index, "batch_size": b.batch_size,
+            "unit": u.name,
+            "block": b.index,
+            "batch_size": b.batch_size,
             "aux_width": -1 if u.aux is None else u.aux.width,
             "aux_kind": "model head" if u.aux is None else u.aux.kind,
-            "predicted_peak_bytes": b.predicted_peak_bytes, "predicted_time_s": b.predicted_time_s,
+            "predicted_peak_bytes": b.predicted_peak_bytes,
+            "predicted_time_s": b.predicted_time_s,
         }
     return out
 
@@ -78,10 +83,14 @@ def write_dot(plan: Plan, path: Path) -> None:
     dot.set_node_defaults(shape="box", style="rounded,filled", fillcolor="white", fontname="Helvetica", fontsize="10")
     clusters: dict[str, pydot.Cluster] = {}
     for b in plan.blocks:
-        bc = pydot.Cluster(f"block{b.index}", label=f"block {b.index}: batch {b.batch_size}, "
-                           f"peak {format_mib(b.predicted_peak_bytes)}, {b.predicted_time_s:.1f} s; "
-                           f"input {b.input_text()}, output {b.output_text()}",
-                           style="filled", fillcolor="#eef3fb" if b.index % 2 == 0 else "#fbf3ea")
+        bc = pydot.Cluster(
+            f"block{b.index}",
+            label=f"block {b.index}: batch {b.batch_size}, "
+            f"peak {format_mib(b.predicted_peak_bytes)}, {b.predicted_time_s:.1f} s; "
+            f"input {b.input_text()}, output {b.output_text()}",
+            style="filled",
+            fillcolor="#eef3fb" if b.index % 2 == 0 else "#fbf3ea",
+        )
         dot.add_subgraph(bc)
         for name in b.units:
             u = plan.unit(name)
@@ -99,7 +108,7 @@ def write_dot(plan: Plan, path: Path) -> None:
     path.write_text(dot.to_string())
 
 
-def write_onnx(plan: Plan, plan_path: Path | None, path: Path, *, force: bool = False, source=None) -> None:  # noqa: ANN001
+def write_onnx(plan: Plan, plan_path: Path | None, path: Path, *, force: bool = False, source=None) -> None:
     """The planned model (initial weights) as ONNX; every node carries its
     unit and block in ``doc_string`` and ``metadata_props``.
 
@@ -126,14 +135,23 @@ def write_onnx(plan: Plan, plan_path: Path | None, path: Path, *, force: bool = 
         if merged is None:
             merged = part
         else:
-            merged = compose.merge_models(merged, part, io_map=[(merged.graph.output[0].name, part.graph.input[0].name)])
+            merged = compose.merge_models(
+                merged, part, io_map=[(merged.graph.output[0].name, part.graph.input[0].name)]
+            )
     assert merged is not None
     merged.graph.name = Path(plan.model.file).stem
-    summary = {"neuroflux.budget_bytes": str(plan.budget_bytes), "neuroflux.budget": plan.device.budget_text,
-               "neuroflux.blocks": json.dumps([{"units": b.units, "batch_size": b.batch_size,
-                                                "predicted_peak_bytes": b.predicted_peak_bytes} for b in plan.blocks]),
-               "neuroflux.predicted_time_s": f"{plan.predicted.time_s:.3f}",
-               "neuroflux.predicted_speedup_vs_bp": str(plan.predicted.speedup_vs_bp)}
+    summary = {
+        "neuroflux.budget_bytes": str(plan.budget_bytes),
+        "neuroflux.budget": plan.device.budget_text,
+        "neuroflux.blocks": json.dumps(
+            [
+                {"units": b.units, "batch_size": b.batch_size, "predicted_peak_bytes": b.predicted_peak_bytes}
+                for b in plan.blocks
+            ]
+        ),
+        "neuroflux.predicted_time_s": f"{plan.predicted.time_s:.3f}",
+        "neuroflux.predicted_speedup_vs_bp": str(plan.predicted.speedup_vs_bp),
+    }
     del merged.metadata_props[:]
     for k, v in summary.items():
         merged.metadata_props.add(key=k, value=v)
@@ -143,7 +161,8 @@ def write_onnx(plan: Plan, plan_path: Path | None, path: Path, *, force: bool = 
 
 # ---------------------------------------------------------------- HTML
 
-def _load_run(run_dir: Path | None):  # noqa: ANN202 - a RunSummary or None
+
+def _load_run(run_dir: Path | None):
     if run_dir is None:
         return None
     if not (Path(run_dir) / "summary.json").is_file():
@@ -157,42 +176,64 @@ def _block_rows(plan: Plan, measured: dict, exit_acc: dict[str, float]) -> list[
     for b in plan.blocks:
         heads = ", ".join(
             f"{u}: {'model head' if plan.unit(u).aux is None else f'{plan.unit(u).aux.kind} {plan.unit(u).aux.width}'}"
-            + (f" ({exit_acc[u]:.1%})" if u in exit_acc else "") for u in b.units)
+            + (f" ({exit_acc[u]:.1%})" if u in exit_acc else "")
+            for u in b.units
+        )
         m = measured.get(b.index)
         rows.append(
             f"<tr><td>{b.index}</td><td>{html.escape(b.input_text())}</td><td>{html.escape(heads)}</td>"
             f"<td>{html.escape(b.output_text())}</td><td>{b.batch_size}</td><td>{b.epochs}</td>"
-            f"<td>{format_mib(b.predicted_peak_bytes)}" + (f" / {format_mib(m.measured_peak_bytes)}" if m else "") + "</td>"
-            f"<td>{b.predicted_time_s:.1f} s" + (f" / {m.time_s:.1f} s" if m else "") + "</td></tr>")
+            f"<td>{format_mib(b.predicted_peak_bytes)}"
+            + (f" / {format_mib(m.measured_peak_bytes)}" if m else "")
+            + "</td>"
+            f"<td>{b.predicted_time_s:.1f} s" + (f" / {m.time_s:.1f} s" if m else "") + "</td></tr>"
+        )
     return rows
 
 
-def _speed(b, s) -> str:  # noqa: ANN001 - a Baseline and NeuroFlux's predicted speed-up over it
+def _speed(b, s) -> str:
     if not (b.fits and s):
         return "does not fit the budget at any batch size"
     verdict = speed_verdict(s, bold=("<b>", "</b>"))
     return f"batch {b.batch_size}, {b.predicted_time_s:.1f} s: NeuroFlux {verdict} (predicted)"
 
 
-def _run_html(run) -> str:  # noqa: ANN001 - a RunSummary or None
+def _run_html(run) -> str:
     if not run:
         return ""
-    return (f"<h2>Run: {html.escape(run.method)} on {html.escape(run.device or '?')}</h2><p>final exit "
-            f"<b>{html.escape(run.final_exit or '-')}</b>, val accuracy <b>{run.final_accuracy or 0:.2%}</b>, "
-            f"{run.final_params or 0:,} params vs {run.original_params or 0:,} original, wall time "
-            f"{run.wall_time_s or 0:.1f} s</p>")
+    return (
+        f"<h2>Run: {html.escape(run.method)} on {html.escape(run.device or '?')}</h2><p>final exit "
+        f"<b>{html.escape(run.final_exit or '-')}</b>, val accuracy <b>{run.final_accuracy or 0:.2%}</b>, "
+        f"{run.final_params or 0:,} params vs {run.original_params or 0:,} original, wall time "
+        f"{run.wall_time_s or 0:.1f} s</p>"
+    )
+
+
+def _charts(plan: Plan, measured: dict) -> tuple[str, str]:
+    """The page's two bar charts: peak memory and training time per block, predicted and measured."""
+    peak_rows = [
+        (
+            f"block {b.index}",
+            float(b.predicted_peak_bytes),
+            float(measured[b.index].measured_peak_bytes) if b.index in measured else None,
+        )
+        for b in plan.blocks
+    ]
+    time_rows = [
+        (f"block {b.index}", b.predicted_time_s, measured[b.index].time_s if b.index in measured else None)
+        for b in plan.blocks
+    ]
+    peak_svg = bar_chart(
+        "Peak memory per block against the budget", peak_rows, limit=float(plan.budget_bytes), fmt=format_mib
+    )
+    time_svg = bar_chart("Training time per block", time_rows, limit=None, fmt=lambda v: f"{v:.1f} s")
+    return peak_svg, time_svg
 
 
 def write_html(plan: Plan, path: Path, *, run_dir: Path | None = None) -> None:
     run = _load_run(run_dir)
     measured = {b.index: b for b in run.blocks} if run and run.method == "neuroflux" else {}
-    peak_rows = [(f"block {b.index}", float(b.predicted_peak_bytes),
-                  float(measured[b.index].measured_peak_bytes) if b.index in measured else None) for b in plan.blocks]
-    time_rows = [(f"block {b.index}", b.predicted_time_s, measured[b.index].time_s if b.index in measured else None)
-                 for b in plan.blocks]
-    peak_svg = bar_chart("Peak memory per block against the budget", peak_rows, limit=float(plan.budget_bytes),
-                         fmt=format_mib)
-    time_svg = bar_chart("Training time per block", time_rows, limit=None, fmt=lambda v: f"{v:.1f} s")
+    peak_svg, time_svg = _charts(plan, measured)
     exit_acc = run.exit_accuracies if run else {}
     rows = _block_rows(plan, measured, exit_acc)
     bl, pr = plan.baseline, plan.predicted

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("plan", help="plan file written by nf-plan")
     ap.add_argument("-o", "--output", required=True, help="output file; the format comes from its extension")
     ap.add_argument("--format", choices=["onnx", "dot", "graphml", "html"], default=None)
-    ap.add_argument("--run", default=None, help="run directory of nf-run: overlay measured peak, time and exit accuracy (html)")
+    ap.add_argument(
+        "--run", default=None, help="run directory of nf-run: overlay measured peak, time and exit accuracy (html)"
+    )
     ap.add_argument("--force", action="store_true", help="export even if the model file changed since planning")
     args = ap.parse_args(argv)
     try:
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             if fmt == "onnx":
                 raise NeuroFluxError(
                     f"this plan was made in Python from a {plan.model.file} object; its ONNX view needs the object: "
-                    "neuroflux.export_onnx(plan, model, 'plan.onnx') (DOT, GraphML and HTML need only the plan)")
+                    "neuroflux.export_onnx(plan, model, 'plan.onnx') (DOT, GraphML and HTML need only the plan)"
+                )
         else:
             # Every view describes the model file; a changed one means a stale plan. Checked by hash: only
             # the ONNX view runs the file (write_onnx opens it).
@@ -70,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nf-graph: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # -o onto a directory, an unwritable place, a full disk
-        print(f"nf-graph: error: cannot write {args.output} ({e.strerror or e}); choose a writable -o file",
-              file=sys.stderr)
+        print(
+            f"nf-graph: error: cannot write {args.output} ({e.strerror or e}); choose a writable -o file",
+            file=sys.stderr,
+        )
         return 2
     print(f"wrote {out}")
     return 0

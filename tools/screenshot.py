@@ -32,10 +32,22 @@ def screenshot(page: Path, png: Path, *, width: int = 1100, height: int = 1300, 
         raise NeuroFluxError("no Chromium found; install it (apt-get install chromium) to take screenshots")
     with tempfile.TemporaryDirectory() as profile:
         # The flags keep Chromium off the network (no updates, no sync).
-        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", "--hide-scrollbars", f"--window-size={width},{height}",
-               f"--screenshot={Path(png).resolve()}", Path(page).resolve().as_uri()]
+        cmd = [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--hide-scrollbars",
+            f"--window-size={width},{height}",
+            f"--screenshot={Path(png).resolve()}",
+            Path(page).resolve().as_uri(),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0 or not Path(png).is_file():
         raise NeuroFluxError(f"Chromium failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -47,9 +59,19 @@ def dump_dom(page: Path, *, timeout_s: float = 60) -> str:
     if browser is None:
         raise NeuroFluxError("no Chromium found; install it (apt-get install chromium)")
     with tempfile.TemporaryDirectory() as profile:
-        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--dump-dom",
-               Path(page).resolve().as_uri()]
+        cmd = [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--dump-dom",
+            Path(page).resolve().as_uri(),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise NeuroFluxError(f"Chromium failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -68,8 +90,9 @@ def color_bands(png: Path, rgb: tuple[int, int, int], *, tol: int = 12, min_pixe
     width, channels, rows = png_rows(png)
     bands: list[tuple[int, int]] = []
     for y, line in enumerate(rows):
-        hits = sum(1 for x in range(0, width * channels, channels)
-                   if all(abs(line[x + c] - rgb[c]) <= tol for c in range(3)))
+        hits = sum(
+            1 for x in range(0, width * channels, channels) if all(abs(line[x + c] - rgb[c]) <= tol for c in range(3))
+        )
         if hits >= min_pixels:
             if bands and bands[-1][1] == y - 1:
                 bands[-1] = (bands[-1][0], y)
