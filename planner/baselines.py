@@ -15,6 +15,7 @@ from neuroflux.planner.config import PlanConfig
 from neuroflux.planner.jobs import Profiled
 from neuroflux.planner.problem import Problem, block_steps
 from neuroflux.planner.profile import DeviceSpeed, StepProfile, measure_step_time
+from neuroflux.runtime.train import shuffle_seed
 from neuroflux.schemas.plan import Baseline
 
 __all__ = ["baselines"]
@@ -54,6 +55,7 @@ def _baseline(
             fits=False,
             lr=0.0,
             steps=0,
+            shuffle_seed=shuffle_seed(cfg.seed, 0),
         )
     b = fitting[-1]
     if real is not None:
@@ -69,4 +71,5 @@ def _baseline(
         fits=True,
         steps=block_steps(problem, b),
         lr=cfg.recipe.lr_at(b),
+        shuffle_seed=shuffle_seed(cfg.seed, 0),
     )

@@ -20,7 +20,7 @@ from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.baselines import baselines
 from neuroflux.planner.config import PlanConfig, default_cache_budget_bytes, default_disk_budget_bytes
 from neuroflux.planner.jobs import Profiled, Progress, profile_model
-from neuroflux.planner.problem import Problem, Solution, candidate_batch_sizes
+from neuroflux.planner.problem import Problem, Solution, candidate_batch_sizes, check_solution
 from neuroflux.planner.records import plan_record
 from neuroflux.planner.solve import InfeasibleBudget, raise_infeasible, solve
 from neuroflux.runtime.model_file import ModelObject
@@ -133,6 +133,12 @@ def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path) -> PlanResult:
     solution, engine = solve(problem, cfg)
     if solution.status in ("infeasible", "timeout"):
         raise_infeasible(problem, solution, cfg)
+    broken = check_solution(problem, solution)  # every written plan, whichever engine made it
+    if broken:
+        raise NeuroFluxError(
+            f"internal error: the {engine} plan breaks its own constraints ({'; '.join(broken[:3])}); no plan "
+            "written. Please report it with the model file and flags; --strategy greedy may plan meanwhile"
+        )
     plan = plan_record(pr, cfg, problem=problem, solution=solution, bp=bp, ck=ck, engine=engine, plan_dir=plan_dir)
     return PlanResult(plan=plan, problem=problem, solution=solution)
 

@@ -111,7 +111,7 @@ def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist) -> l
             epochs=base.epochs,
             predicted_peak_bytes=base.predicted_peak_bytes,
             cache=None,
-            shuffle_seed=shuffle_seed(plan.recipe.seed, 0),
+            shuffle_seed=shuffle_seed(plan.recipe.seed, 0) if base.shuffle_seed is None else base.shuffle_seed,
         )
     ]
 

@@ -24,6 +24,9 @@ class Baseline:
     """Peak learning rate, by the same batch-size rule as the blocks (0 when it does not fit)."""
     steps: int
     """Optimizer steps: epochs * ceil(train_size / batch_size) (the cosine schedule's length)."""
+    shuffle_seed: int | None = None
+    """Epoch ``e`` draws its batches with ``torch.Generator().manual_seed(shuffle_seed + e)``. Added in 2.4
+    (older plans: the runtime derives it from ``recipe.seed``, as block 0's)."""
 
 
 @dataclass(frozen=True, kw_only=True)

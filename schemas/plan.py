@@ -62,7 +62,7 @@ __all__ = [
 
 #: Major.minor. A reader accepts any plan with the same major and a minor up
 #: to its own; a newer plan is refused with a message to upgrade.
-SCHEMA_VERSION = "2.3"
+SCHEMA_VERSION = "2.4"
 
 
 class PlanError(NeuroFluxError):
@@ -150,6 +150,13 @@ class Plan:
                     f"block {b.index}'s shuffle_seed is {b.shuffle_seed}; it must be in [0, 2^62)",
                 ),
             ]
+        for name, base in (("bp", self.baseline.bp), ("bp_checkpoint", self.baseline.bp_checkpoint)):
+            checks.append(
+                (
+                    base.shuffle_seed is None or 0 <= base.shuffle_seed < 2**62,
+                    f"baseline {name}'s shuffle_seed is {base.shuffle_seed}; it must be in [0, 2^62)",
+                )
+            )
         for ok, what in checks:
             if not ok:
                 raise PlanError(f"{what}; {fix}")

@@ -4,6 +4,8 @@ layer, the runtime never imports the planner (it runs where no solver is)."""
 from __future__ import annotations
 
 import ast
+import tempfile
+from pathlib import Path
 
 import pytest
 from helpers import ROOT
@@ -53,3 +55,13 @@ def test_no_private_name_is_imported_across_modules() -> None:
                         if a.name.startswith("_") and not a.name.startswith("__")
                     ]
     assert not crossing, crossing
+
+
+def test_the_suite_never_touches_the_users_cache() -> None:
+    """conftest.py gives the session its own cache folder (device profiles),
+    which every CLI a test starts inherits through NEUROFLUX_CACHE."""
+    from neuroflux.planner.device_profile import cache_dir
+
+    home = Path.home() / ".cache" / "neuroflux"
+    assert cache_dir().resolve() != home.resolve()
+    assert Path(tempfile.gettempdir()).resolve() in cache_dir().resolve().parents

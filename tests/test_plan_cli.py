@@ -361,6 +361,30 @@ def test_solver_timeout_falls_back_to_a_plan(tmp_path: Path, monkeypatch, caplog
     assert any("CP-SAT found no plan" in r.message for r in caplog.records)
 
 
+def test_a_plan_breaking_its_constraints_is_never_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Every plan is checked against the problem it solves (check_solution)
+    before it is written, whichever engine made it: here a solver bug that
+    puts the whole network in one block at a batch far over the budget."""
+    import dataclasses
+
+    from neuroflux.planner import solve
+
+    real = solve.solve
+
+    def broken(problem, cfg):
+        sol, engine = real(problem, cfg)
+        whole = dataclasses.replace(sol.blocks[0], start=0, end=problem.n - 1, batch_size=problem.batch_sizes[-1])
+        return dataclasses.replace(sol, blocks=(whole,)), engine
+
+    monkeypatch.setattr("neuroflux.planner.build.solve", broken)
+    out = tmp_path / "plan.json"
+    args = [str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "-q", "-o", str(out)]
+    assert nf_plan([*args, "--device-tflops", "0.1", "--op-overhead-us", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "internal error" in err and "breaks its own constraints" in err and "> cap" in err, err
+    assert not out.exists()
+
+
 def test_deep_model_plans_with_the_dynamic_program(tmp_path: Path) -> None:
     """A 26-unit network (26 convs) plans past CP-SAT's size with the exact
     dynamic program (8 channels: one head width per unit, so it profiles fast)."""
