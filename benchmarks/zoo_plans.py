@@ -1,14 +1,16 @@
 """Plan every zoo model at fixed speed flags and record a digest of each plan.
 
-    python benchmarks/zoo_plans.py -o /tmp/zoo-before.json           # before a refactor
-    python benchmarks/zoo_plans.py -o /tmp/zoo-after.json --check /tmp/zoo-before.json
+    python benchmarks/zoo_plans.py -o /tmp/zoo/before.json --keep /tmp/zoo/before     # before a refactor
+    python benchmarks/zoo_plans.py -o /tmp/zoo/after.json --check /tmp/zoo/before.json
 
 Behaviour-preserving changes (module splits, renames) must leave every plan
 byte-identical. Speed flags (``--device-tflops``, ``--op-overhead-us``) and the
 host and disk budgets are fixed, so the plans depend on neither this machine's
 load nor its free disk; the planner's own wall time is dropped before hashing
 and the model file's relative path cut to its name (so worktrees compare).
-``--check`` exits 1 and names the models whose plans differ.
+``--check`` exits 1 and names the models whose plans differ. With ``--drop``
+(fields a deliberate change added), the earlier run's plans are re-hashed
+from the folder named as its digest file (``--keep X`` beside ``-o X.json``).
 """
 
 from __future__ import annotations
@@ -52,12 +54,22 @@ ZOO: list[tuple[str, str, list[str]]] = [
 ]
 
 
-def digest(plan: dict) -> str:
+def digest(plan: dict, *, drop: tuple[str, ...] = ()) -> str:
     plan = json.loads(json.dumps(plan))
+    for path in drop:  # fields a deliberate change added (e.g. a schema version)
+        *parents, last = path.split(".")
+        node = plan
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(last, None)
     plan.get("solver", {}).pop("wall_time_s", None)
     # The model file's path is relative to the plan: equal for one checkout, not across worktrees.
     plan["model"]["file"] = Path(plan["model"]["file"]).name
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def _kept(folder: Path, key: str) -> Path:
+    return folder / (key.replace("/", "_").replace(" ", "_").replace(":", "-") + ".json")
 
 
 def main() -> int:
@@ -65,25 +77,36 @@ def main() -> int:
     ap.add_argument("-o", "--out", required=True, help="where to write {model: digest}")
     ap.add_argument("--check", help="an earlier --out to compare with")
     ap.add_argument("--keep", help="folder to keep the plans in (for a diff)")
+    ap.add_argument(
+        "--drop",
+        default="",
+        help="comma-separated dotted fields left out of both sides of --check "
+        "(what a deliberate change added, e.g. schema_version,baseline.bp.shuffle_seed)",
+    )
     args = ap.parse_args()
     rows = {}
+    drop = tuple(f for f in args.drop.split(",") if f)
     with tempfile.TemporaryDirectory() as tmp:
         keep = Path(args.keep) if args.keep else Path(tmp)
         keep.mkdir(parents=True, exist_ok=True)
         for model, budget, extra in ZOO:
             key = f"{model} {budget} {' '.join(extra)}".strip()
-            out = keep / (key.replace("/", "_").replace(" ", "_").replace(":", "-") + ".json")
+            out = _kept(keep, key)
             t0 = time.perf_counter()
             subprocess.run(
                 ["nf-plan", str(ROOT / "examples" / model), "--budget", budget, "-o", str(out), *FIXED, *extra],
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
-            rows[key] = digest(json.loads(out.read_text()))
+            rows[key] = digest(json.loads(out.read_text()), drop=drop)
             print(f"{time.perf_counter() - t0:6.1f} s  {rows[key][:12]}  {key}", flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     if args.check:
         before = json.loads(Path(args.check).read_text())
+        if drop:  # the earlier run's kept plans, re-hashed without the dropped fields
+            before = {
+                k: digest(json.loads(_kept(Path(args.check).with_suffix(""), k).read_text()), drop=drop) for k in before
+            }
         differ = [k for k in before if rows.get(k) != before[k]]
         if differ:
             print("plans differ:", *differ, sep="\n  ")
