@@ -64,9 +64,8 @@ class DownBlock(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    def __init__(
-        self, *, in_channels: int = 1, num_classes: int = 10, widths=(48, 96, 192), blocks=(3, 7, 3), last: int = 1024
-    ) -> None:
+    def __init__(self, *, in_channels: int = 1, num_classes: int = 10, widths=(48, 96, 192), blocks=(3, 7, 3),
+                 last: int = 1024) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 24, 3, 1, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
         stages, cin = [], 24

@@ -8,6 +8,7 @@ classifier on global-average-pooled features. Uses functional ops
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from zoo import fmnist
 
 INPUT_SHAPE = (1, 28, 28)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from neuroflux.runtime.datasets import fashion_mnist, synthetic
 
@@ -165,9 +165,7 @@ class MobileNetV2(nn.Module):
     def __init__(self, *, in_channels: int = 1, num_classes: int = 10, width_mult: float = 1.0) -> None:
         super().__init__()
         c = int(32 * width_mult)
-        layers: list[nn.Module] = [
-            nn.Sequential(nn.Conv2d(in_channels, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6(inplace=True))
-        ]
+        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_channels, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6(inplace=True))]
         for t, ch, n, s in self.CFG:
             cout = int(ch * width_mult)
             for i in range(n):
@@ -212,9 +210,8 @@ class Transition(nn.Module):
 
 
 class DenseNet(nn.Module):
-    def __init__(
-        self, blocks, *, growth: int = 32, reduction: float = 0.5, in_channels: int = 1, num_classes: int = 10
-    ) -> None:
+    def __init__(self, blocks, *, growth: int = 32, reduction: float = 0.5, in_channels: int = 1,
+                 num_classes: int = 10) -> None:
         super().__init__()
         c = 2 * growth
         self.stem = nn.Conv2d(in_channels, c, 3, 1, 1, bias=False)
