@@ -27,6 +27,7 @@ import torch
 
 from neuroflux.runtime.assemble import assemble, open_model_file
 from neuroflux.runtime.datasets import LIMIT_ENV
+from neuroflux.runtime.heads import build_head
 from neuroflux.runtime.modules import Chain
 from neuroflux.runtime.train import UnitTrainer
 from neuroflux.schemas.plan import load_plan
@@ -43,12 +44,17 @@ def accuracy(model: torch.nn.Module, val, *, batch: int = 512) -> float:
     return correct / seen
 
 
-def train_prefix(plan_path: Path, exit_name: str, seed: int) -> dict:
+def train_prefix(plan_path: Path, exit_name: str, seed: int, *, head: str | None = None) -> dict:
     plan = load_plan(plan_path)
     mf = open_model_file(plan, plan_path)
     asm = assemble(plan, mf, seed=seed)
     k = plan.unit(exit_name).index
-    model = Chain(asm.units[: k + 1], asm.heads[k])
+    exit_head = asm.heads[k]
+    if head is not None:  # another head on the same prefix: KIND:WIDTH
+        kind, width = head.split(":")
+        torch.manual_seed(seed + 1)
+        exit_head = build_head(kind, plan.units[k].output_shape, int(width), plan.model.num_classes)
+    model = Chain(asm.units[: k + 1], exit_head)
     base, r = plan.baseline.bp, plan.recipe
     train, val = mf.datasets()
     steps_per_epoch = -(-len(train) // base.batch_size)
@@ -73,6 +79,7 @@ def train_prefix(plan_path: Path, exit_name: str, seed: int) -> dict:
     return {
         "seed": seed,
         "exit": exit_name,
+        "head": head or "the plan's",
         "params": sum(p.numel() for p in model.parameters()),
         "batch_size": base.batch_size,
         "lr": base.lr,
@@ -86,12 +93,13 @@ def main() -> int:
     ap.add_argument("--plan", required=True, type=Path)
     ap.add_argument("--exit", required=True, help="the unit whose exit to train end to end, e.g. u3")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--head", default=None, help="KIND:WIDTH, another exit head (default: the plan's for that unit)")
     ap.add_argument("--limit", default=None, help="TRAIN[,VAL]: first samples only (as nf-bench's cells)")
     ap.add_argument("-o", "--out", required=True, type=Path)
     args = ap.parse_args()
     if args.limit:
         os.environ[LIMIT_ENV] = args.limit
-    runs = [train_prefix(args.plan, args.exit, s) for s in args.seeds]
+    runs = [train_prefix(args.plan, args.exit, s, head=args.head) for s in args.seeds]
     out = {
         "command": " ".join(["python", "benchmarks/ceiling.py", *sys.argv[1:]]),
         "device": f"cpu ({os.cpu_count()} cores, {platform.machine()})",
