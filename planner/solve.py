@@ -56,20 +56,20 @@ def solve(problem: Problem, cfg: PlanConfig) -> tuple[Solution, Engine]:
     seed = dp if dp is not None else greedy
     hint: Solution | None = seed
     if seed.status in ("feasible", "optimal") and any(b.boundary != "ram" for b in seed.blocks[:-1]):
-        hint = None  # CP-SAT cannot take a hint outside its model
+        hint = None  # CP-SAT cannot take a hint outside its model; it is still the fallback
     solver_cfg = SolverConfig(time_limit_s=search.time_limit_s, seed=cfg.seed, tie_tolerance=tie_tolerance)
     solution = solve_cpsat(dataclasses.replace(problem, boundaries=("ram",)), solver_cfg, hint=hint)
     if solution.status == "infeasible" and dp is None and greedy.status == "feasible":
         return greedy, "greedy"  # no lightest heads, and caches alone do not fit: the greedy plan recomputes
-    if solution.status == "timeout" and hint is not None and hint.status in ("feasible", "optimal"):
+    if solution.status == "timeout" and seed.status in ("feasible", "optimal"):
         log.warning(
             "CP-SAT found no plan within %.0f s; writing the %s plan (raise --time-limit for CP-SAT's)",
             search.time_limit_s,
-            "dynamic program's" if hint is dp else "greedy",
+            "dynamic program's" if seed is dp else "greedy",
         )
         return dataclasses.replace(
-            hint, message=f"CP-SAT timed out ({solution.message})"
-        ), "dp" if hint is dp else "greedy"
+            seed, message=f"CP-SAT timed out ({solution.message})"
+        ), "dp" if seed is dp else "greedy"
     return solution, "cp-sat"
 
 
