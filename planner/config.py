@@ -385,7 +385,7 @@ def option_default(name: str) -> Any:
     """An option's default (one source per setting: ``nf-plan``'s flags take theirs from here)."""
     if name == "seed":
         return PlanConfig.__dataclass_fields__["seed"].default
-    return _RECORDS[_RECORD_OF[name]].__dataclass_fields__[name].default
+    return next(f.default for f in dataclasses.fields(_RECORDS[_RECORD_OF[name]]) if f.name == name)
 
 
 def lr_for_batch(lr: float, batch: int, *, base: int, rule: str) -> float:

@@ -14,9 +14,10 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -225,10 +226,10 @@ class ProfilingJobs:
     fake: FakeTensorMode
     meta: ModelMeta
     spans: list[UnitSpan]
-    unit_mods: list[nn.Module]
+    unit_mods: list[fx.GraphModule]
     target: Target
     sgd: SGDConfig
-    real_mods: list[nn.Module] | None = None
+    real_mods: list[fx.GraphModule] | None = None
     """Real units for --cost measure."""
     device: torch.device = torch.device("cpu")
     """Where --cost measure times steps."""
@@ -316,7 +317,7 @@ class ProfilingJobs:
         else:
             profs = profile_unit_options(
                 mod,
-                heads,
+                cast(list[nn.Module], heads),  # no None among them
                 span.input_shape,
                 span.output_shape,
                 classes,

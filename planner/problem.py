@@ -59,6 +59,7 @@ __all__ = [
     "host_use",
     "Solution",
     "SolveStatus",
+    "WidthsStatus",
     "block_peak_bytes",
     "block_time_s",
     "block_allowed",
@@ -73,6 +74,8 @@ __all__ = [
 ]
 
 SolveStatus = Literal["optimal", "feasible", "infeasible", "timeout"]
+WidthsStatus = Literal["optimal", "feasible", "skipped"]
+"""Of the widest-heads tie-break (phase 2 of CP-SAT)."""
 Boundary = Literal["ram", "disk", "recompute"]
 """How the next block gets its input: a RAM cache, a disk cache, or recomputation."""
 BOUNDARIES: tuple[Boundary, ...] = get_args(Boundary)
@@ -181,7 +184,7 @@ class BlockChoice:
 class Solution:
     status: SolveStatus
     """Of the time objective: ``optimal`` means proven least predicted time."""
-    widths_status: Literal["optimal", "feasible", "skipped"] = "skipped"
+    widths_status: WidthsStatus = "skipped"
     """Of the widest-heads tie-break (phase 2 of CP-SAT)."""
     blocks: tuple[BlockChoice, ...] = ()
     options: tuple[int, ...] = ()

@@ -19,6 +19,7 @@ with throughput and overhead measured on the planning machine (or given);
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import logging
 import math
@@ -150,6 +151,7 @@ def _measure(
     meter = StepMeter(state_tensors(t.modules(), t.opt))
     handles = []
     if mark_head:
+        assert t.head is not None, "mark_head needs a head to mark"
         handles.append(t.head.register_forward_pre_hook(lambda m, a: meter.mark()))
 
         def on_output(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -454,6 +456,6 @@ def measure_step_time(
     for b in batches:
         x = torch.randn(b, *input_shape, device=device)
         y = torch.randint(0, num_classes, (b,), device=device)
-        times.append(seconds_per_call(lambda x=x, y=y: _step(t, x, y), device=device, reps=reps, median=True))
+        times.append(seconds_per_call(functools.partial(_step, t, x, y), device=device, reps=reps, median=True))
     per = max(0.0, (times[1] - times[0]) / (batches[1] - batches[0]))
     return max(0.0, times[0] - per * batches[0]), per

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
@@ -58,6 +58,9 @@ from neuroflux.schemas.plan import (
     UnitProfile,
 )
 
+if TYPE_CHECKING:
+    from neuroflux.planner.solve import Engine
+
 __all__ = ["plan_record"]
 
 
@@ -69,7 +72,7 @@ def plan_record(
     solution: Solution,
     bp: Baseline,
     ck: Baseline,
-    engine: str,
+    engine: Engine,
     plan_dir: Path,
 ) -> Plan:
     """The plan: ``solution`` to ``problem`` for the profiled model ``pr``,
@@ -155,7 +158,7 @@ def _device_spec(problem: Problem, cfg: PlanConfig, target: Target) -> DeviceSpe
     )
 
 
-def _solver_info(problem: Problem, solution: Solution, cfg: PlanConfig, engine: str) -> SolverInfo:
+def _solver_info(problem: Problem, solution: Solution, cfg: PlanConfig, engine: Engine) -> SolverInfo:
     search = cfg.search
     return SolverInfo(
         strategy=search.strategy,
@@ -191,8 +194,10 @@ def _profile_info(cfg: PlanConfig, target: Target) -> ProfileInfo:
 def _model_file(mf: ModelFile | ModelObject, plan_dir: Path) -> str:
     """How the plan names its model: the file relative to the plan, an
     installed module's import name, or a model object's class."""
-    if mf.source != "file":
-        return mf.import_name if mf.source == "import" else mf.label
+    if isinstance(mf, ModelObject):
+        return mf.label
+    if mf.import_name is not None:
+        return mf.import_name
     try:
         return os.path.relpath(mf.path, plan_dir.resolve())
     except ValueError:  # another drive on Windows
@@ -204,6 +209,8 @@ def _unit_records(spans: list[UnitSpan], problem: Problem, solution: Solution) -
     for span, cost, opt_i in zip(spans, problem.units, solution.options):
         o = cost.options[opt_i]
         is_last = span.index == len(spans) - 1
+        # One of head_widths' kinds for every unit but the last (which exits through the model's head).
+        head_kind = cast(Literal["pooled", "conv", "linear"], o.kind)
         units.append(
             Unit(
                 name=cost.name,
@@ -216,7 +223,7 @@ def _unit_records(spans: list[UnitSpan], problem: Problem, solution: Solution) -
                 params=span.params,
                 out_bytes_per_sample=cost.out_bytes_per_sample,
                 is_last=is_last,
-                aux=None if is_last else AuxHead(kind=o.kind, width=o.width, params=o.head_params),
+                aux=None if is_last else AuxHead(kind=head_kind, width=o.width, params=o.head_params),
                 profile=UnitProfile(
                     static_bytes=o.static_bytes,
                     dyn_fixed_bytes=o.dyn_fixed_bytes,
@@ -239,7 +246,9 @@ def _block_records(problem: Problem, solution: Solution, cfg: PlanConfig) -> lis
         peak = block_peak_bytes(problem, bc.start, bc.end, bc.batch_size, solution.options, src=src)
         own = block_peak_bytes(problem, bc.start, bc.end, bc.batch_size, solution.options)
         source_block = None if src == 0 else end_of[src - 1]
-        kind = "data" if i == 0 else ("cache" if src == bc.start else "recompute")
+        kind: Literal["data", "cache", "recompute"] = (
+            "data" if i == 0 else ("cache" if src == bc.start else "recompute")
+        )
         cached = not last_block and bc.boundary != "recompute"
         blocks.append(
             Block(
@@ -254,7 +263,7 @@ def _block_records(problem: Problem, solution: Solution, cfg: PlanConfig) -> lis
                     problem, bc.start, bc.end, bc.batch_size, solution.options, src=src, boundary=bc.boundary
                 ),
                 cache=CacheSpec(
-                    location=bc.boundary,
+                    location=cast(Literal["ram", "disk"], bc.boundary),  # cached: not "recompute"
                     dtype=cfg.budget.cache_dtype,
                     bytes=cache_bytes(problem, bc.end),
                     file=f"cache/block{i}.npy" if bc.boundary == "disk" else None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Literal
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.config import PlanConfig
@@ -15,13 +16,16 @@ from neuroflux.planner.solve_cpsat import SolverConfig, solve_cpsat
 from neuroflux.planner.solve_dp import solve_dp
 from neuroflux.planner.solve_greedy import solve_greedy
 
-__all__ = ["CPSAT_MAX_UNITS", "InfeasibleBudget", "solve", "raise_infeasible"]
+__all__ = ["CPSAT_MAX_UNITS", "Engine", "InfeasibleBudget", "solve", "raise_infeasible"]
 
 log = logging.getLogger(__name__)
 
 #: Above this many units the exact dynamic program plans alone: CP-SAT's model
 #: grows with units x block length x batch sizes and stops proving in seconds.
 CPSAT_MAX_UNITS = 24
+
+Engine = Literal["cp-sat", "dp", "greedy"]
+"""Which solver made a plan."""
 
 
 class InfeasibleBudget(NeuroFluxError):
@@ -32,7 +36,7 @@ class InfeasibleBudget(NeuroFluxError):
         self.min_budget_bytes = min_budget_bytes
 
 
-def solve(problem: Problem, cfg: PlanConfig) -> tuple[Solution, str]:
+def solve(problem: Problem, cfg: PlanConfig) -> tuple[Solution, Engine]:
     """The strategy's plan and the engine that made it. ``optimal``: CP-SAT,
     seeded with the dynamic program's exact least-time plan (or the greedy
     one), on networks of up to CPSAT_MAX_UNITS units whose least-time plan
@@ -50,13 +54,14 @@ def solve(problem: Problem, cfg: PlanConfig) -> tuple[Solution, str]:
     if "ram" not in problem.boundaries:
         return greedy, "greedy"
     seed = dp if dp is not None else greedy
+    hint: Solution | None = seed
     if seed.status in ("feasible", "optimal") and any(b.boundary != "ram" for b in seed.blocks[:-1]):
-        seed = None  # CP-SAT cannot take a hint outside its model
+        hint = None  # CP-SAT cannot take a hint outside its model; it is still the fallback
     solver_cfg = SolverConfig(time_limit_s=search.time_limit_s, seed=cfg.seed, tie_tolerance=tie_tolerance)
-    solution = solve_cpsat(dataclasses.replace(problem, boundaries=("ram",)), solver_cfg, hint=seed)
+    solution = solve_cpsat(dataclasses.replace(problem, boundaries=("ram",)), solver_cfg, hint=hint)
     if solution.status == "infeasible" and dp is None and greedy.status == "feasible":
         return greedy, "greedy"  # no lightest heads, and caches alone do not fit: the greedy plan recomputes
-    if solution.status == "timeout" and seed is not None and seed.status in ("feasible", "optimal"):
+    if solution.status == "timeout" and seed.status in ("feasible", "optimal"):
         log.warning(
             "CP-SAT found no plan within %.0f s; writing the %s plan (raise --time-limit for CP-SAT's)",
             search.time_limit_s,

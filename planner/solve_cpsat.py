@@ -35,6 +35,7 @@ from neuroflux.planner.problem import (
     BlockChoice,
     Problem,
     Solution,
+    WidthsStatus,
     block_allowed,
     block_steps,
     pass_time_s,
@@ -89,7 +90,7 @@ def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solu
     status = solver.solve(model.m)
     n_vars, n_cons = len(model.m.proto.variables), len(model.m.proto.constraints)
     stats = {"phase1_wall_s": solver.wall_time, "phase1_branches": float(solver.num_branches)}
-    failed = dict(wall_time_s=0.0, num_variables=n_vars, num_constraints=n_cons, stats=stats)
+    failed: dict[str, Any] = dict(wall_time_s=0.0, num_variables=n_vars, num_constraints=n_cons, stats=stats)
     if status == cp_model.INFEASIBLE or (status == cp_model.UNKNOWN and not model.seg):
         failed["wall_time_s"] = time.perf_counter() - t0
         return Solution(status="infeasible", message="no split into blocks fits the memory and cache budgets", **failed)
@@ -213,7 +214,7 @@ def _solver(cp_model, config: SolverConfig, time_limit_s: float):
     return solver
 
 
-def _widen_heads(model: _Model, solver, config: SolverConfig, cp_model, stats: dict) -> tuple[Any, str]:
+def _widen_heads(model: _Model, solver, config: SolverConfig, cp_model, stats: dict) -> tuple[Any, WidthsStatus]:
     """Phase 2: the widest heads within the time tolerance. Lexicographic:
     fewest narrowing steps first, then least time, so the slack buys wider
     heads and never an arbitrary slower batch size. Returns the solver

@@ -67,7 +67,7 @@ class StepMeter(TorchDispatchMode):
         size = st.nbytes()
         if t.device.type == "cuda":  # the caching allocator's rounding, as MemTracker counts it
             size = math.ceil(size / _CUDA_MIN_ALLOC) * _CUDA_MIN_ALLOC
-        self._live[key] = (weakref.ref(st, lambda _, k=key, n=size: self._freed(k, n)), size)
+        self._live[key] = (weakref.ref(st, lambda _: self._freed(key, size)), size)
         self.current += size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

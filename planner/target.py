@@ -60,8 +60,10 @@ def device_target(cfg: PlanConfig) -> Target:
         workspace, cal = DEFAULT_CUDA_WORKSPACE_BYTES, DEFAULT_CUDA_CALIBRATION
     name = t.device_name
     if t.device_kind == "cuda" and not torch.cuda.is_available() and t.device_profile is not None:
+        assert prof is not None  # loaded from t.device_profile
         name = prof.name
-    if prof is None:
+    if prof is None:  # the flags give both numbers
+        assert t.device_flops_per_s is not None and t.op_overhead_s is not None
         speed = DeviceSpeed(flops_per_s=t.device_flops_per_s, op_overhead_s=t.op_overhead_s)
     else:
         speed = DeviceSpeed(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import networkx as nx
 import torch
@@ -115,7 +116,7 @@ def _cut_points(gm: fx.GraphModule, g: nx.DiGraph) -> list[fx.Node]:
 def _is_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A layer with parameters that is not a normalisation."""
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
+        mod = gm.get_submodule(cast(str, node.target))  # call_module: a module path
         return not isinstance(mod, _NORMS) and any(True for _ in mod.parameters())
     if node.op in ("call_function", "call_method"):
         return any(isinstance(a, fx.Node) and a.op == "get_attr" and _is_param(gm, a) for a in node.all_input_nodes)
@@ -131,7 +132,7 @@ def _orig(gm: fx.GraphModule, path: str) -> nn.Module:
 
 def _is_param(gm: fx.GraphModule, node: fx.Node) -> bool:
     try:
-        return isinstance(gm.get_parameter(node.target), nn.Parameter)
+        return isinstance(gm.get_parameter(cast(str, node.target)), nn.Parameter)  # get_attr: an attribute path
     except AttributeError:
         return False
 
@@ -140,11 +141,12 @@ def _params_of(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> dict[str, int]:
     out: dict[str, int] = {}
     for node in nodes:
         if node.op == "call_module":
-            for pname, p in gm.get_submodule(node.target).named_parameters():
+            for pname, p in gm.get_submodule(cast(str, node.target)).named_parameters():
                 out[f"{node.target}.{pname}"] = p.numel()
         for a in node.all_input_nodes:
             if a.op == "get_attr" and _is_param(gm, a):
-                out[a.target] = gm.get_parameter(a.target).numel()
+                target = cast(str, a.target)
+                out[target] = gm.get_parameter(target).numel()
     return out
 
 
@@ -209,7 +211,8 @@ def _spans_between_cuts(gm: fx.GraphModule, g, nodes: list[fx.Node], inp: fx.Nod
     """Activation nodes between consecutive cut points (the output is always one)."""
     order = {n.name: i for i, n in enumerate(nodes)}
     cuts = _cut_points(gm, g)
-    final = next(n for n in nodes if n.op == "output").args[0]
+    # One tensor by construction: _cut_points rejects any other output.
+    final = cast(fx.Node, next(n for n in nodes if n.op == "output").args[0])
     if not cuts or cuts[-1] is not final:
         cuts.append(final)
     spans: list[list[fx.Node]] = []
@@ -281,7 +284,7 @@ def unit_signature(mod: fx.GraphModule, input_shape: Sequence[int]) -> str:
     index: dict[fx.Node, int] = {}
     parts: list[str] = [repr(tuple(input_shape))]
 
-    def arg(a: object) -> object:
+    def arg(a: fx.node.Argument) -> fx.node.Argument:
         return fx.node.map_arg(a, lambda n: f"%{index[n]}")
 
     for i, n in enumerate(mod.graph.nodes):

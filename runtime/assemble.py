@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from neuroflux.errors import NeuroFluxError
@@ -20,7 +21,7 @@ __all__ = ["check_model_file", "Assembled", "model_path", "open_model_file", "as
 @dataclass
 class Assembled:
     model: nn.Module
-    units: list[nn.Module]
+    units: list[fx.GraphModule]
     """fx GraphModules sharing parameters with ``model``."""
     heads: list[nn.Module | None]
     """Aux head per unit (None for the last: it ends in the model's head)."""

@@ -83,6 +83,7 @@ class BlockCaches:
         n_train, n_val = len(raw[0]), len(raw[1])
         for j in sorted(_needed(stages, start - 1)):
             spec, blk = self.plan.blocks[j].cache, self.plan.blocks[j]
+            assert spec is not None  # a stage reads from block j's cache
             shape = tuple(self.plan.unit(blk.units[-1]).output_shape)
             if spec.location == "disk":
                 opened = self._open_disk(

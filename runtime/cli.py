@@ -37,8 +37,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from neuroflux.errors import NeuroFluxError
+
+if TYPE_CHECKING:
+    from neuroflux.runtime.config import Method
 
 __all__ = ["main", "build_parser"]
 
@@ -229,7 +233,7 @@ def _main(argv: list[str]) -> int:
         from neuroflux.schemas import load_plan
 
         plan = load_plan(args.plan)
-        method = args.baseline or "neuroflux"
+        method: Method = args.baseline or "neuroflux"  # --baseline's choices
         if args.resume and args.out is None:
             raise NeuroFluxError("--resume needs --out DIR: the run directory to continue")
         out = (
@@ -263,7 +267,7 @@ def _main(argv: list[str]) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace, plan, method: str, out: Path) -> int:
+def _run(args: argparse.Namespace, plan, method: Method, out: Path) -> int:
     import torch
 
     from neuroflux.runtime.progress import progress_bars

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ def _loader(ds, batches: list[list[int]], *, workers: int, pin: bool) -> DataLoa
     """Batches of ``ds`` at the given indices, in order: ``workers``
     processes decode ahead (two batches each), into pinned memory when
     feeding a GPU."""
-    extra = dict(prefetch_factor=2, persistent_workers=False) if workers > 0 else {}
+    extra: dict[str, Any] = dict(prefetch_factor=2, persistent_workers=False) if workers > 0 else {}
     return DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=pin, **extra)
 
 
@@ -91,8 +91,9 @@ def _iter_loader(loader: DataLoader, batches: list[list[int]], what: str) -> Ite
         try:
             item = next(it)
         except StopIteration:
+            size = len(cast(Sized, loader.dataset))  # map-style: the batches were made from its __len__
             raise NeuroFluxError(
-                f"{what} dataset yielded fewer samples than its __len__ says ({len(loader.dataset)}); fix __len__"
+                f"{what} dataset yielded fewer samples than its __len__ says ({size}); fix __len__"
             ) from None
         except NeuroFluxError:
             raise
@@ -122,20 +123,20 @@ def dataset_tensors(
     ``input_shape``, all finite; integer labels in ``[0, num_classes)``. A
     bad sample is an error naming its index."""
     if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
-        x, y = ds.tensors
-        if not torch.is_floating_point(x):
-            raise NeuroFluxError(f"{what} inputs are {x.dtype}; datasets must yield float tensors")
-        check_samples(x, y, what=what, input_shape=input_shape, num_classes=num_classes)
-        return x.float().contiguous(), y.long().contiguous()
+        inputs, labels = ds.tensors
+        if not torch.is_floating_point(inputs):
+            raise NeuroFluxError(f"{what} inputs are {inputs.dtype}; datasets must yield float tensors")
+        check_samples(inputs, labels, what=what, input_shape=input_shape, num_classes=num_classes)
+        return inputs.float().contiguous(), labels.long().contiguous()
     n = len(ds)
     batches = [list(range(i, min(i + 256, n))) for i in range(0, n, 256)]
-    x = y = None
+    x: torch.Tensor | None = None  # allocated at the first batch, which gives the sample shape
+    y = torch.empty(n, dtype=torch.long)
     for idx, item in _iter_loader(_loader(ds, batches, workers=workers, pin=False), batches, what):
         xb, yb = _as_pair(item, what, idx)
         check_samples(xb, yb, what=what, input_shape=input_shape, num_classes=num_classes, indices=idx)
         if x is None:  # one allocation: no list of parts and a second copy at the end
             x = torch.empty((n, *xb.shape[1:]), dtype=torch.float32)
-            y = torch.empty(n, dtype=torch.long)
         x[idx[0] : idx[-1] + 1] = xb
         y[idx[0] : idx[-1] + 1] = yb
     if x is None:
@@ -203,7 +204,7 @@ class StreamSource:
         input_shape: tuple[int, ...] | None,
         num_classes: int | None,
         workers: int,
-        indices: Sequence[int] | None = None,
+        indices: Sequence[int] | torch.Tensor | None = None,
     ) -> None:
         self.ds, self.what, self.workers = ds, what, workers
         self.input_shape, self.num_classes = input_shape, num_classes
@@ -349,6 +350,7 @@ class CacheWriter:
         tdtype, ndtype = _DTYPES[dtype]
         self.location = location
         self.path = path
+        self.x: torch.Tensor | np.memmap
         if location == "disk":
             assert path is not None
             self.x = _allocate_disk_cache(path, ndtype, (n, *sample_shape))
@@ -366,7 +368,7 @@ class CacheWriter:
             )
         b = out.shape[0]
         chunk = out.detach().to("cpu", dtype=self._tdtype)
-        if self.location == "disk":
+        if isinstance(self.x, np.memmap):  # location "disk"
             self.x[self._pos : self._pos + b] = chunk.numpy()
         else:
             self.x[self._pos : self._pos + b].copy_(chunk)
@@ -377,7 +379,8 @@ class CacheWriter:
         it (``<name>.labels.npy``), so a resume can reopen it without reading
         the dataset again."""
         assert self._pos == len(y), (self._pos, len(y))
-        if self.location == "disk":
+        if isinstance(self.x, np.memmap):  # location "disk"
+            assert self.path is not None  # __init__ checks that a disk cache has a path
             self.x.flush()
             labels = labels_file(self.path)
             # After the data is flushed: labels present means the cache is whole.
@@ -441,12 +444,12 @@ def dataset_sources(
                 "batches, learning-rate schedule and cache sizes assume that many; re-plan for "
                 "this data (or pass --force to run anyway)"
             )
-    meta = dict(input_shape=tuple(plan.model.input_shape), num_classes=plan.model.num_classes)
+    meta: dict[str, Any] = dict(input_shape=tuple(plan.model.input_shape), num_classes=plan.model.num_classes)
     mode = plan.data.mode if plan.data is not None else "stack"
-    shards = [None, None]
+    shards: list[torch.Tensor | None] = [None, None]
     if dist.enabled:  # this rank's shards: its caches hold only these
         shards = [shard_indices(len(train_set), dist, equal=True), shard_indices(len(val_set), dist, equal=False)]
-    out = []
+    out: list[StreamSource | TensorCache] = []
     for what, ds, shard in (("train", train_set, shards[0]), ("val", val_set, shards[1])):
         if mode == "stream":
             out.append(StreamSource(ds, what=what, workers=workers, indices=shard, **meta))

@@ -39,6 +39,7 @@ def export_onnx(module: nn.Module, input_shape: Sequence[int], path: Path | None
             report=False,
         )
     onnx_log.setLevel(level)
+    assert program is not None, "dynamo=True always returns the ONNXProgram"
     data = program.model_proto.SerializeToString()
     if path is not None:  # temp file and rename: a link at ``path`` is replaced, never written through
         atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -172,7 +172,7 @@ def trace(model: nn.Module, input_shape: Sequence[int] | None = None) -> fx.Grap
     except Exception as first:
         if input_shape is None:
             raise _failure(model, tracer, first) from first
-        graph, tracer, capture = _trace_with_shape(model, tuple(input_shape), first), None, "shape-specialized"
+        graph, capture = _trace_with_shape(model, tuple(input_shape), first), "shape-specialized"
     gm = fx.GraphModule(model, graph, type(model).__name__)
     # GraphModule keeps only the modules the graph calls; the planner's
     # policies look at the enclosing blocks, so keep the original at hand.

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -74,7 +74,7 @@ class ModelFile:
     """The module's import name when it was loaded as ``package.module:factory``."""
 
     @property
-    def source(self) -> str:
+    def source(self) -> Literal["file", "import"]:
         return "file" if self.import_name is None else "import"
 
     @property
@@ -239,7 +239,7 @@ class ModelObject:
 
     factory_name = "<object>"
     datasets_name = "<datasets>"
-    source = "object"
+    source: Literal["object"] = "object"
 
     def __init__(
         self,

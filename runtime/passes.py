@@ -92,7 +92,8 @@ def cache_through(
             labels.append(y.cpu())
     full = writer.finish(torch.cat(labels))
     n = len(train)
-    return TensorCache(full.x[:n], full.y[:n]), TensorCache(full.x[n:], full.y[n:])
+    # A slice of a np.memmap is a memmap (numpy's stubs say ndarray).
+    return TensorCache(full.x[:n], full.y[:n]), TensorCache(full.x[n:], full.y[n:])  # type: ignore[arg-type]
 
 
 def stage_input(

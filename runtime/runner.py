@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ from neuroflux.runtime.memory import (
     nvml_process_bytes,
     tracked_step,
 )
-from neuroflux.runtime.model_file import ModelObject
+from neuroflux.runtime.model_file import ModelFile, ModelObject
 from neuroflux.runtime.passes import eval_exits, stage_input
 from neuroflux.runtime.policy import (
     BlockState,
@@ -97,6 +97,7 @@ class Runner:
         self.out = cfg.out_dir
         self.device = torch_device(cfg.device)
         self.dist = from_env(self.device.type)
+        self.mf: ModelFile | ModelObject
         if source is not None:
             check_model_object(plan, source, force=cfg.force)
             self.mf = source
@@ -137,7 +138,7 @@ class Runner:
         finally:
             lock.release()
 
-    def _run_locked(self, ckpt: dict[str, Any] | None | bool = False) -> dict[str, Any]:
+    def _run_locked(self, ckpt: dict[str, Any] | None | Literal[False] = False) -> dict[str, Any]:
         t_start = time.perf_counter()
         if ckpt is False:  # not prepared by rank 0 already
             ckpt = (

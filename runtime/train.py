@@ -59,7 +59,7 @@ class UnitTrainer:
         total_steps: int,
         schedule: str,
         foreach: bool | None = None,
-        grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
+        grad_sync: Callable[[Sequence[torch.Tensor]], None] | None = None,
     ) -> None:
         self.unit = unit
         self.head = head

@@ -37,11 +37,11 @@ def _field_schema(name: str, tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
         key, value = typing.get_args(tp)
         assert key is str, "JSON object keys are strings"
         return {"type": "object", "additionalProperties": _field_schema(name, value, defs)}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         _add_def(tp, defs)
         return {"$ref": f"#/$defs/{tp.__name__}"}
     base = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"}, bool: {"type": "boolean"}}[tp]
-    out = dict(base)
+    out: dict[str, Any] = dict(base)
     if tp in (int, float) and name.endswith(_NONNEG_SUFFIXES):
         out["minimum"] = 0
     if name == "batch_size":
@@ -103,7 +103,7 @@ def _field_doc(cls: type, name: str) -> str:
     for i, stmt in enumerate(body):
         if isinstance(stmt, ast.AnnAssign) and getattr(stmt.target, "id", None) == name:
             nxt = body[i + 1] if i + 1 < len(body) else None
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 return " ".join(str(nxt.value.value).split())
     return ""
 

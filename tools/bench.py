@@ -28,7 +28,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.datasets import DATA_ENV
@@ -158,7 +158,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any] | None:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    device = "cpu" if args.dry_run else args.device
+    device: Literal["auto", "cuda", "cpu"] = "cpu" if args.dry_run else args.device  # --device's choices
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():

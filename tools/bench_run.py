@@ -13,12 +13,15 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.datasets import DATA_ENV, LIMIT_ENV
 from neuroflux.tools.bench_cells import ROOT, Cell, model_path
 from neuroflux.tools.bench_report import compare_runs, save_results
+
+if TYPE_CHECKING:
+    from neuroflux.runtime.config import Method
 
 #: Dry runs: overrides every cell's data limit (tiny data, one step per epoch).
 DRY_LIMIT_ENV = "NEUROFLUX_DRY_LIMIT"
@@ -30,7 +33,7 @@ __all__ = ["DRY_LIMIT_ENV", "BenchOptions", "restored_env", "run_bench", "run_ce
 class BenchOptions:
     """What every cell of one invocation shares: devices, the solver's limit, prepared plans, dry-run cuts."""
 
-    device: str = "cpu"
+    device: Literal["cpu", "cuda"] = "cpu"
     """Where the runs execute (resolved: cpu or cuda)."""
     target: float | None = None
     """Val accuracy for time-to-target (None: BP's final accuracy minus one point)."""
@@ -75,7 +78,8 @@ def _run_one(plan_path: Path, method: str, out: Path, opts: BenchOptions) -> dic
     from neuroflux.schemas import load_plan
 
     plan = load_plan(plan_path)
-    runtime_method = "neuroflux" if method.startswith("neuroflux") else method
+    # A label is one of METHODS (nf-bench's --methods choices) or an ablation "neuroflux (...)".
+    runtime_method = cast("Method", "neuroflux" if method.startswith("neuroflux") else method)
     s = run_plan(
         plan,
         plan_path,
@@ -103,8 +107,8 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
                 f"no prepared plans for cell {cell.name} in {opts.plans}; run nf-bench --plan-only first"
             )
         try:
-            index = json.loads(index_path.read_text())
-            if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
+            prepared = json.loads(index_path.read_text())
+            if not isinstance(prepared, dict) or not all(isinstance(v, str) for v in prepared.values()):
                 raise ValueError("not an object of label -> plan file")
         except (ValueError, UnicodeDecodeError) as e:
             raise NeuroFluxError(
@@ -113,14 +117,14 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
             ) from None
         return {
             label: (index_path.parent / v if not v.startswith("error:") else NeuroFluxError(v[6:]))
-            for label, v in index.items()
+            for label, v in prepared.items()
         }
     from neuroflux.planner.budget import parse_bytes
     from neuroflux.planner.build import make_plan_shared
     from neuroflux.planner.config import PlanConfig
     from neuroflux.schemas import save_plan
 
-    wanted = [("neuroflux", "optimal", ())]
+    wanted: list[tuple[str, str, tuple[tuple[str, Any], ...]]] = [("neuroflux", "optimal", ())]
     if "neuroflux-greedy" in cell.methods:
         wanted.append(("neuroflux-greedy", "greedy", ()))
     wanted += [(f"neuroflux ({label})", "optimal", overrides) for label, overrides in cell.variants]

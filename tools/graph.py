@@ -8,14 +8,14 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import networkx as nx
 
 from neuroflux.charts import bar_chart
 from neuroflux.common import format_mib, speed_verdict
 from neuroflux.errors import NeuroFluxError
-from neuroflux.schemas.plan import Plan
+from neuroflux.schemas.plan import AuxHead, Plan
 from neuroflux.schemas.summary import load_summary
 
 __all__ = ["FORMATS", "unit_graph", "write_dot", "write_graphml", "write_onnx", "write_html", "format_for"]
@@ -91,17 +91,18 @@ def write_dot(plan: Plan, path: Path) -> None:
             style="filled",
             fillcolor="#eef3fb" if b.index % 2 == 0 else "#fbf3ea",
         )
-        dot.add_subgraph(bc)
+        dot.add_subgraph(bc)  # type: ignore[arg-type]  # pydot annotates Subgraph; it takes a Cluster too
         for name in b.units:
             u = plan.unit(name)
             width = "model head" if u.aux is None else f"aux {u.aux.kind} {u.aux.width}"
             uc = pydot.Cluster(f"unit_{name}", label=f"{name} ({width})", style="dashed")
-            bc.add_subgraph(uc)
+            bc.add_subgraph(uc)  # type: ignore[arg-type]  # pydot annotates Subgraph; it takes a Cluster too
             clusters[name] = uc
     for node, a in g.nodes(data=True):
         attrs = {k: str(v) for k, v in a.items()}
         label = f"{node}\\n{a['target']}" + (f"\\n{a['shape']}" if a["shape"] else "")
-        pn = pydot.Node(node, label=label, **{k: _dot_quote(v) for k, v in attrs.items()})
+        quoted: dict[str, Any] = {k: _dot_quote(v) for k, v in attrs.items()}
+        pn = pydot.Node(node, label=label, **quoted)
         (clusters[a["unit"]] if "unit" in a else dot).add_node(pn)
     for s, d in g.edges:
         dot.add_edge(pydot.Edge(s, d))
@@ -121,7 +122,8 @@ def write_onnx(plan: Plan, plan_path: Path | None, path: Path, *, force: bool = 
     from neuroflux.runtime.assemble import assemble, open_model_file
     from neuroflux.runtime.export import export_onnx
 
-    asm = assemble(plan, source if source is not None else open_model_file(plan, plan_path, force=force))
+    # Without a source the model file is opened beside the plan: nf-graph passes its path.
+    asm = assemble(plan, source if source is not None else open_model_file(plan, cast(Path, plan_path), force=force))
     block_of = {u: b.index for b in plan.blocks for u in b.units}
     merged = None
     last = len(plan.units) - 1
@@ -170,13 +172,16 @@ def _load_run(run_dir: Path | None):
     return load_summary(run_dir)
 
 
+def _head_label(aux: AuxHead | None) -> str:
+    return "model head" if aux is None else f"{aux.kind} {aux.width}"
+
+
 def _block_rows(plan: Plan, measured: dict, exit_acc: dict[str, float]) -> list[str]:
     """The blocks table's rows: heads (with exit accuracies after a run), batch, epochs, peak and time."""
     rows = []
     for b in plan.blocks:
         heads = ", ".join(
-            f"{u}: {'model head' if plan.unit(u).aux is None else f'{plan.unit(u).aux.kind} {plan.unit(u).aux.width}'}"
-            + (f" ({exit_acc[u]:.1%})" if u in exit_acc else "")
+            f"{u}: {_head_label(plan.unit(u).aux)}" + (f" ({exit_acc[u]:.1%})" if u in exit_acc else "")
             for u in b.units
         )
         m = measured.get(b.index)
