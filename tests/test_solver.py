@@ -359,3 +359,29 @@ def test_recompute_always_plans_when_one_unit_fits() -> None:
 
     assert recompute_time_s(p, 0, 2, 16) == pytest.approx(2 * 160 * 2e-5 + 20 * 2e-4)
     assert solve_dp(dataclasses.replace(p, boundaries=("ram",))).status == "infeasible"
+
+
+def test_a_cpsat_timeout_falls_back_to_a_greedy_plan_that_recomputes(monkeypatch) -> None:
+    """With no dynamic-program plan, a greedy plan with a recompute boundary
+    cannot seed CP-SAT (outside its all-RAM model) but is still the plan
+    written when CP-SAT times out: never "no plan" when one exists."""
+    from neuroflux.planner import solve as engines
+    from neuroflux.planner.config import PlanConfig
+    from neuroflux.planner.problem import BlockChoice, Solution
+
+    p = dataclasses.replace(random_problem(random.Random(3), n=3), boundaries=("ram", "recompute"))
+    blocks = (
+        BlockChoice(start=0, end=0, batch_size=8, boundary="recompute"),
+        BlockChoice(start=1, end=2, batch_size=8),
+    )
+    greedy = Solution(status="feasible", blocks=blocks, options=(0, 0, 0), time_s=1.0)
+    hints = []
+    monkeypatch.setattr(engines, "solve_greedy", lambda problem: greedy)
+    monkeypatch.setattr(engines, "solve_dp", lambda *a, **k: None)
+    monkeypatch.setattr(
+        engines, "solve_cpsat", lambda *a, hint=None, **k: hints.append(hint) or Solution(status="timeout")
+    )
+    sol, engine = engines.solve(p, PlanConfig.from_options(budget_bytes=1, budget_text="1"))
+    assert hints == [None], "a plan with a recompute boundary is no hint for CP-SAT"
+    assert engine == "greedy" and sol.status == "feasible" and sol.blocks == blocks
+    assert "CP-SAT timed out" in sol.message
