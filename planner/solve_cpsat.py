@@ -26,10 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ortools.sat.python import cp_model
+from typing import Any
 
 from neuroflux.planner.problem import (
     BlockChoice,
@@ -74,22 +71,34 @@ class SolverConfig:
             raise ValueError("tie_tolerance must be in [0, 1)")
 
 
-def solve_cpsat(p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solution | None = None) -> Solution:
+def solve_cpsat(
+    p: Problem, config: SolverConfig = SolverConfig(), *, hint: Solution | None = None, proven: bool = False
+) -> Solution:
     """Optimal all-RAM-cache plan for ``p``. ``hint`` (e.g. the dynamic
     program's plan) seeds the search.
 
     Phase 1 minimises predicted time; phase 2 keeps the time within
-    ``tie_tolerance`` of it and widens heads (the accuracy rule)."""
+    ``tie_tolerance`` of it and widens heads (the accuracy rule). ``proven``:
+    ``hint`` is a least-time plan already (the dynamic program's, without
+    widening), so phase 1 takes it instead of proving it again."""
     from ortools.sat.python import cp_model  # here: importing OR-Tools costs 0.3 s, and deep networks never need it
 
     t0 = time.perf_counter()
     model = _build_model(p, cp_model)
+    values = None
     if hint is not None and hint.status in ("feasible", "optimal"):
-        _add_hint(model.m, p, hint, model.seg, model.z)
-    solver = _solver(cp_model, config, config.time_limit_s)
-    status = solver.solve(model.m)
+        values = _hint_values(p, hint, model)
+        for var, value in (values or {}).items():
+            model.m.add_hint(var, value)
+    solver: Any
+    if proven and values is not None and hint is not None and hint.status == "optimal":
+        solver, status = _Assignment(values, model.costs), cp_model.OPTIMAL
+        stats = {"phase1_wall_s": 0.0, "phase1_branches": 0.0}
+    else:
+        solver = _solver(cp_model, config, config.time_limit_s)
+        status = solver.solve(model.m)
+        stats = {"phase1_wall_s": solver.wall_time, "phase1_branches": float(solver.num_branches)}
     n_vars, n_cons = len(model.m.proto.variables), len(model.m.proto.constraints)
-    stats = {"phase1_wall_s": solver.wall_time, "phase1_branches": float(solver.num_branches)}
     failed: dict[str, Any] = dict(wall_time_s=0.0, num_variables=n_vars, num_constraints=n_cons, stats=stats)
     if status == cp_model.INFEASIBLE or (status == cp_model.UNKNOWN and not model.seg):
         failed["wall_time_s"] = time.perf_counter() - t0
@@ -146,6 +155,8 @@ class _Model:
     """z[u, k, o]: unit u takes option o, its block running at batch k."""
     time_expr: Any
     """Predicted time in microseconds (the phase-1 objective)."""
+    costs: list[tuple[Any, int]]
+    """The objective's terms: (variable, microseconds when it is true)."""
 
 
 def _possible_blocks(p: Problem) -> list[tuple[int, int, int]]:
@@ -195,14 +206,13 @@ def _build_model(p: Problem, cp_model) -> _Model:
             m.add(static + dyn <= p.cap_bytes).only_enforce_if(var)
     if p.max_blocks is not None:
         m.add(sum(seg.values()) <= p.max_blocks)
-    train_terms = [
-        round(block_steps(p, p.batch_sizes[k]) * p.units[u].options[o].step_s(p.batch_sizes[k]) * _US) * var
+    costs = [
+        (var, round(block_steps(p, p.batch_sizes[k]) * p.units[u].options[o].step_s(p.batch_sizes[k]) * _US))
         for (u, k, o), var in z.items()
-    ]
-    pass_terms = [round(pass_time_s(p, s, e) * _US) * var for (s, e, k), var in seg.items()]
-    time_expr = sum(train_terms) + sum(pass_terms)
+    ] + [(var, round(pass_time_s(p, s, e) * _US)) for (s, e, k), var in seg.items()]
+    time_expr = sum(c * var for var, c in costs)
     m.minimize(time_expr)
-    return _Model(m=m, seg=seg, z=z, time_expr=time_expr)
+    return _Model(m=m, seg=seg, z=z, time_expr=time_expr, costs=costs)
 
 
 def _solver(cp_model, config: SolverConfig, time_limit_s: float):
@@ -234,12 +244,26 @@ def _widen_heads(model: _Model, solver, config: SolverConfig, cp_model, stats: d
     return solver, "skipped"
 
 
-def _add_hint(m: cp_model.CpModel, p: Problem, hint: Solution, seg: dict, z: dict) -> None:
+def _hint_values(p: Problem, hint: Solution, model: _Model) -> dict[Any, bool] | None:
+    """Every variable's value in ``hint``'s plan; None when the plan has a
+    block outside the model (a block the prefilter removed)."""
     chosen = {(b.start, b.end, p.batch_sizes.index(b.batch_size)) for b in hint.blocks}
-    if not chosen <= set(seg):
-        return
+    if not chosen <= set(model.seg):
+        return None
     batch_of = {u: p.batch_sizes.index(b.batch_size) for b in hint.blocks for u in range(b.start, b.end + 1)}
-    for key, var in seg.items():
-        m.add_hint(var, key in chosen)
-    for (u, k, o), var in z.items():
-        m.add_hint(var, batch_of[u] == k and hint.options[u] == o)
+    values = {var: key in chosen for key, var in model.seg.items()}
+    values.update({var: batch_of[u] == k and hint.options[u] == o for (u, k, o), var in model.z.items()})
+    return values
+
+
+class _Assignment:
+    """Phase 1's result when it is known already (a least-time plan proven
+    by the dynamic program): read as a solved CpSolver is."""
+
+    def __init__(self, values: dict[Any, bool], costs: list[tuple[Any, int]]) -> None:
+        self._values = {var.index: value for var, value in values.items()}
+        self.objective_value = float(sum(c for var, c in costs if self._values[var.index]))
+        self.best_objective_bound = self.objective_value
+
+    def boolean_value(self, var: Any) -> bool:
+        return self._values[var.index]

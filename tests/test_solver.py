@@ -385,3 +385,21 @@ def test_a_cpsat_timeout_falls_back_to_a_greedy_plan_that_recomputes(monkeypatch
     assert hints == [None], "a plan with a recompute boundary is no hint for CP-SAT"
     assert engine == "greedy" and sol.status == "feasible" and sol.blocks == blocks
     assert "CP-SAT timed out" in sol.message
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cpsat_taking_the_dps_least_time_plan_as_phase_one_plans_the_same(seed: int) -> None:
+    """``proven=True``: CP-SAT skips phase 1 (the dynamic program proved the
+    least time) and widens heads from there; the plan is as good as when
+    CP-SAT proves phase 1 itself, in time and in heads."""
+    p = random_problem(random.Random(3000 + seed), n=4, monotone=True)
+    least = solve_dp(p)
+    if least is None or least.status != "optimal":
+        pytest.skip("no feasible plan for this instance")
+    cfg = SolverConfig(time_limit_s=20, seed=0, workers=2, tie_tolerance=0.1)
+    full = solve_cpsat(p, cfg, hint=least)
+    skipped = solve_cpsat(p, cfg, hint=least, proven=True)
+    assert check_solution(p, skipped) == [] and skipped.status == "optimal"
+    assert skipped.stats["phase1_wall_s"] == 0.0
+    assert sum(skipped.options) == sum(full.options)
+    assert skipped.time_s == pytest.approx(full.time_s, rel=1e-6)
