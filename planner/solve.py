@@ -58,8 +58,9 @@ def solve(problem: Problem, cfg: PlanConfig) -> tuple[Solution, Engine]:
     # in RAM, it is CP-SAT's phase-1 optimum too (the DP searched a superset of
     # CP-SAT's model), so phase 1 takes it instead of proving it again.
     least = solve_dp(problem, tie_tolerance=0.0) if dp is not None and tie_tolerance > 0 else dp
-    hint: Solution | None = least if least is not None else greedy
-    if hint.status in ("feasible", "optimal") and any(b.boundary != "ram" for b in hint.blocks[:-1]):
+    first = least if least is not None else greedy
+    hint: Solution | None = first
+    if first.status in ("feasible", "optimal") and any(b.boundary != "ram" for b in first.blocks[:-1]):
         hint = None  # CP-SAT cannot take a hint outside its model; ``seed`` is still the fallback
     proven = hint is not None and hint is least and hint.status == "optimal"
     solver_cfg = SolverConfig(time_limit_s=search.time_limit_s, seed=cfg.seed, tie_tolerance=tie_tolerance)

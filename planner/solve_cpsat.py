@@ -85,19 +85,7 @@ def solve_cpsat(
 
     t0 = time.perf_counter()
     model = _build_model(p, cp_model)
-    values = None
-    if hint is not None and hint.status in ("feasible", "optimal"):
-        values = _hint_values(p, hint, model)
-        for var, value in (values or {}).items():
-            model.m.add_hint(var, value)
-    solver: Any
-    if proven and values is not None and hint is not None and hint.status == "optimal":
-        solver, status = _Assignment(values, model.costs), cp_model.OPTIMAL
-        stats = {"phase1_wall_s": 0.0, "phase1_branches": 0.0}
-    else:
-        solver = _solver(cp_model, config, config.time_limit_s)
-        status = solver.solve(model.m)
-        stats = {"phase1_wall_s": solver.wall_time, "phase1_branches": float(solver.num_branches)}
+    solver, status, stats = _phase_one(p, model, config, cp_model, hint=hint, proven=proven)
     n_vars, n_cons = len(model.m.proto.variables), len(model.m.proto.constraints)
     failed: dict[str, Any] = dict(wall_time_s=0.0, num_variables=n_vars, num_constraints=n_cons, stats=stats)
     if status == cp_model.INFEASIBLE or (status == cp_model.UNKNOWN and not model.seg):
@@ -112,6 +100,42 @@ def solve_cpsat(
             **failed,
         )
     chosen, widths_status = _widen_heads(model, solver, config, cp_model, stats)
+    blocks, options = _read_plan(p, model, chosen)
+    return Solution(
+        status="optimal" if status == cp_model.OPTIMAL else "feasible",
+        widths_status=widths_status,
+        blocks=tuple(blocks),
+        options=options,
+        time_s=plan_time_s(p, blocks, options),
+        # CP-SAT reports a negative bound when it stops before bounding (seen
+        # under load at the time limit); every term of the objective is >= 0.
+        lower_bound_s=max(0.0, solver.best_objective_bound / _US),
+        wall_time_s=time.perf_counter() - t0,
+        num_variables=n_vars,
+        num_constraints=n_cons,
+        stats=stats,
+    )
+
+
+def _phase_one(
+    p: Problem, model: _Model, config: SolverConfig, cp_model: Any, *, hint: Solution | None, proven: bool
+) -> tuple[Any, Any, dict[str, float]]:
+    """Phase 1 (least time), hinted: (what to read the solution from, its
+    status, statistics). A ``proven`` least-time hint is taken as it is."""
+    values = None
+    if hint is not None and hint.status in ("feasible", "optimal"):
+        values = _hint_values(p, hint, model)
+        for var, value in (values or {}).items():
+            model.m.add_hint(var, value)
+    if proven and values is not None and hint is not None and hint.status == "optimal":
+        return _Assignment(values, model.costs), cp_model.OPTIMAL, {"phase1_wall_s": 0.0, "phase1_branches": 0.0}
+    solver = _solver(cp_model, config, config.time_limit_s)
+    status = solver.solve(model.m)
+    return solver, status, {"phase1_wall_s": solver.wall_time, "phase1_branches": float(solver.num_branches)}
+
+
+def _read_plan(p: Problem, model: _Model, chosen: Any) -> tuple[list[BlockChoice], tuple[int, ...]]:
+    """The blocks and each unit's option in the solution ``chosen`` holds."""
     blocks = sorted(
         (
             BlockChoice(start=s, end=e, batch_size=p.batch_sizes[k])
@@ -129,20 +153,7 @@ def solve_cpsat(
         )
         for u in range(p.n)
     )
-    return Solution(
-        status="optimal" if status == cp_model.OPTIMAL else "feasible",
-        widths_status=widths_status,
-        blocks=tuple(blocks),
-        options=options,
-        time_s=plan_time_s(p, blocks, options),
-        # CP-SAT reports a negative bound when it stops before bounding (seen
-        # under load at the time limit); every term of the objective is >= 0.
-        lower_bound_s=max(0.0, solver.best_objective_bound / _US),
-        wall_time_s=time.perf_counter() - t0,
-        num_variables=n_vars,
-        num_constraints=n_cons,
-        stats=stats,
-    )
+    return blocks, options
 
 
 @dataclass
