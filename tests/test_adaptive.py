@@ -19,6 +19,9 @@ from neuroflux.runtime.policy import (
 )
 from neuroflux.runtime.runner import RunConfig, Runner, run_plan
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 TOL = 0.005
 
 

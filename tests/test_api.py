@@ -20,6 +20,9 @@ from neuroflux.planner.cli import main as nf_plan
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.schemas import load_plan
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 TINY = Path(__file__).resolve().parent / "tiny_model.py"
 FIXED = dict(device_flops_per_s=1e11, op_overhead_s=5e-6, time_limit_s=10)
 CLI_FIXED = ["--device-tflops", "0.1", "--op-overhead-us", "5", "--time-limit", "10", "--device", "cpu", "-q"]

@@ -15,6 +15,9 @@ from neuroflux.tools.bench import main as nf_bench
 from neuroflux.tools.bench_cells import METHODS, PRESETS, model_path, resolve_cells
 from neuroflux.tools.bench_report import time_to_target
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def test_smoke_benchmark_reports_every_method(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("NEUROFLUX_DATA", raising=False)

@@ -82,6 +82,7 @@ def test_shape_arithmetic_falls_back_and_keeps_module_names(tmp_path: Path) -> N
         torch.testing.assert_close(gm(x), model(x))
 
 
+@pytest.mark.slow
 def test_shape_model_plans_trains_and_exports(tmp_path: Path) -> None:
     from neuroflux.runtime.runner import RunConfig, run_plan
     from neuroflux.tools.graph_cli import main as nf_graph
@@ -117,6 +118,7 @@ def test_a_batch_fixed_into_the_graph_is_refused(tmp_path: Path) -> None:
         trace(model, (1, 12, 12))
 
 
+@pytest.mark.slow
 def test_zoo_shufflenet_plans(tmp_path: Path) -> None:
     result, _ = plan_for(
         ROOT / "examples" / "shufflenetv2.py", tmp_path, budget=200 * 2**20, train_size=512, val_size=128

@@ -25,6 +25,9 @@ from neuroflux.planner.device_profile import (
 from neuroflux.runtime.train import UnitTrainer
 from neuroflux.schemas import load_plan, plan_from_dict, plan_to_dict
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def test_cpu_calibration_is_exact() -> None:
     """The fake-tensor prediction of a reference step equals MemTracker's

@@ -25,6 +25,9 @@ from neuroflux.runtime.model_file import load_model_file
 from neuroflux.runtime.modules import Chain
 from neuroflux.schemas import load_plan
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 #: The tests' tiny model without BatchNorm: with it, per-rank batch statistics
 #: would (rightly, as with DistributedDataParallel) differ from one process's.
 NO_BN = (

@@ -13,6 +13,9 @@ import pytest
 from conftest import SHARED_DATA
 from helpers import ROOT
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.is_file(), reason="needs ../shared/data/fashion_mnist.npz")

@@ -37,6 +37,7 @@ def resnet_plan(tmp_path_factory):
     return result.plan, path
 
 
+@pytest.mark.slow
 def test_onnx_checks_matches_torch_and_names_units(resnet_plan, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     plan, path = resnet_plan
@@ -67,6 +68,7 @@ def plan_edges(plan) -> set[tuple[str, str]]:
     return {(e.src, e.dst) for e in plan.graph_edges}
 
 
+@pytest.mark.slow
 def test_graphml_and_dot_round_trip(resnet_plan, tmp_path: Path) -> None:
     plan, path = resnet_plan
     assert nf_graph([str(path), "-o", str(tmp_path / "g.graphml")]) == 0
@@ -159,6 +161,7 @@ def test_html_has_one_bar_per_block_and_overlays_a_run(resnet_plan, tmp_path: Pa
     assert 'class="bar meas"' not in out.read_text(), "the plan-only page is left as it was"
 
 
+@pytest.mark.slow
 def test_html_report_in_headless_chromium(resnet_plan, tmp_path: Path) -> None:
     """What a person sees in a real browser: the blocks table, one blue bar
     per block in each chart (peak memory, time), and the red budget line.

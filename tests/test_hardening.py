@@ -14,6 +14,9 @@ from helpers import tiny_plan
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.run_dir import RunLock
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
     rc = nf_run([*argv, "--device", "cpu", "--no-onnx", "-q"])

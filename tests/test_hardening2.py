@@ -22,6 +22,9 @@ from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.runner import RunConfig, Runner, run_plan
 from neuroflux.schemas import PlanError, load_plan
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).resolve().parent
 
 

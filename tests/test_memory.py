@@ -12,6 +12,9 @@ from neuroflux.runtime.assemble import assemble
 from neuroflux.runtime.model_file import load_model_file
 from neuroflux.runtime.train import UnitTrainer, block_step
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def measured_block_peak(plan, asm, block) -> int:
     idx = [u.index for u in plan.units if u.name in block.units]

@@ -14,6 +14,9 @@ from neuroflux.planner.cli import main as nf_plan
 from neuroflux.schemas import load_plan, schema
 from neuroflux.schemas.generate import generate_schema
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 ZOO = ["small_cnn", "vgg11", "vgg16", "resnet18", "resnet34", "mobilenetv2"]
 
 

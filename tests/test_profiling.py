@@ -32,6 +32,9 @@ from neuroflux.runtime.model_file import load_model_file
 from neuroflux.runtime.modules import CheckpointedChain
 from neuroflux.runtime.train import UnitTrainer
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def _units(model: str, fake: FakeTensorMode):
     mf = load_model_file(ROOT / "examples" / f"{model}.py")

@@ -19,6 +19,9 @@ from neuroflux.runtime.data import StreamSource
 from neuroflux.runtime.runner import RunConfig, Runner, run_plan
 from neuroflux.schemas import load_plan
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).resolve().parent
 
 

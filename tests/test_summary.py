@@ -17,6 +17,9 @@ from neuroflux.runtime.runner import RunConfig, run_plan
 from neuroflux.schemas import RunSummary, load_summary
 from neuroflux.schemas.generate import generate_summary_schema
 
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def test_committed_summary_schema_matches_the_records() -> None:
     committed = json.loads((ROOT / "schemas" / "summary.schema.json").read_text())
