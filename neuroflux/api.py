@@ -182,6 +182,7 @@ def train(
     """
     from neuroflux.runtime.assemble import load_final_model
     from neuroflux.runtime.model_file import ModelObject
+    from neuroflux.runtime.progress import progress_bars
     from neuroflux.runtime.runner import RunConfig, run_plan
 
     _check_train_args(
@@ -201,7 +202,7 @@ def train(
         if out is not None
         else Path("runs") / f"{source.path.stem.strip('<>').split()[0]}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    bar = _bars() if progress is True else (_callback_bars(progress) if progress else None)
+    bar = progress_bars(enabled=True) if progress is True else (_callback_bars(progress) if progress else None)
     cfg = RunConfig(
         out_dir=out,
         method=method,
@@ -240,14 +241,6 @@ def _check_train_args(
         plan_from_dict(plan_to_dict(plan))  # the schema and every consistency check, as for a file
     except NeuroFluxError as e:
         raise ValueError(f"the plan is not valid: {e}") from None
-
-
-def _bars() -> Callable[..., Any]:
-    import sys
-
-    from tqdm import tqdm
-
-    return lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, disable=None, **kw)
 
 
 class _CallbackBar:

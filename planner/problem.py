@@ -1,8 +1,9 @@
 """The planning problem as plain typed data: no torch, no solver.
 
 The front end (``trace``, ``profile``) turns a model into a ``Problem``; every
-strategy (CP-SAT, greedy, the brute-force reference in the tests) turns a
-``Problem`` into a ``Solution``, evaluated by the same functions here.
+strategy (the exact dynamic program, CP-SAT, greedy, the brute-force
+reference in the tests) turns a ``Problem`` into a ``Solution``, evaluated by
+the same functions here.
 
 Cost model, for a block of units ``s..e`` trained at batch ``b`` with aux
 option ``o_u`` per unit:

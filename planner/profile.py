@@ -1,11 +1,16 @@
-"""Profiling training steps: memory from fake tensors, time from FLOPs or
-measurement.
+"""Profiling training steps: memory from meta and fake tensors, time from
+FLOPs or measurement.
 
 Memory: a training step (forward, cross-entropy, backward, SGD step,
-``zero_grad(set_to_none=True)``) runs on fake tensors under PyTorch's own
-``MemTracker``, so planning needs no real memory and no GPU. Two batch sizes
-give ``dyn_fixed + dyn_per_sample * b`` exactly (fake-tensor accounting is
-linear in the batch); ``static`` is params, buffers and optimizer state.
+``zero_grad(set_to_none=True)``) runs on meta copies of the unit and its heads
+(on fake tensors where an op has no meta kernel) under ``StepMeter``
+(``step_meter.py``), which keeps the live-storage accounting PyTorch's
+``MemTracker`` keeps, so planning needs no real memory and no GPU. Two batch
+sizes give ``dyn_fixed + dyn_per_sample * b`` exactly (the accounting is
+linear in the batch); ``static`` is params, buffers and optimizer state. A
+unit's steps with several heads are composed from one step of the unit and
+one of each head alone (``profile_unit_options``); an inference forward (a
+recomputed prefix) is profiled apart (``profile_forward``).
 What the numbers cover: tensor memory seen by the allocator. Not covered:
 the CUDA context, cuDNN/cuBLAS workspaces and allocator fragmentation, which
 the plan's safety margin absorbs.

@@ -1,7 +1,7 @@
 """A run's progress: the typed record the runner updates as it trains, and
 its JSON form, the ``state`` of ``checkpoint.pt``.
 
-The JSON form is the one ``neuroflux.schemas.summary.RunState`` describes
+The JSON form is the one ``neuroflux.schemas.summary.RunStateJSON`` describes
 and ``check_run_state`` checks on load; ``to_json`` writes it key for key
 as earlier versions did, and ``from_json`` reads what they wrote (fields
 they did not have take their starting values)."""

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from neuroflux.common import atomic_write
+from neuroflux.common import atomic_write_json
 from neuroflux.errors import NeuroFluxError
 from neuroflux.schemas.blocks import AuxHead, Block, BlockInput, CacheSpec, Unit, UnitProfile
 from neuroflux.schemas.estimates import Baseline, Baselines, Predicted, ProfileInfo, SolverInfo
@@ -265,7 +265,7 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
     """Validate and write atomically (temp file, then rename)."""
     data = plan_to_dict(plan)
     _validate(data)
-    _atomic_write_text(Path(path), json.dumps(data, indent=1) + "\n")
+    atomic_write_json(data, path)
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
@@ -311,11 +311,3 @@ def _check_version(data: dict[str, Any]) -> None:
 
 def _validate(data: dict[str, Any]) -> None:
     validate_record(data, schema(), what="plan", fix="re-create it with nf-plan", error=PlanError)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)

@@ -26,7 +26,7 @@ __all__ = [
     "Stopping",
     "Throughput",
     "RunSummary",
-    "RunState",
+    "RunStateJSON",
     "load_summary",
     "summary_from_dict",
     "summary_to_dict",
@@ -161,7 +161,7 @@ def load_summary(path: str | os.PathLike[str]) -> RunSummary:
     return summary_from_dict(data)
 
 
-class RunState(TypedDict, total=False):
+class RunStateJSON(TypedDict, total=False):
     """What a checkpoint carries of a run's progress (``checkpoint.pt``'s
     ``state``): enough to resume exactly where it stopped."""
 
@@ -194,15 +194,15 @@ class RunState(TypedDict, total=False):
 _REQUIRED_STATE = {"done": list, "epoch": int, "exit_acc": dict, "elapsed_s": float, "train_s": float}
 
 
-def check_run_state(state: Any, where: str) -> RunState:
-    """``state`` if it has RunState's required fields with their types; else a NeuroFluxError."""
+def check_run_state(state: Any, where: str) -> RunStateJSON:
+    """``state`` if it has RunStateJSON's required fields with their types; else a NeuroFluxError."""
     if not isinstance(state, dict):
         raise NeuroFluxError(f"{where}: the run state is a {type(state).__name__}, not a record")
     for key, tp in _REQUIRED_STATE.items():
         value = state.get(key)
         if not isinstance(value, tp) and not (tp is float and isinstance(value, int)):
             raise NeuroFluxError(f"{where}: state.{key} is missing or not a {tp.__name__}")
-    unknown = set(state) - set(RunState.__annotations__)
+    unknown = set(state) - set(RunStateJSON.__annotations__)
     if unknown:
         raise NeuroFluxError(f"{where}: unknown state field(s) {sorted(unknown)}")
     return state  # type: ignore[return-value]
