@@ -76,12 +76,15 @@ class BlockCaches:
 
     @torch.inference_mode()
     def restore(self, stages: list[Stage], *, start: int, asm: Assembled, state: RunState) -> None:
-        """The caches the remaining stages read, after a resume: a disk cache
-        whose file is intact is opened; any other is recomputed from the
-        dataset through the finished blocks (inference only, no training)."""
+        """The caches of finished blocks that the remaining stages read, after
+        a resume: a disk cache whose file is intact is opened; any other is
+        recomputed from the dataset through the finished blocks (inference
+        only, no training). A block not trained yet writes its cache when it
+        has trained, as in an uninterrupted run."""
         raw = self.sources[None]
         n_train, n_val = len(raw[0]), len(raw[1])
-        for j in sorted(_needed(stages, start - 1)):
+        finished = {s.index for s in stages[:start]}
+        for j in sorted(_needed(stages, start - 1) & finished):
             spec, blk = self.plan.blocks[j].cache, self.plan.blocks[j]
             assert spec is not None  # a stage reads from block j's cache
             shape = tuple(self.plan.unit(blk.units[-1]).output_shape)

@@ -203,10 +203,11 @@ def test_prefer_best_keeps_the_most_accurate_exit(tmp_path: Path, monkeypatch) -
     assert s["final_params"] < s["original_params"]
 
 
-def test_resume_rebuilds_a_ram_cache_and_ends_as_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
+def test_resume_rebuilds_a_ram_cache_and_ends_as_an_uninterrupted_run(tmp_path: Path, monkeypatch, caplog) -> None:
     """A RAM cache dies with the process: resuming after block 0 recomputes
     block 0's outputs from its checkpointed weights, and block 1 then trains
-    on exactly what it would have seen."""
+    on exactly what it would have seen. Block 1's own cache is not rebuilt
+    through its untrained units (it is written when block 1 has trained)."""
     plan, path, _ = tiny_plan(tmp_path, epochs=1, patience=10, cache_location="ram")
     assert len(plan.blocks) == 3 and plan.blocks[0].cache.location == "ram"
     ref = run_plan(plan, path, RunConfig(out_dir=tmp_path / "ref", device="cpu", export_onnx=False))
@@ -225,7 +226,10 @@ def test_resume_rebuilds_a_ram_cache_and_ends_as_an_uninterrupted_run(tmp_path: 
         run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
     assert ran == [0] and not (tmp_path / "run" / "summary.json").exists()
     monkeypatch.setattr(Runner, "_run_stage", original)
-    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False, resume=True))
+    with caplog.at_level("INFO", logger="neuroflux.runtime.caches"):
+        s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False, resume=True))
+    rebuilt = [r.getMessage() for r in caplog.records if "recomputing the output cache" in r.getMessage()]
+    assert rebuilt == ["recomputing the output cache of block 0 from the finished blocks"], rebuilt
     assert s["exit_accuracies"] == ref["exit_accuracies"]
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["block"] for r in recs if r["event"] == "epoch"] == [0, 1, 2], "block 0 is not trained again"
