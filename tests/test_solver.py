@@ -11,6 +11,7 @@ from reference import brute_force
 from neuroflux.planner.problem import (
     AuxOption,
     Problem,
+    Solution,
     UnitCost,
     candidate_batch_sizes,
     check_solution,
@@ -236,14 +237,22 @@ def test_dp_plans_crossing_options_like_brute_force(seed: int) -> None:
     p = dataclasses.replace(p, units=tuple(units))
     crossing = [u for u in p.units if len(u.options) > 1]
     assert all(o.dyn_fixed_bytes > u.options[0].dyn_fixed_bytes for u in crossing for o in u.options[1:])
+    _dp_matches_brute_force(p)
+
+
+def _dp_matches_brute_force(p: Problem) -> Solution | None:
+    """The dynamic program plans ``p`` (it has a lightest option per unit),
+    finds the brute force's least time, and its plan is valid; returns the
+    plan (None where no plan exists)."""
     ref = brute_force(p)
     sol = solve_dp(p)
     assert sol is not None
     if ref is None:
         assert sol.status == "infeasible"
-        return
-    assert sol.status == "optimal" and check_solution(p, sol) == []
+        return None
+    assert sol.status == "optimal" and check_solution(p, sol) == [], check_solution(p, sol)
     assert sol.time_s == pytest.approx(ref[0], rel=1e-9)
+    return sol
 
 
 def test_dp_widening_stays_within_the_tolerance_and_fits() -> None:
@@ -287,14 +296,9 @@ def test_dp_with_boundaries_matches_brute_force(seed: int) -> None:
     finds the brute force's least time, and its plan is valid."""
     rng = random.Random(5000 + seed)
     p = random_problem(rng, n=rng.randint(2, 5), monotone=True, boundaries=True)
-    ref = brute_force(p)
-    sol = solve_dp(p)
-    assert sol is not None
-    if ref is None:
-        assert sol.status == "infeasible"
+    sol = _dp_matches_brute_force(p)
+    if sol is None:
         return
-    assert sol.status == "optimal" and check_solution(p, sol) == [], check_solution(p, sol)
-    assert sol.time_s == pytest.approx(ref[0], rel=1e-9)
     g = solve_greedy(p)
     if g.status != "infeasible":
         assert check_solution(p, g) == [] and g.time_s >= sol.time_s - 1e-9
