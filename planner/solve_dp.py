@@ -45,16 +45,6 @@ from neuroflux.planner.problem import (
 __all__ = ["solve_dp", "lightest_options"]
 
 
-def _le(a: AuxOption, b: AuxOption) -> bool:
-    return (
-        a.static_bytes <= b.static_bytes
-        and a.dyn_fixed_bytes <= b.dyn_fixed_bytes
-        and a.dyn_per_sample_bytes <= b.dyn_per_sample_bytes
-        and a.step_fixed_s <= b.step_fixed_s
-        and a.step_per_sample_s <= b.step_per_sample_s
-    )
-
-
 def _le_on(a: AuxOption, b: AuxOption, batches: tuple[int, int]) -> bool:
     """``a`` <= ``b`` at every batch in ``batches[0]..batches[1]``: their
     dynamic bytes and step times are affine in the batch, so at both ends."""
@@ -64,18 +54,15 @@ def _le_on(a: AuxOption, b: AuxOption, batches: tuple[int, int]) -> bool:
 
 
 def lightest_options(p: Problem) -> tuple[int, ...] | None:
-    """Per unit, the option that is <= every other, or None. Term by term
-    first; where no option is (a narrower head whose peak falls in another
-    phase of the step trades per-sample bytes for fixed ones), at every
-    batch size the problem allows."""
+    """Per unit, the option that is <= every other at every batch size the
+    problem allows, or None. (Term by term would be stricter than needed: a
+    narrower head whose peak falls in another phase of the step trades
+    per-sample bytes for fixed ones, and is still the lighter one at every
+    allowed batch.)"""
     ends = (min(p.batch_sizes), max(p.batch_sizes))
     out = []
     for u in p.units:
-        found = next((i for i, o in enumerate(u.options) if all(_le(o, other) for other in u.options)), None)
-        if found is None:
-            found = next(
-                (i for i, o in enumerate(u.options) if all(_le_on(o, other, ends) for other in u.options)), None
-            )
+        found = next((i for i, o in enumerate(u.options) if all(_le_on(o, other, ends) for other in u.options)), None)
         if found is None:
             return None
         out.append(found)
