@@ -304,15 +304,31 @@ class ProfilingJobs:
     def options(self, k: int) -> tuple[tuple[AuxOption, ...], ForwardProfile]:
         """Unit ``k``'s aux options (memory and step time per head) and its inference forward."""
         span, mod, classes, fake = self.spans[k], self.unit_mods[k], self.meta.classes, self.fake
-        with fake:
-            heads = [
-                None if kind == "model" else build_head(kind, span.output_shape, width, classes)
-                for kind, width in self.option_lists[k]
-            ]
+
+        def build(mode: Any) -> list[nn.Module | None]:
+            with mode:
+                return [
+                    None if kind == "model" else build_head(kind, span.output_shape, width, classes)
+                    for kind, width in self.option_lists[k]
+                ]
+
+        # On the meta device, where a module's initialisation costs nothing
+        # (on fake tensors, a fifth of the job); in ``fake`` only where a
+        # step cannot run on meta tensors.
+        heads = build(torch.device("meta"))
         if None in heads:
             profs = [
-                profile_step(mod, h, span.input_shape, classes, fake_mode=fake, sgd=self.sgd, foreach=self.foreach)
-                for h in heads
+                profile_step(
+                    mod,
+                    h,
+                    span.input_shape,
+                    classes,
+                    fake_mode=fake,
+                    sgd=self.sgd,
+                    foreach=self.foreach,
+                    fake_head=lambda i=i: build(fake)[i],  # type: ignore[misc]
+                )
+                for i, h in enumerate(heads)
             ]
         else:
             profs = profile_unit_options(
@@ -324,6 +340,7 @@ class ProfilingJobs:
                 fake_mode=fake,
                 sgd=self.sgd,
                 foreach=self.foreach,
+                fake_heads=lambda: cast(list[nn.Module], build(fake)),
             )
         options = []
         for (kind, width), head, prof in zip(self.option_lists[k], heads, profs):

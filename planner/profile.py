@@ -208,12 +208,15 @@ def profile_step(
     batches: tuple[int, int] = (8, 16),
     sgd: SGDConfig = SGDConfig(),
     foreach: bool | None = None,
+    fake_head: Callable[[], nn.Module | None] | None = None,
 ) -> StepProfile:
     """Memory, FLOPs and op count of one runtime training step
     (``UnitTrainer.step``) of ``unit`` with ``head``, whose parameters live in
-    ``fake_mode``, at two batch sizes. ``foreach=True`` profiles the
-    optimizer step PyTorch runs on CUDA (the fake tensors live on the CPU,
-    where the default is the per-parameter loop)."""
+    ``fake_mode`` (or on the meta device, with ``fake_head`` building the
+    head in ``fake_mode`` should meta tensors not do), at two batch sizes.
+    ``foreach=True`` profiles the optimizer step PyTorch runs on CUDA (the
+    fake tensors live on the CPU, where the default is the per-parameter
+    loop)."""
     assert batches[1] > batches[0]
 
     def run(mode: Any, unit: nn.Module, head: nn.Module | None) -> StepProfile:
@@ -223,7 +226,9 @@ def profile_step(
             static = state_bytes(t.modules(), t.opt)
         return _fit(static, [m.peak for m in meters], [float(m.flops) for m in meters], meters[-1].ops, batches)
 
-    return _on_meta_first(run, [unit, head], fake_mode)
+    return _on_meta_first(
+        run, [unit, head], fake_mode, fake_modules=None if fake_head is None else lambda: [unit, fake_head()]
+    )
 
 
 def _meta_copy(module: nn.Module | None) -> nn.Module | None:
@@ -245,12 +250,17 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def _on_meta_first(
-    run: Callable[..., T], modules: Sequence[nn.Module | None], fake_mode: torch._subclasses.fake_tensor.FakeTensorMode
+    run: Callable[..., T],
+    modules: Sequence[nn.Module | None],
+    fake_mode: torch._subclasses.fake_tensor.FakeTensorMode,
+    *,
+    fake_modules: Callable[[], Sequence[nn.Module | None]] | None = None,
 ) -> T:
     """``run(mode, *modules)`` on meta copies of the modules under
     ``torch.device("meta")``; where that fails (an op with no meta kernel,
     which fake tensors run on real zeros instead), on the modules themselves
-    under ``fake_mode``.
+    under ``fake_mode`` (or on ``fake_modules()``, where some of ``modules``
+    were built on the meta device).
 
     Why: a fake tensor runs the same meta kernel inside a Python subclass
     whose per-op cache key and output wrapping cost more than the kernel
@@ -264,7 +274,7 @@ def _on_meta_first(
         return run(torch.device("meta"), *metas)
     except Exception as e:
         log.debug("meta profiling failed (%s: %s); profiling on fake tensors", type(e).__name__, e)
-        return run(fake_mode, *modules)
+        return run(fake_mode, *(modules if fake_modules is None else fake_modules()))
 
 
 class _GradSource(nn.Module):
@@ -287,6 +297,7 @@ def profile_unit_options(
     batches: tuple[int, int] = (8, 16),
     sgd: SGDConfig = SGDConfig(),
     foreach: bool | None = None,
+    fake_heads: Callable[[], Sequence[nn.Module]] | None = None,
 ) -> list[StepProfile]:
     """``[profile_step(unit, h, ...) for h in heads]``, composed from one
     step of the unit (with the first head) and one step of each head alone,
@@ -308,9 +319,17 @@ def profile_unit_options(
     if len(heads) < 2:
         return [
             profile_step(
-                unit, h, input_shape, num_classes, fake_mode=fake_mode, batches=batches, sgd=sgd, foreach=foreach
+                unit,
+                h,
+                input_shape,
+                num_classes,
+                fake_mode=fake_mode,
+                batches=batches,
+                sgd=sgd,
+                foreach=foreach,
+                fake_head=None if fake_heads is None else lambda i=i: fake_heads()[i],  # type: ignore[misc]
             )
-            for h in heads
+            for i, h in enumerate(heads)
         ]
     assert batches[1] > batches[0]
     return _on_meta_first(
@@ -319,6 +338,7 @@ def profile_unit_options(
         ),
         [unit, *heads],
         fake_mode,
+        fake_modules=None if fake_heads is None else lambda: [unit, *fake_heads()],
     )
 
 

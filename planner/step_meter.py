@@ -9,9 +9,12 @@ import weakref
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
+
+from neuroflux.planner.meta_shortcuts import SHORTCUTS
 
 __all__ = ["StepMeter"]
 
@@ -24,7 +27,9 @@ class StepMeter(TorchDispatchMode):
     storage an op returns counts its bytes until the storage dies; storages
     of ``external`` tensors count from the start), keeping only the running
     total and its peak: no per-module bookkeeping and no module hooks, which
-    made up most of planning time on deep networks. FLOPs use
+    made up most of planning time on deep networks. On meta and fake
+    tensors, the few ops whose meta kernels are slow Python decompositions
+    (batch norm, ...) get their outputs from ``meta_shortcuts``. FLOPs use
     ``FlopCounterMode``'s formulas, decomposing an op without one the way
     it does; ``ops`` counts the ops dispatched to this mode (not their
     decompositions, nor metadata queries such as ``prim.device``: whether
@@ -85,7 +90,12 @@ class StepMeter(TorchDispatchMode):
                 self._nested -= 1
             if r is not NotImplemented:
                 return r
-        out = func(*args, **kwargs)
+        out = None
+        shortcut = SHORTCUTS.get(func)
+        if shortcut is not None and _dataless(args[0]):
+            out = shortcut(*args, **kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.flops += formula(*args, **kwargs, out_val=out)
@@ -120,6 +130,11 @@ _METADATA = frozenset(
     }
 )
 _DECOMPOSES: dict = {}
+
+
+def _dataless(t: object) -> bool:
+    """Whether ``t`` is a tensor without data (meta or fake), where only outputs' metadata matter."""
+    return isinstance(t, torch.Tensor) and (t.device.type == "meta" or isinstance(t, FakeTensor))
 
 
 def _decomposes(func) -> bool:
