@@ -239,7 +239,7 @@ class SearchConfig:
 class HeadsConfig:
     """The aux heads (local losses and early exits) a plan chooses from, and the accuracy rule."""
 
-    head_kind: Literal["pooled", "conv"] = "pooled"
+    head_kind: Literal["pooled", "conv", "dgl", "stage"] = "pooled"
     """Aux head family on feature maps (runtime/heads.py)."""
     max_aux_options: int = 4
     """Head widths weighed per unit: C, C/2, C/4, ... at most this many."""

@@ -210,7 +210,7 @@ def _unit_records(spans: list[UnitSpan], problem: Problem, solution: Solution) -
         o = cost.options[opt_i]
         is_last = span.index == len(spans) - 1
         # One of head_widths' kinds for every unit but the last (which exits through the model's head).
-        head_kind = cast(Literal["pooled", "conv", "linear"], o.kind)
+        head_kind = cast(Literal["pooled", "conv", "dgl", "stage", "linear"], o.kind)
         units.append(
             Unit(
                 name=cost.name,

@@ -15,11 +15,15 @@ __all__ = ["AuxHead", "Block", "BlockInput", "CacheSpec", "Unit", "UnitProfile"]
 class AuxHead:
     """A unit's local classifier (its early exit)."""
 
-    kind: Literal["pooled", "conv", "linear"]
+    kind: Literal["pooled", "conv", "dgl", "stage", "linear"]
     """``pooled``: avg-pool to at most 4x4, two 1x1 convs (width)+BN+ReLU,
-    linear (DGL-style; the default). ``conv``: 3x3 conv(width)+BN+ReLU at
-    full resolution, 2x2 avg-pool, linear. ``linear``: global avg-pool (if
-    spatial) and a linear layer."""
+    linear (the default). ``conv``: 3x3 conv(width)+BN+ReLU at full
+    resolution, 2x2 avg-pool, linear. ``dgl``: DGL's spatially-reduced head,
+    avg-pool to at most 8x8, two 1x1 convs (width)+BN+ReLU, avg-pool to 2x2,
+    a 3-layer MLP (width). ``stage``: two 3x3 convs (width)+BN+ReLU, the
+    first strided, global avg-pool, linear (AugLocal-like). ``linear``:
+    global avg-pool (if spatial) and a linear layer. (``dgl`` and
+    ``stage`` since 2.5.)"""
     width: int
     """Filters of the conv (0 for ``linear``)."""
     params: int

@@ -41,6 +41,8 @@ def measured_block_peak(plan, asm, block) -> int:
     [
         ("small_cnn", 20 * 10**6, "pooled"),
         ("small_cnn", 20 * 10**6, "conv"),
+        ("small_cnn", 20 * 10**6, "dgl"),
+        ("small_cnn", 20 * 10**6, "stage"),
         ("resnet18", 150 * 10**6, "pooled"),
         ("resnet18", 150 * 10**6, "conv"),
         ("mobilenetv2", 120 * 10**6, "pooled"),

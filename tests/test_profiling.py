@@ -118,6 +118,8 @@ def test_checkpointed_baseline_prediction_matches_a_real_step() -> None:
     [
         ("small_cnn", "pooled", None),
         ("small_cnn", "conv", True),
+        ("small_cnn", "dgl", None),
+        ("small_cnn", "stage", True),
         ("resnet18", "pooled", True),
         ("resnet18", "conv", None),
         ("mobilenetv2", "pooled", None),
