@@ -197,6 +197,7 @@ def _config(
             disk_budget_bytes=disk_budget,
             data_mode=args.data_mode,
             cache_dtype=args.cache_dtype,
+            precision=args.precision,
             max_blocks=args.max_blocks,
             time_limit_s=args.time_limit,
             seed=args.seed,

@@ -48,7 +48,12 @@ def _add_memory_args(ap: argparse.ArgumentParser) -> None:
         help="inputs stacked in RAM once (fast; per-sample random transforms are drawn once) or streamed "
         "through DataLoader workers on every pass; auto: stack when they fit the host budget",
     )
-    ap.add_argument("--cache-dtype", choices=["float16", "float32"], default=_default("cache_dtype"))
+    ap.add_argument(
+        "--cache-dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default=_default("cache_dtype"),
+        help="element type of cached activations (default: the precision's: bfloat16 for bf16, else float16)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +154,13 @@ def _add_solver_and_cost_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument(
         "--lr", type=float, default=_default("lr"), help="base learning rate at batch 128 (sqrt-scaled per block)"
+    )
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default=_default("precision"),
+        help="compute precision of every method: fp32, or mixed precision (fp32 weights, autocast forward) "
+        "in bf16 or fp16 (fp16 with a loss scaler per unit); steps are profiled at it",
     )
 
 

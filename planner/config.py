@@ -27,6 +27,7 @@ from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.problem import Boundary
 from neuroflux.planner.profile import SGDConfig
 from neuroflux.planner.solve_cpsat import DEFAULT_TIE_TOLERANCE
+from neuroflux.runtime.precision import cache_dtype_for
 
 __all__ = [
     "PlanConfig",
@@ -107,8 +108,9 @@ class BudgetConfig:
     cache_location: Literal["auto", "ram", "disk", "recompute"] = "auto"
     """Boundary kinds the plan may use: ``auto`` all three, ``ram`` or
     ``disk`` that cache and recompute, ``recompute`` recompute only."""
-    cache_dtype: Literal["float16", "float32"] = "float16"
-    """Element type of cached activations."""
+    cache_dtype: Literal["float16", "bfloat16", "float32"] | None = None
+    """Element type of cached activations; None: the compute precision's
+    (``bfloat16`` for bf16, else ``float16``): ``PlanConfig.cache_dtype``."""
 
     def __post_init__(self) -> None:
         if self.budget_bytes <= 0:
@@ -271,6 +273,9 @@ class RecipeConfig:
     """SGD weight decay."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule over a block's steps."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision of every method (runtime/precision.py): fp32, or
+    automatic mixed precision in bf16 or fp16."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -370,6 +375,11 @@ class PlanConfig:
             for f in dataclasses.fields(cls)
         }
         return {**out, "seed": self.seed}
+
+    @property
+    def cache_dtype(self) -> Literal["float16", "bfloat16", "float32"]:
+        """The element type of cached activations: the option's, else the precision's."""
+        return self.budget.cache_dtype or cache_dtype_for(self.recipe.precision)
 
     def replace(self, **options: Any) -> PlanConfig:
         """This config with some options changed (checked again)."""

@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -33,14 +33,15 @@ from neuroflux.planner.profile import (
     measure_step_time,
     profile_forward,
     profile_step,
-    profile_unit_options,
 )
+from neuroflux.planner.profile_compose import profile_unit_options
 from neuroflux.planner.target import Target, calibrated, device_target
 from neuroflux.planner.units import UnitSpan, find_units, propagate_shapes, unit_signature
 from neuroflux.runtime.graph import META_CAPTURE, split_units, trace
 from neuroflux.runtime.heads import build_head
 from neuroflux.runtime.model_file import ModelFile, ModelObject, load_model_file
 from neuroflux.runtime.modules import CheckpointedChain
+from neuroflux.runtime.precision import Precision
 
 __all__ = ["Progress", "ModelMeta", "Profiled", "ProfilingJobs", "WithExit", "infer_meta", "profile_model"]
 
@@ -178,7 +179,7 @@ def profile_model(model_spec: str | ModelObject, cfg: PlanConfig, report: Progre
     )
     fake = FakeTensorMode()
     meta = infer_meta(mf, cfg, fake)
-    propagate_shapes(meta.gm, meta.shape, fake)
+    propagate_shapes(meta.gm, meta.shape, fake, precision=Precision(cfg.recipe.precision, "cpu"))
     spans = find_units(meta.gm)
     recipe = cfg.recipe
     jobs = ProfilingJobs(
@@ -241,6 +242,13 @@ class ProfilingJobs:
         self.option_lists = [unit_head_options(s, self.cfg.heads, last=s.index == last) for s in self.spans]
 
     @property
+    def precision(self) -> Precision:
+        """The plan's precision, as autocast applies it to the (CPU) fake tensors
+        profiled here; on a CUDA target, CUDA's autocast op lists differ in a few
+        ops (softmax, losses, norms run in fp32 there)."""
+        return Precision(self.cfg.recipe.precision, "cpu")
+
+    @property
     def foreach(self) -> bool | None:
         return True if self.cfg.target.device_kind == "cuda" else None  # the optimizer step PyTorch runs there
 
@@ -250,10 +258,11 @@ class ProfilingJobs:
         last = len(spans) - 1
         # Units that compute the same thing on the same shape (a deep ResNet's
         # repeated blocks) have the same costs: profile one, reuse its options.
-        first_of: dict[tuple[str, tuple[int, ...], bool], int] = {}
+        first_of: dict[tuple[str, tuple[int, ...], bool, torch.dtype], int] = {}
         same_as = [
             first_of.setdefault(
-                (unit_signature(mod, span.input_shape), tuple(span.output_shape), span.index == last), span.index
+                (unit_signature(mod, span.input_shape), tuple(span.output_shape), span.index == last, span.input_dtype),
+                span.index,
             )
             for span, mod in zip(spans, self.unit_mods)
         ]
@@ -276,7 +285,7 @@ class ProfilingJobs:
 
     def unit_cost(self, span: UnitSpan, options: tuple[AuxOption, ...], fwd: ForwardProfile) -> UnitCost:
         """The problem's view of a unit: its options, its cache and its inference forward on the target."""
-        dtype_bytes = 2 if self.cfg.budget.cache_dtype == "float16" else 4
+        dtype_bytes = 4 if self.cfg.cache_dtype == "float32" else 2
         speed = self.target.speed
         return UnitCost(
             name=f"u{span.index}",
@@ -296,7 +305,14 @@ class ProfilingJobs:
         model = self.meta.gm if k == -1 else CheckpointedChain(self.unit_mods)
         return calibrated(
             profile_step(
-                model, None, self.meta.shape, self.meta.classes, fake_mode=self.fake, sgd=self.sgd, foreach=self.foreach
+                model,
+                None,
+                self.meta.shape,
+                self.meta.classes,
+                fake_mode=self.fake,
+                sgd=self.sgd,
+                foreach=self.foreach,
+                precision=self.precision,
             ),
             self.target.cal,
         )
@@ -316,32 +332,19 @@ class ProfilingJobs:
         # (on fake tensors, a fifth of the job); in ``fake`` only where a
         # step cannot run on meta tensors.
         heads = build(torch.device("meta"))
-        if None in heads:
-            profs = [
-                profile_step(
-                    mod,
-                    h,
-                    span.input_shape,
-                    classes,
-                    fake_mode=fake,
-                    sgd=self.sgd,
-                    foreach=self.foreach,
-                    fake_head=lambda i=i: build(fake)[i],  # type: ignore[misc]
-                )
-                for i, h in enumerate(heads)
-            ]
-        else:
-            profs = profile_unit_options(
-                mod,
-                cast(list[nn.Module], heads),  # no None among them
-                span.input_shape,
-                span.output_shape,
-                classes,
-                fake_mode=fake,
-                sgd=self.sgd,
-                foreach=self.foreach,
-                fake_heads=lambda: cast(list[nn.Module], build(fake)),
-            )
+        profs = profile_unit_options(  # the last unit's one option, the model's own head, is None
+            mod,
+            heads,
+            span.input_shape,
+            span.output_shape,
+            classes,
+            fake_mode=fake,
+            sgd=self.sgd,
+            foreach=self.foreach,
+            fake_heads=lambda: build(fake),
+            precision=self.precision,
+            dtypes=(span.input_dtype, span.output_dtype),
+        )
         options = []
         for (kind, width), head, prof in zip(self.option_lists[k], heads, profs):
             prof = calibrated(prof, self.target.cal)
@@ -358,7 +361,9 @@ class ProfilingJobs:
                     step_per_sample_s=step_per,
                 )
             )
-        return tuple(options), profile_forward(mod, span.input_shape, fake_mode=fake)
+        return tuple(options), profile_forward(
+            mod, span.input_shape, fake_mode=fake, precision=self.precision, input_dtype=span.input_dtype
+        )
 
     def step_time(self, prof: StepProfile, k: int, kind: str, width: int) -> tuple[float, float]:
         """(fixed_s, per_sample_s) of unit ``k``'s step with that head: from

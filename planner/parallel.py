@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -47,7 +49,14 @@ def _init_worker() -> None:
 
 def _run(i: int) -> tuple[int, object]:
     assert _JOB is not None
-    return i, _JOB(i)
+    try:
+        return i, _JOB(i)
+    except Exception as e:
+        try:
+            pickle.dumps(e)
+        except Exception:  # it could not reach the parent: send what it says instead
+            raise RuntimeError(f"job {i} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}") from None
+        raise
 
 
 def map_forked(

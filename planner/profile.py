@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from neuroflux.common import seconds_per_call
 from neuroflux.planner.step_meter import StepMeter
+from neuroflux.runtime.precision import FP32, Precision
 from neuroflux.runtime.train import UnitTrainer
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ __all__ = [
     "StepMeter",
     "state_bytes",
     "state_tensors",
-    "profile_unit_options",
 ]
 
 
@@ -114,7 +114,13 @@ def state_bytes(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> int
     return sum(t.numel() * t.element_size() for t in state_tensors(modules, opt, grads=False))
 
 
-def _trainer(unit: nn.Module, head: nn.Module | None, sgd: SGDConfig, foreach: bool | None = None) -> UnitTrainer:
+def _trainer(
+    unit: nn.Module,
+    head: nn.Module | None,
+    sgd: SGDConfig,
+    foreach: bool | None = None,
+    precision: Precision = FP32,
+) -> UnitTrainer:
     return UnitTrainer(
         unit,
         head,
@@ -124,6 +130,7 @@ def _trainer(unit: nn.Module, head: nn.Module | None, sgd: SGDConfig, foreach: b
         total_steps=1_000_000,
         schedule="constant",
         foreach=foreach,
+        precision=precision,
     )
 
 
@@ -134,8 +141,21 @@ def _step(t: UnitTrainer, x: torch.Tensor, y: torch.Tensor) -> None:
     del out
 
 
-def _prepared(unit: nn.Module, head: nn.Module | None, sgd: SGDConfig, foreach: bool | None) -> UnitTrainer:
-    t = _trainer(unit, head, sgd, foreach)
+class _AssumeFinite(torch.amp.GradScaler):
+    """fp16's loss scaler as profiled: the same tensors and ops, but the step
+    is taken without asking whether a gradient overflowed (an ``.item()``,
+    which fake tensors cannot answer; the step is the common case)."""
+
+    def _maybe_opt_step(self, optimizer: Any, optimizer_state: Any, *args: Any, **kwargs: Any) -> Any:
+        return optimizer.step(*args, **kwargs)
+
+
+def prepared_trainer(
+    unit: nn.Module, head: nn.Module | None, sgd: SGDConfig, foreach: bool | None, precision: Precision
+) -> UnitTrainer:
+    t = _trainer(unit, head, sgd, foreach, precision)
+    if t.scaler is not None:
+        t.scaler = _AssumeFinite(precision.device_type)
     t.train(True)
     # Steady-state memory: the momentum buffers a first step would create,
     # made directly (a fake step costs as much as a profiled one).
@@ -146,8 +166,14 @@ def _prepared(unit: nn.Module, head: nn.Module | None, sgd: SGDConfig, foreach: 
     return t
 
 
-def _measure(
-    t: UnitTrainer, input_shape: Sequence[int], num_classes: int, batch: int, *, mark_head: bool = False
+def measure_step(
+    t: UnitTrainer,
+    input_shape: Sequence[int],
+    num_classes: int,
+    batch: int,
+    *,
+    mark_head: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> StepMeter:
     """One step of ``t`` under a StepMeter. ``mark_head``: mark where the
     head starts and where the unit's backward starts (the gradient of the
@@ -172,7 +198,7 @@ def _measure(
     gc.disable()
     try:
         with meter:
-            _step(t, torch.randn(batch, *input_shape), torch.randint(0, num_classes, (batch,)))
+            _step(t, torch.randn(batch, *input_shape, dtype=dtype), torch.randint(0, num_classes, (batch,)))
     finally:
         gc.enable()
         for h in handles:
@@ -184,7 +210,9 @@ def _measure(
     return meter
 
 
-def _fit(static: int, peaks: Sequence[int], flops: Sequence[float], ops: int, batches: tuple[int, int]) -> StepProfile:
+def fit_profile(
+    static: int, peaks: Sequence[int], flops: Sequence[float], ops: int, batches: tuple[int, int]
+) -> StepProfile:
     b1, b2 = batches
     per_sample = max(0, math.ceil((peaks[1] - peaks[0]) / (b2 - b1)))
     f_per = max(0.0, (flops[1] - flops[0]) / (b2 - b1))
@@ -209,6 +237,8 @@ def profile_step(
     sgd: SGDConfig = SGDConfig(),
     foreach: bool | None = None,
     fake_head: Callable[[], nn.Module | None] | None = None,
+    precision: Precision = FP32,
+    input_dtype: torch.dtype = torch.float32,
 ) -> StepProfile:
     """Memory, FLOPs and op count of one runtime training step
     (``UnitTrainer.step``) of ``unit`` with ``head``, whose parameters live in
@@ -216,18 +246,23 @@ def profile_step(
     head in ``fake_mode`` should meta tensors not do), at two batch sizes.
     ``foreach=True`` profiles the optimizer step PyTorch runs on CUDA (the
     fake tensors live on the CPU, where the default is the per-parameter
-    loop)."""
+    loop). ``precision``: the step runs under its autocast, as the runtime's,
+    on an input of ``input_dtype`` (what the previous unit hands over)."""
     assert batches[1] > batches[0]
 
     def run(mode: Any, unit: nn.Module, head: nn.Module | None) -> StepProfile:
         with mode:
-            t = _prepared(unit, head, sgd, foreach)
-            meters = [_measure(t, input_shape, num_classes, b) for b in batches]
+            t = prepared_trainer(unit, head, sgd, foreach, precision)
+            meters = [measure_step(t, input_shape, num_classes, b, dtype=input_dtype) for b in batches]
             static = state_bytes(t.modules(), t.opt)
-        return _fit(static, [m.peak for m in meters], [float(m.flops) for m in meters], meters[-1].ops, batches)
+        return fit_profile(static, [m.peak for m in meters], [float(m.flops) for m in meters], meters[-1].ops, batches)
 
-    return _on_meta_first(
-        run, [unit, head], fake_mode, fake_modules=None if fake_head is None else lambda: [unit, fake_head()]
+    return on_meta_first(
+        run,
+        [unit, head],
+        fake_mode,
+        fake_modules=None if fake_head is None else lambda: [unit, fake_head()],
+        meta=not precision.mixed,
     )
 
 
@@ -249,18 +284,20 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-def _on_meta_first(
+def on_meta_first(
     run: Callable[..., T],
     modules: Sequence[nn.Module | None],
     fake_mode: torch._subclasses.fake_tensor.FakeTensorMode,
     *,
     fake_modules: Callable[[], Sequence[nn.Module | None]] | None = None,
+    meta: bool = True,
 ) -> T:
     """``run(mode, *modules)`` on meta copies of the modules under
     ``torch.device("meta")``; where that fails (an op with no meta kernel,
     which fake tensors run on real zeros instead), on the modules themselves
     under ``fake_mode`` (or on ``fake_modules()``, where some of ``modules``
-    were built on the meta device).
+    were built on the meta device). ``meta=False`` goes straight to
+    ``fake_mode``: autocast applies to CPU (fake) tensors, not meta ones.
 
     Why: a fake tensor runs the same meta kernel inside a Python subclass
     whose per-op cache key and output wrapping cost more than the kernel
@@ -270,119 +307,13 @@ def _on_meta_first(
     it; an eval-mode forward is not: see ``profile_forward``). A real error
     in the model is raised by the fake run, as before."""
     try:
+        if not meta:
+            raise NotImplementedError("mixed precision: autocast does not apply to meta tensors")
         metas = [_meta_copy(m) for m in modules]
         return run(torch.device("meta"), *metas)
     except Exception as e:
         log.debug("meta profiling failed (%s: %s); profiling on fake tensors", type(e).__name__, e)
         return run(fake_mode, *(modules if fake_modules is None else fake_modules()))
-
-
-class _GradSource(nn.Module):
-    """Stands in for a unit when a head is profiled alone: its output needs a
-    gradient (as a unit's does) and has a backward node of its own, so the
-    head's phase ends exactly as it does after a real unit."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.requires_grad_() * 1.0
-
-
-def profile_unit_options(
-    unit: nn.Module,
-    heads: Sequence[nn.Module],
-    input_shape: Sequence[int],
-    output_shape: Sequence[int],
-    num_classes: int,
-    *,
-    fake_mode: torch._subclasses.fake_tensor.FakeTensorMode,
-    batches: tuple[int, int] = (8, 16),
-    sgd: SGDConfig = SGDConfig(),
-    foreach: bool | None = None,
-    fake_heads: Callable[[], Sequence[nn.Module]] | None = None,
-) -> list[StepProfile]:
-    """``[profile_step(unit, h, ...) for h in heads]``, composed from one
-    step of the unit (with the first head) and one step of each head alone,
-    instead of a full step per head.
-
-    A step runs in three phases: the unit's forward; the head's forward,
-    loss and backward (parameter gradients included); the unit's backward and
-    the optimizer step. A head changes only the middle phase, and what it
-    leaves for the last one (its logits and gradients, of fixed size), so
-    with ``m`` the memory at the head's start and ``r`` what the head leaves:
-
-        peak(h) = max(peak before the head,
-                      m + head phase peak(h) - m_h,
-                      last phase peak(h*) - r(h*) + r(h))  + static(h) - static(h*)
-
-    FLOPs and ops add up: unit step(h*) - head alone(h*) + head alone(h).
-    Equal to the full steps byte for byte (a test holds it to that on every
-    zoo unit and head)."""
-    if len(heads) < 2:
-        return [
-            profile_step(
-                unit,
-                h,
-                input_shape,
-                num_classes,
-                fake_mode=fake_mode,
-                batches=batches,
-                sgd=sgd,
-                foreach=foreach,
-                fake_head=None if fake_heads is None else lambda i=i: fake_heads()[i],  # type: ignore[misc]
-            )
-            for i, h in enumerate(heads)
-        ]
-    assert batches[1] > batches[0]
-    return _on_meta_first(
-        lambda mode, unit, *heads: _composed(
-            mode, unit, heads, input_shape, output_shape, num_classes, batches=batches, sgd=sgd, foreach=foreach
-        ),
-        [unit, *heads],
-        fake_mode,
-        fake_modules=None if fake_heads is None else lambda: [unit, *fake_heads()],
-    )
-
-
-def _composed(
-    mode: Any,
-    unit: nn.Module,
-    heads: Sequence[nn.Module],
-    input_shape: Sequence[int],
-    output_shape: Sequence[int],
-    num_classes: int,
-    *,
-    batches: tuple[int, int],
-    sgd: SGDConfig,
-    foreach: bool | None,
-) -> list[StepProfile]:
-    """``profile_unit_options``'s work, with the modules' tensors living in ``mode``."""
-    with mode:
-        ref = _prepared(unit, heads[0], sgd, foreach)
-        whole = [_measure(ref, input_shape, num_classes, b, mark_head=True) for b in batches]
-        ref_static = state_bytes(ref.modules(), ref.opt)
-        alone = []
-        for h in heads:
-            t = _prepared(_GradSource(), h, sgd, foreach)
-            alone.append(
-                (
-                    state_bytes(t.modules(), t.opt),
-                    [_measure(t, output_shape, num_classes, b, mark_head=True) for b in batches],
-                )
-            )
-    out = []
-    _, ref_alone = alone[0]
-    for head_static, head_alone in alone:
-        static = ref_static + head_static - alone[0][0]
-        peaks, flops = [], []
-        for w, ra, ha in zip(whole, ref_alone, head_alone):
-            (start, before), (bwd_start, _) = w.marks
-            (h_start, _), (h_end, h_peak) = ha.marks
-            (r_start, _), (r_end, _) = ra.marks
-            left, ref_left = h_end - h_start, r_end - r_start
-            peaks.append(max(before, start + h_peak - h_start, w.segment_peak - ref_left + left) + static - ref_static)
-            flops.append(float(w.flops - ra.flops + ha.flops))
-        ops = whole[-1].ops - ref_alone[-1].ops + head_alone[-1].ops
-        out.append(_fit(static, peaks, flops, ops, batches))
-    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -400,27 +331,41 @@ class ForwardProfile:
 
 
 def profile_forward(
-    module: nn.Module, input_shape: Sequence[int], *, fake_mode, batches: tuple[int, int] = (8, 16)
+    module: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    fake_mode,
+    batches: tuple[int, int] = (8, 16),
+    precision: Precision = FP32,
+    input_dtype: torch.dtype = torch.float32,
 ) -> ForwardProfile:
     """Memory and FLOPs of ``module``'s eval-mode forward under ``no_grad``
     (how a frozen prefix is recomputed for a later block), on fake tensors,
     at two batch sizes (exactly linear in the batch)."""
     # On fake tensors, not meta: in eval mode the CPU kernel of batch norm
     # returns empty saved statistics where the meta kernel returns C floats.
-    return _forward(fake_mode, module, input_shape, batches=batches)
+    return _forward(fake_mode, module, input_shape, batches=batches, precision=precision, dtype=input_dtype)
 
 
-def _forward(mode: Any, module: nn.Module, input_shape: Sequence[int], *, batches: tuple[int, int]) -> ForwardProfile:
+def _forward(
+    mode: Any,
+    module: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batches: tuple[int, int],
+    precision: Precision,
+    dtype: torch.dtype,
+) -> ForwardProfile:
     module.eval()
     try:
-        with mode, torch.no_grad():
+        with mode, torch.no_grad(), precision.autocast():
             weights = [*module.parameters(), *module.buffers()]
             peaks, flops, ops = [], [], 0
             for b in batches:
                 meter = StepMeter(weights)
                 gc.collect(0)
                 with meter:
-                    module(torch.randn(b, *input_shape))
+                    module(torch.randn(b, *input_shape, dtype=dtype))
                 peaks.append(meter.peak - meter.marks[0][0] if meter.marks else meter.peak)
                 flops.append(float(meter.flops))
                 ops = meter.ops

@@ -80,26 +80,14 @@ def plan_record(
     blocks = _block_records(problem, solution, cfg)
     total = sum(b.predicted_time_s for b in blocks)
     nodes, edges = _graph_records(pr.gm)
-    recipe, exits = cfg.recipe, cfg.exits
+    exits = cfg.exits
     return Plan(
         schema_version=SCHEMA_VERSION,
         created_by=f"neuroflux {neuroflux.__version__}, torch {torch.__version__}",
         model=_model_spec(pr, plan_dir),
         device=_device_spec(problem, cfg, pr.target),
         budget_bytes=cfg.budget.budget_bytes,
-        recipe=Recipe(
-            optimizer="sgd",
-            lr=recipe.lr,
-            base_batch_size=recipe.base_batch_size,
-            lr_scaling=recipe.lr_scaling,
-            momentum=recipe.momentum,
-            weight_decay=recipe.weight_decay,
-            schedule=recipe.schedule,
-            epochs_per_block=recipe.epochs,
-            seed=cfg.seed,
-            train_size=problem.train_size,
-            val_size=problem.val_size,
-        ),
+        recipe=_recipe(cfg, problem),
         exit_policy=ExitPolicy(
             patience=exits.patience,
             tolerance=exits.tolerance,
@@ -123,6 +111,24 @@ def plan_record(
         solver=_solver_info(problem, solution, cfg, engine),
         profile=_profile_info(cfg, pr.target),
         data=_data_spec(problem, solution, cfg, tuple(pr.shape)),
+    )
+
+
+def _recipe(cfg: PlanConfig, problem: Problem) -> Recipe:
+    recipe = cfg.recipe
+    return Recipe(
+        optimizer="sgd",
+        lr=recipe.lr,
+        base_batch_size=recipe.base_batch_size,
+        lr_scaling=recipe.lr_scaling,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        schedule=recipe.schedule,
+        epochs_per_block=recipe.epochs,
+        seed=cfg.seed,
+        train_size=problem.train_size,
+        val_size=problem.val_size,
+        precision=recipe.precision,
     )
 
 
@@ -264,7 +270,7 @@ def _block_records(problem: Problem, solution: Solution, cfg: PlanConfig) -> lis
                 ),
                 cache=CacheSpec(
                     location=cast(Literal["ram", "disk"], bc.boundary),  # cached: not "recompute"
-                    dtype=cfg.budget.cache_dtype,
+                    dtype=cfg.cache_dtype,
                     bytes=cache_bytes(problem, bc.end),
                     file=f"cache/block{i}.npy" if bc.boundary == "disk" else None,
                 )

@@ -27,6 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.graph import META_ROOT, META_SHAPE, META_UNIT, attr_at
+from neuroflux.runtime.precision import FP32, Precision
 
 __all__ = [
     "UnitSpan",
@@ -52,16 +53,27 @@ class UnitSpan:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     params: int
+    input_dtype: torch.dtype = torch.float32
+    """Of the unit's input as the runtime feeds it (under mixed precision,
+    the previous unit's output dtype under autocast)."""
+    output_dtype: torch.dtype = torch.float32
 
 
 def propagate_shapes(
-    gm: fx.GraphModule, input_shape: Sequence[int], fake_mode: FakeTensorMode, *, batch: int = 2
+    gm: fx.GraphModule,
+    input_shape: Sequence[int],
+    fake_mode: FakeTensorMode,
+    *,
+    batch: int = 2,
+    precision: Precision = FP32,
 ) -> None:
-    """Run ShapeProp on fake tensors and store per-sample shapes in meta."""
+    """Run ShapeProp on fake tensors (under ``precision``'s autocast) and
+    store per-sample shapes (and the dtypes) in meta."""
     with fake_mode:
         x = torch.empty((batch, *input_shape))
     try:
-        ShapeProp(gm, fake_mode=fake_mode).propagate(x)
+        with precision.autocast():
+            ShapeProp(gm, fake_mode=fake_mode).propagate(x)
     except Exception as e:
         raise NeuroFluxError(
             f"running the model on an input of shape {(batch, *input_shape)} failed: {type(e).__name__}: "
@@ -71,6 +83,11 @@ def propagate_shapes(
         tm = node.meta.get("tensor_meta")
         shape = getattr(tm, "shape", None)
         node.meta[META_SHAPE] = tuple(shape[1:]) if shape is not None and len(shape) >= 1 else None
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    """The dtype ShapeProp saw at ``node`` (float32 where it saw none)."""
+    return getattr(node.meta.get("tensor_meta"), "dtype", None) or torch.float32
 
 
 def activation_graph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -201,6 +218,8 @@ def find_units(gm: fx.GraphModule, *, keep_whole: KeepWhole = keep_small_blocks_
                 input_shape=tuple(prev_node.meta[META_SHAPE]),
                 output_shape=tuple(last.meta[META_SHAPE]),
                 params=sum(_params_of(gm, grp).values()),
+                input_dtype=_dtype(prev_node),
+                output_dtype=_dtype(last),
             )
         )
         prev_node = last

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from neuroflux.runtime.assemble import Assembled
-from neuroflux.runtime.data import TensorCache, labels_file
+from neuroflux.runtime.data import TensorCache, labels_file, numpy_dtype
 from neuroflux.runtime.distributed import Dist
 from neuroflux.runtime.modules import Chain
 from neuroflux.runtime.passes import cache_through, write_cache
+from neuroflux.runtime.precision import Precision
 from neuroflux.runtime.run_dir import confined_path
 from neuroflux.runtime.run_state import RunState
 from neuroflux.runtime.stages import Stage
@@ -94,7 +95,11 @@ class BlockCaches:
                 )
                 if opened is not None:
                     x, y = opened
-                    self.sources[j] = (TensorCache(x[:n_train], y[:n_train]), TensorCache(x[n_train:], y[n_train:]))
+                    out = Precision(self.plan.recipe.precision, self.device.type).dtype
+                    self.sources[j] = (
+                        TensorCache(x[:n_train], y[:n_train], out_dtype=out),
+                        TensorCache(x[n_train:], y[n_train:], out_dtype=out),
+                    )
                     continue
             log.info("recomputing the output cache of block %d from the finished blocks", j)
             last = self.plan.unit(blk.units[-1]).index
@@ -110,6 +115,7 @@ class BlockCaches:
                 path=path,
                 batch=blk.batch_size,
                 device=self.device,
+                precision=Precision(self.plan.recipe.precision, self.device.type),
             )
             self._record_digest(state, j, spec)
             chain.to("cpu")
@@ -137,7 +143,7 @@ class BlockCaches:
                 if f.is_symlink() or not f.is_file():
                     raise ValueError(f"{f.name} is missing or not a regular file")
             x = np.load(path, mmap_mode="r")
-            if tuple(x.shape) != want or x.dtype != np.dtype(spec.dtype):
+            if tuple(x.shape) != want or x.dtype != numpy_dtype(spec.dtype):
                 raise ValueError(f"holds {x.dtype} {tuple(x.shape)}, expected {spec.dtype} {want}")
             if digest is not None and _file_digest(path) != digest:
                 raise ValueError("its bytes changed since it was written (sampled digest)")

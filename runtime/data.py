@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence, Sized
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -51,7 +52,24 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+#: A cache dtype's torch and numpy element types; numpy has no bfloat16, so a
+#: bfloat16 disk cache holds its bits as int16 (``_as_torch`` views them back).
+_DTYPES = {
+    "float32": (torch.float32, np.float32),
+    "float16": (torch.float16, np.float16),
+    "bfloat16": (torch.bfloat16, np.int16),
+}
+
+
+def numpy_dtype(cache_dtype: str) -> np.dtype:
+    """The numpy element type a disk cache of ``cache_dtype`` is stored as."""
+    return np.dtype(_DTYPES[cache_dtype][1])
+
+
+def _as_torch(a: np.ndarray) -> torch.Tensor:
+    """A numpy array read from a cache as a tensor (int16 bits: bfloat16)."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if t.dtype == torch.int16 else t
 
 
 def default_loader_workers() -> int:
@@ -251,8 +269,10 @@ class PrefixSource:
     training, before the prefix (a recomputed block from the dataset sees
     augmented inputs, as BP does)."""
 
-    def __init__(self, base: Any, prefix: torch.nn.Module, *, augment: Any = None) -> None:
+    def __init__(self, base: Any, prefix: torch.nn.Module, *, augment: Any = None, precision: Any = None) -> None:
         self.base, self.prefix, self.augment = base, prefix, augment
+        self.precision = precision
+        """The run's ``Precision``: the prefix runs under its autocast (None: fp32)."""
 
     def __len__(self) -> int:
         return len(self.base)
@@ -266,7 +286,7 @@ class PrefixSource:
                 x = call_augment(self.augment, x)
             # no_grad, not inference_mode: the block saves its input for backward,
             # which inference tensors refuse.
-            with torch.no_grad():
+            with torch.no_grad(), nullcontext() if self.precision is None else self.precision.autocast():
                 h = self.prefix(x)
             yield h, y
 
@@ -284,6 +304,9 @@ class TensorCache:
     x: torch.Tensor | np.memmap
     y: torch.Tensor
     _staging: list[torch.Tensor] = field(default_factory=list, repr=False)
+    out_dtype: torch.dtype = torch.float32
+    """Batches come out in it: float32, or under mixed precision the compute
+    dtype (what the previous unit handed over before the cache)."""
     _events: list[Any] = field(default_factory=lambda: [None, None], repr=False)
     _turn: int = 0
 
@@ -308,26 +331,26 @@ class TensorCache:
         if isinstance(self.x, np.memmap):
             # Sorted reads are sequential on disk; the permutation is restored after.
             sorted_idx, inverse = torch.sort(idx)
-            return torch.from_numpy(np.ascontiguousarray(self.x[sorted_idx.numpy()]))[torch.argsort(inverse)]
+            return _as_torch(np.ascontiguousarray(self.x[sorted_idx.numpy()]))[torch.argsort(inverse)]
         return self.x.index_select(0, idx)
 
     def subset(self, idx: torch.Tensor) -> TensorCache:
         """The samples ``idx`` as a cache of their own (a copy: a data-parallel
         rank keeps only its shard)."""
-        return TensorCache(self._gather(idx), self.y.index_select(0, idx))
+        return TensorCache(self._gather(idx), self.y.index_select(0, idx), out_dtype=self.out_dtype)
 
     def take(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch on ``device`` as float32, with its labels."""
+        """One batch on ``device`` in ``out_dtype``, with its labels."""
         yb = self.y.index_select(0, idx)
         if device.type != "cuda":
-            return self._gather(idx).float(), yb
+            return self._gather(idx).to(self.out_dtype), yb
         n = idx.shape[0]
         turn = self._turn = self._turn ^ 1
         if self._events[turn] is not None:
             self._events[turn].synchronize()  # the copy that last read this buffer is done
         if len(self._staging) < 2 or self._staging[turn].shape[0] < n:
             shape = (n, *self.x.shape[1:])
-            dtype = self.x.dtype if isinstance(self.x, torch.Tensor) else torch.from_numpy(self.x[:1]).dtype
+            dtype = self.x.dtype if isinstance(self.x, torch.Tensor) else _as_torch(self.x[:1]).dtype
             self._staging = [torch.empty(shape, dtype=dtype, pin_memory=True) for _ in range(2)]
         buf = self._staging[turn][:n]
         if isinstance(self.x, torch.Tensor):
@@ -338,7 +361,7 @@ class TensorCache:
         event = torch.cuda.Event()
         event.record()
         self._events[turn] = event
-        return xb.float(), yb.to(device, non_blocking=True)
+        return xb.to(self.out_dtype), yb.to(device, non_blocking=True)
 
 
 class CacheWriter:
@@ -369,12 +392,14 @@ class CacheWriter:
         b = out.shape[0]
         chunk = out.detach().to("cpu", dtype=self._tdtype)
         if isinstance(self.x, np.memmap):  # location "disk"
-            self.x[self._pos : self._pos + b] = chunk.numpy()
+            self.x[self._pos : self._pos + b] = (
+                chunk.view(torch.int16) if chunk.dtype == torch.bfloat16 else chunk
+            ).numpy()
         else:
             self.x[self._pos : self._pos + b].copy_(chunk)
         self._pos += b
 
-    def finish(self, y: torch.Tensor) -> TensorCache:
+    def finish(self, y: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> TensorCache:
         """The filled cache; on disk, flushed, with its labels written beside
         it (``<name>.labels.npy``), so a resume can reopen it without reading
         the dataset again."""
@@ -385,8 +410,8 @@ class CacheWriter:
             labels = labels_file(self.path)
             # After the data is flushed: labels present means the cache is whole.
             atomic_write(labels, lambda tmp: np.save(open(tmp, "wb"), y.numpy().astype(np.int64), allow_pickle=False))
-            return TensorCache(np.load(self.path, mmap_mode="r"), y)
-        return TensorCache(self.x, y)
+            return TensorCache(np.load(self.path, mmap_mode="r"), y, out_dtype=out_dtype)
+        return TensorCache(self.x, y, out_dtype=out_dtype)
 
 
 def labels_file(cache: Path) -> Path:

@@ -17,6 +17,7 @@ from neuroflux.runtime.assemble import Assembled
 from neuroflux.runtime.data import CacheWriter, PrefixSource, TensorCache
 from neuroflux.runtime.distributed import Dist
 from neuroflux.runtime.modules import Chain
+from neuroflux.runtime.precision import FP32, Precision
 from neuroflux.runtime.stages import Stage
 from neuroflux.schemas.plan import Plan
 
@@ -34,9 +35,10 @@ def eval_exits(stage: Stage, val: Any, *, device: torch.device, dist: Dist) -> d
     dev, bs = device, stage.batch_size
     correct = torch.zeros(len(stage.trainers), dtype=torch.int64, device=dev)
     for h, y in val.batches(bs, shuffle=False, device=dev):
-        for i, t in enumerate(stage.trainers):
-            h = t.unit(h)
-            correct[i] += (t.logits(h).argmax(1) == y).sum()
+        with stage.trainers[0].precision.autocast():
+            for i, t in enumerate(stage.trainers):
+                h = t.unit(h)
+                correct[i] += (t.logits(h).argmax(1) == y).sum()
     counts = dist.all_sum(torch.cat([correct, torch.tensor([len(val)], device=dev)]))
     n = int(counts[-1])
     return {name: c / n for name, c in zip(stage.exits, counts[:-1].tolist())}
@@ -62,6 +64,7 @@ def write_cache(
         path=path,
         batch=stage.batch_size,
         device=device,
+        precision=stage.trainers[0].precision,
     )
 
 
@@ -76,6 +79,7 @@ def cache_through(
     path: Path | None,
     batch: int,
     device: torch.device,
+    precision: Precision = FP32,
 ) -> tuple[TensorCache, TensorCache]:
     """``train`` then ``val`` through ``units`` into block ``index``'s cache
     (``spec``: location and dtype; ``path``: the file of a disk cache), at
@@ -88,12 +92,17 @@ def cache_through(
     labels = []
     for data in (train, val):
         for x, y in data.batches(batch, shuffle=False, device=device):
-            writer.append(units(x))
+            with precision.autocast():
+                h = units(x)
+            writer.append(h)
             labels.append(y.cpu())
     full = writer.finish(torch.cat(labels))
-    n = len(train)
+    n, out = len(train), precision.dtype  # batches come out at the compute precision
     # A slice of a np.memmap is a memmap (numpy's stubs say ndarray).
-    return TensorCache(full.x[:n], full.y[:n]), TensorCache(full.x[n:], full.y[n:])  # type: ignore[arg-type]
+    return (
+        TensorCache(full.x[:n], full.y[:n], out_dtype=out),  # type: ignore[arg-type]
+        TensorCache(full.x[n:], full.y[n:], out_dtype=out),  # type: ignore[arg-type]
+    )
 
 
 def stage_input(
@@ -119,4 +128,9 @@ def stage_input(
     prefix = Chain([asm.units[plan.unit(u).index] for u in spec.recompute_units]).to(device).eval()
     dist.broadcast_buffers([prefix])
     augment = augment if spec.source_block is None else None
-    return PrefixSource(train, prefix, augment=augment), PrefixSource(val, prefix), prefix
+    precision = Precision(plan.recipe.precision, device.type)
+    return (
+        PrefixSource(train, prefix, augment=augment, precision=precision),
+        PrefixSource(val, prefix, precision=precision),
+        prefix,
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,7 @@ from neuroflux.runtime.policy import (
     new_block_state,
     observe_exits,
 )
+from neuroflux.runtime.precision import EMULATED_PRECISION_ENV, Precision, check_supported
 from neuroflux.runtime.progress import BarFactory, NoBar
 from neuroflux.runtime.run_dir import RunDir
 from neuroflux.runtime.run_state import RunState, StopRecord, block_result_json
@@ -149,7 +151,10 @@ class Runner:
         asm = assemble(self.plan, self.mf)
         if self.cfg.method == "neuroflux":
             check_edited_batches(self.plan, device=self.device)
-        stages = build_stages(self.plan, asm, method=self.cfg.method, dist=self.dist)
+        precision = Precision(self.plan.recipe.precision, self.device.type)
+        if not os.environ.get(EMULATED_PRECISION_ENV):
+            check_supported(precision.name, self.device)
+        stages = build_stages(self.plan, asm, method=self.cfg.method, dist=self.dist, precision=precision)
         caches = BlockCaches(self.plan, run_dir=self.out, dist=self.dist, device=self.device, dataset=self._dataset())
         check_device(self.plan, self.device)
         self.capped = cap_requested(self.device)

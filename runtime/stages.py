@@ -14,6 +14,7 @@ from neuroflux.runtime.assemble import Assembled
 from neuroflux.runtime.config import Method
 from neuroflux.runtime.distributed import Dist
 from neuroflux.runtime.modules import CheckpointedChain
+from neuroflux.runtime.precision import FP32, Precision
 from neuroflux.runtime.train import UnitTrainer, shuffle_seed
 from neuroflux.schemas.plan import Plan
 
@@ -57,40 +58,12 @@ def predicted_epoch_s(plan: Plan, stage: Stage) -> float:
     )
 
 
-def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist) -> list[Stage]:
+def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist, precision: Precision = FP32) -> list[Stage]:
     """The stages of ``method``: the plan's blocks, or the baseline's whole
-    model (refused when the plan found no batch at which it fits)."""
+    model (refused when the plan found no batch at which it fits), training
+    at ``precision``."""
     if method == "neuroflux":
-        stages = []
-        for b in plan.blocks:
-            idx = [plan.unit(u).index for u in b.units]
-            stages.append(
-                Stage(
-                    index=b.index,
-                    unit_idx=idx,
-                    exits=list(b.units),
-                    trainers=[
-                        _trainer(
-                            plan,
-                            asm.units[i],
-                            asm.heads[i],
-                            dist=dist,
-                            lr=b.lr,
-                            steps=b.steps,
-                            batch=b.batch_size,
-                            epochs=b.epochs,
-                        )
-                        for i in idx
-                    ],
-                    batch_size=b.batch_size,
-                    epochs=b.epochs,
-                    predicted_peak_bytes=b.predicted_peak_bytes,
-                    cache=b.cache,
-                    shuffle_seed=shuffle_seed(plan.recipe.seed, b.index) if b.shuffle_seed is None else b.shuffle_seed,
-                    source=b.source(),
-                )
-            )
-        return stages
+        return [_block_stage(plan, b, asm, dist=dist, precision=precision) for b in plan.blocks]
     base = plan.baseline.bp if method == "bp" else plan.baseline.bp_checkpoint
     if not base.fits:
         raise NeuroFluxError(
@@ -105,7 +78,17 @@ def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist) -> l
             unit_idx=list(range(len(plan.units))),
             exits=[plan.units[-1].name],
             trainers=[
-                _trainer(plan, whole, None, dist=dist, lr=lr, steps=steps, batch=base.batch_size, epochs=base.epochs)
+                _trainer(
+                    plan,
+                    whole,
+                    None,
+                    dist=dist,
+                    lr=lr,
+                    steps=steps,
+                    batch=base.batch_size,
+                    epochs=base.epochs,
+                    precision=precision,
+                )
             ],
             batch_size=base.batch_size,
             epochs=base.epochs,
@@ -116,8 +99,47 @@ def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist) -> l
     ]
 
 
+def _block_stage(plan: Plan, b: Any, asm: Assembled, *, dist: Dist, precision: Precision) -> Stage:
+    """The stage of the plan's block ``b``."""
+    idx = [plan.unit(u).index for u in b.units]
+    return Stage(
+        index=b.index,
+        unit_idx=idx,
+        exits=list(b.units),
+        trainers=[
+            _trainer(
+                plan,
+                asm.units[i],
+                asm.heads[i],
+                dist=dist,
+                lr=b.lr,
+                steps=b.steps,
+                batch=b.batch_size,
+                epochs=b.epochs,
+                precision=precision,
+            )
+            for i in idx
+        ],
+        batch_size=b.batch_size,
+        epochs=b.epochs,
+        predicted_peak_bytes=b.predicted_peak_bytes,
+        cache=b.cache,
+        shuffle_seed=shuffle_seed(plan.recipe.seed, b.index) if b.shuffle_seed is None else b.shuffle_seed,
+        source=b.source(),
+    )
+
+
 def _trainer(
-    plan: Plan, unit: nn.Module, head: nn.Module | None, *, dist: Dist, lr: float, steps: int, batch: int, epochs: int
+    plan: Plan,
+    unit: nn.Module,
+    head: nn.Module | None,
+    *,
+    dist: Dist,
+    lr: float,
+    steps: int,
+    batch: int,
+    epochs: int,
+    precision: Precision,
 ) -> UnitTrainer:
     """A unit's trainer with the plan's recipe; its schedule spans ``steps``,
     the plan's (one process) or, under torchrun, the steps this rank takes."""
@@ -133,4 +155,5 @@ def _trainer(
         total_steps=steps,
         schedule=r.schedule,
         grad_sync=dist.average_grads if dist.enabled else None,
+        precision=precision,
     )

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuroflux.runtime.precision import FP32, Precision
+
 __all__ = ["UnitTrainer", "block_step", "StepStats", "Schedule", "shuffle_seed"]
 
 
@@ -60,6 +62,7 @@ class UnitTrainer:
         schedule: str,
         foreach: bool | None = None,
         grad_sync: Callable[[Sequence[torch.Tensor]], None] | None = None,
+        precision: Precision = FP32,
     ) -> None:
         self.unit = unit
         self.head = head
@@ -73,6 +76,9 @@ class UnitTrainer:
         self.grad_sync = grad_sync
         """Called on the parameters after backward, before decay and the step:
         data-parallel ranks average their gradients there (runtime/distributed.py)."""
+        self.precision = precision
+        """The forward and the loss run under its autocast; fp16 scales the loss with this unit's own scaler."""
+        self.scaler = precision.scaler()
         self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0, foreach=foreach)
         self.schedule = Schedule(schedule, total_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.schedule)
@@ -95,33 +101,48 @@ class UnitTrainer:
         return self.head(out) if self.head is not None else out
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.unit(x.detach())
-        logits = self.logits(out)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
+        with self.precision.autocast():
+            out = self.unit(x.detach())
+            logits = self.logits(out)
+            loss = F.cross_entropy(logits, y)
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
         if self.grad_sync is not None:
             self.grad_sync(self.params)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)  # decay is added to true gradients
         if self.weight_decay:
             grads = [p.grad for p in self.params if p.grad is not None]
             torch._foreach_add_(grads, [p for p in self.params if p.grad is not None], alpha=self.weight_decay)
-        self.opt.step()
+        if self.scaler is None:
+            self.opt.step()
+        else:
+            self.scaler.step(self.opt)  # skipped when a gradient overflowed; the scale then shrinks
+            self.scaler.update()
         self.opt.zero_grad(set_to_none=True)  # free grads before the next unit runs
         self.sched.step()
         correct = (logits.detach().argmax(1) == y).sum()
         return out.detach(), loss.detach() * y.shape[0], correct
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
             "head": None if self.head is None else self.head.state_dict(),
         }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])
         for g in self.opt.param_groups:  # decay is applied in step(), never by SGD (older checkpoints had it there)
             g["weight_decay"] = 0.0
         self.sched.load_state_dict(state["sched"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.head is not None:
             self.head.load_state_dict(state["head"])
 

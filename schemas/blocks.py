@@ -79,7 +79,7 @@ class CacheSpec:
     """How a block's outputs are stored for the next block."""
 
     location: Literal["ram", "disk"]
-    dtype: Literal["float32", "float16"]
+    dtype: Literal["float32", "float16", "bfloat16"]
     bytes: int
     """Train plus val outputs of the block at this dtype."""
     file: str | None = None

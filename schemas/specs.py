@@ -113,6 +113,10 @@ class Recipe:
     seed: int
     train_size: int
     val_size: int
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision of every method: ``fp32``, or automatic mixed
+    precision (fp32 weights, the forward under ``torch.autocast``) in bf16
+    or fp16 (with a loss scaler per unit). Added in 2.5 (older plans: fp32)."""
 
 
 @dataclass(frozen=True, kw_only=True)

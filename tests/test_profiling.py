@@ -21,10 +21,10 @@ from neuroflux.planner.profile import (
     SGDConfig,
     StepMeter,
     profile_step,
-    profile_unit_options,
     state_bytes,
     state_tensors,
 )
+from neuroflux.planner.profile_compose import profile_unit_options
 from neuroflux.planner.units import find_units, propagate_shapes
 from neuroflux.runtime.graph import split_units, trace
 from neuroflux.runtime.heads import build_head
