@@ -146,8 +146,7 @@ def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path) -> PlanResult:
 def _problem(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path) -> Problem:
     """The torch-free planning problem: the profiled units under the config's budgets and search space."""
     budget, search, train_n = cfg.budget, cfg.search, pr.train_n
-    max_batch = search.max_batch or max(search.min_batch, min(512, train_n // 32))
-    max_batch = min(max_batch, train_n) if train_n >= search.min_batch else search.min_batch
+    _, max_batch = search.batch_range(train_n)
     return Problem(
         units=tuple(pr.unit_costs),
         batch_sizes=candidate_batch_sizes(min_batch=search.min_batch, max_batch=max_batch),

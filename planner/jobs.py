@@ -249,6 +249,23 @@ class ProfilingJobs:
         return Precision(self.cfg.recipe.precision, "cpu")
 
     @property
+    def batches(self) -> tuple[int, int]:
+        """The two batches each step is profiled at: its memory is
+        ``fixed + per_sample * b`` between them. A step's peak is the largest
+        of affine functions of the batch (one per moment of the step), so it
+        is convex in the batch: the line through two batches is exact there
+        and above the peak between them. In fp32 one phase holds the peak at
+        every batch and (8, 16) gives it exactly (the zoo's tests hold it);
+        under mixed precision the batch-independent bf16 copies of weights
+        and gradients move the peak from the backward at small batches to
+        the activations at large ones, so the line goes through the smallest
+        and largest candidate batches: exact there, safe in between."""
+        if not self.precision.mixed:
+            return (8, 16)
+        lo, hi = self.cfg.search.batch_range(self.meta.train_n)
+        return (lo, hi) if hi > lo else (lo, lo + 1)
+
+    @property
     def foreach(self) -> bool | None:
         return True if self.cfg.target.device_kind == "cuda" else None  # the optimizer step PyTorch runs there
 
@@ -313,6 +330,7 @@ class ProfilingJobs:
                 sgd=self.sgd,
                 foreach=self.foreach,
                 precision=self.precision,
+                batches=self.batches,
             ),
             self.target.cal,
         )
@@ -344,6 +362,7 @@ class ProfilingJobs:
             fake_heads=lambda: build(fake),
             precision=self.precision,
             dtypes=(span.input_dtype, span.output_dtype),
+            batches=self.batches,
         )
         options = []
         for (kind, width), head, prof in zip(self.option_lists[k], heads, profs):
@@ -362,7 +381,12 @@ class ProfilingJobs:
                 )
             )
         return tuple(options), profile_forward(
-            mod, span.input_shape, fake_mode=fake, precision=self.precision, input_dtype=span.input_dtype
+            mod,
+            span.input_shape,
+            fake_mode=fake,
+            precision=self.precision,
+            input_dtype=span.input_dtype,
+            batches=self.batches,
         )
 
     def step_time(self, prof: StepProfile, k: int, kind: str, width: int) -> tuple[float, float]:

@@ -1,0 +1,124 @@
+"""Mixed precision (``--precision bf16|fp16``) through the runtime: the demo
+plan trains in bf16 with NeuroFlux and with BP and resumes after a kill
+(bf16 caches on disk included), fp16 scales each unit's loss and keeps its
+scale across a resume, and a CPU without native support is refused with
+what to do. Peaks under autocast are tested in test_memory.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, wait_for_metrics
+
+from neuroflux.planner.cli import main as nf_plan
+from neuroflux.runtime.cli import main as nf_run
+from neuroflux.runtime.precision import EMULATED_PRECISION_ENV, Precision
+from neuroflux.runtime.train import UnitTrainer
+from neuroflux.schemas.plan import load_plan
+
+# Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
+pytestmark = pytest.mark.slow
+
+LIMIT = "512,256"  # emulated bf16 (a CPU without native bf16) is ~10x slower than fp32
+
+
+def _demo_plan(tmp_path: Path, precision: str, *extra: str) -> Path:
+    path = tmp_path / "plan.json"
+    args = [str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "--precision", precision, "-o", str(path)]
+    args += ["--train-size", LIMIT.split(",")[0], "--val-size", LIMIT.split(",")[1], "--epochs", "1", "-q", *extra]
+    assert nf_plan(args) == 0
+    return path
+
+
+def _run(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NEUROFLUX_LIMIT": LIMIT, EMULATED_PRECISION_ENV: "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "neuroflux.runtime.cli", *args, "-q", "--no-onnx", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _kill_after(out: Path, proc: subprocess.Popen, event: str, count: int = 1) -> None:
+    """SIGKILL the run once ``count`` records of ``event`` are logged."""
+    wait_for_metrics(
+        out / "metrics.jsonl", lambda recs: sum(r["event"] == event for r in recs) >= count, proc, timeout=300
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it was killed; the test proves nothing"
+
+
+def _finish(path: Path, out: Path, *extra: str) -> dict:
+    proc = _run(str(path), "--resume", "--out", str(out), *extra)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_bf16_neuroflux_and_bp_train_the_demo_plan_and_resume_after_a_kill(tmp_path: Path) -> None:
+    path = _demo_plan(tmp_path, "bf16", "--cache-location", "disk")
+    plan = load_plan(path)
+    assert plan.recipe.precision == "bf16"
+    cached = [b for b in plan.blocks if b.cache is not None]
+    assert cached and {b.cache.dtype for b in cached} == {"bfloat16"}, "caches are stored at the compute precision"
+
+    out = tmp_path / "nf"  # killed once the first disk cache is written
+    _kill_after(out, _run(str(path), "--out", str(out)), "block", count=cached[0].index + 1)
+    stored = sorted(out.rglob("*.npy"))
+    assert any(np.load(f, mmap_mode="r").dtype == np.int16 for f in stored), "a bf16 disk cache holds int16 bits"
+    summary = _finish(path, out)
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [(r["block"], r["epoch"]) for r in recs if r["event"] == "epoch"]
+    assert len(epochs) == len(set(epochs)), f"an epoch ran twice: {epochs}"
+    assert summary["final_accuracy"] > 0.3, summary["final_accuracy"]  # 10 classes: well above chance
+
+    out_bp = tmp_path / "bp"
+    _kill_after(out_bp, _run(str(path), "--baseline", "bp", "--out", str(out_bp)), "epoch")
+    bp = _finish(path, out_bp, "--baseline", "bp")
+    assert bp["final_accuracy"] > 0.3, bp["final_accuracy"]
+
+
+def test_fp16_scales_each_units_loss_and_a_checkpoint_keeps_the_scale() -> None:
+    torch.manual_seed(0)
+    unit = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU())
+    head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    fp16 = Precision("fp16", "cpu")
+
+    def trainer() -> UnitTrainer:
+        return UnitTrainer(
+            unit, head, lr=0.05, momentum=0.9, weight_decay=5e-4, total_steps=10, schedule="constant", precision=fp16
+        )
+
+    t = trainer()
+    assert t.scaler is not None
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    before = [p.detach().clone() for p in unit.parameters()]
+    out, loss, _ = t.step(x, y)
+    assert out.dtype == torch.float16 and torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, unit.parameters())), "the step updated the unit"
+    assert all(p.dtype == torch.float32 for p in unit.parameters()), "weights stay fp32"
+    t.scaler.update(1024.0)  # a scale the default would not have
+    again = trainer()
+    again.load_state_dict(t.state_dict())
+    assert again.scaler is not None and again.scaler.get_scale() == 1024.0
+
+
+def test_a_cpu_without_native_bf16_is_refused_with_what_to_do(tmp_path: Path, monkeypatch, capsys) -> None:
+    path = _demo_plan(tmp_path, "bf16")
+    monkeypatch.delenv(EMULATED_PRECISION_ENV, raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert nf_run([str(path), "--out", str(tmp_path / "r"), "-q", "--no-onnx", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no native bf16" in err and "--precision fp32" in err and EMULATED_PRECISION_ENV in err
+    assert "Traceback" not in err
