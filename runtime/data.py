@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence, Sized
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -40,7 +39,6 @@ from neuroflux.schemas.plan import Plan
 __all__ = [
     "TensorCache",
     "StreamSource",
-    "PrefixSource",
     "call_augment",
     "dataset_tensors",
     "check_samples",
@@ -261,34 +259,6 @@ def call_augment(fn: Any, x: torch.Tensor) -> torch.Tensor:
             f"augment() returned {got} for a batch of shape {tuple(x.shape)}; it must return a batch of the same shape"
         )
     return out
-
-
-class PrefixSource:
-    """``base``'s batches run through ``prefix`` (frozen: eval mode, no
-    autograd) on the device. ``augment`` applies to the base's inputs while
-    training, before the prefix (a recomputed block from the dataset sees
-    augmented inputs, as BP does)."""
-
-    def __init__(self, base: Any, prefix: torch.nn.Module, *, augment: Any = None, precision: Any = None) -> None:
-        self.base, self.prefix, self.augment = base, prefix, augment
-        self.precision = precision
-        """The run's ``Precision``: the prefix runs under its autocast (None: fp32)."""
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def batches(
-        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None, device: torch.device
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.prefix.eval()
-        for x, y in self.base.batches(batch_size, shuffle=shuffle, generator=generator, device=device):
-            if self.augment is not None and shuffle:
-                x = call_augment(self.augment, x)
-            # no_grad, not inference_mode: the block saves its input for backward,
-            # which inference tensors refuse.
-            with torch.no_grad(), nullcontext() if self.precision is None else self.precision.autocast():
-                h = self.prefix(x)
-            yield h, y
 
 
 @dataclass

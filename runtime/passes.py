@@ -6,7 +6,9 @@ whose block recomputes its input through frozen units on every batch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +16,14 @@ import torch
 from torch import nn
 
 from neuroflux.runtime.assemble import Assembled
-from neuroflux.runtime.data import CacheWriter, PrefixSource, TensorCache
+from neuroflux.runtime.data import CacheWriter, TensorCache, call_augment
 from neuroflux.runtime.distributed import Dist
 from neuroflux.runtime.modules import Chain
 from neuroflux.runtime.precision import FP32, Precision
 from neuroflux.runtime.stages import Stage
 from neuroflux.schemas.plan import Plan
 
-__all__ = ["eval_exits", "write_cache", "cache_through", "stage_input"]
+__all__ = ["eval_exits", "write_cache", "cache_through", "stage_input", "PrefixSource"]
 
 
 @torch.inference_mode()
@@ -134,3 +136,51 @@ def stage_input(
         PrefixSource(val, prefix, precision=precision),
         prefix,
     )
+
+
+class PrefixSource:
+    """``base``'s batches run through ``prefix`` (frozen: eval mode, no
+    autograd) on the device. ``augment`` applies to the base's inputs while
+    training, before the prefix (a recomputed block from the dataset sees
+    augmented inputs, as BP does)."""
+
+    def __init__(self, base: Any, prefix: torch.nn.Module, *, augment: Any = None, precision: Any = None) -> None:
+        self.base, self.prefix, self.augment = base, prefix, augment
+        self.precision = precision
+        """The run's ``Precision``: the prefix runs under its autocast (None: fp32)."""
+        self._cpu_s = 0.0
+        self._events: list[tuple[Any, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def seconds(self) -> float:
+        """Time spent in the prefix so far: wall time on a CPU; on CUDA, the
+        prefix's kernels as CUDA events time them (no sync per batch)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._cpu_s += sum(a.elapsed_time(b) for a, b in self._events) / 1000
+            self._events.clear()
+        return self._cpu_s
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.prefix.eval()
+        for x, y in self.base.batches(batch_size, shuffle=shuffle, generator=generator, device=device):
+            if self.augment is not None and shuffle:
+                x = call_augment(self.augment, x)
+            # no_grad, not inference_mode: the block saves its input for backward,
+            # which inference tensors refuse.
+            cuda, t0 = x.is_cuda, time.perf_counter()
+            if cuda:
+                self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                self._events[-1][0].record()
+            with torch.no_grad(), nullcontext() if self.precision is None else self.precision.autocast():
+                h = self.prefix(x)
+            if cuda:
+                self._events[-1][1].record()
+            else:
+                self._cpu_s += time.perf_counter() - t0
+            yield h, y

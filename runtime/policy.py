@@ -49,6 +49,9 @@ class BlockState(TypedDict):
     stall: int
     extra: int
     """Extra epochs granted so far."""
+    times: dict[str, float]
+    """Seconds so far per part of ``TimeBreakdown`` (checkpoints before 2.5
+    lack it: the runner adds it)."""
 
 
 class DepthState(TypedDict):
@@ -71,7 +74,8 @@ def _observe(state: Any, acc: float, *, tolerance: float) -> bool:
 
 
 def new_block_state(index: int, epochs: int) -> BlockState:
-    return {"index": index, "limit": epochs, "best": -1.0, "stall": 0, "extra": 0}
+    times = dict.fromkeys(("train_s", "recompute_s", "eval_s", "cache_write_s", "checkpoint_s"), 0.0)
+    return {"index": index, "limit": epochs, "best": -1.0, "stall": 0, "extra": 0, "times": times}
 
 
 def epoch_decision(

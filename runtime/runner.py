@@ -70,9 +70,12 @@ from neuroflux.runtime.stages import (
 )
 from neuroflux.runtime.train import StepStats, block_step
 from neuroflux.schemas.plan import Plan
-from neuroflux.schemas.summary import BlockResult
+from neuroflux.schemas.summary import BlockResult, TimeBreakdown
 
-__all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged", "KEEP_CACHES_ENV"]
+__all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged", "KEEP_CACHES_ENV", "TIME_PARTS"]
+
+TIME_PARTS = ("train_s", "recompute_s", "eval_s", "cache_write_s", "checkpoint_s")
+"""The parts of a block's time (``schemas.summary.TimeBreakdown``)."""
 
 log = logging.getLogger(__name__)
 
@@ -252,14 +255,18 @@ class Runner:
         # After training: adaptive depth first, so that a run that stops here
         # never pays for an output cache nobody reads; then the next block's input cache.
         self._apply_depth_policy(stage, stages, state, accs)
+        times = state.block["times"] if state.block is not None else dict.fromkeys(TIME_PARTS, 0.0)
         if stage.cache is not None and self.cfg.method == "neuroflux" and state.stopped is None:
+            tw = time.perf_counter()
             caches.write(stage, train, val, state=state)
+            times["cache_write_s"] = time.perf_counter() - tw
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else measured_cpu_peak
         # Off the device: the next block's budget is its own.
         for m in [m for t in stage.trainers for m in t.modules()] + [prefix]:
             m.to("cpu")
         state.exit_acc.update(accs)
-        state.done.append(self._block_result(stage, accs, peak=int(peak), epochs_run=state.epoch, t0=t0, clock=clock))
+        result = self._block_result(stage, accs, peak=int(peak), epochs_run=state.epoch, t0=t0, clock=clock)
+        state.done.append(dataclasses.replace(result, time_breakdown=TimeBreakdown(**times)))
         state.epoch, state.block, state.last_accs = 0, None, None
 
     def _block_result(
@@ -293,15 +300,20 @@ class Runner:
             blk = state.block = new_block_state(stage.index, stage.epochs)
         measured_cpu_peak, accs, first = 0, state.last_accs or {}, state.epoch
         steps = steps_per_epoch(len(train), batch_size=stage.batch_size)  # this rank's shard already
+        times = blk.setdefault("times", dict.fromkeys(TIME_PARTS, 0.0))
         while state.epoch < blk["limit"]:
             epoch = state.epoch
-            te = time.perf_counter()
+            te, recomputed = time.perf_counter(), getattr(train, "seconds", 0.0)
             peak, (loss, acc) = self._train_epoch(
                 stage, train, epoch, blk["limit"], track=epoch == first, prefix=prefix
             )
             measured_cpu_peak = max(measured_cpu_peak, peak)
-            state.train_s += time.perf_counter() - te
+            tv = time.perf_counter()
+            state.train_s += tv - te
+            times["train_s"] += tv - te
+            times["recompute_s"] += getattr(train, "seconds", 0.0) - recomputed
             accs = self._eval_exits(stage, val)
+            times["eval_s"] += time.perf_counter() - tv
             state.epoch = epoch + 1
             decision = self._epoch_policy(stage, blk, accs, state, steps=steps)
             state.last_accs = accs
@@ -321,7 +333,9 @@ class Runner:
                 "elapsed_s": state.elapsed_s,
             }
             # Checkpoint first: a logged epoch is always a saved epoch.
+            tc = time.perf_counter()
             self.run_dir.save(asm, state, trainers=stage.trainers)
+            times["checkpoint_s"] += time.perf_counter() - tc
             self._log(rec)
             if decision == "converged":
                 break

@@ -25,6 +25,7 @@ __all__ = [
     "BlockResult",
     "Stopping",
     "Throughput",
+    "TimeBreakdown",
     "RunSummary",
     "RunStateJSON",
     "load_summary",
@@ -57,6 +58,25 @@ class BlockResult:
     """Run time when the block finished (resumed runs included)."""
     nvml_process_bytes: int | None = None
     """The process's GPU memory as NVML sees it (CUDA context included); CUDA only."""
+    time_breakdown: TimeBreakdown | None = None
+    """Where ``time_s`` went (runs before 2.5: absent)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeBreakdown:
+    """Where a block's time went, in seconds (a resumed block counts the
+    epochs of every process that ran it). Added in 2.5."""
+
+    train_s: float
+    """Training epochs: the steps, the data they read and ``recompute_s``."""
+    recompute_s: float
+    """Part of ``train_s``: the frozen prefix a recompute boundary runs on every batch."""
+    eval_s: float
+    """Evaluating the block's exits on val after every epoch."""
+    cache_write_s: float
+    """Running the train and val sets through the block into the next block's cache."""
+    checkpoint_s: float
+    """Saving the checkpoint after every epoch."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -116,6 +116,7 @@ def test_each_boundary_kind_trains_and_resumes_after_a_kill(tmp_path: Path, monk
     path = _with_boundaries(path, kinds)
     plan = load_plan(path)
     ref = _run(plan, path, tmp_path / "ref")
+    _check_time_breakdown(plan, ref)
     for stop_at in (1, 2):
         out = tmp_path / f"run{stop_at}"
         ran = _interrupt_at(monkeypatch, stop_at)
@@ -134,6 +135,19 @@ def test_each_boundary_kind_trains_and_resumes_after_a_kill(tmp_path: Path, monk
         assert epochs == [0, 1, 2], "no finished block trains again"
         # Disk caches nobody reads any more are gone: the plan's disk budget holds.
         assert not list((out / "cache").glob("*.npy")) if (out / "cache").exists() else True
+
+
+def _check_time_breakdown(plan, summary: dict) -> None:
+    """Every block says where its time went: training (with the recomputed
+    prefix apart), evaluation, its cache write, checkpoints."""
+    for b, done in zip(plan.blocks, summary["blocks"]):
+        t = done["time_breakdown"]
+        assert t["train_s"] > 0 and t["eval_s"] > 0 and t["checkpoint_s"] > 0, t
+        assert (t["cache_write_s"] > 0) == (b.cache is not None), (b.index, t)
+        assert (t["recompute_s"] > 0) == (b.source().kind == "recompute"), (b.index, t)
+        assert t["recompute_s"] <= t["train_s"]
+        parts = t["train_s"] + t["eval_s"] + t["cache_write_s"] + t["checkpoint_s"]
+        assert parts <= done["time_s"] + 0.01, (parts, done["time_s"])
 
 
 def test_a_damaged_disk_cache_is_rebuilt_at_resume(tmp_path: Path, monkeypatch, caplog) -> None:
