@@ -223,17 +223,17 @@ class SearchConfig:
             )
         if self.max_blocks is not None and self.max_blocks < 1:
             raise ConfigError("{max_blocks} must be >= 1")
-
-    def batch_range(self, train_n: int) -> tuple[int, int]:
-        """The smallest and largest candidate batch for ``train_n`` training samples."""
-        hi = self.max_batch or max(self.min_batch, min(512, train_n // 32))
-        return self.min_batch, min(hi, train_n) if train_n >= self.min_batch else self.min_batch
         if self.max_block_units is not None and self.max_block_units != -1 and self.max_block_units < 1:
             raise ConfigError(
                 "{max_block_units} must be >= 1, -1 (a third of the units) or None (no limit), got {got}",
                 got=self.max_block_units,
             )
         _check_choices(self)
+
+    def batch_range(self, train_n: int) -> tuple[int, int]:
+        """The smallest and largest candidate batch for ``train_n`` training samples."""
+        hi = self.max_batch or max(self.min_batch, min(512, train_n // 32))
+        return self.min_batch, min(hi, train_n) if train_n >= self.min_batch else self.min_batch
 
     def block_units_limit(self, n_units: int) -> int | None:
         """``max_block_units`` for a network of ``n_units`` units (-1 resolved)."""

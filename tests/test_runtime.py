@@ -187,7 +187,7 @@ def test_sigkill_after_first_block_resumes_without_repeating(tmp_path: Path) -> 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_leaves_a_resumable_run(tmp_path: Path, sig) -> None:
     """Ctrl-C and SIGTERM (a scheduler's stop) end the same way: exit 130, the resume hint."""
-    plan, path, _ = tiny_plan(tmp_path, train=4096, epochs=3)
+    plan, path, _ = tiny_plan(tmp_path, train=2048, epochs=2)
     out = tmp_path / "run"
     proc = _nf_run_proc(str(path), "--out", str(out))
     wait_for_metrics(out / "metrics.jsonl", lambda recs: any(r["event"] == "epoch" for r in recs), proc)
