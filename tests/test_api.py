@@ -167,7 +167,7 @@ def test_an_import_path_model_plans(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_quickstart_script_runs(tmp_path: Path) -> None:
-    env = {**os.environ, "NEUROFLUX_LIMIT": "384,128"}
+    env = {**os.environ, "NEUROFLUX_LIMIT": "256,128"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "api_quickstart.py"), str(tmp_path / "qs")],
         capture_output=True,

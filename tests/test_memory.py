@@ -60,23 +60,26 @@ def measured_block_peak(plan, asm, block) -> int:
         ("mobilenetv2", 120 * 10**6, "pooled", "fp32"),
         ("small_cnn", 20 * 10**6, "pooled", "bf16"),
         ("small_cnn", 20 * 10**6, "conv", "fp16"),
-        ("resnet18:model_half", 25 * 10**6, "pooled", "bf16"),
+        ("tests/residual_model", 3 * 10**6, "pooled", "bf16"),
     ],
 )
 def test_block_peak_within_2_percent_of_pytorch_accounting(tmp_path, model, budget, head_kind, precision) -> None:
     file, _, factory = model.partition(":")
+    src = file if "/" in file else f"examples/{file}"
     result, _ = plan_for(
-        f"{ROOT / 'examples' / file}.py" + (f":{factory}" if factory else ""),
+        f"{ROOT / src}.py" + (f":{factory}" if factory else ""),
         tmp_path,
         budget=budget,
         max_batch=64,
         head_kind=head_kind,
         precision=precision,
+        # Mixed precision profiles on fake tensors (autocast skips meta ones): two head widths keep it short.
+        max_aux_options=4 if precision == "fp32" else 2,
     )
     plan = result.plan
     assert {u.aux.kind for u in plan.units if u.aux is not None} == {head_kind}
     assert len(plan.blocks) >= 2, "a budget that splits the model: the blocks' own peaks are checked"
-    asm = assemble(plan, load_model_file(ROOT / "examples" / f"{file}.py", factory=factory))
+    asm = assemble(plan, load_model_file(ROOT / f"{src}.py", factory=factory))
     for block in plan.blocks:
         assert block.predicted_peak_bytes <= plan.budget_bytes
         real = measured_block_peak(plan, asm, block)

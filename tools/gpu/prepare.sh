@@ -40,8 +40,11 @@ for p in h100.json h200.json h100-estimated.json; do
   [ -z "$PROFILE" ] && [ -f "benchmarks/device-profiles/$p" ] && PROFILE="benchmarks/device-profiles/$p"
 done
 echo "prepare: planning the GPU cells with $PROFILE"
+# NF_GPU_CELLS="a b": plan only those cells (the runbook's dry run in the tests); default every cell.
+# shellcheck disable=SC2086
 NEUROFLUX_DATA="$G/data/fashion_mnist.npz" nf-bench --preset gpu --plan-only --plan-device cuda \
-  --device-profile "$PROFILE" --out "$G/plans" --time-limit 30 > "$G/plans.log" 2>&1 \
+  --device-profile "$PROFILE" --out "$G/plans" --time-limit 30 ${NF_GPU_CELLS:+--cell $NF_GPU_CELLS} \
+  > "$G/plans.log" 2>&1 \
   || { cat "$G/plans.log" >&2; exit 1; }
 
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
