@@ -112,3 +112,11 @@ def test_shared_profiling_gives_the_plans_made_apart(tmp_path: Path) -> None:
         shared = make_plan_shared(model, cfg, plan_dir=tmp_path, profiles=profiles).plan
         assert comparable(shared) == comparable(alone), (budget, strategy)
     assert len(profiles) == 1
+
+
+def test_precision_reaches_every_plan_of_a_cell(tmp_path: Path, monkeypatch) -> None:
+    """``nf-bench --precision bf16`` plans every method at bf16 (the baselines run at the plan's precision)."""
+    monkeypatch.delenv("NEUROFLUX_DATA", raising=False)
+    assert nf_bench(["--smoke", "--plan-only", "--precision", "bf16", "--out", str(tmp_path)]) == 0
+    plans = sorted(tmp_path.rglob("plan-*.json"))
+    assert plans and {json.loads(p.read_text())["recipe"]["precision"] for p in plans} == {"bf16"}

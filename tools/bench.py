@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="datasets function of every model file (e.g. datasets_imagenet: synthetic, throughput only)",
     )
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="every method's compute precision (the plans'; nf-plan --precision)",
+    )
     ap.add_argument("--time-limit", type=float, default=30.0)
     ap.add_argument("--out", default="bench-out")
     ap.add_argument(
@@ -173,6 +179,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any] | None:
         plan_only=args.plan_only,
         max_steps=1 if args.dry_run else None,
         skip_runs=tuple(args.skip_runs),
+        precision=args.precision,
     )
     return run_bench(
         cells=cells,

@@ -51,6 +51,8 @@ class BenchOptions:
     """Dry runs: cut every epoch after this many steps."""
     skip_runs: tuple[str, ...] = ()
     """Cells planned and loaded but not trained (dry runs of cells too heavy for a CPU)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Every method's compute precision (the plans')."""
 
 
 @contextlib.contextmanager
@@ -142,6 +144,7 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
             time_limit_s=opts.time_limit,
             datasets=cell.datasets,
             device_profile=opts.device_profile,
+            precision=opts.precision,
             **dict(overrides),
         )
         try:
