@@ -54,6 +54,19 @@ class ConvHead(nn.Sequential):
         )
 
 
+def _pointwise_pair(c: int, width: int) -> list[nn.Module]:
+    """Two 1x1 convolutions of ``width`` with BatchNorm and ReLU: the MLP the
+    pooled and DGL heads run on the pooled grid."""
+    return [
+        nn.Conv2d(c, width, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, width, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+    ]
+
+
 class PooledHead(nn.Sequential):
     """Pool to at most ``grid`` x ``grid``, then a 2-layer 1x1-conv MLP, then linear."""
 
@@ -62,12 +75,7 @@ class PooledHead(nn.Sequential):
         gh, gw = min(grid, h), min(grid, w)
         super().__init__(
             nn.AdaptiveAvgPool2d((gh, gw)),
-            nn.Conv2d(c, width, 1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
+            *_pointwise_pair(c, width),
             nn.Flatten(),
             nn.Linear(width * gh * gw, num_classes),
         )
@@ -82,12 +90,7 @@ class DGLHead(nn.Sequential):
         oh, ow = min(2, gh), min(2, gw)
         super().__init__(
             nn.AdaptiveAvgPool2d((gh, gw)),
-            nn.Conv2d(c, width, 1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
+            *_pointwise_pair(c, width),
             nn.AdaptiveAvgPool2d((oh, ow)),
             nn.Flatten(),
             nn.Linear(width * oh * ow, width),

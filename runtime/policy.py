@@ -28,6 +28,7 @@ from typing import Any, Literal, TypedDict
 __all__ = [
     "EpochDecision",
     "BlockState",
+    "TIME_PARTS",
     "DepthState",
     "new_block_state",
     "epoch_decision",
@@ -73,8 +74,12 @@ def _observe(state: Any, acc: float, *, tolerance: float) -> bool:
     return False
 
 
+TIME_PARTS = ("train_s", "recompute_s", "eval_s", "cache_write_s", "checkpoint_s")
+"""The parts of a block's time (``schemas.summary.TimeBreakdown``), kept in ``BlockState.times``."""
+
+
 def new_block_state(index: int, epochs: int) -> BlockState:
-    times = dict.fromkeys(("train_s", "recompute_s", "eval_s", "cache_write_s", "checkpoint_s"), 0.0)
+    times = dict.fromkeys(TIME_PARTS, 0.0)
     return {"index": index, "limit": epochs, "best": -1.0, "stall": 0, "extra": 0, "times": times}
 
 

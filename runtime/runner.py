@@ -52,6 +52,7 @@ from neuroflux.runtime.memory import (
 from neuroflux.runtime.model_file import ModelFile, ModelObject
 from neuroflux.runtime.passes import eval_exits, stage_input
 from neuroflux.runtime.policy import (
+    TIME_PARTS,
     BlockState,
     depth_should_stop,
     epoch_decision,
@@ -72,10 +73,7 @@ from neuroflux.runtime.train import StepStats, block_step
 from neuroflux.schemas.plan import Plan
 from neuroflux.schemas.summary import BlockResult, TimeBreakdown
 
-__all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged", "KEEP_CACHES_ENV", "TIME_PARTS"]
-
-TIME_PARTS = ("train_s", "recompute_s", "eval_s", "cache_write_s", "checkpoint_s")
-"""The parts of a block's time (``schemas.summary.TimeBreakdown``)."""
+__all__ = ["RunConfig", "run_plan", "Method", "BarFactory", "Diverged", "KEEP_CACHES_ENV"]
 
 log = logging.getLogger(__name__)
 
