@@ -162,7 +162,7 @@ def train(
     *,
     out: str | Path | None = None,
     device: Literal["auto", "cuda", "cpu"] = "auto",
-    method: Literal["neuroflux", "bp", "bp-checkpoint"] = "neuroflux",
+    method: Literal["neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all"] = "neuroflux",
     augment: Callable[[Any], Any] | None = None,
     resume: bool = False,
     force: bool = False,
@@ -225,8 +225,8 @@ def _check_train_args(
 
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a neuroflux Plan (from neuroflux.plan or load_plan), got {type(plan).__name__}")
-    if method not in ("neuroflux", "bp", "bp-checkpoint"):
-        raise ValueError(f"method must be 'neuroflux', 'bp' or 'bp-checkpoint', got {method!r}")
+    if method not in ("neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all"):
+        raise ValueError(f"method must be 'neuroflux', 'bp', 'bp-checkpoint' or 'bp-checkpoint-all', got {method!r}")
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if out is not None and not isinstance(out, (str, Path)):

@@ -1,16 +1,20 @@
-"""Baselines: what end-to-end backprop (BP) and BP with activation
-checkpointing at every unit boundary would do under the same budget.
+"""Baselines: what end-to-end backprop (BP), BP with budget-optimal
+activation checkpointing, and BP with checkpointing at every unit boundary
+would do under the same budget.
 
-Each takes the largest candidate batch at which its whole-model step fits;
-its time is the same epochs at that batch (from FLOPs, or measured under
-``--cost measure``). The plan records both, for the speedups it predicts
-and for ``nf-run --method bp`` / ``bp-checkpoint``.
+BP and every-unit checkpointing take the largest candidate batch at which
+their whole-model step fits; budget-optimal checkpointing chooses the batch
+and the units to recompute (``checkpoint_baseline.py``). Each one's time is
+the same epochs at its batch (from FLOPs, or measured under ``--cost
+measure``). The plan records all three, for the speedups it predicts and for
+``nf-run --baseline bp`` / ``bp-checkpoint`` / ``bp-checkpoint-all``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from neuroflux.planner.checkpoint_baseline import budget_checkpoint
 from neuroflux.planner.config import PlanConfig
 from neuroflux.planner.jobs import Profiled
 from neuroflux.planner.problem import Problem, block_steps
@@ -21,12 +25,13 @@ from neuroflux.schemas.plan import Baseline
 __all__ = ["baselines"]
 
 
-def baselines(problem: Problem, pr: Profiled, cfg: PlanConfig) -> tuple[Baseline, Baseline]:
-    """The BP and BP-checkpointing baselines of a profiled model at ``problem``'s budget."""
+def baselines(problem: Problem, pr: Profiled, cfg: PlanConfig) -> tuple[Baseline, Baseline, Baseline]:
+    """The BP, budget-optimal BP-checkpointing and every-unit BP-checkpointing
+    baselines of a profiled model at ``problem``'s budget."""
     common: dict[str, Any] = dict(shape=pr.shape, classes=pr.classes, device=pr.device, sgd=pr.sgd)
     bp = _baseline(problem, pr.bp_prof, pr.target.speed, cfg, real=None if pr.real is None else pr.real[0], **common)
     ck = _baseline(problem, pr.ck_prof, pr.target.speed, cfg, real=None if pr.real is None else pr.real[1], **common)
-    return bp, ck
+    return bp, budget_checkpoint(problem, pr, cfg), ck
 
 
 def _baseline(

@@ -11,6 +11,7 @@ callback and log through ``logging``; tables and bars belong to the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.baselines import baselines
 from neuroflux.planner.config import PlanConfig, default_cache_budget_bytes, default_disk_budget_bytes
 from neuroflux.planner.jobs import Profiled, Progress, profile_model
+from neuroflux.planner.polish import polish_record
 from neuroflux.planner.problem import Problem, Solution, candidate_batch_sizes, check_solution
 from neuroflux.planner.records import plan_record
 from neuroflux.planner.solve import InfeasibleBudget, raise_infeasible, solve
@@ -47,7 +49,7 @@ def make_plan(
 ) -> PlanResult:
     """Trace, profile and solve: the plan for ``cfg.budget.budget_bytes``."""
     prof = profile_model(model_spec, cfg, progress or _no_progress)
-    return _plan_at(prof, cfg, plan_dir=Path(plan_dir))
+    return _plan_at(prof, cfg, plan_dir=Path(plan_dir), progress=progress)
 
 
 def make_plans(
@@ -66,7 +68,7 @@ def make_plans(
     for nbytes, text in budgets:
         c = cfg.replace(budget_bytes=nbytes, budget_text=text, budget_source="flag")
         try:
-            out.append(_plan_at(prof, c, plan_dir=Path(plan_dir)))
+            out.append(_plan_at(prof, c, plan_dir=Path(plan_dir), progress=progress))
         except NeuroFluxError as e:
             out.append(e)
     return out
@@ -101,6 +103,8 @@ _SOLVE_ONLY = frozenset(
         "lr_scaling",
         "schedule",
         "workers",
+        "polish_epochs",
+        "polish_lr_scale",
     }
 )
 
@@ -125,13 +129,13 @@ def make_plan_shared(
     )
     if key not in profiles:
         profiles[key] = profile_model(model_spec, cfg, progress or _no_progress)
-    return _plan_at(profiles[key], cfg, plan_dir=Path(plan_dir))
+    return _plan_at(profiles[key], cfg, plan_dir=Path(plan_dir), progress=progress)
 
 
-def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path) -> PlanResult:
+def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path, progress: Progress | None = None) -> PlanResult:
     """The budget's problem, baselines and solution, as a plan."""
     problem = _problem(pr, cfg, plan_dir=plan_dir)
-    bp, ck = baselines(problem, pr, cfg)
+    bp, ck, ck_all = baselines(problem, pr, cfg)
     solution, engine = solve(problem, cfg)
     if solution.status in ("infeasible", "timeout"):
         raise_infeasible(problem, solution, cfg)
@@ -141,7 +145,12 @@ def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path) -> PlanResult:
             f"internal error: the {engine} plan breaks its own constraints ({'; '.join(broken[:3])}); no plan "
             "written. Please report it with the model file and flags; --strategy greedy may plan meanwhile"
         )
-    plan = plan_record(pr, cfg, problem=problem, solution=solution, bp=bp, ck=ck, engine=engine, plan_dir=plan_dir)
+    plan = plan_record(
+        pr, cfg, problem=problem, solution=solution, bp=bp, ck=ck, ck_all=ck_all, engine=engine, plan_dir=plan_dir
+    )
+    polish = polish_record(pr, problem, solution, cfg, report=progress)
+    if polish is not None:
+        plan = dataclasses.replace(plan, polish=polish)
     return PlanResult(plan=plan, problem=problem, solution=solution)
 
 

@@ -198,6 +198,8 @@ def _config(
             data_mode=args.data_mode,
             cache_dtype=args.cache_dtype,
             precision=args.precision,
+            polish_epochs=args.polish,
+            polish_lr_scale=args.polish_lr_scale,
             max_blocks=args.max_blocks,
             time_limit_s=args.time_limit,
             seed=args.seed,
@@ -233,6 +235,7 @@ _FLAG_OF = {
     "device_flops_per_s": "--device-tflops",
     "op_overhead_s": "--op-overhead-us",
     "device_kind": "--device",
+    "polish_epochs": "--polish",
 }
 
 
@@ -305,7 +308,16 @@ def print_plan(plan) -> None:
         f"epochs per block on {plan.recipe.train_size} samples, assuming {plan.predicted.assumes}"
     )
     console.print(line("BP", bl.bp, plan.predicted.speedup_vs_bp))
-    console.print(line("BP + checkpointing", bl.bp_checkpoint, plan.predicted.speedup_vs_bp_checkpoint))
+    recomputed = bl.bp_checkpoint.checkpointed_units
+    which = "" if recomputed is None else f" (recomputing {', '.join(recomputed) or 'nothing'})"
+    console.print(line(f"BP + checkpointing{which}", bl.bp_checkpoint, plan.predicted.speedup_vs_bp_checkpoint))
+    if bl.bp_checkpoint_all is not None:
+        t_all = bl.bp_checkpoint_all.predicted_time_s
+        console.print(
+            line(
+                "BP + checkpointing every unit", bl.bp_checkpoint_all, t_all / plan.predicted.time_s if t_all else None
+            )
+        )
 
 
 def _check_writable(out: Path) -> None:

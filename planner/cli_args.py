@@ -162,6 +162,20 @@ def _add_solver_and_cost_args(ap: argparse.ArgumentParser) -> None:
         help="compute precision of every method: fp32, or mixed precision (fp32 weights, autocast forward) "
         "in bf16 or fp16 (fp16 with a loss scaler per unit); steps are profiled at it",
     )
+    ap.add_argument(
+        "--polish",
+        type=float,
+        default=_default("polish_epochs"),
+        metavar="EPOCHS",
+        help="after local learning, train the kept exit (its units and head) end to end for this many epochs "
+        "(e.g. 0.5) at the largest batch proven to fit the budget; 0: no polish",
+    )
+    ap.add_argument(
+        "--polish-lr-scale",
+        type=float,
+        default=_default("polish_lr_scale"),
+        help="the polish's peak learning rate relative to the recipe's at its batch (cosine to zero)",
+    )
 
 
 def _add_head_and_exit_args(ap: argparse.ArgumentParser) -> None:

@@ -281,12 +281,21 @@ class RecipeConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Compute precision of every method (runtime/precision.py): fp32, or
     automatic mixed precision in bf16 or fp16."""
+    polish_epochs: float = 0.0
+    """After local learning, train the kept exit's prefix and head end to end
+    for this many epochs (a fraction, e.g. 0.5) at a batch proven to fit; 0: no polish."""
+    polish_lr_scale: float = 0.1
+    """The polish's peak learning rate relative to the recipe's at its batch."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("{lr} must be a positive finite number, got {got}", got=self.lr)
         if self.epochs < 1:
             raise ConfigError("{epochs} must be >= 1, got {got}", got=self.epochs)
+        if not (math.isfinite(self.polish_epochs) and 0 <= self.polish_epochs <= 10):
+            raise ConfigError("{polish_epochs} must be in [0, 10] (0: no polish), got {got}", got=self.polish_epochs)
+        if not (math.isfinite(self.polish_lr_scale) and 0 < self.polish_lr_scale <= 1):
+            raise ConfigError("{polish_lr_scale} must be in (0, 1], got {got}", got=self.polish_lr_scale)
         _check_choices(self)
 
     def lr_at(self, batch: int) -> float:

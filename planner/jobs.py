@@ -40,7 +40,7 @@ from neuroflux.planner.units import UnitSpan, find_units, propagate_shapes, unit
 from neuroflux.runtime.graph import META_CAPTURE, split_units, trace
 from neuroflux.runtime.heads import build_head
 from neuroflux.runtime.model_file import ModelFile, ModelObject, load_model_file
-from neuroflux.runtime.modules import CheckpointedChain
+from neuroflux.runtime.modules import Chain, CheckpointedChain
 from neuroflux.runtime.precision import Precision
 
 __all__ = ["Progress", "ModelMeta", "Profiled", "ProfilingJobs", "WithExit", "infer_meta", "profile_model"]
@@ -167,6 +167,11 @@ class Profiled:
     """Real modules for --cost measure: (whole model, checkpointed chain), else None."""
     device: Any
     sgd: SGDConfig
+    jobs: ProfilingJobs | None = None
+    """The profiling jobs, for the steps profiled after the solve (the polish's prefixes)."""
+    prefix_profiles: dict[tuple[int, str, int], StepProfile] = dataclasses.field(default_factory=dict)
+    """Polish steps profiled so far, by (exit unit, head kind, head width):
+    budgets planned from one profiling share them."""
 
 
 def profile_model(model_spec: str | ModelObject, cfg: PlanConfig, report: Progress) -> Profiled:
@@ -215,6 +220,7 @@ def profile_model(model_spec: str | ModelObject, cfg: PlanConfig, report: Progre
         real=None if jobs.real_mods is None else (real_gm, CheckpointedChain(jobs.real_mods)),
         device=jobs.device,
         sgd=jobs.sgd,
+        jobs=jobs,
     )
 
 
@@ -329,6 +335,52 @@ class ProfilingJobs:
                 fake_mode=self.fake,
                 sgd=self.sgd,
                 foreach=self.foreach,
+                precision=self.precision,
+                batches=self.batches,
+            ),
+            self.target.cal,
+        )
+
+    def chain_job(self, checkpointed: tuple[bool, ...]) -> StepProfile:
+        """BP's step through the chain of units, recomputing the flagged ones
+        (the budget-optimal checkpointing baseline's candidates)."""
+        return calibrated(
+            profile_step(
+                CheckpointedChain(self.unit_mods, checkpointed=checkpointed),
+                None,
+                self.meta.shape,
+                self.meta.classes,
+                fake_mode=self.fake,
+                sgd=self.sgd,
+                foreach=self.foreach,
+                precision=self.precision,
+                batches=self.batches,
+            ),
+            self.target.cal,
+        )
+
+    def prefix_job(self, key: tuple[int, str, int]) -> StepProfile:
+        """The end-to-end step of units 0..k with unit k's (kind, width) head
+        (the polish of exit k); the last unit's is BP's step."""
+        k, kind, width = key
+        if kind == "model":
+            return self.job(-1)
+        span, classes = self.spans[k], self.meta.classes
+
+        def head(mode: Any) -> nn.Module:
+            with mode:
+                return build_head(kind, span.output_shape, width, classes)
+
+        return calibrated(
+            profile_step(
+                Chain(self.unit_mods[: k + 1]),
+                head(torch.device("meta")),
+                self.meta.shape,
+                classes,
+                fake_mode=self.fake,
+                sgd=self.sgd,
+                foreach=self.foreach,
+                fake_head=lambda: head(self.fake),
                 precision=self.precision,
                 batches=self.batches,
             ),

@@ -72,6 +72,7 @@ def plan_record(
     solution: Solution,
     bp: Baseline,
     ck: Baseline,
+    ck_all: Baseline,
     engine: Engine,
     plan_dir: Path,
 ) -> Plan:
@@ -99,7 +100,7 @@ def plan_record(
         blocks=blocks,
         graph_nodes=nodes,
         graph_edges=edges,
-        baseline=Baselines(bp=bp, bp_checkpoint=ck),
+        baseline=Baselines(bp=bp, bp_checkpoint=ck, bp_checkpoint_all=ck_all),
         predicted=Predicted(
             time_s=total,
             speedup_vs_bp=bp.predicted_time_s / total if bp.fits and total > 0 else None,

@@ -14,7 +14,7 @@ from neuroflux.schemas.plan import Plan
 
 __all__ = ["Method", "RunConfig", "RunPolicy"]
 
-Method = Literal["neuroflux", "bp", "bp-checkpoint"]
+Method = Literal["neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all"]
 
 
 @dataclass(frozen=True, kw_only=True)

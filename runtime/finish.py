@@ -4,6 +4,7 @@ and why training stopped, and ``summary.json`` (a diverged run's too)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -85,6 +86,7 @@ def finish_run(
         "torch": torch.__version__,
         "command": cfg.command,
         "world_size": dist.world,
+        "polish": None if state.polish is None else dataclasses.asdict(state.polish),
     }
     # Typed on the way out: a field missing or misnamed fails here, not in a reader.
     summary = summary_to_dict(summary_from_dict(summary))

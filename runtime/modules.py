@@ -28,10 +28,19 @@ class Chain(nn.Module):
 
 
 class CheckpointedChain(Chain):
-    """BP with activation checkpointing at every unit boundary: only unit
-    inputs are saved; each unit's activations are recomputed in backward."""
+    """BP with activation checkpointing: a checkpointed unit saves only its
+    input and recomputes its activations in backward. ``checkpointed``: which
+    units (one flag each); None checkpoints every unit boundary."""
+
+    def __init__(
+        self, units: Sequence[nn.Module], head: nn.Module | None = None, *, checkpointed: Sequence[bool] | None = None
+    ) -> None:
+        super().__init__(units, head)
+        self.checkpointed = [True] * len(self.units) if checkpointed is None else [bool(c) for c in checkpointed]
+        if len(self.checkpointed) != len(self.units):
+            raise ValueError(f"{len(self.checkpointed)} checkpoint flags for {len(self.units)} units")
 
     def forward(self, x):
-        for u in self.units:
-            x = checkpoint(u, x, use_reentrant=False) if self.training else u(x)
+        for u, ck in zip(self.units, self.checkpointed):
+            x = checkpoint(u, x, use_reentrant=False) if self.training and ck else u(x)
         return self.head(x)

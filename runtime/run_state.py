@@ -9,13 +9,14 @@ they did not have take their starting values)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from neuroflux.runtime.policy import BlockState, DepthState, new_depth_state
-from neuroflux.schemas.summary import BlockResult
+from neuroflux.schemas.summary import BlockResult, PolishResult
 
-__all__ = ["RunState", "StopRecord", "block_result_json"]
+__all__ = ["Clock", "RunState", "StopRecord", "block_result_json"]
 
 
 @dataclass(kw_only=True)
@@ -64,6 +65,8 @@ class RunState:
     that no longer matches."""
     failed: str | None = None
     """Set when the run diverged: it cannot be resumed."""
+    polish: PolishResult | None = None
+    """The kept exit's polish, once it ran (the checkpoint then holds its weights)."""
 
     def to_json(self) -> dict[str, Any]:
         """The checkpoint's ``state``: ``cache_digests`` and ``failed`` only once set."""
@@ -84,6 +87,8 @@ class RunState:
             out["cache_digests"] = self.cache_digests
         if self.failed is not None:
             out["failed"] = self.failed
+        if self.polish is not None:
+            out["polish"] = dataclasses.asdict(self.polish)
         return out
 
     @classmethod
@@ -95,6 +100,8 @@ class RunState:
         values["done"] = [BlockResult(**b) for b in data["done"]]
         if values.get("stop") is not None:
             values["stop"] = StopRecord(**values["stop"])
+        if values.get("polish") is not None:
+            values["polish"] = PolishResult(**values["polish"])
         if values.get("cache_digests") is None:
             values.pop("cache_digests", None)
         return cls(**values)
@@ -107,3 +114,13 @@ def block_result_json(b: BlockResult) -> dict[str, Any]:
     if out["nvml_process_bytes"] is None:
         del out["nvml_process_bytes"]
     return out
+
+
+class Clock:
+    """Seconds of this run so far, resumed runs included."""
+
+    def __init__(self, t_start: float, before: float) -> None:
+        self.t_start, self.before = t_start, before
+
+    def __call__(self) -> float:
+        return self.before + time.perf_counter() - self.t_start

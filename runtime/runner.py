@@ -39,7 +39,7 @@ from neuroflux.runtime.checkpoint import load_checkpoint, plan_key, restore_chec
 from neuroflux.runtime.config import Method, RunConfig, RunPolicy
 from neuroflux.runtime.data import call_augment, dataset_sources, default_loader_workers
 from neuroflux.runtime.distributed import from_env
-from neuroflux.runtime.finish import finish_run, write_diverged_summary
+from neuroflux.runtime.finish import choose_exit, finish_run, write_diverged_summary
 from neuroflux.runtime.memory import (
     CAN_TRACK,
     cap_requested,
@@ -59,10 +59,11 @@ from neuroflux.runtime.policy import (
     new_block_state,
     observe_exits,
 )
+from neuroflux.runtime.polish import polish_exit
 from neuroflux.runtime.precision import EMULATED_PRECISION_ENV, Precision, check_supported
 from neuroflux.runtime.progress import BarFactory, NoBar
 from neuroflux.runtime.run_dir import RunDir
-from neuroflux.runtime.run_state import RunState, StopRecord, block_result_json
+from neuroflux.runtime.run_state import Clock, RunState, StopRecord, block_result_json
 from neuroflux.runtime.stages import (
     Stage,
     build_stages,
@@ -168,8 +169,9 @@ class Runner:
         start = len(state.done)
         if start > 0 and state.stopped is None and start < len(stages):
             caches.restore(stages, start=start, asm=asm, state=state)
-        clock = _Clock(t_start, state.elapsed_s)
+        clock = Clock(t_start, state.elapsed_s)
         self._run_stages(stages, start=start, caches=caches, asm=asm, state=state, clock=clock)
+        self._polish(asm, state, caches.sources[None], clock, precision=precision)
         return self._finish(asm, stages, state, clock())
 
     def _dataset(self) -> tuple[Any, Any]:
@@ -187,7 +189,7 @@ class Runner:
         )
 
     def _run_stages(
-        self, stages: list[Stage], *, start: int, caches: BlockCaches, asm: Assembled, state: RunState, clock: _Clock
+        self, stages: list[Stage], *, start: int, caches: BlockCaches, asm: Assembled, state: RunState, clock: Clock
     ) -> None:
         """The stages from ``start`` on, each checkpointed and logged; a
         divergence is saved and summarized before it is raised."""
@@ -215,6 +217,34 @@ class Runner:
         finally:
             blocks_bar.close()
 
+    def _polish(self, asm: Assembled, state: RunState, data: Any, clock: Clock, *, precision: Precision) -> None:
+        """The plan's polish of the exit the run keeps (NeuroFlux only), once:
+        checkpointed after it, so a resume never repeats it."""
+        if self.cfg.method != "neuroflux" or self.plan.polish is None or state.polish is not None:
+            return
+        chosen = choose_exit(self.plan, state.exit_acc, method=self.cfg.method, tolerance=self.policy.tolerance)
+        result = polish_exit(
+            self.plan,
+            asm,
+            chosen,
+            state.exit_acc[chosen],
+            data=data,
+            augment=self.mf.augment(),
+            device=self.device,
+            dist=self.dist,
+            precision=precision,
+            max_steps=self.cfg.max_steps_per_epoch,
+        )
+        if result is None:
+            return
+        state.polish = result
+        if result.kept:
+            state.exit_acc[chosen] = result.accuracy_after
+        state.train_s += result.time_s
+        state.elapsed_s = clock()
+        self.run_dir.save(asm, state, trainers=None)
+        self._log({"event": "polish", **dataclasses.asdict(result), "elapsed_s": state.elapsed_s})
+
     def _log(self, record: dict[str, Any]) -> None:
         self.run_dir.log(record)
 
@@ -235,7 +265,7 @@ class Runner:
 
     # ---------------------------------------------------------------- a stage
     def _run_stage(
-        self, stage: Stage, caches: BlockCaches, asm: Assembled, state: RunState, clock: _Clock, *, stages: list[Stage]
+        self, stage: Stage, caches: BlockCaches, asm: Assembled, state: RunState, clock: Clock, *, stages: list[Stage]
     ) -> None:
         dev = self.device
         train, val, prefix = stage_input(
@@ -268,7 +298,7 @@ class Runner:
         state.epoch, state.block, state.last_accs = 0, None, None
 
     def _block_result(
-        self, stage: Stage, accs: dict[str, float], *, peak: int, epochs_run: int, t0: float, clock: _Clock
+        self, stage: Stage, accs: dict[str, float], *, peak: int, epochs_run: int, t0: float, clock: Clock
     ) -> BlockResult:
         dev = self.device
         time_s, elapsed_s = time.perf_counter() - t0, clock()
@@ -289,7 +319,7 @@ class Runner:
         )
 
     def _run_epochs(
-        self, stage: Stage, train: Any, val: Any, *, prefix: nn.Module, asm: Assembled, state: RunState, clock: _Clock
+        self, stage: Stage, train: Any, val: Any, *, prefix: nn.Module, asm: Assembled, state: RunState, clock: Clock
     ) -> tuple[dict[str, float], int]:
         """The stage's epochs from ``state.epoch`` on, each checkpointed and
         logged; returns the last exit accuracies and the measured CPU peak."""
@@ -463,13 +493,3 @@ class Runner:
             skipped_predicted_s=sum(self.plan.blocks[s.index].predicted_time_s for s in skipped),
         )
         self._log({"event": "early_stop", "reason": state.stopped, **dataclasses.asdict(state.stop)})
-
-
-class _Clock:
-    """Seconds of this run so far, resumed runs included."""
-
-    def __init__(self, t_start: float, before: float) -> None:
-        self.t_start, self.before = t_start, before
-
-    def __call__(self) -> float:
-        return self.before + time.perf_counter() - self.t_start

@@ -64,13 +64,13 @@ def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist, prec
     at ``precision``."""
     if method == "neuroflux":
         return [_block_stage(plan, b, asm, dist=dist, precision=precision) for b in plan.blocks]
-    base = plan.baseline.bp if method == "bp" else plan.baseline.bp_checkpoint
+    base = _baseline(plan, method)
     if not base.fits:
         raise NeuroFluxError(
             f"the plan found no batch size >= {plan.solver.min_batch_size} at which {method} fits "
             f"{plan.device.budget_text}; that is the comparison: BP cannot train under this budget"
         )
-    whole = asm.model if method == "bp" else CheckpointedChain(asm.units)
+    whole = asm.model if method == "bp" else CheckpointedChain(asm.units, checkpointed=_recomputed(plan, base))
     steps, lr = base.steps, base.lr  # the plan decides; the runtime executes
     return [
         Stage(
@@ -97,6 +97,27 @@ def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist, prec
             shuffle_seed=shuffle_seed(plan.recipe.seed, 0) if base.shuffle_seed is None else base.shuffle_seed,
         )
     ]
+
+
+def _baseline(plan: Plan, method: Method) -> Any:
+    """The plan's record of a baseline method (a plan before 2.6 has no
+    ``bp_checkpoint_all``: its ``bp_checkpoint`` checkpoints every unit)."""
+    bl = plan.baseline
+    if method == "bp":
+        return bl.bp
+    if method == "bp-checkpoint-all":
+        if bl.bp_checkpoint_all is None and bl.bp_checkpoint.checkpointed_units is not None:
+            raise NeuroFluxError("this plan has no bp-checkpoint-all baseline; re-plan it with nf-plan")
+        return bl.bp_checkpoint_all or bl.bp_checkpoint
+    return bl.bp_checkpoint
+
+
+def _recomputed(plan: Plan, base: Any) -> list[bool] | None:
+    """Which units the baseline recomputes (None: every one)."""
+    if base.checkpointed_units is None:
+        return None
+    named = set(base.checkpointed_units)
+    return [u.name in named for u in plan.units]
 
 
 def _block_stage(plan: Plan, b: Any, asm: Assembled, *, dist: Dist, precision: Precision) -> Stage:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Baseline", "Baselines", "Predicted", "ProfileInfo", "SolverInfo"]
+__all__ = ["Baseline", "Baselines", "Polish", "PolishExit", "Predicted", "ProfileInfo", "SolverInfo"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,13 +27,49 @@ class Baseline:
     shuffle_seed: int | None = None
     """Epoch ``e`` draws its batches with ``torch.Generator().manual_seed(shuffle_seed + e)``. Added in 2.4
     (older plans: the runtime derives it from ``recipe.seed``, as block 0's)."""
+    checkpointed_units: list[str] | None = None
+    """BP with checkpointing: the units recomputed in backward (the others keep their activations); None:
+    every unit (``bp_checkpoint`` of plans before 2.6, and ``bp_checkpoint_all``). Added in 2.6."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Baselines:
     bp: Baseline
     bp_checkpoint: Baseline
-    """BP with activation checkpointing at every unit boundary."""
+    """BP with budget-optimal activation checkpointing: the batch and the units to recompute that train
+    fastest under the budget (plans before 2.6: every unit boundary)."""
+    bp_checkpoint_all: Baseline | None = None
+    """BP with activation checkpointing at every unit boundary. Added in 2.6."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolishExit:
+    """The polish of one exit: its prefix of units and its head trained end to
+    end, at the largest candidate batch whose predicted peak fits."""
+
+    unit: str
+    """The exit (the prefix is every unit up to it, the head is its aux head)."""
+    batch_size: int
+    predicted_peak_bytes: int
+    predicted_time_s: float
+    steps: int
+    """Optimizer steps: ``ceil(epochs * ceil(train_size / batch_size))``."""
+    lr: float
+    """Peak learning rate: the recipe's rate at this batch times ``lr_scale`` (cosine to zero over ``steps``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Polish:
+    """After local learning, the kept exit's prefix and head trained end to
+    end for a fraction of an epoch at a small learning rate (``nf-plan
+    --polish``). An exit absent from ``exits`` fits no candidate batch: it is
+    kept unpolished. Added in 2.6 (older plans: no polish)."""
+
+    epochs: float
+    """Length of the polish in epochs of the training set (e.g. 0.5)."""
+    lr_scale: float
+    """The polish's peak rate relative to the recipe's rate at the same batch."""
+    exits: list[PolishExit]
 
 
 @dataclass(frozen=True, kw_only=True)

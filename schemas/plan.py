@@ -24,7 +24,7 @@ from typing import Any
 from neuroflux.common import atomic_write_json
 from neuroflux.errors import NeuroFluxError
 from neuroflux.schemas.blocks import AuxHead, Block, BlockInput, CacheSpec, Unit, UnitProfile
-from neuroflux.schemas.estimates import Baseline, Baselines, Predicted, ProfileInfo, SolverInfo
+from neuroflux.schemas.estimates import Baseline, Baselines, Polish, PolishExit, Predicted, ProfileInfo, SolverInfo
 from neuroflux.schemas.graph import GraphEdge, GraphNode
 from neuroflux.schemas.specs import DataSpec, DeviceSpec, ExitPolicy, ModelSpec, Recipe
 from neuroflux.schemas.typed_json import record_from_json, validate_record
@@ -47,6 +47,8 @@ __all__ = [
     "ModelSpec",
     "Plan",
     "PlanError",
+    "Polish",
+    "PolishExit",
     "Predicted",
     "ProfileInfo",
     "Recipe",
@@ -62,7 +64,7 @@ __all__ = [
 
 #: Major.minor. A reader accepts any plan with the same major and a minor up
 #: to its own; a newer plan is refused with a message to upgrade.
-SCHEMA_VERSION = "2.5"
+SCHEMA_VERSION = "2.6"
 
 
 class PlanError(NeuroFluxError):
@@ -89,6 +91,8 @@ class Plan:
     profile: ProfileInfo
     data: DataSpec | None = None
     """Added in 2.3 (older plans: stacked)."""
+    polish: Polish | None = None
+    """The end-to-end polish of the kept exit after local learning (None: none). Added in 2.6."""
 
     def __post_init__(self) -> None:
         for i, u in enumerate(self.units):
@@ -108,6 +112,7 @@ class Plan:
         self._check_recipe()
         self._check_units()
         self._check_sources()
+        self._check_polish()
 
     def _check_recipe(self) -> None:
         """Values the schema's types admit but training cannot use."""
@@ -150,16 +155,27 @@ class Plan:
                     f"block {b.index}'s shuffle_seed is {b.shuffle_seed}; it must be in [0, 2^62)",
                 ),
             ]
-        for name, base in (("bp", self.baseline.bp), ("bp_checkpoint", self.baseline.bp_checkpoint)):
-            checks.append(
+        for ok, what in checks + self._baseline_checks():
+            if not ok:
+                raise PlanError(f"{what}; {fix}")
+
+    def _baseline_checks(self) -> list[tuple[bool, str]]:
+        """(ok, what is wrong) for each baseline's seed and recomputed units."""
+        bl, known = self.baseline, {u.name for u in self.units}
+        named = (("bp", bl.bp), ("bp_checkpoint", bl.bp_checkpoint), ("bp_checkpoint_all", bl.bp_checkpoint_all))
+        checks = []
+        for name, base in named:
+            if base is None:
+                continue
+            unknown = sorted(set(base.checkpointed_units or ()) - known)
+            checks += [
                 (
                     base.shuffle_seed is None or 0 <= base.shuffle_seed < 2**62,
                     f"baseline {name}'s shuffle_seed is {base.shuffle_seed}; it must be in [0, 2^62)",
-                )
-            )
-        for ok, what in checks:
-            if not ok:
-                raise PlanError(f"{what}; {fix}")
+                ),
+                (not unknown, f"baseline {name} recomputes unknown units {unknown}"),
+            ]
+        return checks
 
     def _check_units(self) -> None:
         """Every unit but the last has an aux head of a sane width; the last
@@ -222,6 +238,39 @@ class Plan:
                         f"block {b.index}'s cache file {f!r} is not a plain path inside the run "
                         "directory; re-create the plan with nf-plan"
                     )
+
+    def _check_polish(self) -> None:
+        """A polish that names known exits once each, with steps and rates training can use."""
+        import math
+
+        p = self.polish
+        if p is None:
+            return
+        names = [e.unit for e in p.exits]
+        known = {u.name for u in self.units}
+        bad = (
+            [f"polish.epochs is {p.epochs}; it must be a positive number"]
+            if not (math.isfinite(p.epochs) and p.epochs > 0)
+            else []
+        )
+        bad += [f"polish.lr_scale is {p.lr_scale}; it must be positive"] * (
+            not (math.isfinite(p.lr_scale) and p.lr_scale > 0)
+        )
+        repeated = len(set(names)) != len(names) or bool(set(names) - known)
+        bad += [f"polish names unknown or repeated exits {names}"] * repeated
+        bad += [
+            f"polish of {e.unit}: batch {e.batch_size}, {e.steps} steps, lr {e.lr}; each must be positive"
+            for e in p.exits
+            if e.batch_size < 1 or e.steps < 1 or not (math.isfinite(e.lr) and e.lr > 0)
+        ]
+        if bad:
+            raise PlanError(f"{bad[0]}; re-create the plan with nf-plan")
+
+    def polish_exit(self, name: str) -> PolishExit | None:
+        """The polish of exit ``name``: None without a polish, or where its prefix fits no batch."""
+        if self.polish is None:
+            return None
+        return next((e for e in self.polish.exits if e.unit == name), None)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as JSON (atomically), as ``nf-plan -o`` does."""

@@ -23,6 +23,7 @@ from neuroflux.schemas.typed_json import record_from_json, validate_record
 
 __all__ = [
     "BlockResult",
+    "PolishResult",
     "Stopping",
     "Throughput",
     "TimeBreakdown",
@@ -109,10 +110,31 @@ class Throughput:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PolishResult:
+    """The polish of the kept exit (``nf-plan --polish``): its prefix and
+    head trained end to end after local learning. Added in 2.6."""
+
+    exit: str
+    batch_size: int
+    steps: int
+    """Optimizer steps taken (the plan's, or a dry run's fewer)."""
+    lr: float
+    accuracy_before: float
+    accuracy_after: float
+    """0 when the polish diverged (its weights are then undone)."""
+    kept: bool
+    """Whether the polished weights were kept: only when they are more accurate on val."""
+    time_s: float
+    """Training and the evaluation after it."""
+    measured_peak_bytes: int
+    predicted_peak_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunSummary:
     """A run's summary (``summary.json``)."""
 
-    method: Literal["neuroflux", "bp", "bp-checkpoint"]
+    method: Literal["neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all"]
     status: Literal["ok", "diverged"]
     blocks: list[BlockResult]
     command: str
@@ -138,6 +160,8 @@ class RunSummary:
     torch: str | None = None
     world_size: int = 1
     """Processes that trained the run (torchrun's --nproc-per-node x --nnodes)."""
+    polish: PolishResult | None = None
+    """The kept exit's end-to-end polish; None when the plan has none or no batch fits it."""
 
 
 def summary_to_dict(s: RunSummary) -> dict[str, Any]:
@@ -205,6 +229,8 @@ class RunStateJSON(TypedDict, total=False):
     """Training time banked by blocks that converged early (spent on extra epochs)."""
     failed: str
     """Set when the run diverged: it cannot be resumed."""
+    polish: dict[str, Any] | None
+    """The polish's record (a PolishResult as a dict), once it ran: a resume does not polish again."""
     cache_digests: dict[str, str]
     """Per disk cache (block index), a digest of sampled bytes taken when it
     was written: a resume rebuilds a file that no longer matches."""

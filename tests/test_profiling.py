@@ -90,17 +90,20 @@ def test_step_meter_equals_memtracker_and_flop_counter(model: str) -> None:
         assert meter.ops > 10
 
 
-def test_checkpointed_baseline_prediction_matches_a_real_step() -> None:
-    """The fake-tensor prediction of BP with activation checkpointing equals
+@pytest.mark.parametrize("flags", [None, (False, True, True, False)], ids=["every unit", "u1 and u2"])
+def test_checkpointed_baseline_prediction_matches_a_real_step(flags) -> None:
+    """The fake-tensor prediction of BP with activation checkpointing (of
+    every unit, or of the units a budget-optimal baseline picks) equals
     MemTracker's accounting of the real step (the planner measured it with
     FlopCounterMode active too, whose module tracker keeps recomputed
     activations alive: half as much again)."""
     fake = FakeTensorMode()
     gm, shape, spans, mods = _units("small_cnn", fake)
-    pred = profile_step(CheckpointedChain(mods), None, shape, 10, fake_mode=fake)
+    assert flags is None or len(flags) == len(mods)
+    pred = profile_step(CheckpointedChain(mods, checkpointed=flags), None, shape, 10, fake_mode=fake)
     torch.manual_seed(0)
     real_gm = trace(load_model_file(ROOT / "examples" / "small_cnn.py").build(), shape)
-    t = _trainer(CheckpointedChain(split_units(real_gm, [s.nodes for s in spans])), None)
+    t = _trainer(CheckpointedChain(split_units(real_gm, [s.nodes for s in spans]), checkpointed=flags), None)
     b = 16
     x, y = torch.randn(b, *shape), torch.randint(0, 10, (b,))
     t.step(x, y)

@@ -145,7 +145,7 @@ def test_summary_files_and_onnx_predictions(tmp_path: Path, monkeypatch) -> None
     torch.testing.assert_close(torch.from_numpy(onnx_out), final.eval()(x).detach(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("baseline", ["bp", "bp-checkpoint"])
+@pytest.mark.parametrize("baseline", ["bp", "bp-checkpoint", "bp-checkpoint-all"])
 def test_baselines_write_the_same_files(tmp_path: Path, baseline: str) -> None:
     plan, path, _ = tiny_plan(tmp_path, epochs=1)
     out = tmp_path / baseline

@@ -15,7 +15,7 @@ __all__ = ["ABLATION", "METHODS", "PRESETS", "ROOT", "Cell", "model_path", "reso
 
 #: The repository: the zoo models are its examples/, and results name paths relative to it.
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("neuroflux", "neuroflux-greedy", "bp", "bp-checkpoint")
+METHODS = ("neuroflux", "neuroflux-greedy", "bp", "bp-checkpoint", "bp-checkpoint-all")
 
 
 def model_path(name: str) -> str:

@@ -18,11 +18,14 @@ __all__ = ["compare_runs", "markdown", "save_results", "time_to_target"]
 
 def time_to_target(metrics: list[dict[str, Any]], target: float) -> float | None:
     """Seconds of training until a val accuracy >= target was first reached
-    (NeuroFlux: after the block whose exit reached it; BP: after the epoch)."""
+    (NeuroFlux: after the block whose exit reached it, or after the polish
+    that raised it there; BP: after the epoch)."""
     for rec in metrics:
         if rec["event"] == "block" and max(rec["exit_accuracies"].values()) >= target:
             return rec["elapsed_s"]
         if rec["event"] == "epoch" and rec.get("val_acc", -1) >= target:
+            return rec["elapsed_s"]
+        if rec["event"] == "polish" and rec["kept"] and rec["accuracy_after"] >= target:
             return rec["elapsed_s"]
     return None
 

@@ -251,6 +251,11 @@ def run_cell(
         if isinstance(plan, Exception) or plan is None:
             result["runs"][label] = {"error": str(plan)}
             continue
+        if label == "bp-checkpoint" and "error" not in result["runs"].get("bp", {"error": ""}) and _as_bp(plan):
+            # Budget-optimal checkpointing recomputes nothing at BP's own batch: it is BP; not trained twice.
+            result["runs"][label] = {**result["runs"]["bp"], "same_as": "bp"}
+            log(f"[{cell.name}] {label}: recomputes nothing at BP's batch, so it is BP's run")
+            continue
         run_dir = cell_dir / _slug(label)
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -270,6 +275,15 @@ def run_cell(
             on_run(partial)
     compare_runs(result, opts.target)
     return result
+
+
+def _as_bp(plan_path: Path) -> bool:
+    """Whether the plan's budget-optimal checkpointing is plain BP (no unit recomputed, BP's batch)."""
+    from neuroflux.schemas import load_plan
+
+    bl = load_plan(plan_path).baseline
+    ck = bl.bp_checkpoint
+    return ck.checkpointed_units == [] and ck.batch_size == bl.bp.batch_size and ck.fits
 
 
 def _planned_only(result: dict[str, Any], plans: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""The budget-optimal BP-with-checkpointing baseline (``bp-checkpoint``):
+which units to recompute, and the batch, to train fastest under the budget.
+
+1. What each unit's forward keeps for backward, at two batches, with and
+   without checkpointing: one training-mode forward of the chain each, on
+   fake tensors, its memory read after every unit. A unit's ``saving`` is
+   the difference; its recompute costs one more inference forward.
+2. At every candidate batch, the cheapest set of units whose savings cover
+   the BP step's excess over the budget (``solve_checkpoint``: an exact
+   knapsack), and its predicted time (BP's step plus the recomputes).
+3. The candidates in order of predicted time, each verified by profiling
+   the exact step of the chain it describes (the saving of a unit is not
+   quite additive: a recomputed unit's activations come back during its
+   backward). One over the budget asks the knapsack for its overshoot more;
+   the first that fits is the baseline, timed from its own profile.
+
+Checkpointing every unit boundary, the old baseline, stays as
+``bp-checkpoint-all``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from neuroflux.planner.config import PlanConfig
+from neuroflux.planner.jobs import Profiled, ProfilingJobs
+from neuroflux.planner.problem import Problem, block_steps
+from neuroflux.planner.profile import StepProfile, measure_step_time, on_meta_first
+from neuroflux.planner.solve_checkpoint import choose_recompute
+from neuroflux.planner.step_meter import StepMeter
+from neuroflux.runtime.modules import CheckpointedChain
+from neuroflux.runtime.train import shuffle_seed
+from neuroflux.schemas.plan import Baseline
+
+__all__ = ["budget_checkpoint", "unit_retention"]
+
+log = logging.getLogger(__name__)
+
+#: Exact step profiles tried at most (each is a whole-model profile).
+MAX_VERIFY = 6
+
+
+def unit_retention(jobs: ProfilingJobs, *, checkpointed: bool) -> list[tuple[int, int]]:
+    """Per unit, the bytes its training-mode forward leaves alive in the
+    chain (activations saved for backward and its output) as (fixed,
+    per_sample): every unit checkpointed, or none."""
+    b1, b2 = jobs.batches
+    units = list(jobs.unit_mods)
+
+    def run(mode: Any, *mods: nn.Module) -> list[tuple[int, int]]:
+        with mode:
+            at = [_forward_marks(list(mods), jobs, b, checkpointed=checkpointed) for b in (b1, b2)]
+        out = []
+        for m1, m2 in zip(*at):
+            per = max(0, -(-(m2 - m1) // (b2 - b1)))
+            out.append((max(0, m1 - per * b1), per))
+        return out
+
+    return on_meta_first(run, units, jobs.fake, meta=not jobs.precision.mixed)
+
+
+def _forward_marks(units: Sequence[nn.Module], jobs: ProfilingJobs, batch: int, *, checkpointed: bool) -> list[int]:
+    """Bytes each unit's forward added to what stays alive, in order."""
+    for u in units:
+        u.train(True)
+    dev = next((p.device for u in units for p in u.parameters()), torch.device("cpu"))
+    h = torch.randn(batch, *jobs.meta.shape, device=dev)
+    meter = StepMeter()
+    added, before = [], 0
+    with meter, jobs.precision.autocast():
+        for u in units:
+            h = checkpoint(u, h, use_reentrant=False) if checkpointed else u(h)
+            added.append(meter.current - before)
+            before = meter.current
+    del h
+    return added
+
+
+def budget_checkpoint(problem: Problem, pr: Profiled, cfg: PlanConfig) -> Baseline:
+    """The fastest (batch, recomputed units) at which BP with checkpointing fits ``problem``'s budget."""
+    jobs = pr.jobs
+    assert jobs is not None, "a Profiled made by profile_model"
+    kept, ck = unit_retention(jobs, checkpointed=False), unit_retention(jobs, checkpointed=True)
+    speed = pr.target.speed
+    candidates = []
+    for b in problem.batch_sizes:
+        savings = [(f + p * b) - (fc + pc * b) for (f, p), (fc, pc) in zip(kept, ck)]
+        costs = [u.fwd_fixed_s + u.fwd_per_sample_s * b for u in problem.units]
+        need = pr.bp_prof.peak_bytes(b) - problem.cap_bytes
+        flags = choose_recompute(savings, costs, need)
+        if flags is not None:
+            t = block_steps(problem, b) * (speed.step_s(pr.bp_prof, b) + sum(c for c, f in zip(costs, flags) if f))
+            candidates.append((t, -b, b, need, savings, costs, flags))
+    tried = 0
+    for _, _, b, need, savings, costs, flags in sorted(candidates, key=lambda c: c[:2]):
+        while flags is not None and tried < MAX_VERIFY:
+            tried += 1
+            prof = jobs.chain_job(flags)
+            over = prof.peak_bytes(b) - problem.cap_bytes
+            if over <= 0:
+                return _record(problem, pr, cfg, b, flags, prof)
+            log.debug("checkpointing %s at batch %d is %d bytes over; asking for more", flags, b, over)
+            need += over
+            flags = choose_recompute(savings, costs, need)
+        if tried >= MAX_VERIFY:
+            break
+    return Baseline(
+        batch_size=0,
+        predicted_peak_bytes=pr.ck_prof.peak_bytes(problem.batch_sizes[0]) + problem.workspace_bytes,
+        predicted_time_s=0.0,
+        epochs=cfg.recipe.epochs,
+        fits=False,
+        lr=0.0,
+        steps=0,
+        shuffle_seed=shuffle_seed(cfg.seed, 0),
+        checkpointed_units=[],
+    )
+
+
+def _record(
+    problem: Problem, pr: Profiled, cfg: PlanConfig, b: int, flags: Sequence[bool], prof: StepProfile
+) -> Baseline:
+    """The baseline at batch ``b`` recomputing the flagged units, timed from its own step profile."""
+    if pr.real is not None:  # --cost measure: the real chain, timed
+        assert pr.jobs is not None and pr.jobs.real_mods is not None
+        real = CheckpointedChain(pr.jobs.real_mods, checkpointed=flags)
+        fixed, per = measure_step_time(real, pr.shape, pr.classes, device=pr.device, batches=(8, 32), sgd=pr.sgd)
+        step = fixed + per * b
+    else:
+        step = pr.target.speed.step_s(prof, b)
+    return Baseline(
+        batch_size=b,
+        predicted_peak_bytes=prof.peak_bytes(b) + problem.workspace_bytes,
+        predicted_time_s=block_steps(problem, b) * step,
+        epochs=cfg.recipe.epochs,
+        fits=True,
+        steps=block_steps(problem, b),
+        lr=cfg.recipe.lr_at(b),
+        shuffle_seed=shuffle_seed(cfg.seed, 0),
+        checkpointed_units=[u.name for u, f in zip(problem.units, flags) if f],
+    )
