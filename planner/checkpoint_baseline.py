@@ -12,7 +12,10 @@ which units to recompute, and the batch, to train fastest under the budget.
    the exact step of the chain it describes (the saving of a unit is not
    quite additive: a recomputed unit's activations come back during its
    backward). One over the budget asks the knapsack for its overshoot more;
-   the first that fits is the baseline, timed from its own profile.
+   the first that fits is the baseline, timed from its own profile. A set
+   that recomputes nothing is BP itself: BP's step, and the runtime trains
+   the model as BP does. Should no candidate verify within ``MAX_VERIFY``
+   profiles, every unit is recomputed (at the largest batch that fits).
 
 Checkpointing every unit boundary, the old baseline, stays as
 ``bp-checkpoint-all``.
@@ -90,6 +93,8 @@ def budget_checkpoint(problem: Problem, pr: Profiled, cfg: PlanConfig) -> Baseli
     speed = pr.target.speed
     candidates = []
     for b in problem.batch_sizes:
+        if pr.ck_prof.peak_bytes(b) > problem.cap_bytes:
+            continue  # not even recomputing every unit fits: no subset will
         savings = [(f + p * b) - (fc + pc * b) for (f, p), (fc, pc) in zip(kept, ck)]
         costs = [u.fwd_fixed_s + u.fwd_per_sample_s * b for u in problem.units]
         need = pr.bp_prof.peak_bytes(b) - problem.cap_bytes
@@ -98,8 +103,10 @@ def budget_checkpoint(problem: Problem, pr: Profiled, cfg: PlanConfig) -> Baseli
             t = block_steps(problem, b) * (speed.step_s(pr.bp_prof, b) + sum(c for c, f in zip(costs, flags) if f))
             candidates.append((t, -b, b, need, savings, costs, flags))
     tried = 0
-    for _, _, b, need, savings, costs, flags in sorted(candidates, key=lambda c: c[:2]):
+    for _, _, b, need, savings, costs, flags in _fastest_first(candidates):
         while flags is not None and tried < MAX_VERIFY:
+            if not any(flags):  # nothing recomputed: BP itself (the runtime trains the model as BP does)
+                return _record(problem, pr, cfg, b, flags, pr.bp_prof)
             tried += 1
             prof = jobs.chain_job(flags)
             over = prof.peak_bytes(b) - problem.cap_bytes
@@ -110,6 +117,10 @@ def budget_checkpoint(problem: Problem, pr: Profiled, cfg: PlanConfig) -> Baseli
             flags = choose_recompute(savings, costs, need)
         if tried >= MAX_VERIFY:
             break
+    # Nothing verified in time: every unit recomputed, at the largest batch it fits (a member of the search space).
+    fitting = [b for b in problem.batch_sizes if pr.ck_prof.peak_bytes(b) <= problem.cap_bytes]
+    if fitting:
+        return _record(problem, pr, cfg, fitting[-1], (True,) * len(problem.units), pr.ck_prof)
     return Baseline(
         batch_size=0,
         predicted_peak_bytes=pr.ck_prof.peak_bytes(problem.batch_sizes[0]) + problem.workspace_bytes,
@@ -121,6 +132,20 @@ def budget_checkpoint(problem: Problem, pr: Profiled, cfg: PlanConfig) -> Baseli
         shuffle_seed=shuffle_seed(cfg.seed, 0),
         checkpointed_units=[],
     )
+
+
+#: Predicted times this close count as equal (the cost model's own noise, e.g. a last partial batch
+#: counted whole): among them the fewest recomputed units go first, then the largest batch.
+TIE = 0.005
+
+
+def _fastest_first(candidates: list[Any]) -> list[Any]:
+    """Candidates by predicted time; within ``TIE`` of the fastest, the fewest recomputed units and
+    the largest batch first."""
+    if not candidates:
+        return []
+    best = min(c[0] for c in candidates)
+    return sorted(candidates, key=lambda c: (c[0] > best * (1 + TIE), sum(c[-1]), c[1], c[0]))
 
 
 def _record(

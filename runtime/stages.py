@@ -70,7 +70,13 @@ def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist, prec
             f"the plan found no batch size >= {plan.solver.min_batch_size} at which {method} fits "
             f"{plan.device.budget_text}; that is the comparison: BP cannot train under this budget"
         )
-    whole = asm.model if method == "bp" else CheckpointedChain(asm.units, checkpointed=_recomputed(plan, base))
+    recomputed = [False] if method == "bp" else _recomputed(plan, base)
+    # BP, and budget-optimal checkpointing that recomputes nothing: the model itself, as the plan profiled it.
+    whole = (
+        asm.model
+        if recomputed is not None and not any(recomputed)
+        else CheckpointedChain(asm.units, checkpointed=recomputed)
+    )
     steps, lr = base.steps, base.lr  # the plan decides; the runtime executes
     return [
         Stage(

@@ -37,6 +37,11 @@ def test_smoke_benchmark_reports_every_method(tmp_path: Path, monkeypatch) -> No
     nf, bp = cell["runs"]["neuroflux"], cell["runs"]["bp"]
     assert nf["speedup_vs_bp_wall"] == pytest.approx(bp["wall_time_s"] / nf["wall_time_s"], rel=1e-3)
     assert cell["target_rule"] == "BP final - 1 point"
+    strongest = cell["strongest_baseline"]
+    assert strongest.startswith("bp") and cell["runs"][strongest]["final_accuracy"] == max(
+        v["final_accuracy"] for m, v in cell["runs"].items() if m.startswith("bp")
+    )
+    assert "speedup_vs_strongest_to_target" in nf
     assert cell["target_accuracy"] == pytest.approx(cell["runs"]["bp"]["final_accuracy"] - 0.01)
     assert cell["runs"]["neuroflux"]["stopped_at_unit"] and cell["runs"]["neuroflux"]["epochs_run"]
     md = (tmp_path / "results.md").read_text()

@@ -42,6 +42,8 @@ class Cell:
     """``fashion_mnist``: the full shared file; None: what the model file loads by default."""
     variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     """Extra NeuroFlux runs (ablation): (label, PlanConfig option overrides)."""
+    options: tuple[tuple[str, Any], ...] = ()
+    """PlanConfig options of every plan of the cell (a variant's overrides win): its levers, its precision."""
 
 
 #: The ablation: what the new heads and adaptive depth each buy, on the same cell (each label says what is

@@ -44,6 +44,7 @@ def compare_runs(cell: dict[str, Any], target: float | None) -> None:
     else:
         cell_target, rule = None, "none"
     cell["target_accuracy"], cell["target_rule"] = cell_target, rule
+    _strongest(cell, ok)
     for v in ok.values():
         v["time_to_target_s"] = time_to_target(v.pop("metrics"), cell_target) if cell_target is not None else None
     for m, v in ok.items():
@@ -54,6 +55,25 @@ def compare_runs(cell: dict[str, Any], target: float | None) -> None:
             v["accuracy_delta_vs_bp"] = v["final_accuracy"] - bp["final_accuracy"]
         v["param_reduction"] = v["original_params"] / v["final_params"]
         v["throughput_gain"] = v["throughput_final"] / v["throughput_original"]
+
+
+def _strongest(cell: dict[str, Any], ok: dict[str, Any]) -> None:
+    """The strongest baseline (the most accurate; the faster on a tie) and
+    each NeuroFlux run's speed-up to its final accuracy minus one point,
+    against that baseline's own time to it."""
+    base = {m: v for m, v in ok.items() if m.startswith("bp") and "metrics" in v}
+    if not base:
+        return
+    name = max(base, key=lambda m: (base[m]["final_accuracy"], -base[m]["wall_time_s"]))
+    target = base[name]["final_accuracy"] - 0.01
+    ref = time_to_target(base[name]["metrics"], target)
+    cell["strongest_baseline"], cell["strongest_target_accuracy"] = name, target
+    cell["strongest_time_to_target_s"] = ref
+    for m, v in ok.items():
+        if m.startswith("neuroflux") and "metrics" in v:
+            t = time_to_target(v["metrics"], target)
+            v["time_to_strongest_target_s"] = t
+            v["speedup_vs_strongest_to_target"] = ref / t if ref and t else None
 
 
 def save_results(
@@ -127,5 +147,24 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{v['predicted_peak_bytes'] / 2**20:.1f} | {v['final_params']:,} | {v['param_reduction']:.1f}x | "
                 f"{v['throughput_gain']:.2f}x | {stop} |"
             )
+        lines += _strongest_lines(c)
         lines.append("")
     return "\n".join(lines)
+
+
+def _strongest_lines(c: dict[str, Any]) -> list[str]:
+    """The cell's verdict against its strongest baseline, one line per NeuroFlux run."""
+    name = c.get("strongest_baseline")
+    if name is None:
+        return []
+    ref = c.get("strongest_time_to_target_s")
+    out = [
+        "",
+        f"Strongest baseline: {name}, final {c['strongest_target_accuracy'] + 0.01:.4f}; its final minus one point "
+        f"reached in {f'{ref:.0f} s' if ref else 'never'} by it.",
+    ]
+    for m, v in c["runs"].items():
+        if m.startswith("neuroflux") and "error" not in v:
+            t, sp = v.get("time_to_strongest_target_s"), v.get("speedup_vs_strongest_to_target")
+            out.append(f"- {m}: {f'{t:.0f} s, {sp:.2f}x sooner' if t and sp else 'never reached it'}")
+    return out

@@ -144,8 +144,7 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
             time_limit_s=opts.time_limit,
             datasets=cell.datasets,
             device_profile=opts.device_profile,
-            precision=opts.precision,
-            **dict(overrides),
+            **{"precision": opts.precision, **dict(cell.options), **dict(overrides)},
         )
         try:
             res = make_plan_shared(model_path(cell.model), cfg, plan_dir=cell_dir, profiles=_PROFILES)
