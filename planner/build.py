@@ -99,6 +99,7 @@ _SOLVE_ONLY = frozenset(
         "prefer",
         "epoch_patience",
         "max_extra_epochs",
+        "min_reduction",
         "base_batch_size",
         "lr_scaling",
         "schedule",
@@ -148,6 +149,13 @@ def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path, progress: Progres
     plan = plan_record(
         pr, cfg, problem=problem, solution=solution, bp=bp, ck=ck, ck_all=ck_all, engine=engine, plan_dir=plan_dir
     )
+    if not plan.allowed_exits():
+        best = max(plan.model.params / plan.exit_params(u.name) for u in plan.units)
+        raise NeuroFluxError(
+            f"no exit of this model is {cfg.exits.min_reduction:g}x smaller than it: the smallest exit, "
+            f"{plan.units[0].name} with its head, is {best:.1f}x smaller. Pass --min-reduction {best:.1f} or "
+            "less, or narrower heads (--head-kind pooled)"
+        )
     polish = polish_record(pr, problem, solution, cfg, report=progress)
     if polish is not None:
         plan = dataclasses.replace(plan, polish=polish)

@@ -214,6 +214,7 @@ def _config(
             train_size=args.train_size,
             epoch_patience=args.epoch_patience,
             max_extra_epochs=args.max_extra_epochs,
+            min_reduction=args.min_reduction,
             head_kind=args.head_kind,
             tie_tolerance=args.head_time_tolerance,
             max_block_units=-1 if args.max_block_units is None else (args.max_block_units or None),

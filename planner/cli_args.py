@@ -213,6 +213,14 @@ def _add_head_and_exit_args(ap: argparse.ArgumentParser) -> None:
         help="epochs a still-improving block may add, paid from time that converged blocks saved",
     )
     ap.add_argument(
+        "--min-reduction",
+        type=float,
+        default=_default("min_reduction"),
+        metavar="X",
+        help="keep only an exit with at least X times fewer parameters than the model (e.g. 10); training "
+        "stops after the last exit that small (1: any exit)",
+    )
+    ap.add_argument(
         "--max-block-units",
         type=int,
         default=None,

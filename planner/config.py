@@ -319,10 +319,15 @@ class ExitConfig:
     """Per-block epochs: epochs without exit improvement before a block moves on (0: planned epochs)."""
     max_extra_epochs: int = 2
     """Epochs a still-improving block may add, paid from time that converged blocks saved."""
+    min_reduction: float = 1.0
+    """The kept exit has at least this many times fewer parameters than the
+    model; training stops after the last exit that small (1: any exit)."""
 
     def __post_init__(self) -> None:
         if self.patience < 0 or self.epoch_patience < 0 or self.max_extra_epochs < 0:
             raise ConfigError("{patience}, {epoch_patience} and {max_extra_epochs} must be >= 0")
+        if not (math.isfinite(self.min_reduction) and self.min_reduction >= 1):
+            raise ConfigError("{min_reduction} must be >= 1 (1: any exit), got {got}", got=self.min_reduction)
         _check_choices(self)
 
 

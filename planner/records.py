@@ -95,6 +95,7 @@ def plan_record(
             prefer=exits.prefer,
             epoch_patience=exits.epoch_patience,
             max_extra_epochs=exits.max_extra_epochs,
+            min_reduction=exits.min_reduction,
         ),
         units=_unit_records(pr.spans, problem, solution),
         blocks=blocks,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.assemble import Assembled
 from neuroflux.runtime.checkpoint import atomic_torch_save
 from neuroflux.runtime.config import Method, RunConfig, RunPolicy
@@ -27,9 +28,16 @@ __all__ = ["choose_exit", "finish_run", "stopping_summary", "write_diverged_summ
 
 
 def choose_exit(plan: Plan, accs: dict[str, float], *, method: Method, tolerance: float) -> str:
-    """The exit kept: the most accurate (the shallower on a tie), or with
-    ``prefer: shallowest`` the shallowest within ``tolerance`` of the best."""
-    order = [u.name for u in plan.units if u.name in accs]
+    """The exit kept, among those small enough (``exit_policy.min_reduction``):
+    the most accurate (the shallower on a tie), or with ``prefer:
+    shallowest`` the shallowest within ``tolerance`` of the best."""
+    allowed = set(plan.allowed_exits()) if method == "neuroflux" else {u.name for u in plan.units}
+    order = [u.name for u in plan.units if u.name in accs and u.name in allowed]
+    if not order:
+        raise NeuroFluxError(
+            f"no trained exit is {plan.exit_policy.min_reduction:g}x smaller than the model; re-plan with a "
+            "lower --min-reduction"
+        )
     best = max(accs[u] for u in order)
     if method != "neuroflux" or plan.exit_policy.prefer == "best":
         return max(order, key=lambda u: (accs[u], -plan.unit(u).index))

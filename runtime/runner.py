@@ -224,10 +224,7 @@ class Runner:
             return
         chosen = choose_exit(self.plan, state.exit_acc, method=self.cfg.method, tolerance=self.policy.tolerance)
         result = polish_exit(
-            self.plan,
-            asm,
-            chosen,
-            state.exit_acc[chosen],
+            *(self.plan, asm, chosen, state.exit_acc[chosen]),
             data=data,
             augment=self.mf.augment(),
             device=self.device,
@@ -237,11 +234,9 @@ class Runner:
         )
         if result is None:
             return
-        state.polish = result
+        state.polish, state.train_s, state.elapsed_s = result, state.train_s + result.time_s, clock()
         if result.kept:
             state.exit_acc[chosen] = result.accuracy_after
-        state.train_s += result.time_s
-        state.elapsed_s = clock()
         self.run_dir.save(asm, state, trainers=None)
         self._log({"event": "polish", **dataclasses.asdict(result), "elapsed_s": state.elapsed_s})
 
@@ -469,20 +464,27 @@ class Runner:
         return decision
 
     def _apply_depth_policy(self, stage: Stage, stages: list[Stage], state: RunState, accs: dict[str, float]) -> None:
-        """Adaptive depth (``policy.observe_exits``), counted in units; a
-        stop skips the remaining blocks."""
+        """Adaptive depth (``policy.observe_exits``), counted in units, and the
+        exit size limit (no later exit small enough to keep); a stop skips the
+        remaining blocks."""
         if self.cfg.method != "neuroflux":
             return
         depth, p = state.depth, self.policy
         observe_exits(depth, [(name, accs[name]) for name in stage.exits], tolerance=p.tolerance)
         pos = stages.index(stage)
-        if not depth_should_stop(depth, patience=p.patience, is_last_block=pos == len(stages) - 1):
+        is_last = pos == len(stages) - 1
+        plateau = depth_should_stop(depth, patience=p.patience, is_last_block=is_last)
+        last_small = max(self.plan.unit(u).index for u in self.plan.allowed_exits())
+        if not plateau and (is_last or stage.unit_idx[-1] < last_small):
             return
         skipped = stages[pos + 1 :]
         state.stopped = (
             f"the last {depth['stall']} exits (through {stage.exits[-1]}) did not beat the best, "
             f"{depth['best_exit']} at {depth['best']:.4f}, by more than {p.tolerance:.3f} "
             f"(patience {p.patience} units); stopped after block {stage.index}"
+            if plateau
+            else f"no later exit is {self.plan.exit_policy.min_reduction:g}x smaller than the model "
+            f"(--min-reduction); stopped after block {stage.index}"
         )
         state.stop = StopRecord(
             after_block=stage.index,

@@ -130,6 +130,10 @@ class Plan:
                 f"recipe.weight_decay is {r.weight_decay}; it must be >= 0",
             ),
             (0 <= r.seed < 2**63, f"recipe.seed is {r.seed}; seeds must be in [0, 2^63)"),
+            (
+                math.isfinite(self.exit_policy.min_reduction) and self.exit_policy.min_reduction >= 1,
+                f"exit_policy.min_reduction is {self.exit_policy.min_reduction}; it must be >= 1",
+            ),
             (r.train_size >= 1 and r.val_size >= 1, "recipe.train_size and val_size must be >= 1"),
             (
                 self.exit_policy.patience >= 0
@@ -265,6 +269,17 @@ class Plan:
         ]
         if bad:
             raise PlanError(f"{bad[0]}; re-create the plan with nf-plan")
+
+    def exit_params(self, name: str) -> int:
+        """Parameters of the model cut at exit ``name``: its units and its head (the last: the whole model)."""
+        k = self.unit(name).index
+        head = self.units[k].aux
+        return sum(u.params for u in self.units[: k + 1]) + (head.params if head is not None else 0)
+
+    def allowed_exits(self) -> list[str]:
+        """The exits the run may keep: at least ``exit_policy.min_reduction`` times smaller than the model."""
+        r = self.exit_policy.min_reduction
+        return [u.name for u in self.units if self.exit_params(u.name) * r <= self.model.params]
 
     def polish_exit(self, name: str) -> PolishExit | None:
         """The polish of exit ``name``: None without a polish, or where its prefix fits no batch."""

@@ -139,3 +139,7 @@ class ExitPolicy:
     """A block still improving at its last planned epoch may run up to this
     many more, each paid from the predicted time that converged blocks saved,
     so a run never exceeds the plan's predicted total."""
+    min_reduction: float = 1.0
+    """The kept exit (its units and head) has at least this many times fewer
+    parameters than the model: larger exits are never kept, and training stops
+    after the block of the last exit small enough (1: any exit). Added in 2.6."""

@@ -203,6 +203,26 @@ def test_prefer_best_keeps_the_most_accurate_exit(tmp_path: Path, monkeypatch) -
     assert s["final_params"] < s["original_params"]
 
 
+def test_min_reduction_keeps_only_a_small_exit_and_stops_after_the_last_one(tmp_path: Path, monkeypatch) -> None:
+    """``--min-reduction``: an exit too large is never kept, however accurate,
+    and no block past the last small exit trains."""
+    plan, path, _ = tiny_plan(tmp_path, epochs=2, patience=10)
+    sizes = {u.name: plan.model.params / plan.exit_params(u.name) for u in plan.units}
+    assert sizes["u0"] > sizes["u1"] > 1, sizes
+    data = json.loads(path.read_text())
+    data["exit_policy"]["min_reduction"] = (sizes["u0"] + sizes["u1"]) / 2  # only u0 is small enough
+    path.write_text(json.dumps(data))
+    from neuroflux.schemas.plan import load_plan
+
+    plan = load_plan(path)
+    assert plan.allowed_exits() == ["u0"]
+    calls = script_exits(monkeypatch, RISING)
+    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
+    assert {c[0] for c in calls} == {0}, "no block past the last small exit trains"
+    assert s["final_exit"] == "u0" and s["param_reduction"] >= plan.exit_policy.min_reduction
+    assert "--min-reduction" in s["stopped_early"] and s["stopping"]["blocks_skipped"] == [1, 2]
+
+
 def test_resume_rebuilds_a_ram_cache_and_ends_as_an_uninterrupted_run(tmp_path: Path, monkeypatch, caplog) -> None:
     """A RAM cache dies with the process: resuming after block 0 recomputes
     block 0's outputs from its checkpointed weights, and block 1 then trains

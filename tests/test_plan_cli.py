@@ -151,6 +151,13 @@ D = ["--budget", "1GB", "--train-size", "64", "--val-size", "16"]  # the usual f
             ["--budget", "10KB", "--train-size", "100", "--val-size", "10"],
             "smallest budget that works is",
         ),
+        (
+            GOOD + "def model():\n    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), "
+            "nn.Flatten(), nn.Linear(64, 3))\n",
+            [*D, "--min-reduction", "1000"],
+            "Pass --min-reduction",
+        ),
+        (GOOD + "def model():\n    return nn.Conv2d(1, 2, 3)\n", [*D, "--min-reduction", "0.5"], "--min-reduction"),
     ],
 )
 def test_plan_cli_errors(tmp_path: Path, capsys, source, argv_extra, message) -> None:
