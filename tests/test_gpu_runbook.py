@@ -27,7 +27,7 @@ def test_gpu_runbook_dry_run(tmp_path: Path) -> None:
         "NEUROFLUX_DATA": str(SHARED_DATA),
         "NEUROFLUX_CACHE": str(tmp_path / "cache"),
         # The two cells run below; the others differ only in model and budget (a real prepare plans them all).
-        "NF_GPU_CELLS": "resnet18-350MB resnet34-imagenet-8GB",
+        "NF_GPU_CELLS": "resnet18-350MB-levers resnet34-imagenet-8GB",
     }
     prep = subprocess.run(
         ["bash", str(ROOT / "tools/gpu/prepare.sh"), "--no-wheels"],
@@ -54,7 +54,7 @@ def test_gpu_runbook_dry_run(tmp_path: Path) -> None:
     # Fashion-MNIST cell and the ImageNet-shaped one, planned and loaded), to
     # keep the suite short: the other cells differ only in model and budget.
     run = subprocess.run(
-        ["bash", str(ROOT / "tools/gpu/run.sh"), "--dry-run", "resnet18-350MB", "resnet34-imagenet-8GB"],
+        ["bash", str(ROOT / "tools/gpu/run.sh"), "--dry-run", "resnet18-350MB-levers", "resnet34-imagenet-8GB"],
         env=run_env,
         capture_output=True,
         text=True,
@@ -65,7 +65,7 @@ def test_gpu_runbook_dry_run(tmp_path: Path) -> None:
     cells = {c["name"]: c for c in results["cells"]}
     from neuroflux.tools.bench_cells import PRESETS
 
-    assert set(cells) == {"resnet18-350MB", "resnet34-imagenet-8GB"}
+    assert set(cells) == {"resnet18-350MB-levers", "resnet34-imagenet-8GB"}
     planned = {p.name for p in (tmp_path / "gpu" / "plans").iterdir() if (p / "plans.json").is_file()}
     assert planned == set(env["NF_GPU_CELLS"].split()) <= {c.name for c in PRESETS["gpu"]}, "prepare.sh plans them"
     for name, cell in cells.items():
@@ -75,3 +75,7 @@ def test_gpu_runbook_dry_run(tmp_path: Path) -> None:
         for method, run_ in cell["runs"].items():
             assert "error" not in run_, (name, method, run_)
             assert run_["cap_held"] and run_["measured_peak_bytes"] > 0
+        # The levers reached the plan the GPU trains: stage heads, a polish of every small exit, the size limit.
+        plan = json.loads(next((tmp_path / "gpu" / "plans" / name).glob("plan-0.json")).read_text())
+        assert {u["aux"]["kind"] for u in plan["units"] if u["aux"]} == {"stage"}
+        assert plan["polish"]["exits"] and plan["exit_policy"]["min_reduction"] == 10.0

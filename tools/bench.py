@@ -158,6 +158,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any] | None:
                 f"{c.name}: {c.model} @ {c.budget}, {c.epochs} epochs, methods {', '.join(c.methods)}"
                 + (f", limit {c.limit}" if c.limit else "")
                 + (f", {len(c.variants)} ablation runs" if c.variants else "")
+                + (f"; options {', '.join(f'{k}={v}' for k, v in c.options)}" if c.options else "")
             )
         return None
     if args.data:

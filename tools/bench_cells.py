@@ -11,7 +11,7 @@ from typing import Any
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["ABLATION", "METHODS", "PRESETS", "ROOT", "Cell", "model_path", "resolve_cells"]
+__all__ = ["ABLATION", "LEVERS", "METHODS", "PRESETS", "ROOT", "Cell", "model_path", "resolve_cells"]
 
 #: The repository: the zoo models are its examples/, and results name paths relative to it.
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,15 @@ ABLATION = (
 )
 
 _GPU_METHODS = ("neuroflux", "bp", "bp-checkpoint")
+
+#: Issue 19's levers: AugLocal-style stage heads (widened within 30% of the least time), the end-to-end polish
+#: of the kept exit (half an epoch), and an exit at least 10x smaller than the model.
+LEVERS: tuple[tuple[str, Any], ...] = (
+    ("head_kind", "stage"),
+    ("tie_tolerance", 0.3),
+    ("polish_epochs", 0.5),
+    ("min_reduction", 10.0),
+)
 PRESETS: dict[str, tuple[Cell, ...]] = {
     # CPU (2 cores): half-width models on the first 20,000 training images.
     "cpu": (
@@ -80,6 +89,24 @@ PRESETS: dict[str, tuple[Cell, ...]] = {
     # GPU: full-width models on all of Fashion-MNIST, stringent (BP fits batch 16 or less) and loose budgets;
     # neuroflux-greedy is left out to keep every cell well under 10 minutes on one H100.
     "gpu": (
+        # Issue 19's levers (stage heads, the polish, an exit at least 10x smaller), in fp32 and in bf16 (issue 20:
+        # every method at that precision, against the strongest baseline).
+        Cell(
+            name="resnet18-350MB-levers",
+            model="resnet18",
+            budget="350MB",
+            epochs=3,
+            methods=_GPU_METHODS,
+            options=LEVERS,
+        ),
+        Cell(
+            name="resnet18-350MB-bf16",
+            model="resnet18",
+            budget="350MB",
+            epochs=3,
+            methods=_GPU_METHODS,
+            options=(*LEVERS, ("precision", "bf16")),
+        ),
         Cell(name="resnet18-350MB", model="resnet18", budget="350MB", epochs=3, methods=_GPU_METHODS),
         Cell(name="vgg16-350MB", model="vgg16", budget="350MB", epochs=3, methods=_GPU_METHODS),
         Cell(
