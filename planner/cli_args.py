@@ -184,8 +184,9 @@ def _add_head_and_exit_args(ap: argparse.ArgumentParser) -> None:
         "--head-kind",
         choices=list(HEAD_KINDS),
         default=_default("head_kind"),
-        help="aux head family: pooled (DGL-style: pool to 4x4, 1x1-conv MLP; cheap, so wide) or conv "
-        "(3x3 conv at full resolution)",
+        help="aux head family: pooled (pool to 4x4, 1x1-conv MLP; cheap, so wide), conv (3x3 conv at full "
+        "resolution), dgl (DGL's published head: pool to 8x8, 1x1 convs, pool to 2x2, 3-layer MLP) or stage "
+        "(AugLocal-style: two 3x3 convs like a following stage, the first strided; the strongest exits)",
     )
     ap.add_argument(
         "--head-time-tolerance",

@@ -61,10 +61,12 @@ def test_presets_parse_and_name_real_models(preset: str) -> None:
         assert parse_bytes(c.budget) > 0 and c.epochs >= 1
         assert set(c.methods) <= set(METHODS)
         for _, overrides in c.variants:
-            PlanConfig.from_options(budget_bytes=1, budget_text="1", **dict(overrides))
+            PlanConfig.from_options(budget_bytes=1, budget_text="1", **{**dict(c.options), **dict(overrides)})
     one = cells[0].name
     assert [c.name for c in resolve_cells(build_parser().parse_args(["--preset", preset, "--cell", one]))] == [one]
     assert nf_bench(["--preset", preset, "--list"]) == 0
+    seeded = resolve_cells(build_parser().parse_args(["--preset", preset, "--cell", one, "--seeds", "0", "1"]))
+    assert [(c.name, dict(c.options)["seed"]) for c in seeded] == [(f"{one}-seed0", 0), (f"{one}-seed1", 1)]
 
 
 def test_gpu_preset_cells_are_stringent_and_loose() -> None:

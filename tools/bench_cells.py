@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from neuroflux.errors import NeuroFluxError
 
-__all__ = ["ABLATION", "LEVERS", "METHODS", "PRESETS", "ROOT", "Cell", "model_path", "resolve_cells"]
+__all__ = ["ABLATION", "LEVERS", "LEVER_ABLATION", "METHODS", "PRESETS", "ROOT", "Cell", "model_path", "resolve_cells"]
 
 #: The repository: the zoo models are its examples/, and results name paths relative to it.
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,13 @@ LEVERS: tuple[tuple[str, Any], ...] = (
     ("polish_epochs", 0.5),
     ("min_reduction", 10.0),
 )
+
+#: Issue 19's ablation, lever by lever, on the CPU ResNet-18 cells (each label says what is switched on).
+LEVER_ABLATION = (
+    ("stage heads", LEVERS[:2]),
+    ("stage heads + polish", LEVERS[:3]),
+    ("stage heads + polish + exit >= 10x smaller", LEVERS),
+)
 PRESETS: dict[str, tuple[Cell, ...]] = {
     # CPU (2 cores): half-width models on the first 20,000 training images.
     "cpu": (
@@ -81,10 +89,17 @@ PRESETS: dict[str, tuple[Cell, ...]] = {
             budget="80MB",
             epochs=3,
             limit="20000,10000",
-            variants=ABLATION,
+            variants=ABLATION + LEVER_ABLATION,
         ),
         Cell(name="vgg11-half-40MB", model="vgg11:model_half", budget="40MB", epochs=3, limit="20000,10000"),
-        Cell(name="resnet18-half-400MB", model="resnet18:model_half", budget="400MB", epochs=3, limit="20000,10000"),
+        Cell(
+            name="resnet18-half-400MB",
+            model="resnet18:model_half",
+            budget="400MB",
+            epochs=3,
+            limit="20000,10000",
+            variants=LEVER_ABLATION,
+        ),
     ),
     # GPU: full-width models on all of Fashion-MNIST, stringent (BP fits batch 16 or less) and loose budgets;
     # neuroflux-greedy is left out to keep every cell well under 10 minutes on one H100.
@@ -127,7 +142,19 @@ PRESETS: dict[str, tuple[Cell, ...]] = {
 
 
 def resolve_cells(args: argparse.Namespace) -> list[Cell]:
-    """The cells one invocation runs: a preset (optionally some of its cells) or the flags."""
+    """The cells one invocation runs: a preset (optionally some of its cells) or the flags, once per
+    ``--seeds`` seed (as CELL-seedN)."""
+    cells = _cells(args)
+    if not getattr(args, "seeds", None):
+        return cells
+    return [
+        dataclasses.replace(c, name=f"{c.name}-seed{s}", options=(*c.options, ("seed", s)))
+        for c in cells
+        for s in args.seeds
+    ]
+
+
+def _cells(args: argparse.Namespace) -> list[Cell]:
     if args.preset:
         cells = list(PRESETS[args.preset])
         if args.cell:
