@@ -125,8 +125,8 @@ def make_plan_shared(
     key = (
         model_spec,
         tuple(sorted((name, repr(value)) for name, value in cfg.options().items() if name not in _SOLVE_ONLY)),
-        # Mixed precision profiles at the ends of the batch range (ProfilingJobs.batches).
-        (cfg.search.min_batch, cfg.search.max_batch, cfg.data.train_size) if cfg.recipe.precision != "fp32" else (),
+        # Steps are profiled at the ends of the batch range (ProfilingJobs.batches).
+        (cfg.search.min_batch, cfg.search.max_batch, cfg.data.train_size),
     )
     if key not in profiles:
         profiles[key] = profile_model(model_spec, cfg, progress or _no_progress)

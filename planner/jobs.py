@@ -260,14 +260,15 @@ class ProfilingJobs:
         ``fixed + per_sample * b`` between them. A step's peak is the largest
         of affine functions of the batch (one per moment of the step), so it
         is convex in the batch: the line through two batches is exact there
-        and above the peak between them. In fp32 one phase holds the peak at
-        every batch and (8, 16) gives it exactly (the zoo's tests hold it);
-        under mixed precision the batch-independent bf16 copies of weights
-        and gradients move the peak from the backward at small batches to
-        the activations at large ones, so the line goes through the smallest
-        and largest candidate batches: exact there, safe in between."""
-        if not self.precision.mixed:
-            return (8, 16)
+        and above the peak between them, and below it outside them. Which
+        moment holds the peak moves with the batch: in a unit whose weights
+        outweigh its activations (ResNet-18's last stages), the backward
+        with its parameter gradients at small batches, the activations at
+        large ones (a line through batches 8 and 16 under-predicted such a
+        unit 1.5x at batch 192); under mixed precision the bf16 copies of
+        weights and gradients do the same. So the line goes through the
+        smallest and largest candidate batches: exact there, safe in
+        between, at every precision."""
         lo, hi = self.cfg.search.batch_range(self.meta.train_n)
         return (lo, hi) if hi > lo else (lo, lo + 1)
 

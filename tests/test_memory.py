@@ -63,7 +63,7 @@ def measured_block_peak(plan, asm, block) -> int:
         ("tests/residual_model", 3 * 10**6, "pooled", "bf16"),
     ],
 )
-def test_block_peak_within_2_percent_of_pytorch_accounting(tmp_path, model, budget, head_kind, precision) -> None:
+def test_block_peak_is_never_under_pytorch_accounting(tmp_path, model, budget, head_kind, precision) -> None:
     file, _, factory = model.partition(":")
     src = file if "/" in file else f"examples/{file}"
     result, _ = plan_for(
@@ -83,4 +83,33 @@ def test_block_peak_within_2_percent_of_pytorch_accounting(tmp_path, model, budg
     for block in plan.blocks:
         assert block.predicted_peak_bytes <= plan.budget_bytes
         real = measured_block_peak(plan, asm, block)
-        assert abs(block.predicted_peak_bytes - real) <= 0.02 * real, (block.units, block.predicted_peak_bytes, real)
+        # Never under (but for whole-byte rounding of the per-sample slope); exact at the ends of the profiled
+        # batch range, a little over between them (a chord of a convex peak: ProfilingJobs.batches).
+        assert 0.9999 * real <= block.predicted_peak_bytes <= 1.05 * real, (
+            block.units,
+            block.predicted_peak_bytes,
+            real,
+        )
+
+
+def test_weight_heavy_units_are_never_under_predicted_at_large_batches(tmp_path) -> None:
+    """ResNet-18's last stage holds more weights than activations: at small
+    batches its step peaks in the backward with its parameter gradients, at
+    large ones in the activations. A line fitted at batches 8 and 16
+    under-predicted it 9% at batch 192 (1.5x for the last unit alone); the
+    line through the ends of the batch range is exact there."""
+    result, _ = plan_for(
+        f"{ROOT / 'examples' / 'resnet18.py'}:model_half",
+        tmp_path,
+        budget=400 * 10**6,
+        min_batch=192,
+        max_batch=192,
+        max_block_units=3,
+        max_aux_options=1,
+    )
+    plan = result.plan
+    asm = assemble(plan, load_model_file(ROOT / "examples" / "resnet18.py", factory="model_half"))
+    last = plan.blocks[-1]
+    assert last.batch_size == 192 and "u8" in last.units
+    real = measured_block_peak(plan, asm, last)
+    assert 0.9999 * real <= last.predicted_peak_bytes <= 1.0001 * real, (last.predicted_peak_bytes, real)
