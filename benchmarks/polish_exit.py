@@ -48,7 +48,6 @@ def main() -> None:
     for h, hs in zip(asm.heads, ckpt["heads"]):
         if h is not None and hs is not None:
             h.load_state_dict(hs)
-    before = ckpt["state"]["exit_acc"][args.exit]
     dist = from_env("cpu")
     data = dataset_sources(*mf.datasets(), polish_plan, dist=dist, workers=0, check_sizes=True)
     t0 = time.perf_counter()
@@ -56,7 +55,6 @@ def main() -> None:
         polish_plan,
         asm,
         args.exit,
-        before,
         data=data,
         augment=mf.augment(),
         device=torch.device("cpu"),

@@ -169,8 +169,8 @@ def train(
     export_onnx: bool = True,
     progress: Progress | bool | None = False,
 ) -> Result:
-    """Train ``model`` as ``plan`` says (``method="bp"`` or
-    ``"bp-checkpoint"``: the plan's baselines). ``model`` must have the
+    """Train ``model`` as ``plan`` says (``method="bp"``, ``"bp-checkpoint"``
+    or ``"bp-checkpoint-all"``: the plan's baselines). ``model`` must have the
     planned structure (parameter and buffer names, shapes and dtypes; a
     changed model is refused unless ``force``); training starts from its
     current weights and leaves the object unchanged. ``train_set`` and

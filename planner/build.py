@@ -12,6 +12,7 @@ callback and log through ``logging``; tables and bars belong to the CLI.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,17 +150,25 @@ def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path, progress: Progres
     plan = plan_record(
         pr, cfg, problem=problem, solution=solution, bp=bp, ck=ck, ck_all=ck_all, engine=engine, plan_dir=plan_dir
     )
-    if not plan.allowed_exits():
-        best = max(plan.model.params / plan.exit_params(u.name) for u in plan.units)
+    polish = polish_record(pr, problem, solution, cfg, allowed=set(_allowed_exits(plan, cfg)), report=progress)
+    if polish is not None:
+        assumes = f"{plan.predicted.assumes}; the polish of the kept exit (polish.exits) comes on top"
+        plan = dataclasses.replace(plan, polish=polish, predicted=dataclasses.replace(plan.predicted, assumes=assumes))
+    return PlanResult(plan=plan, problem=problem, solution=solution)
+
+
+def _allowed_exits(plan: Any, cfg: PlanConfig) -> list[str]:
+    """The exits ``--min-reduction`` allows; refused with the largest reduction any exit reaches when none."""
+    allowed = [u.name for u in plan.units if plan.exit_params(u.name) * cfg.exits.min_reduction <= plan.model.params]
+    if cfg.exits.min_reduction > 1 and not allowed:
+        smallest = min(plan.units, key=lambda u: plan.exit_params(u.name))
+        best = math.floor(10 * plan.model.params / plan.exit_params(smallest.name)) / 10
         raise NeuroFluxError(
             f"no exit of this model is {cfg.exits.min_reduction:g}x smaller than it: the smallest exit, "
-            f"{plan.units[0].name} with its head, is {best:.1f}x smaller. Pass --min-reduction {best:.1f} or "
-            "less, or narrower heads (--head-kind pooled)"
+            f"{smallest.name} with its head, is {best:.1f}x smaller. Pass --min-reduction {best:.1f} or less, or "
+            "narrower heads (--head-kind pooled)"
         )
-    polish = polish_record(pr, problem, solution, cfg, report=progress)
-    if polish is not None:
-        plan = dataclasses.replace(plan, polish=polish)
-    return PlanResult(plan=plan, problem=problem, solution=solution)
+    return allowed if cfg.exits.min_reduction > 1 else [u.name for u in plan.units]
 
 
 def _problem(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path) -> Problem:

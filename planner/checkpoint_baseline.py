@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,38 +90,38 @@ def budget_checkpoint(problem: Problem, pr: Profiled, cfg: PlanConfig) -> Baseli
     """The fastest (batch, recomputed units) at which BP with checkpointing fits ``problem``'s budget."""
     jobs = pr.jobs
     assert jobs is not None, "a Profiled made by profile_model"
-    kept, ck = unit_retention(jobs, checkpointed=False), unit_retention(jobs, checkpointed=True)
-    speed = pr.target.speed
-    candidates = []
-    for b in problem.batch_sizes:
-        if pr.ck_prof.peak_bytes(b) > problem.cap_bytes:
-            continue  # not even recomputing every unit fits: no subset will
-        savings = [(f + p * b) - (fc + pc * b) for (f, p), (fc, pc) in zip(kept, ck)]
-        costs = [u.fwd_fixed_s + u.fwd_per_sample_s * b for u in problem.units]
-        need = pr.bp_prof.peak_bytes(b) - problem.cap_bytes
-        flags = choose_recompute(savings, costs, need)
-        if flags is not None:
-            t = block_steps(problem, b) * (speed.step_s(pr.bp_prof, b) + sum(c for c, f in zip(costs, flags) if f))
-            candidates.append((t, -b, b, need, savings, costs, flags))
+    n = len(problem.units)
+    if pr.bp_prof.peak_bytes(problem.batch_sizes[-1]) <= problem.cap_bytes:
+        return _record(problem, pr, cfg, problem.batch_sizes[-1], (False,) * n, pr.bp_prof)  # BP at the largest
+    if "retention" not in pr.checkpointing:  # budgets planned from one profiling share it
+        pr.checkpointing["retention"] = (
+            unit_retention(jobs, checkpointed=False),
+            unit_retention(jobs, checkpointed=True),
+        )
+    candidates = _candidates(problem, pr, *pr.checkpointing["retention"])
     tried = 0
-    for _, _, b, need, savings, costs, flags in _fastest_first(candidates):
-        while flags is not None and tried < MAX_VERIFY:
-            if not any(flags):  # nothing recomputed: BP itself (the runtime trains the model as BP does)
-                return _record(problem, pr, cfg, b, flags, pr.bp_prof)
-            tried += 1
-            prof = jobs.chain_job(flags)
-            over = prof.peak_bytes(b) - problem.cap_bytes
-            if over <= 0:
-                return _record(problem, pr, cfg, b, flags, prof)
-            log.debug("checkpointing %s at batch %d is %d bytes over; asking for more", flags, b, over)
-            need += over
-            flags = choose_recompute(savings, costs, need)
-        if tried >= MAX_VERIFY:
-            break
+    while candidates and tried < MAX_VERIFY:
+        c = _next(candidates)
+        if not any(c.flags):  # nothing recomputed: BP itself (the runtime trains the model as BP does)
+            return _record(problem, pr, cfg, c.batch, c.flags, pr.bp_prof)
+        tried += 1
+        prof = pr.checkpointing.get(c.flags) or jobs.chain_job(c.flags)
+        pr.checkpointing[c.flags] = prof
+        over = prof.peak_bytes(c.batch) - problem.cap_bytes
+        if over <= 0:
+            return _record(problem, pr, cfg, c.batch, c.flags, prof)
+        # Ask for the overshoot more, and for more than this set's own estimate: another set.
+        log.debug("checkpointing %s at batch %d is %d bytes over; asking for more", c.flags, c.batch, over)
+        c.need = max(c.need + over, sum(s for s, f in zip(c.savings, c.flags) if f) + 1)
+        flags = choose_recompute(c.savings, c.costs, c.need)
+        if flags is None:
+            candidates.remove(c)
+        else:
+            c.flags, c.time_s = flags, c.time_of(flags)
     # Nothing verified in time: every unit recomputed, at the largest batch it fits (a member of the search space).
     fitting = [b for b in problem.batch_sizes if pr.ck_prof.peak_bytes(b) <= problem.cap_bytes]
     if fitting:
-        return _record(problem, pr, cfg, fitting[-1], (True,) * len(problem.units), pr.ck_prof)
+        return _record(problem, pr, cfg, fitting[-1], (True,) * n, pr.ck_prof)
     return Baseline(
         batch_size=0,
         predicted_peak_bytes=pr.ck_prof.peak_bytes(problem.batch_sizes[0]) + problem.workspace_bytes,
@@ -130,8 +131,44 @@ def budget_checkpoint(problem: Problem, pr: Profiled, cfg: PlanConfig) -> Baseli
         lr=0.0,
         steps=0,
         shuffle_seed=shuffle_seed(cfg.seed, 0),
-        checkpointed_units=[],
+        checkpointed_units=[u.name for u in problem.units],
     )
+
+
+@dataclass
+class _Candidate:
+    """A batch, the units the knapsack recomputes there, and the predicted time of that."""
+
+    batch: int
+    need: int
+    savings: list[int]
+    costs: list[float]
+    bp_step_s: float
+    steps: int
+    flags: tuple[bool, ...]
+    time_s: float = 0.0
+
+    def time_of(self, flags: tuple[bool, ...]) -> float:
+        return self.steps * (self.bp_step_s + sum(c for c, f in zip(self.costs, flags) if f))
+
+
+def _candidates(problem: Problem, pr: Profiled, kept: list[Any], ck: list[Any]) -> list[_Candidate]:
+    """At every candidate batch where recomputing every unit fits, the knapsack's cheapest set."""
+    out = []
+    for b in problem.batch_sizes:
+        if pr.ck_prof.peak_bytes(b) > problem.cap_bytes:
+            continue  # not even recomputing every unit fits: no subset will
+        savings = [(f + p * b) - (fc + pc * b) for (f, p), (fc, pc) in zip(kept, ck)]
+        costs = [u.fwd_fixed_s + u.fwd_per_sample_s * b for u in problem.units]
+        need = pr.bp_prof.peak_bytes(b) - problem.cap_bytes
+        flags = choose_recompute(savings, costs, need)
+        if flags is not None:
+            c = _Candidate(
+                b, need, savings, costs, pr.target.speed.step_s(pr.bp_prof, b), block_steps(problem, b), flags
+            )
+            c.time_s = c.time_of(flags)
+            out.append(c)
+    return out
 
 
 #: Predicted times this close count as equal (the cost model's own noise, e.g. a last partial batch
@@ -139,13 +176,11 @@ def budget_checkpoint(problem: Problem, pr: Profiled, cfg: PlanConfig) -> Baseli
 TIE = 0.005
 
 
-def _fastest_first(candidates: list[Any]) -> list[Any]:
-    """Candidates by predicted time; within ``TIE`` of the fastest, the fewest recomputed units and
-    the largest batch first."""
-    if not candidates:
-        return []
-    best = min(c[0] for c in candidates)
-    return sorted(candidates, key=lambda c: (c[0] > best * (1 + TIE), sum(c[-1]), c[1], c[0]))
+def _next(candidates: list[_Candidate]) -> _Candidate:
+    """The fastest candidate; within ``TIE`` of it, the fewest recomputed units, then the largest batch."""
+    best = min(c.time_s for c in candidates)
+    tied = [c for c in candidates if c.time_s <= best * (1 + TIE)]
+    return min(tied, key=lambda c: (sum(c.flags), -c.batch, c.time_s))
 
 
 def _record(

@@ -172,6 +172,8 @@ class Profiled:
     prefix_profiles: dict[tuple[int, str, int], StepProfile] = dataclasses.field(default_factory=dict)
     """Polish steps profiled so far, by (exit unit, head kind, head width):
     budgets planned from one profiling share them."""
+    checkpointing: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    """The checkpointing baseline's unit retention and verified chain profiles, shared the same way."""
 
 
 def profile_model(model_spec: str | ModelObject, cfg: PlanConfig, report: Progress) -> Profiled:

@@ -24,14 +24,23 @@ __all__ = ["polish_record"]
 
 
 def polish_record(
-    pr: Profiled, problem: Problem, solution: Solution, cfg: PlanConfig, *, report: Progress | None = None
+    pr: Profiled,
+    problem: Problem,
+    solution: Solution,
+    cfg: PlanConfig,
+    *,
+    allowed: set[str] | None = None,
+    report: Progress | None = None,
 ) -> Polish | None:
-    """The plan's polish of every exit (None when ``--polish`` is 0)."""
+    """The plan's polish of every exit the run may keep (``allowed``, default
+    all; None when ``--polish`` is 0)."""
     recipe = cfg.recipe
     if recipe.polish_epochs <= 0:
         return None
     keys = [
-        (k, problem.units[k].options[i].kind, problem.units[k].options[i].width) for k, i in enumerate(solution.options)
+        (k, problem.units[k].options[i].kind, problem.units[k].options[i].width)
+        for k, i in enumerate(solution.options)
+        if allowed is None or problem.units[k].name in allowed
     ]
     profiles = _profiles(pr, keys, cfg, report)
     exits = []

@@ -40,15 +40,20 @@ def plan_key(plan: Plan, policy: RunPolicy) -> str:
     """Digest of every plan decision that changes the result (not the
     solver's timings): a resume must continue the same training."""
     p = plan
+    exit_policy = dataclasses.asdict(p.exit_policy)
+    if exit_policy.get("min_reduction") == 1.0:  # the default: keys of plans before 2.6 stay as they were
+        del exit_policy["min_reduction"]
     key = {
         "model": p.model.sha256,
         "recipe": dataclasses.asdict(p.recipe),
-        "exit": dataclasses.asdict(p.exit_policy),
+        "exit": exit_policy,
         "heads": [None if u.aux is None else dataclasses.asdict(u.aux) for u in p.units],
         "blocks": [dataclasses.asdict(b) for b in p.blocks],
         "units": [u.nodes for u in p.units],
         "overrides": [policy.patience, policy.tolerance, policy.epoch_patience],
     }
+    if p.polish is not None:
+        key["polish"] = dataclasses.asdict(p.polish)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -10,6 +10,7 @@ diverges is undone the same way: the run keeps its local-learning result.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from neuroflux.runtime.distributed import Dist
 from neuroflux.runtime.memory import CAN_TRACK, tracked_step
 from neuroflux.runtime.modules import Chain
 from neuroflux.runtime.precision import Precision
+from neuroflux.runtime.stages import steps_per_epoch
 from neuroflux.runtime.train import StepStats, UnitTrainer, block_step, shuffle_seed
 from neuroflux.schemas.plan import Plan
 from neuroflux.schemas.summary import PolishResult
@@ -32,7 +34,6 @@ def polish_exit(
     plan: Plan,
     asm: Assembled,
     chosen: str,
-    accuracy_before: float,
     *,
     data: tuple[Any, Any],
     augment: Any,
@@ -41,18 +42,20 @@ def polish_exit(
     precision: Precision,
     max_steps: int | None = None,
 ) -> PolishResult | None:
-    """Polish exit ``chosen`` (val accuracy ``accuracy_before``) on ``data``
-    ((train, val) from the dataset); None where the plan has no polish of it.
-    ``max_steps``: fewer steps (a dry run)."""
+    """Polish exit ``chosen`` on ``data`` ((train, val) from the dataset);
+    None where the plan has no polish of it. Its val accuracy is measured
+    before and after the same way (through its units from the data, not on a
+    block's cache). ``max_steps``: fewer steps (a dry run)."""
     spec = plan.polish_exit(chosen)
-    if spec is None:
+    if spec is None or plan.polish is None:
         return None
     k = plan.unit(chosen).index
     unit, head = Chain(asm.units[: k + 1]), asm.heads[k]
     exit_model = Chain(asm.units[: k + 1], head)
     before = {name: t.detach().clone() for name, t in exit_model.state_dict().items()}
-    steps = spec.steps if max_steps is None else min(spec.steps, max_steps)
     r = plan.recipe
+    steps = _steps(plan.polish.epochs, spec, r.train_size, dist)
+    steps = steps if max_steps is None else min(steps, max_steps)
     trainer = UnitTrainer(
         unit, head, lr=spec.lr, momentum=r.momentum, weight_decay=r.weight_decay, total_steps=steps, schedule="cosine"
     )
@@ -64,6 +67,7 @@ def polish_exit(
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     train, val = data
+    accuracy_before = _accuracy(exit_model, val, batch=spec.batch_size, device=device, dist=dist, precision=precision)
     cpu_peak, finite = _train(
         trainer, train, steps, batch=spec.batch_size, seed=shuffle_seed(r.seed, len(plan.blocks)), augment=augment
     )
@@ -86,6 +90,13 @@ def polish_exit(
         measured_peak_bytes=int(peak),
         predicted_peak_bytes=spec.predicted_peak_bytes,
     )
+
+
+def _steps(epochs: float, spec: Any, train_size: int, dist: Dist) -> int:
+    """The plan's steps; under torchrun, each rank's through its shard for the same epochs."""
+    if not dist.enabled:
+        return int(spec.steps)
+    return max(1, math.ceil(epochs * steps_per_epoch(train_size, batch_size=spec.batch_size, world=dist.world)))
 
 
 def _train(trainer: UnitTrainer, train: Any, steps: int, *, batch: int, seed: int, augment: Any) -> tuple[int, bool]:

@@ -1,8 +1,10 @@
 """Executing a plan: block by block, with caches, exits and checkpoints.
 
 The same loop runs the baselines: ``bp`` is one stage whose single "unit" is
-the whole model, ``bp-checkpoint`` the whole model as a checkpointed chain of
-the plan's units. Every method writes the same files to the run directory:
+the whole model, ``bp-checkpoint`` the whole model as a chain of the plan's
+units recomputing the ones the plan names (``bp-checkpoint-all``: every one).
+After NeuroFlux's blocks, a plan with a polish trains the kept exit end to
+end (``polish.py``). Every method writes the same files to the run directory:
 ``summary.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``final_model.pt`` and
 ``final_model.onnx``.
 
@@ -224,7 +226,7 @@ class Runner:
             return
         chosen = choose_exit(self.plan, state.exit_acc, method=self.cfg.method, tolerance=self.policy.tolerance)
         result = polish_exit(
-            *(self.plan, asm, chosen, state.exit_acc[chosen]),
+            *(self.plan, asm, chosen),
             data=data,
             augment=self.mf.augment(),
             device=self.device,
@@ -233,10 +235,11 @@ class Runner:
             max_steps=self.cfg.max_steps_per_epoch,
         )
         if result is None:
+            log.warning("the plan has no polish of %s (no batch fits its end-to-end step): kept unpolished", chosen)
             return
         state.polish, state.train_s, state.elapsed_s = result, state.train_s + result.time_s, clock()
-        if result.kept:
-            state.exit_acc[chosen] = result.accuracy_after
+        # The kept exit's accuracy as the polish measured it: through its units from the data, as it is deployed.
+        state.exit_acc[chosen] = result.accuracy_after if result.kept else result.accuracy_before
         self.run_dir.save(asm, state, trainers=None)
         self._log({"event": "polish", **dataclasses.asdict(result), "elapsed_s": state.elapsed_s})
 

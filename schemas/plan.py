@@ -113,6 +113,11 @@ class Plan:
         self._check_units()
         self._check_sources()
         self._check_polish()
+        if not self.allowed_exits():
+            raise PlanError(
+                f"exit_policy.min_reduction is {self.exit_policy.min_reduction}: no exit is that many times smaller "
+                "than the model; re-create the plan with nf-plan and a lower --min-reduction"
+            )
 
     def _check_recipe(self) -> None:
         """Values the schema's types admit but training cannot use."""
@@ -279,6 +284,8 @@ class Plan:
     def allowed_exits(self) -> list[str]:
         """The exits the run may keep: at least ``exit_policy.min_reduction`` times smaller than the model."""
         r = self.exit_policy.min_reduction
+        if r <= 1:
+            return [u.name for u in self.units]
         return [u.name for u in self.units if self.exit_params(u.name) * r <= self.model.params]
 
     def polish_exit(self, name: str) -> PolishExit | None:

@@ -56,15 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budgets", nargs="+", default=None, help="default: 16MB (smoke: 40MB)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument(
-        "--seeds",
-        nargs="+",
-        type=int,
-        default=None,
-        help="run every cell once per seed (the plans' --seed: data order, initialisation), as CELL-seedN",
-    )
-    ap.add_argument("--data", default=None, help="Fashion-MNIST .npz (sets NEUROFLUX_DATA)")
-    ap.add_argument("--limit", default=None, help="TRAIN[,VAL]: first samples only (sets NEUROFLUX_LIMIT)")
+    _add_data_args(ap)
     ap.add_argument(
         "--target",
         type=float,
@@ -107,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--skip-runs", nargs="*", default=[], help="cells to plan and load but not train")
     return ap
+
+
+def _add_data_args(ap: argparse.ArgumentParser) -> None:
+    """Which data, and how many seeds of it."""
+    ap.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="run every cell once per seed (the plans' --seed: data order, initialisation), as CELL-seedN",
+    )
+    ap.add_argument("--data", default=None, help="Fashion-MNIST .npz (sets NEUROFLUX_DATA)")
+    ap.add_argument("--limit", default=None, help="TRAIN[,VAL]: first samples only (sets NEUROFLUX_LIMIT)")
 
 
 def _check_args(args: argparse.Namespace) -> None:

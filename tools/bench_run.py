@@ -209,9 +209,26 @@ def _run_record(r: dict[str, Any], method: str, cell: Cell) -> dict[str, Any]:
         "exit_accuracies": s["exit_accuracies"],
         "predicted_time_s": plan.predicted.time_s
         if method.startswith("neuroflux")
-        else getattr(plan.baseline, method.replace("-", "_")).predicted_time_s,
-        "metrics": r["metrics"],
+        else (getattr(plan.baseline, method.replace("-", "_")) or plan.baseline.bp_checkpoint).predicted_time_s,
+        "metrics": _keepable(r["metrics"], set(plan.allowed_exits()))
+        if method.startswith("neuroflux")
+        else r["metrics"],
     }
+
+
+def _keepable(metrics: list[dict[str, Any]], allowed: set[str]) -> list[dict[str, Any]]:
+    """The run's records as time-to-target reads them, counting only exits the
+    run may keep (``--min-reduction``): a larger exit reaching the target
+    earlier is not a model the run delivers."""
+    out = []
+    for rec in metrics:
+        rec = dict(rec)
+        if rec["event"] == "block":
+            rec["exit_accuracies"] = {u: a for u, a in rec["exit_accuracies"].items() if u in allowed} or {"-": 0.0}
+        elif rec["event"] == "epoch" and "val_exit_acc" in rec:
+            rec["val_acc"] = max((a for u, a in rec["val_exit_acc"].items() if u in allowed), default=0.0)
+        out.append(rec)
+    return out
 
 
 def run_cell(
