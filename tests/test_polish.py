@@ -74,6 +74,7 @@ def test_the_polish_record_round_trips_and_bad_ones_are_refused(plan_path: Path)
         (lambda p: p["polish"].update(lr_scale=-1.0), "lr_scale"),
         (lambda p: p["polish"]["exits"][0].update(unit="u99"), "unknown or repeated"),
         (lambda p: p["polish"]["exits"][0].update(steps=0), "must be positive"),
+        (lambda p: p["exit_policy"].update(min_reduction=1e6), "no exit is that many times smaller"),
     ):
         bad = json.loads(plan_path.read_text())
         edit(bad)
