@@ -147,10 +147,17 @@ def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path, progress: Progres
             f"internal error: the {engine} plan breaks its own constraints ({'; '.join(broken[:3])}); no plan "
             "written. Please report it with the model file and flags; --strategy greedy may plan meanwhile"
         )
+    # Recorded without the size limit first: the plan's own check of it would refuse in the plan's words,
+    # where nf-plan names the flag and the largest reduction any exit reaches.
+    any_exit = cfg.replace(min_reduction=1.0)
     plan = plan_record(
-        pr, cfg, problem=problem, solution=solution, bp=bp, ck=ck, ck_all=ck_all, engine=engine, plan_dir=plan_dir
+        pr, any_exit, problem=problem, solution=solution, bp=bp, ck=ck, ck_all=ck_all, engine=engine, plan_dir=plan_dir
     )
-    polish = polish_record(pr, problem, solution, cfg, allowed=set(_allowed_exits(plan, cfg)), report=progress)
+    allowed = _allowed_exits(plan, cfg)
+    plan = dataclasses.replace(
+        plan, exit_policy=dataclasses.replace(plan.exit_policy, min_reduction=cfg.exits.min_reduction)
+    )
+    polish = polish_record(pr, problem, solution, cfg, allowed=set(allowed), report=progress)
     if polish is not None:
         assumes = f"{plan.predicted.assumes}; the polish of the kept exit (polish.exits) comes on top"
         plan = dataclasses.replace(plan, polish=polish, predicted=dataclasses.replace(plan.predicted, assumes=assumes))
