@@ -14,67 +14,78 @@ from __future__ import annotations
 
 from typing import Any
 
-from neuroflux.planner.checkpoint_baseline import budget_checkpoint
 from neuroflux.planner.config import PlanConfig
 from neuroflux.planner.jobs import Profiled
 from neuroflux.planner.problem import Problem, block_steps
-from neuroflux.planner.profile import DeviceSpeed, StepProfile, measure_step_time
+from neuroflux.planner.profile import StepProfile, measure_step_time
 from neuroflux.runtime.train import shuffle_seed
 from neuroflux.schemas.plan import Baseline
 
-__all__ = ["baselines"]
+__all__ = ["baseline_at", "baselines", "unfit_baseline"]
 
 
-def baselines(problem: Problem, pr: Profiled, cfg: PlanConfig) -> tuple[Baseline, Baseline, Baseline]:
-    """The BP, budget-optimal BP-checkpointing and every-unit BP-checkpointing
-    baselines of a profiled model at ``problem``'s budget."""
-    common: dict[str, Any] = dict(shape=pr.shape, classes=pr.classes, device=pr.device, sgd=pr.sgd)
-    bp = _baseline(problem, pr.bp_prof, pr.target.speed, cfg, real=None if pr.real is None else pr.real[0], **common)
-    ck = _baseline(problem, pr.ck_prof, pr.target.speed, cfg, real=None if pr.real is None else pr.real[1], **common)
-    return bp, budget_checkpoint(problem, pr, cfg), ck
+def baselines(problem: Problem, pr: Profiled, cfg: PlanConfig) -> tuple[Baseline, Baseline]:
+    """The BP and every-unit BP-checkpointing baselines of a profiled model at
+    ``problem``'s budget, each at the largest batch that fits (the
+    budget-optimal one: ``checkpoint_baseline.budget_checkpoint``)."""
+    real = (None, None) if pr.real is None else pr.real
+    return (
+        _largest_fitting(problem, pr, cfg, pr.bp_prof, real=real[0]),
+        _largest_fitting(problem, pr, cfg, pr.ck_prof, real=real[1]),
+    )
 
 
-def _baseline(
+def _largest_fitting(problem: Problem, pr: Profiled, cfg: PlanConfig, prof: StepProfile, *, real: Any) -> Baseline:
+    """A baseline whose step profile is ``prof``, at the largest batch that fits
+    (``real``: the real model to time, under ``--cost measure``)."""
+    fitting = [b for b in problem.batch_sizes if prof.peak_bytes(b) <= problem.cap_bytes]
+    if not fitting:
+        return unfit_baseline(problem, cfg, prof)
+    return baseline_at(problem, pr, cfg, fitting[-1], prof, real=real)
+
+
+def baseline_at(
     problem: Problem,
-    prof: StepProfile,
-    speed: DeviceSpeed,
+    pr: Profiled,
     cfg: PlanConfig,
+    b: int,
+    prof: StepProfile,
     *,
     real: Any,
-    shape: tuple[int, ...],
-    classes: int,
-    device: Any,
-    sgd: Any,
+    checkpointed_units: list[str] | None = None,
 ) -> Baseline:
-    """One baseline: its step profile ``prof`` at the largest batch that fits
-    (``real``: the real model to time, under ``--cost measure``)."""
-    epochs = cfg.recipe.epochs
-    fitting = [b for b in problem.batch_sizes if prof.peak_bytes(b) <= problem.cap_bytes]
-    ws = problem.workspace_bytes
-    if not fitting:
-        return Baseline(
-            batch_size=0,
-            predicted_peak_bytes=prof.peak_bytes(problem.batch_sizes[0]) + ws,
-            predicted_time_s=0.0,
-            epochs=epochs,
-            fits=False,
-            lr=0.0,
-            steps=0,
-            shuffle_seed=shuffle_seed(cfg.seed, 0),
-        )
-    b = fitting[-1]
+    """A baseline training at batch ``b`` with step profile ``prof``, timed from
+    it (or, ``real`` given, from timing that real model: ``--cost measure``)."""
     if real is not None:
-        fixed, per = measure_step_time(real, shape, classes, device=device, batches=(8, 32), sgd=sgd)
+        fixed, per = measure_step_time(real, pr.shape, pr.classes, device=pr.device, batches=(8, 32), sgd=pr.sgd)
         step = fixed + per * b
     else:
-        step = speed.step_s(prof, b)
+        step = pr.target.speed.step_s(prof, b)
     return Baseline(
         batch_size=b,
-        predicted_peak_bytes=prof.peak_bytes(b) + ws,
+        predicted_peak_bytes=prof.peak_bytes(b) + problem.workspace_bytes,
         predicted_time_s=block_steps(problem, b) * step,
-        epochs=epochs,
+        epochs=cfg.recipe.epochs,
         fits=True,
         steps=block_steps(problem, b),
         lr=cfg.recipe.lr_at(b),
         shuffle_seed=shuffle_seed(cfg.seed, 0),
+        checkpointed_units=checkpointed_units,
+    )
+
+
+def unfit_baseline(
+    problem: Problem, cfg: PlanConfig, prof: StepProfile, checkpointed_units: list[str] | None = None
+) -> Baseline:
+    """A baseline that fits no candidate batch (its peak at the smallest)."""
+    return Baseline(
+        batch_size=0,
+        predicted_peak_bytes=prof.peak_bytes(problem.batch_sizes[0]) + problem.workspace_bytes,
+        predicted_time_s=0.0,
+        epochs=cfg.recipe.epochs,
+        fits=False,
+        lr=0.0,
+        steps=0,
+        shuffle_seed=shuffle_seed(cfg.seed, 0),
+        checkpointed_units=checkpointed_units,
     )

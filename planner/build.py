@@ -20,6 +20,7 @@ from typing import Any
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.baselines import baselines
+from neuroflux.planner.checkpoint_baseline import budget_checkpoint
 from neuroflux.planner.config import PlanConfig, default_cache_budget_bytes, default_disk_budget_bytes
 from neuroflux.planner.jobs import Profiled, Progress, profile_model
 from neuroflux.planner.polish import polish_record
@@ -137,7 +138,8 @@ def make_plan_shared(
 def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path, progress: Progress | None = None) -> PlanResult:
     """The budget's problem, baselines and solution, as a plan."""
     problem = _problem(pr, cfg, plan_dir=plan_dir)
-    bp, ck, ck_all = baselines(problem, pr, cfg)
+    bp, ck_all = baselines(problem, pr, cfg)
+    ck = budget_checkpoint(problem, pr, cfg)
     solution, engine = solve(problem, cfg)
     if solution.status in ("infeasible", "timeout"):
         raise_infeasible(problem, solution, cfg)
@@ -166,8 +168,8 @@ def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path, progress: Progres
 
 def _allowed_exits(plan: Any, cfg: PlanConfig) -> list[str]:
     """The exits ``--min-reduction`` allows; refused with the largest reduction any exit reaches when none."""
-    allowed = [u.name for u in plan.units if plan.exit_params(u.name) * cfg.exits.min_reduction <= plan.model.params]
-    if cfg.exits.min_reduction > 1 and not allowed:
+    allowed = plan.allowed_exits(cfg.exits.min_reduction)
+    if not allowed:
         smallest = min(plan.units, key=lambda u: plan.exit_params(u.name))
         best = math.floor(10 * plan.model.params / plan.exit_params(smallest.name)) / 10
         raise NeuroFluxError(
@@ -175,7 +177,7 @@ def _allowed_exits(plan: Any, cfg: PlanConfig) -> list[str]:
             f"{smallest.name} with its head, is {best:.1f}x smaller. Pass --min-reduction {best:.1f} or less, or "
             "narrower heads (--head-kind pooled)"
         )
-    return allowed if cfg.exits.min_reduction > 1 else [u.name for u in plan.units]
+    return allowed
 
 
 def _problem(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path) -> Problem:

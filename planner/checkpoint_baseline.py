@@ -32,14 +32,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from neuroflux.planner.baselines import baseline_at, unfit_baseline
 from neuroflux.planner.config import PlanConfig
 from neuroflux.planner.jobs import Profiled, ProfilingJobs
 from neuroflux.planner.problem import Problem, block_steps
-from neuroflux.planner.profile import StepProfile, measure_step_time, on_meta_first
+from neuroflux.planner.profile import StepProfile, on_meta_first
 from neuroflux.planner.solve_checkpoint import choose_recompute
 from neuroflux.planner.step_meter import StepMeter
 from neuroflux.runtime.modules import CheckpointedChain
-from neuroflux.runtime.train import shuffle_seed
 from neuroflux.schemas.plan import Baseline
 
 __all__ = ["budget_checkpoint", "unit_retention"]
@@ -122,17 +122,7 @@ def budget_checkpoint(problem: Problem, pr: Profiled, cfg: PlanConfig) -> Baseli
     fitting = [b for b in problem.batch_sizes if pr.ck_prof.peak_bytes(b) <= problem.cap_bytes]
     if fitting:
         return _record(problem, pr, cfg, fitting[-1], (True,) * n, pr.ck_prof)
-    return Baseline(
-        batch_size=0,
-        predicted_peak_bytes=pr.ck_prof.peak_bytes(problem.batch_sizes[0]) + problem.workspace_bytes,
-        predicted_time_s=0.0,
-        epochs=cfg.recipe.epochs,
-        fits=False,
-        lr=0.0,
-        steps=0,
-        shuffle_seed=shuffle_seed(cfg.seed, 0),
-        checkpointed_units=[u.name for u in problem.units],
-    )
+    return unfit_baseline(problem, cfg, pr.ck_prof, [u.name for u in problem.units])
 
 
 @dataclass
@@ -186,22 +176,11 @@ def _next(candidates: list[_Candidate]) -> _Candidate:
 def _record(
     problem: Problem, pr: Profiled, cfg: PlanConfig, b: int, flags: Sequence[bool], prof: StepProfile
 ) -> Baseline:
-    """The baseline at batch ``b`` recomputing the flagged units, timed from its own step profile."""
-    if pr.real is not None:  # --cost measure: the real chain, timed
+    """The baseline at batch ``b`` recomputing the flagged units, timed from its own step profile (or, under
+    ``--cost measure``, from timing the real chain)."""
+    real = None
+    if pr.real is not None:
         assert pr.jobs is not None and pr.jobs.real_mods is not None
         real = CheckpointedChain(pr.jobs.real_mods, checkpointed=flags)
-        fixed, per = measure_step_time(real, pr.shape, pr.classes, device=pr.device, batches=(8, 32), sgd=pr.sgd)
-        step = fixed + per * b
-    else:
-        step = pr.target.speed.step_s(prof, b)
-    return Baseline(
-        batch_size=b,
-        predicted_peak_bytes=prof.peak_bytes(b) + problem.workspace_bytes,
-        predicted_time_s=block_steps(problem, b) * step,
-        epochs=cfg.recipe.epochs,
-        fits=True,
-        steps=block_steps(problem, b),
-        lr=cfg.recipe.lr_at(b),
-        shuffle_seed=shuffle_seed(cfg.seed, 0),
-        checkpointed_units=[u.name for u, f in zip(problem.units, flags) if f],
-    )
+    units = [u.name for u, f in zip(problem.units, flags) if f]
+    return baseline_at(problem, pr, cfg, b, prof, real=real, checkpointed_units=units)

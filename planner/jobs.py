@@ -328,16 +328,23 @@ class ProfilingJobs:
         """Unit ``k``'s options, or for -1 and -2 the BP and BP-checkpointing steps (whole-model, the longest jobs)."""
         if k >= 0:
             return self.options(k)
-        model = self.meta.gm if k == -1 else CheckpointedChain(self.unit_mods)
+        return self.whole_step(self.meta.gm if k == -1 else CheckpointedChain(self.unit_mods))
+
+    def whole_step(
+        self, model: nn.Module, head: nn.Module | None = None, fake_head: Callable[[], nn.Module] | None = None
+    ) -> StepProfile:
+        """The calibrated step profile of ``model`` (and ``head``) from the model's input: BP's, a
+        checkpointed chain's, an exit's end to end."""
         return calibrated(
             profile_step(
                 model,
-                None,
+                head,
                 self.meta.shape,
                 self.meta.classes,
                 fake_mode=self.fake,
                 sgd=self.sgd,
                 foreach=self.foreach,
+                fake_head=fake_head,
                 precision=self.precision,
                 batches=self.batches,
             ),
@@ -347,20 +354,7 @@ class ProfilingJobs:
     def chain_job(self, checkpointed: tuple[bool, ...]) -> StepProfile:
         """BP's step through the chain of units, recomputing the flagged ones
         (the budget-optimal checkpointing baseline's candidates)."""
-        return calibrated(
-            profile_step(
-                CheckpointedChain(self.unit_mods, checkpointed=checkpointed),
-                None,
-                self.meta.shape,
-                self.meta.classes,
-                fake_mode=self.fake,
-                sgd=self.sgd,
-                foreach=self.foreach,
-                precision=self.precision,
-                batches=self.batches,
-            ),
-            self.target.cal,
-        )
+        return self.whole_step(CheckpointedChain(self.unit_mods, checkpointed=checkpointed))
 
     def prefix_job(self, key: tuple[int, str, int]) -> StepProfile:
         """The end-to-end step of units 0..k with unit k's (kind, width) head
@@ -374,20 +368,8 @@ class ProfilingJobs:
             with mode:
                 return build_head(kind, span.output_shape, width, classes)
 
-        return calibrated(
-            profile_step(
-                Chain(self.unit_mods[: k + 1]),
-                head(torch.device("meta")),
-                self.meta.shape,
-                classes,
-                fake_mode=self.fake,
-                sgd=self.sgd,
-                foreach=self.foreach,
-                fake_head=lambda: head(self.fake),
-                precision=self.precision,
-                batches=self.batches,
-            ),
-            self.target.cal,
+        return self.whole_step(
+            Chain(self.unit_mods[: k + 1]), head(torch.device("meta")), fake_head=lambda: head(self.fake)
         )
 
     def options(self, k: int) -> tuple[tuple[AuxOption, ...], ForwardProfile]:

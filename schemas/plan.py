@@ -281,9 +281,10 @@ class Plan:
         head = self.units[k].aux
         return sum(u.params for u in self.units[: k + 1]) + (head.params if head is not None else 0)
 
-    def allowed_exits(self) -> list[str]:
-        """The exits the run may keep: at least ``exit_policy.min_reduction`` times smaller than the model."""
-        r = self.exit_policy.min_reduction
+    def allowed_exits(self, min_reduction: float | None = None) -> list[str]:
+        """The exits the run may keep: at least ``min_reduction`` (default
+        ``exit_policy.min_reduction``) times smaller than the model."""
+        r = self.exit_policy.min_reduction if min_reduction is None else min_reduction
         if r <= 1:
             return [u.name for u in self.units]
         return [u.name for u in self.units if self.exit_params(u.name) * r <= self.model.params]
