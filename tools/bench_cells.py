@@ -122,6 +122,17 @@ PRESETS: dict[str, tuple[Cell, ...]] = {
             methods=_GPU_METHODS,
             options=(*LEVERS, ("precision", "bf16")),
         ),
+        # Issue 19's epochs lever: NeuroFlux alone at twice the epochs per block (it trained 2.7x faster than BP
+        # at 3), in fp32, bf16 and without the size limit; its BP is resnet18-350MB-levers' (same data and seed).
+        Cell(
+            name="resnet18-350MB-levers-e6",
+            model="resnet18",
+            budget="350MB",
+            epochs=6,
+            methods=("neuroflux",),
+            options=LEVERS,
+            variants=(("bf16", (("precision", "bf16"),)), ("any exit size", (("min_reduction", 1.0),))),
+        ),
         Cell(name="resnet18-350MB", model="resnet18", budget="350MB", epochs=3, methods=_GPU_METHODS),
         Cell(name="vgg16-350MB", model="vgg16", budget="350MB", epochs=3, methods=_GPU_METHODS),
         Cell(

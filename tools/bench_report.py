@@ -128,8 +128,8 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             sp = (
                 "-"
-                if m == "bp"
-                else f"{v.get('speedup_vs_bp_wall', float('nan')):.2f}x / "
+                if m == "bp" or "speedup_vs_bp_wall" not in v  # BP itself, or a cell without BP
+                else f"{v['speedup_vs_bp_wall']:.2f}x / "
                 + (f"{v['speedup_vs_bp_to_target']:.2f}x" if v.get("speedup_vs_bp_to_target") else "never")
             )
             tt = f"{v['time_to_target_s']:.0f}" if v.get("time_to_target_s") else "never"

@@ -207,6 +207,7 @@ def _run_record(r: dict[str, Any], method: str, cell: Cell) -> dict[str, Any]:
         "epochs_run": st.get("epochs_run"),
         "saved_estimated_s": st.get("saved_estimated_s"),
         "exit_accuracies": s["exit_accuracies"],
+        "polish": s.get("polish"),
         "predicted_time_s": plan.predicted.time_s
         if method.startswith("neuroflux")
         else (getattr(plan.baseline, method.replace("-", "_")) or plan.baseline.bp_checkpoint).predicted_time_s,
