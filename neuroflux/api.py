@@ -162,15 +162,15 @@ def train(
     *,
     out: str | Path | None = None,
     device: Literal["auto", "cuda", "cpu"] = "auto",
-    method: Literal["neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all"] = "neuroflux",
+    method: Literal["neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all", "bp-compile"] = "neuroflux",
     augment: Callable[[Any], Any] | None = None,
     resume: bool = False,
     force: bool = False,
     export_onnx: bool = True,
     progress: Progress | bool | None = False,
 ) -> Result:
-    """Train ``model`` as ``plan`` says (``method="bp"``, ``"bp-checkpoint"``
-    or ``"bp-checkpoint-all"``: the plan's baselines). ``model`` must have the
+    """Train ``model`` as ``plan`` says (``method="bp"``, ``"bp-checkpoint"``,
+    ``"bp-checkpoint-all"`` or ``"bp-compile"``: the plan's baselines). ``model`` must have the
     planned structure (parameter and buffer names, shapes and dtypes; a
     changed model is refused unless ``force``); training starts from its
     current weights and leaves the object unchanged. ``train_set`` and
@@ -225,8 +225,10 @@ def _check_train_args(
 
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a neuroflux Plan (from neuroflux.plan or load_plan), got {type(plan).__name__}")
-    if method not in ("neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all"):
-        raise ValueError(f"method must be 'neuroflux', 'bp', 'bp-checkpoint' or 'bp-checkpoint-all', got {method!r}")
+    if method not in ("neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all", "bp-compile"):
+        raise ValueError(
+            f"method must be 'neuroflux', 'bp', 'bp-checkpoint', 'bp-checkpoint-all' or 'bp-compile', got {method!r}"
+        )
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if out is not None and not isinstance(out, (str, Path)):

@@ -1,13 +1,17 @@
 """Baselines: what end-to-end backprop (BP), BP with budget-optimal
 activation checkpointing, and BP with checkpointing at every unit boundary
-would do under the same budget.
+would do under the same budget, and the grid BP under ``torch.compile`` with an
+activation memory budget searches on the device.
 
 BP and every-unit checkpointing take the largest candidate batch at which
 their whole-model step fits; budget-optimal checkpointing chooses the batch
 and the units to recompute (``checkpoint_baseline.py``). Each one's time is
 the same epochs at its batch (from FLOPs, or measured under ``--cost
 measure``). The plan records all three, for the speedups it predicts and for
-``nf-run --baseline bp`` / ``bp-checkpoint`` / ``bp-checkpoint-all``.
+``nf-run --baseline bp`` / ``bp-checkpoint`` / ``bp-checkpoint-all`` /
+``bp-compile``. A compiled step's memory depends on the compiler's choices, which
+an eager trace cannot see: for ``bp-compile`` the plan lists the candidates (each
+batch with its rate and schedule) and the runtime measures them.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ from neuroflux.planner.jobs import Profiled
 from neuroflux.planner.problem import Problem, block_steps
 from neuroflux.planner.profile import StepProfile, measure_step_time
 from neuroflux.runtime.train import shuffle_seed
-from neuroflux.schemas.plan import Baseline
+from neuroflux.schemas.plan import Baseline, CompileBaseline, CompileCandidate
 
-__all__ = ["baseline_at", "baselines", "unfit_baseline"]
+__all__ = ["COMPILE_RATIOS", "baseline_at", "baselines", "compile_baseline", "unfit_baseline"]
+
+#: ``activation_memory_budget`` values bp-compile tries: the compiler's own choice, half and a fifth of it.
+COMPILE_RATIOS = (1.0, 0.5, 0.2)
+_MAX_COMPILE_BATCHES = 8
 
 
 def baselines(problem: Problem, pr: Profiled, cfg: PlanConfig) -> tuple[Baseline, Baseline]:
@@ -88,4 +96,23 @@ def unfit_baseline(
         steps=0,
         shuffle_seed=shuffle_seed(cfg.seed, 0),
         checkpointed_units=checkpointed_units,
+    )
+
+
+def compile_baseline(problem: Problem, cfg: PlanConfig, bp: Baseline, ck_all: Baseline) -> CompileBaseline:
+    """bp-compile's grid: the candidate batches from the one below BP's (the
+    smallest where BP fits none) up to twice the larger of BP's and every-unit
+    checkpointing's (what recomputing may reach), at most eight, each with the
+    plan's rate and schedule; the ratios ``COMPILE_RATIOS``."""
+    ladder = problem.batch_sizes
+    at = ladder.index(bp.batch_size) if bp.fits and bp.batch_size in ladder else 0
+    hi = 2 * max(bp.batch_size, ck_all.batch_size, ladder[0])
+    batches = [b for b in ladder[max(at - 1, 0) :] if b <= hi][:_MAX_COMPILE_BATCHES] or [ladder[0]]
+    return CompileBaseline(
+        ratios=list(COMPILE_RATIOS),
+        candidates=[
+            CompileCandidate(batch_size=b, lr=cfg.recipe.lr_at(b), steps=block_steps(problem, b)) for b in batches
+        ],
+        epochs=cfg.recipe.epochs,
+        shuffle_seed=shuffle_seed(cfg.seed, 0),
     )

@@ -16,6 +16,7 @@ import torch
 
 import neuroflux
 from neuroflux.common import format_bytes
+from neuroflux.planner.baselines import compile_baseline
 from neuroflux.planner.config import PlanConfig
 from neuroflux.planner.jobs import Profiled
 from neuroflux.planner.problem import (
@@ -101,7 +102,9 @@ def plan_record(
         blocks=blocks,
         graph_nodes=nodes,
         graph_edges=edges,
-        baseline=Baselines(bp=bp, bp_checkpoint=ck, bp_checkpoint_all=ck_all),
+        baseline=Baselines(
+            bp=bp, bp_checkpoint=ck, bp_checkpoint_all=ck_all, bp_compile=compile_baseline(problem, cfg, bp, ck_all)
+        ),
         predicted=Predicted(
             time_s=total,
             speedup_vs_bp=bp.predicted_time_s / total if bp.fits and total > 0 else None,

@@ -11,7 +11,7 @@ Main flags:
 - ``--out DIR``: the run directory (default: a new folder under ``runs/``);
 - ``--resume``: continue the interrupted run in ``--out`` (same plan,
   overrides and number of processes);
-- ``--baseline bp|bp-checkpoint|bp-checkpoint-all``: train the whole model end to end instead,
+- ``--baseline bp|bp-checkpoint|bp-checkpoint-all|bp-compile``: train the whole model end to end instead,
   at the batch the plan found to fit;
 - ``--device auto|cuda|cpu``; ``--nproc N``: N processes on this machine
   (torchrun, run for you);
@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("plan", help="plan file written by nf-plan")
     ap.add_argument(
         "--baseline",
-        choices=["bp", "bp-checkpoint", "bp-checkpoint-all"],
+        choices=["bp", "bp-checkpoint", "bp-checkpoint-all", "bp-compile"],
         default=None,
-        help="train the original model end to end instead, at the batch the plan found to fit",
+        help="train the original model end to end instead, at the batch the plan found to fit "
+        "(bp-compile: torch.compile with an activation memory budget, its batch and ratio measured here first)",
     )
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--out", default=None, help="run directory (default: a new folder under runs/)")

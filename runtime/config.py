@@ -14,7 +14,7 @@ from neuroflux.schemas.plan import Plan
 
 __all__ = ["Method", "RunConfig", "RunPolicy"]
 
-Method = Literal["neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all"]
+Method = Literal["neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all", "bp-compile"]
 
 
 @dataclass(frozen=True, kw_only=True)

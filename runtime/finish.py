@@ -95,6 +95,7 @@ def finish_run(
         "command": cfg.command,
         "world_size": dist.world,
         "polish": None if state.polish is None else dataclasses.asdict(state.polish),
+        "compile": stages[0].compile if stages else None,
     }
     # Typed on the way out: a field missing or misnamed fails here, not in a reader.
     summary = summary_to_dict(summary_from_dict(summary))

@@ -7,6 +7,10 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +34,8 @@ __all__ = [
     "check_device",
     "check_edited_batches",
     "tracked_step",
+    "allocation_peak",
+    "live_bytes",
     "nvml_process_bytes",
 ]
 
@@ -118,7 +124,16 @@ def check_edited_batches(plan: Plan, *, device: torch.device) -> None:
 def tracked_step(
     trainers: list[UnitTrainer], inputs: list[torch.Tensor], yb: torch.Tensor, stats: StepStats, *, prefix: nn.Module
 ) -> int:
-    """One ``block_step`` under MemTracker; returns its peak in bytes."""
+    """One ``block_step`` under MemTracker; returns its peak in bytes. A
+    compiled model's step (bp-compile) is measured by ``allocation_peak``:
+    MemTracker's dispatch mode does not see compiled code's buffers."""
+    dynamo = sys.modules.get("torch._dynamo")  # loaded only once something was compiled
+    compiled = dynamo is not None and any(
+        isinstance(m, dynamo.eval_frame.OptimizedModule) for t in trainers for m in t.unit.modules()
+    )
+    if compiled:
+        alive = live_bytes([m for t in trainers for m in t.modules()], [t.opt for t in trainers], [*inputs, yb])
+        return alive + allocation_peak(lambda: block_step(trainers, inputs, yb, stats))
     tracker = MemTracker()
     for t in trainers:
         tracker.track_external(*t.modules(), t.opt)
@@ -132,6 +147,62 @@ def tracked_step(
     finally:
         gc.enable()
     return tracker_peak_bytes(tracker)
+
+
+def live_bytes(modules: list[nn.Module], optimizers: list[torch.optim.Optimizer], tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages of ``modules``' weights and buffers, the optimizers' state and ``tensors``."""
+    state = [t for o in optimizers for s in o.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    every = [
+        *(p for m in modules for p in m.parameters()),
+        *(b for m in modules for b in m.buffers()),
+        *state,
+        *tensors,
+    ]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in every}.values())
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null (C++ output that Python cannot catch)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def allocation_peak(fn: Callable[[], Any]) -> int:
+    """The most bytes allocated on the CPU at once while ``fn`` runs, above
+    what was allocated before it: from the profiler's record of every
+    allocation and free (it sees the buffers of compiled code, which
+    MemTracker's dispatch mode does not)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    gc.collect(0)
+    gc.disable()
+    try:
+        with _quiet_stderr():  # the profiler's C++ side prints a line on start and on stop
+            prof.start()
+        try:
+            fn()
+        finally:
+            with _quiet_stderr():
+                prof.stop()
+    finally:
+        gc.enable()
+    kineto: Any = prof.profiler.kineto_results  # type: ignore[union-attr]
+    events = [e for e in kineto.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    now = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
 
 
 def nvml_process_bytes() -> int | None:

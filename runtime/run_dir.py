@@ -26,7 +26,11 @@ from neuroflux.runtime.run_state import RunState, block_result_json
 from neuroflux.runtime.train import UnitTrainer
 from neuroflux.schemas.summary import BlockResult
 
-__all__ = ["RunDir", "RunLock", "append_jsonl", "confined_path"]
+__all__ = ["SEARCH_FILE", "RunDir", "RunLock", "append_jsonl", "confined_path"]
+
+
+SEARCH_FILE = "compile_search.json"
+"""bp-compile's search record in a run directory: a resume trains its choice without searching again."""
 
 
 class RunDir:
@@ -85,7 +89,8 @@ class RunDir:
                 )
             return ckpt
         # The caller has made the directory and holds its lock.
-        if any(p.name != ".lock" for p in self.path.iterdir()):
+        # bp-compile's search record, from a run killed before its first checkpoint: a new run searches again.
+        if any(p.name not in (".lock", SEARCH_FILE) for p in self.path.iterdir()):
             raise NeuroFluxError(
                 f"run directory {self.path} is not empty; pass --resume to continue it, or a new --out"
             )

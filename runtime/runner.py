@@ -2,7 +2,9 @@
 
 The same loop runs the baselines: ``bp`` is one stage whose single "unit" is
 the whole model, ``bp-checkpoint`` the whole model as a chain of the plan's
-units recomputing the ones the plan names (``bp-checkpoint-all``: every one).
+units recomputing the ones the plan names (``bp-checkpoint-all``: every one),
+``bp-compile`` the whole model compiled at the batch its search measured
+(``compile_baseline``).
 After NeuroFlux's blocks, a plan with a polish trains the kept exit end to
 end (``polish.py``). Every method writes the same files to the run directory:
 ``summary.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``final_model.pt`` and
@@ -30,14 +32,10 @@ from torch import nn
 
 from neuroflux.common import torch_device
 from neuroflux.errors import NeuroFluxError
-from neuroflux.runtime.assemble import (
-    Assembled,
-    assemble,
-    check_model_object,
-    open_model_file,
-)
+from neuroflux.runtime.assemble import Assembled, assemble, check_model_object, open_model_file
 from neuroflux.runtime.caches import KEEP_CACHES_ENV, BlockCaches
 from neuroflux.runtime.checkpoint import load_checkpoint, plan_key, restore_checkpoint
+from neuroflux.runtime.compile_baseline import compile_stage
 from neuroflux.runtime.config import Method, RunConfig, RunPolicy
 from neuroflux.runtime.data import call_augment, dataset_sources, default_loader_workers
 from neuroflux.runtime.distributed import from_env
@@ -158,8 +156,13 @@ class Runner:
         precision = Precision(self.plan.recipe.precision, self.device.type)
         if not os.environ.get(EMULATED_PRECISION_ENV):
             check_supported(precision.name, self.device)
-        stages = build_stages(self.plan, asm, method=self.cfg.method, dist=self.dist, precision=precision)
         caches = BlockCaches(self.plan, run_dir=self.out, dist=self.dist, device=self.device, dataset=self._dataset())
+        # (Data read and checked first: bp-compile's search below takes minutes.)
+        if self.cfg.method == "bp-compile":  # its batch is measured here, on this device
+            stages = [compile_stage(self.plan, asm, device=self.device, dist=self.dist, precision=precision,
+                                    out=self.out, resume=self.cfg.resume)]  # fmt: skip
+        else:
+            stages = build_stages(self.plan, asm, method=self.cfg.method, dist=self.dist, precision=precision)
         check_device(self.plan, self.device)
         self.capped = cap_requested(self.device)
         if self.capped:
@@ -247,19 +250,8 @@ class Runner:
         self.run_dir.log(record)
 
     def _finish(self, asm: Assembled, stages: list[Stage], state: RunState, wall_s: float) -> dict[str, Any]:
-        return finish_run(
-            self.plan,
-            asm,
-            stages,
-            state,
-            cfg=self.cfg,
-            policy=self.policy,
-            run_dir=self.run_dir,
-            device=self.device,
-            dist=self.dist,
-            capped=self.capped,
-            wall_s=wall_s,
-        )
+        return finish_run(self.plan, asm, stages, state, cfg=self.cfg, policy=self.policy, run_dir=self.run_dir,
+                          device=self.device, dist=self.dist, capped=self.capped, wall_s=wall_s)  # fmt: skip
 
     # ---------------------------------------------------------------- a stage
     def _run_stage(
@@ -308,7 +300,11 @@ class Runner:
             epochs_run=epochs_run,
             measured_peak_bytes=peak,
             predicted_peak_bytes=stage.predicted_peak_bytes,
-            peak_source="torch.cuda.max_memory_allocated" if dev.type == "cuda" else "MemTracker (first steps, CPU)",
+            peak_source="torch.cuda.max_memory_allocated"
+            if dev.type == "cuda"
+            else "profiler allocations (first steps, CPU)"
+            if stage.compile is not None
+            else "MemTracker (first steps, CPU)",
             exit_accuracies=accs,
             exit_accuracy=max(accs.values()),
             time_s=time_s,

@@ -18,7 +18,7 @@ from neuroflux.runtime.precision import FP32, Precision
 from neuroflux.runtime.train import UnitTrainer, shuffle_seed
 from neuroflux.schemas.plan import Plan
 
-__all__ = ["Stage", "build_stages", "steps_per_epoch", "predicted_epoch_s"]
+__all__ = ["Stage", "build_stages", "steps_per_epoch", "predicted_epoch_s", "whole_model_trainer"]
 
 
 @dataclass
@@ -35,6 +35,8 @@ class Stage:
     shuffle_seed: int
     source: Any = None
     """The plan's BlockInput (None for the baselines: the dataset)."""
+    compile: dict[str, Any] | None = None
+    """bp-compile: the search's record (runtime/compile_baseline.py)."""
 
 
 def steps_per_epoch(train_samples: int, *, batch_size: int, world: int = 1) -> int:
@@ -64,6 +66,8 @@ def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist, prec
     at ``precision``."""
     if method == "neuroflux":
         return [_block_stage(plan, b, asm, dist=dist, precision=precision) for b in plan.blocks]
+    if method == "bp-compile":
+        raise ValueError("bp-compile's stage is measured on the device: compile_baseline.compile_stage")
     base = _baseline(plan, method)
     if not base.fits:
         raise NeuroFluxError(
@@ -184,3 +188,10 @@ def _trainer(
         grad_sync=dist.average_grads if dist.enabled else None,
         precision=precision,
     )
+
+
+def whole_model_trainer(
+    plan: Plan, model: nn.Module, *, dist: Dist, lr: float, steps: int, batch: int, epochs: int, precision: Precision
+) -> UnitTrainer:
+    """The trainer of a whole model end to end (a BP baseline: no aux head), with the plan's recipe."""
+    return _trainer(plan, model, None, dist=dist, lr=lr, steps=steps, batch=batch, epochs=epochs, precision=precision)

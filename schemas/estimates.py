@@ -7,7 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Baseline", "Baselines", "Polish", "PolishExit", "Predicted", "ProfileInfo", "SolverInfo"]
+__all__ = [
+    "Baseline",
+    "Baselines",
+    "CompileBaseline",
+    "CompileCandidate",
+    "Polish",
+    "PolishExit",
+    "Predicted",
+    "ProfileInfo",
+    "SolverInfo",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +43,32 @@ class Baseline:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CompileCandidate:
+    """One batch the ``bp-compile`` baseline may train at, with the plan's rate and schedule for it."""
+
+    batch_size: int
+    lr: float
+    steps: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileBaseline:
+    """bp-compile's grid: BP under torch.compile with an activation memory budget, measured on the device.
+
+    A compiled step's peak cannot be predicted from an eager trace (``torch._functorch.config.
+    activation_memory_budget`` decides what it saves), so the plan lists the grid and the runtime measures
+    it: for every ratio, the candidate batches in ascending order until one exceeds the budget; it trains
+    the (batch, ratio) with the least measured training time among those that fit. Added in 2.7."""
+
+    ratios: list[float]
+    """``activation_memory_budget`` values to try, in (0, 1] (1: the compiler's own choice of what to save)."""
+    candidates: list[CompileCandidate]
+    """Ascending batch sizes."""
+    epochs: int
+    shuffle_seed: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class Baselines:
     bp: Baseline
     bp_checkpoint: Baseline
@@ -40,6 +76,8 @@ class Baselines:
     fastest under the budget (plans before 2.6: every unit boundary)."""
     bp_checkpoint_all: Baseline | None = None
     """BP with activation checkpointing at every unit boundary. Added in 2.6."""
+    bp_compile: CompileBaseline | None = None
+    """BP compiled with an activation memory budget, searched on the device at run time. Added in 2.7."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,7 +24,17 @@ from typing import Any
 from neuroflux.common import atomic_write_json
 from neuroflux.errors import NeuroFluxError
 from neuroflux.schemas.blocks import AuxHead, Block, BlockInput, CacheSpec, Unit, UnitProfile
-from neuroflux.schemas.estimates import Baseline, Baselines, Polish, PolishExit, Predicted, ProfileInfo, SolverInfo
+from neuroflux.schemas.estimates import (
+    Baseline,
+    Baselines,
+    CompileBaseline,
+    CompileCandidate,
+    Polish,
+    PolishExit,
+    Predicted,
+    ProfileInfo,
+    SolverInfo,
+)
 from neuroflux.schemas.graph import GraphEdge, GraphNode
 from neuroflux.schemas.specs import DataSpec, DeviceSpec, ExitPolicy, ModelSpec, Recipe
 from neuroflux.schemas.typed_json import record_from_json, validate_record
@@ -37,6 +47,8 @@ __all__ = [
     "Baseline",
     "Baselines",
     "Block",
+    "CompileBaseline",
+    "CompileCandidate",
     "BlockInput",
     "CacheSpec",
     "DataSpec",
@@ -64,7 +76,7 @@ __all__ = [
 
 #: Major.minor. A reader accepts any plan with the same major and a minor up
 #: to its own; a newer plan is refused with a message to upgrade.
-SCHEMA_VERSION = "2.6"
+SCHEMA_VERSION = "2.7"
 
 
 class PlanError(NeuroFluxError):
@@ -184,7 +196,7 @@ class Plan:
                 ),
                 (not unknown, f"baseline {name} recomputes unknown units {unknown}"),
             ]
-        return checks
+        return checks + _compile_checks(bl.bp_compile)
 
     def _check_units(self) -> None:
         """Every unit but the last has an aux head of a sane width; the last
@@ -317,6 +329,32 @@ class Plan:
             + max(u.profile.dyn_fixed_bytes + u.profile.dyn_per_sample_bytes * block.batch_size for u in units)
             + block.predicted_peak_recompute_bytes
         )
+
+
+def _compile_checks(bc: CompileBaseline | None) -> list[tuple[bool, str]]:
+    """(ok, what is wrong) for the bp-compile baseline's grid."""
+    if bc is None:
+        return []
+    batches = [c.batch_size for c in bc.candidates]
+    return [
+        (
+            bool(bc.ratios) and all(0 < r <= 1 for r in bc.ratios),
+            f"baseline bp_compile's ratios {bc.ratios} must be in (0, 1]",
+        ),
+        (
+            bool(batches) and batches == sorted(set(batches)) and batches[0] >= 1,
+            f"baseline bp_compile's batch sizes {batches} must ascend from >= 1",
+        ),
+        (
+            all(c.lr > 0 and c.steps > 0 for c in bc.candidates),
+            "baseline bp_compile's candidates need lr > 0 and steps > 0",
+        ),
+        (bc.epochs >= 1, f"baseline bp_compile's epochs is {bc.epochs}; it must be >= 1"),
+        (
+            0 <= bc.shuffle_seed < 2**62,
+            f"baseline bp_compile's shuffle_seed is {bc.shuffle_seed}; it must be in [0, 2^62)",
+        ),
+    ]
 
 
 def plan_from_dict(data: dict[str, Any]) -> Plan:

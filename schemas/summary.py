@@ -23,6 +23,8 @@ from neuroflux.schemas.typed_json import record_from_json, validate_record
 
 __all__ = [
     "BlockResult",
+    "CompileProbe",
+    "CompileResult",
     "PolishResult",
     "Stopping",
     "Throughput",
@@ -131,10 +133,41 @@ class PolishResult:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CompileProbe:
+    """One measured (ratio, batch) of bp-compile's search."""
+
+    ratio: float
+    batch_size: int
+    peak_bytes: int | None
+    """None: out of device memory."""
+    step_s: float | None
+    train_s: float | None
+    """The plan's steps at this batch x the measured step time."""
+    fits: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileResult:
+    """bp-compile's search: the ratio and batch it trained, and every probe. Added in 2.7."""
+
+    ratio: float
+    batch_size: int
+    peak_bytes: int
+    """The chosen pair's measured peak (the stage's "predicted" peak)."""
+    cap_bytes: int
+    """The budget less the plan's margin: a pair fits when its peak is at most this."""
+    compile_s: float
+    """Compiling, once per ratio searched."""
+    search_s: float
+    """The whole search (compiles and probes), part of the run's wall time."""
+    probes: list[CompileProbe]
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunSummary:
     """A run's summary (``summary.json``)."""
 
-    method: Literal["neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all"]
+    method: Literal["neuroflux", "bp", "bp-checkpoint", "bp-checkpoint-all", "bp-compile"]
     status: Literal["ok", "diverged"]
     blocks: list[BlockResult]
     command: str
@@ -162,6 +195,8 @@ class RunSummary:
     """Processes that trained the run (torchrun's --nproc-per-node x --nnodes)."""
     polish: PolishResult | None = None
     """The kept exit's end-to-end polish; None when the plan has none or no batch fits it."""
+    compile: CompileResult | None = None
+    """bp-compile's search (other methods: None)."""
 
 
 def summary_to_dict(s: RunSummary) -> dict[str, Any]:

@@ -3,9 +3,11 @@
 For every model x budget it plans once with CP-SAT and once greedily, then
 trains ``neuroflux``, ``neuroflux-greedy``, ``bp``, ``bp-checkpoint``
 (budget-optimal: the batch and recomputed units that train fastest; where
-that is plain BP, BP's run stands for it) and ``bp-checkpoint-all`` (every
-unit boundary) on the same data, seed and epochs, in this one process, and
-writes ``results.json`` and ``results.md``. Ratios are computed only between runs of one invocation.
+that is plain BP, BP's run stands for it), ``bp-checkpoint-all`` (every
+unit boundary) and ``bp-compile`` (torch.compile with an activation memory
+budget, its batch and ratio measured first; not in ``--smoke``) on the same
+data, seed and epochs, in this one process, and writes ``results.json`` and
+``results.md``. Ratios are computed only between runs of one invocation.
 
     nf-bench --models small_cnn resnet18 --budgets 16MB 250MB --epochs 2 \\
         --data ../shared/data/fashion_mnist.npz --out bench-out

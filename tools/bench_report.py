@@ -147,7 +147,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{v['predicted_peak_bytes'] / 2**20:.1f} | {v['final_params']:,} | {v['param_reduction']:.1f}x | "
                 f"{v['throughput_gain']:.2f}x | {stop} |"
             )
-        lines += _strongest_lines(c)
+        lines += _strongest_lines(c) + _compile_lines(c)
         lines.append("")
     return "\n".join(lines)
 
@@ -168,3 +168,18 @@ def _strongest_lines(c: dict[str, Any]) -> list[str]:
             t, sp = v.get("time_to_strongest_target_s"), v.get("speedup_vs_strongest_to_target")
             out.append(f"- {m}: {f'{t:.0f} s, {sp:.2f}x sooner' if t and sp else 'never reached it'}")
     return out
+
+
+def _compile_lines(c: dict[str, Any]) -> list[str]:
+    """What bp-compile's search chose and what it cost (inside its wall time)."""
+    v = c["runs"].get("bp-compile") or {}
+    rec = v.get("compile")
+    if not rec:
+        return []
+    fits = sum(p["fits"] for p in rec["probes"])
+    return [
+        "",
+        f"bp-compile: activation_memory_budget {rec['ratio']:g} at batch {rec['batch_size']} "
+        f"({rec['peak_bytes'] / 2**20:.1f} MiB measured), chosen from {len(rec['probes'])} probes ({fits} fit); "
+        f"the search took {rec['search_s']:.0f} s of its wall time, {rec['compile_s']:.0f} s of it compiling.",
+    ]

@@ -208,13 +208,22 @@ def _run_record(r: dict[str, Any], method: str, cell: Cell) -> dict[str, Any]:
         "saved_estimated_s": st.get("saved_estimated_s"),
         "exit_accuracies": s["exit_accuracies"],
         "polish": s.get("polish"),
-        "predicted_time_s": plan.predicted.time_s
-        if method.startswith("neuroflux")
-        else (getattr(plan.baseline, method.replace("-", "_")) or plan.baseline.bp_checkpoint).predicted_time_s,
+        "predicted_time_s": _predicted_time(plan, method),
+        "compile": s.get("compile"),
         "metrics": _keepable(r["metrics"], set(plan.allowed_exits()))
         if method.startswith("neuroflux")
         else r["metrics"],
     }
+
+
+def _predicted_time(plan: Any, method: str) -> float | None:
+    """The plan's predicted training time of ``method`` (bp-compile: none, its step is measured)."""
+    if method.startswith("neuroflux"):
+        return float(plan.predicted.time_s)
+    if method == "bp-compile":
+        return None
+    base = getattr(plan.baseline, method.replace("-", "_")) or plan.baseline.bp_checkpoint
+    return float(base.predicted_time_s)
 
 
 def _keepable(metrics: list[dict[str, Any]], allowed: set[str]) -> list[dict[str, Any]]:
