@@ -36,11 +36,11 @@ from neuroflux.common import atomic_write_json
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.assemble import Assembled
 from neuroflux.runtime.distributed import Dist
-from neuroflux.runtime.memory import allocation_peak, live_bytes
+from neuroflux.runtime.memory import CAN_TRACK, allocation_peak, live_bytes, tracked_step
 from neuroflux.runtime.precision import Precision
 from neuroflux.runtime.run_dir import SEARCH_FILE
 from neuroflux.runtime.stages import Stage, whole_model_trainer
-from neuroflux.runtime.train import UnitTrainer
+from neuroflux.runtime.train import StepStats, UnitTrainer
 from neuroflux.schemas.plan import CompileBaseline, CompileCandidate, Plan
 
 __all__ = ["Probe", "CompileSearch", "compile_stage", "SEARCH_FILE"]
@@ -60,6 +60,10 @@ class Probe:
     train_s: float | None
     """The plan's steps at this batch (every epoch) x the measured step time."""
     fits: bool
+    workspace_bytes: int = 0
+    """On a CPU, taken off the allocator's peak: what the eager step at this batch allocates beyond its
+    tensors (convolution workspaces), which the plan's accounting (MemTracker's tensors) leaves out for every
+    other method."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class CompileSearch:
     batch_size: int
     peak_bytes: int
     cap_bytes: int
+    workspace_bytes: int
+    """The chosen probe's (CPU)."""
     compile_s: float
     """Compiling for each ratio of the search (the first step at each)."""
     search_s: float
@@ -288,6 +294,7 @@ def _search(
         batch_size=best.batch_size,
         peak_bytes=int(best.peak_bytes or 0),
         cap_bytes=cap,
+        workspace_bytes=best.workspace_bytes,
         compile_s=compile_s,
         search_s=time.perf_counter() - t0,
         probes=probes,
@@ -352,8 +359,27 @@ def _probe(
         return Probe(ratio, cand.batch_size, None, None, None, False), 0.0
     finally:
         trainer.opt.zero_grad(set_to_none=True)  # no gradient of a failed step reaches the next
+    work = _cpu_workspace(plan, model, cand, x, y, precision=precision) if device.type == "cpu" else 0
+    peak -= work
     log.info("bp-compile probe: ratio %.2f batch %d peak %d bytes, %.4f s/step", ratio, cand.batch_size, peak, step_s)
-    return Probe(ratio, cand.batch_size, peak, step_s, step_s * cand.steps, peak <= cap), first_s
+    return Probe(ratio, cand.batch_size, peak, step_s, step_s * cand.steps, peak <= cap, work), first_s
+
+
+def _cpu_workspace(
+    plan: Plan, model: nn.Module, cand: CompileCandidate, x: torch.Tensor, y: torch.Tensor, *, precision: Precision
+) -> int:
+    """What the eager step of ``model`` at this batch allocates beyond its
+    tensors: the allocator's peak less MemTracker's (both over the same step).
+    The compiled step calls the same convolution kernels, so its allocator peak
+    less this is what the plan's accounting would count (0 without MemTracker)."""
+    if not CAN_TRACK:
+        return 0
+    trainer = _probe_trainer(plan, model, cand, precision=precision)
+    trainer.step(x, y)  # the optimizer's state exists from here on, as in the compiled probe
+    tensors = tracked_step([trainer], [x], y, StepStats(1, x.device), prefix=nn.Identity())
+    allocated = live_bytes([model], [trainer.opt], [x, y]) + allocation_peak(lambda: trainer.step(x, y))
+    trainer.opt.zero_grad(set_to_none=True)
+    return max(0, allocated - tensors)
 
 
 def _step_peak(step: Callable[[], Any], device: torch.device, *, alive: int) -> int:

@@ -279,6 +279,7 @@ class Runner:
             caches.write(stage, train, val, state=state)
             times["cache_write_s"] = time.perf_counter() - tw
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else measured_cpu_peak
+        peak -= (stage.compile or {}).get("workspace_bytes", 0) if dev.type == "cpu" else 0  # as its search counts
         # Off the device: the next block's budget is its own.
         for m in [m for t in stage.trainers for m in t.modules()] + [prefix]:
             m.to("cpu")
@@ -302,7 +303,7 @@ class Runner:
             predicted_peak_bytes=stage.predicted_peak_bytes,
             peak_source="torch.cuda.max_memory_allocated"
             if dev.type == "cuda"
-            else "profiler allocations (first steps, CPU)"
+            else "profiler allocations less the eager step's workspace (first steps, CPU)"
             if stage.compile is not None
             else "MemTracker (first steps, CPU)",
             exit_accuracies=accs,

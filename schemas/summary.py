@@ -144,6 +144,9 @@ class CompileProbe:
     train_s: float | None
     """The plan's steps at this batch x the measured step time."""
     fits: bool
+    workspace_bytes: int = 0
+    """On a CPU, taken off the allocator's peak: the eager step's allocations beyond its tensors
+    (convolution workspaces), which the plan's accounting leaves out for every method."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +159,8 @@ class CompileResult:
     """The chosen pair's measured peak (the stage's "predicted" peak)."""
     cap_bytes: int
     """The budget less the plan's margin: a pair fits when its peak is at most this."""
+    workspace_bytes: int = 0
+    """The chosen probe's CPU workspace, taken off its allocator peaks (the search's and training's)."""
     compile_s: float
     """Compiling, once per ratio searched."""
     search_s: float
