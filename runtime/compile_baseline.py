@@ -25,7 +25,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,51 +38,14 @@ from neuroflux.runtime.distributed import Dist
 from neuroflux.runtime.memory import CAN_TRACK, allocation_peak, live_bytes, tracked_step
 from neuroflux.runtime.precision import Precision
 from neuroflux.runtime.run_dir import SEARCH_FILE
-from neuroflux.runtime.stages import Stage, whole_model_trainer
+from neuroflux.runtime.stages import Stage, whole_model_stage, whole_model_trainer
 from neuroflux.runtime.train import StepStats, UnitTrainer
-from neuroflux.schemas.plan import CompileBaseline, CompileCandidate, Plan
+from neuroflux.schemas.plan import CompileBaseline, CompileCandidate, Plan, record_from_json
+from neuroflux.schemas.summary import CompileProbe, CompileResult
 
-__all__ = ["Probe", "CompileSearch", "compile_stage", "SEARCH_FILE"]
+__all__ = ["compile_stage", "SEARCH_FILE"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One measured (ratio, batch) of the grid."""
-
-    ratio: float
-    batch_size: int
-    peak_bytes: int | None
-    """None: the step ran out of device memory."""
-    step_s: float | None
-    train_s: float | None
-    """The plan's steps at this batch (every epoch) x the measured step time."""
-    fits: bool
-    workspace_bytes: int = 0
-    """On a CPU, taken off the allocator's peak: what the eager step at this batch allocates beyond its
-    tensors (convolution workspaces), which the plan's accounting (MemTracker's tensors) leaves out for every
-    other method."""
-
-
-@dataclass(frozen=True)
-class CompileSearch:
-    ratio: float
-    batch_size: int
-    peak_bytes: int
-    cap_bytes: int
-    workspace_bytes: int
-    """The chosen probe's (CPU)."""
-    compile_s: float
-    """Compiling for each ratio of the search (the first step at each)."""
-    search_s: float
-    """The whole search: its compiles and probes (the choice's compile, when
-    it is not the last ratio searched, comes after it in the run's wall time)."""
-    probes: list[Probe]
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> CompileSearch:
-        return cls(**{**d, "probes": [Probe(**p) for p in d["probes"]]})
 
 
 def compile_stage(
@@ -117,14 +79,14 @@ def compile_stage(
     return _stage(plan, compiled, cand, bc, search, dist=dist, precision=precision)
 
 
-def _searched(path: Path, bc: CompileBaseline, *, cap: int) -> CompileSearch:
+def _searched(path: Path, bc: CompileBaseline, *, cap: int) -> CompileResult:
     """The search a run being resumed made, checked against the plan's grid and cap."""
     if not path.is_file():
         raise NeuroFluxError(
             f"this bp-compile run has no {path.name} (its search's choice) in {path.parent}: it cannot be "
             "resumed with the same batch; start a new --out"
         )
-    search = CompileSearch.from_json(json.loads(path.read_text()))
+    search = record_from_json(CompileResult, json.loads(path.read_text()))
     batches = {c.batch_size for c in bc.candidates}
     if search.ratio not in bc.ratios or search.batch_size not in batches or search.cap_bytes != cap:
         raise NeuroFluxError(
@@ -140,31 +102,22 @@ def _stage(
     model: nn.Module,
     cand: CompileCandidate,
     bc: CompileBaseline,
-    search: CompileSearch,
+    search: CompileResult,
     *,
     dist: Dist,
     precision: Precision,
 ) -> Stage:
     """The one stage training ``model`` (compiled) at ``cand``'s batch, rate and schedule."""
-    trainer = whole_model_trainer(
+    return whole_model_stage(
         plan,
         model,
         dist=dist,
+        precision=precision,
         lr=cand.lr,
         steps=cand.steps,
         batch=cand.batch_size,
         epochs=bc.epochs,
-        precision=precision,
-    )
-    return Stage(
-        index=0,
-        unit_idx=list(range(len(plan.units))),
-        exits=[plan.units[-1].name],
-        trainers=[trainer],
-        batch_size=cand.batch_size,
-        epochs=bc.epochs,
-        predicted_peak_bytes=search.peak_bytes,  # measured by the search: nothing predicts a compiled step
-        cache=None,
+        peak=search.peak_bytes,  # measured by the search: nothing predicts a compiled step
         shuffle_seed=bc.shuffle_seed,
         compile=dataclasses.asdict(search),
     )
@@ -261,11 +214,11 @@ def _probe_trainer(plan: Plan, model: nn.Module, cand: CompileCandidate, *, prec
 
 def _search(
     plan: Plan, bc: CompileBaseline, model: nn.Module, *, device: torch.device, precision: Precision, cap: int
-) -> tuple[CompileSearch, tuple[float, nn.Module]]:
+) -> tuple[CompileResult, tuple[float, nn.Module]]:
     """Every ratio's candidates, ascending until one does not fit; the
     fastest fitting pair, and the last ratio searched with its compiled model."""
     t0 = time.perf_counter()
-    probes: list[Probe] = []
+    probes: list[CompileProbe] = []
     compile_s = 0.0
     model.to(device)
     with _restored(model):
@@ -289,7 +242,7 @@ def _search(
     log.info(
         "bp-compile: ratio %.2f at batch %d (%.1f s of training measured)", best.ratio, best.batch_size, best.train_s
     )
-    search = CompileSearch(
+    search = CompileResult(
         ratio=best.ratio,
         batch_size=best.batch_size,
         peak_bytes=int(best.peak_bytes or 0),
@@ -311,10 +264,10 @@ def _probe_ratio(
     device: torch.device,
     precision: Precision,
     cap: int,
-) -> tuple[list[Probe], float, nn.Module]:
+) -> tuple[list[CompileProbe], float, nn.Module]:
     """The candidates at ``ratio``, ascending until one does not fit; the time
     its compile took, and the compiled model."""
-    probes: list[Probe] = []
+    probes: list[CompileProbe] = []
     compile_s = 0.0
     start = _snapshot(model)
     with _budget(ratio):
@@ -340,7 +293,7 @@ def _probe(
     device: torch.device,
     precision: Precision,
     cap: int,
-) -> tuple[Probe, float]:
+) -> tuple[CompileProbe, float]:
     """One (ratio, batch): its peak and step time, and how long its first step
     took (at the first batch: the compile)."""
     trainer = _probe_trainer(plan, compiled, cand, precision=precision)
@@ -356,13 +309,23 @@ def _probe(
         peak = _step_peak(step, device, alive=live_bytes([model], [trainer.opt], [x, y]))
         step_s = _step_time(step, device)
     except torch.OutOfMemoryError:
-        return Probe(ratio, cand.batch_size, None, None, None, False), 0.0
+        return CompileProbe(
+            ratio=ratio, batch_size=cand.batch_size, peak_bytes=None, step_s=None, train_s=None, fits=False
+        ), 0.0
     finally:
         trainer.opt.zero_grad(set_to_none=True)  # no gradient of a failed step reaches the next
     work = _cpu_workspace(plan, model, cand, x, y, precision=precision) if device.type == "cpu" else 0
     peak -= work
     log.info("bp-compile probe: ratio %.2f batch %d peak %d bytes, %.4f s/step", ratio, cand.batch_size, peak, step_s)
-    return Probe(ratio, cand.batch_size, peak, step_s, step_s * cand.steps, peak <= cap, work), first_s
+    return CompileProbe(
+        ratio=ratio,
+        batch_size=cand.batch_size,
+        peak_bytes=peak,
+        step_s=step_s,
+        train_s=step_s * cand.steps,
+        fits=peak <= cap,
+        workspace_bytes=work,
+    ), first_s
 
 
 def _cpu_workspace(

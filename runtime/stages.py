@@ -18,7 +18,7 @@ from neuroflux.runtime.precision import FP32, Precision
 from neuroflux.runtime.train import UnitTrainer, shuffle_seed
 from neuroflux.schemas.plan import Plan
 
-__all__ = ["Stage", "build_stages", "steps_per_epoch", "predicted_epoch_s", "whole_model_trainer"]
+__all__ = ["Stage", "build_stages", "steps_per_epoch", "predicted_epoch_s", "whole_model_stage", "whole_model_trainer"]
 
 
 @dataclass
@@ -81,32 +81,54 @@ def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist, prec
         if recomputed is not None and not any(recomputed)
         else CheckpointedChain(asm.units, checkpointed=recomputed)
     )
-    steps, lr = base.steps, base.lr  # the plan decides; the runtime executes
+    seed = shuffle_seed(plan.recipe.seed, 0) if base.shuffle_seed is None else base.shuffle_seed
+    # The plan decides the rate and schedule; the runtime executes them.
     return [
-        Stage(
-            index=0,
-            unit_idx=list(range(len(plan.units))),
-            exits=[plan.units[-1].name],
-            trainers=[
-                _trainer(
-                    plan,
-                    whole,
-                    None,
-                    dist=dist,
-                    lr=lr,
-                    steps=steps,
-                    batch=base.batch_size,
-                    epochs=base.epochs,
-                    precision=precision,
-                )
-            ],
-            batch_size=base.batch_size,
+        whole_model_stage(
+            plan,
+            whole,
+            dist=dist,
+            precision=precision,
+            lr=base.lr,
+            steps=base.steps,
+            batch=base.batch_size,
             epochs=base.epochs,
-            predicted_peak_bytes=base.predicted_peak_bytes,
-            cache=None,
-            shuffle_seed=shuffle_seed(plan.recipe.seed, 0) if base.shuffle_seed is None else base.shuffle_seed,
+            peak=base.predicted_peak_bytes,
+            shuffle_seed=seed,
         )
     ]
+
+
+def whole_model_stage(
+    plan: Plan,
+    model: nn.Module,
+    *,
+    dist: Dist,
+    precision: Precision,
+    lr: float,
+    steps: int,
+    batch: int,
+    epochs: int,
+    peak: int,
+    shuffle_seed: int,
+    compile: dict[str, Any] | None = None,
+) -> Stage:
+    """The one stage of a BP baseline: ``model`` trained end to end (no aux head) at ``batch``."""
+    trainer = whole_model_trainer(
+        plan, model, dist=dist, lr=lr, steps=steps, batch=batch, epochs=epochs, precision=precision
+    )
+    return Stage(
+        index=0,
+        unit_idx=list(range(len(plan.units))),
+        exits=[plan.units[-1].name],
+        trainers=[trainer],
+        batch_size=batch,
+        epochs=epochs,
+        predicted_peak_bytes=peak,
+        cache=None,
+        shuffle_seed=shuffle_seed,
+        compile=compile,
+    )
 
 
 def _baseline(plan: Plan, method: Method) -> Any:
