@@ -81,12 +81,17 @@ def compile_stage(
 
 def _searched(path: Path, bc: CompileBaseline, *, cap: int) -> CompileResult:
     """The search a run being resumed made, checked against the plan's grid and cap."""
-    if not path.is_file():
+    if path.is_symlink() or not path.is_file():
         raise NeuroFluxError(
-            f"this bp-compile run has no {path.name} (its search's choice) in {path.parent}: it cannot be "
-            "resumed with the same batch; start a new --out"
+            f"this bp-compile run has no {path.name} (its search's choice) in {path.parent}, or it is not a "
+            "regular file: it cannot be resumed with the same batch; start a new --out"
         )
-    search = record_from_json(CompileResult, json.loads(path.read_text()))
+    try:
+        search = record_from_json(CompileResult, json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise NeuroFluxError(
+            f"{path} is not a bp-compile search record ({type(e).__name__}: {str(e)[:120]}); start a new --out"
+        ) from None
     batches = {c.batch_size for c in bc.candidates}
     if search.ratio not in bc.ratios or search.batch_size not in batches or search.cap_bytes != cap:
         raise NeuroFluxError(

@@ -202,3 +202,19 @@ def test_bp_compile_refuses_torchrun_and_a_plan_without_its_grid(planned, tmp_pa
     with pytest.raises(NeuroFluxError, match="torchrun"):
         cb.compile_stage(plan, None, device=torch.device("cpu"), dist=Dist(rank=0, world=2), precision=None,
                          out=tmp_path, resume=False)  # fmt: skip
+
+
+def test_a_resume_refuses_a_search_record_that_is_a_link_or_not_one(planned, tmp_path: Path) -> None:
+    plan, _ = planned
+    bc, cap = plan.baseline.bp_compile, 1000
+    path = tmp_path / cb.SEARCH_FILE
+    target = tmp_path / "elsewhere.json"
+    target.write_text("{}")
+    path.symlink_to(target)
+    with pytest.raises(NeuroFluxError, match="not a regular file"):
+        cb._searched(path, bc, cap=cap)
+    path.unlink()
+    for garbled in ("{not json", "[]", '{"ratio": 1.0}'):
+        path.write_text(garbled)
+        with pytest.raises(NeuroFluxError, match="not a bp-compile search record"):
+            cb._searched(path, bc, cap=cap)
