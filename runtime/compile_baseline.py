@@ -73,7 +73,7 @@ def compile_stage(
     with _budget(search.ratio):
         if compiled is None:
             torch._dynamo.reset()
-            compiled = _compile(asm.model)
+            compiled = _compile(asm.model, search.ratio)
         # Compiled here, under the chosen ratio (training and evaluation graphs), not at the first step outside it.
         _warm(compiled, asm.model, plan, cand, device=device, precision=precision)
     return _stage(plan, compiled, cand, bc, search, dist=dist, precision=precision)
@@ -134,17 +134,19 @@ class _DynamicBatch(nn.Module):
     the model a detached alias of its batch, which would not carry the mark),
     so that one compile serves every batch size, the last partial batch too."""
 
-    def __init__(self, compiled: nn.Module) -> None:
+    def __init__(self, compiled: nn.Module, ratio: float) -> None:
         super().__init__()
-        self.compiled = compiled
+        self.compiled, self.ratio = compiled, ratio
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.compiled(_marked(x)))
+        # A recompile (a batch size outside a compiled graph's guards) happens at this model's ratio too.
+        with _budget(self.ratio):
+            return cast(torch.Tensor, self.compiled(_marked(x)))
 
 
-def _compile(model: nn.Module) -> nn.Module:
-    """``model`` compiled (inductor: C++ on a CPU, Triton on a GPU), under whatever ratio is patched in."""
-    return _DynamicBatch(cast(nn.Module, torch.compile(model)))
+def _compile(model: nn.Module, ratio: float) -> nn.Module:
+    """``model`` compiled (inductor: C++ on a CPU, Triton on a GPU) at ``ratio``."""
+    return _DynamicBatch(cast(nn.Module, torch.compile(model)), ratio)
 
 
 @contextmanager
@@ -277,7 +279,7 @@ def _probe_ratio(
     start = _snapshot(model)
     with _budget(ratio):
         torch._dynamo.reset()
-        compiled = _compile(model)
+        compiled = _compile(model, ratio)
         for i, cand in enumerate(bc.candidates):
             probe, first_s = _probe(plan, model, compiled, cand, ratio, device=device, precision=precision, cap=cap)
             model.load_state_dict(start)  # every probe times the same weights, not those of the probes before it
