@@ -48,6 +48,17 @@ def test_smoke_benchmark_reports_every_method(tmp_path: Path, monkeypatch) -> No
     assert "#### small_cnn-40MB" in md and "| neuroflux |" in md
 
 
+def test_a_skipped_cell_is_planned_and_loaded_not_trained(tmp_path: Path, monkeypatch) -> None:
+    """``--skip-runs`` (the GPU runbook's dry run skips the ImageNet-shaped cell this way)."""
+    monkeypatch.delenv("NEUROFLUX_DATA", raising=False)
+    monkeypatch.delenv("NEUROFLUX_LIMIT", raising=False)
+    args = ["--smoke", "--budgets", "40MB", "--methods", "neuroflux", "bp", "--out", str(tmp_path)]
+    assert nf_bench([*args, "--skip-runs", "small_cnn-40MB"]) == 0
+    (cell,) = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert cell["planned_only"] and not cell["runs"] and "neuroflux" in cell["plans"]
+    assert not (tmp_path / "small_cnn-40MB" / "neuroflux").exists(), "nothing was trained"
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_parse_and_name_real_models(preset: str) -> None:
     """Every preset cell names a model file and factory that exist, a budget
