@@ -211,7 +211,8 @@ def _add_head_and_exit_args(ap: argparse.ArgumentParser) -> None:
         "--max-extra-epochs",
         type=int,
         default=_default("max_extra_epochs"),
-        help="epochs a still-improving block may add, paid from time that converged blocks saved",
+        help="epochs a still-improving block may add, paid from time that converged blocks saved and from the "
+        "blocks --min-reduction skips",
     )
     ap.add_argument(
         "--min-reduction",

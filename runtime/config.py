@@ -52,7 +52,8 @@ class RunPolicy:
     epoch_patience: int
     """Per-block epochs: epochs without improvement before a block moves on (0: planned epochs)."""
     max_extra_epochs: int
-    """Extra epochs one block may be granted (paid from the time banked by blocks that converged)."""
+    """Extra epochs one block may be granted (paid from the time banked by blocks that converged, and by the
+    blocks the exit size limit skips)."""
 
     @classmethod
     def of(cls, plan: Plan, cfg: RunConfig) -> RunPolicy:

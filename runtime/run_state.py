@@ -58,7 +58,8 @@ class RunState:
     last_accs: dict[str, float] | None = None
     """The current block's exit accuracies after its last finished epoch."""
     bank_s: float = 0.0
-    """Training time banked by blocks that converged early (spent on extra epochs)."""
+    """Training time banked by blocks that converged early, and from the start by the blocks the exit size
+    limit skips (spent on extra epochs)."""
     cache_digests: dict[str, str] = field(default_factory=dict)
     """Per disk cache (block index; ``index.rankR`` on other ranks), a digest
     of sampled bytes taken when it was written: a resume rebuilds a file

@@ -68,6 +68,7 @@ from neuroflux.runtime.stages import (
     Stage,
     build_stages,
     predicted_epoch_s,
+    size_limit_bank_s,
     steps_per_epoch,
 )
 from neuroflux.runtime.train import StepStats, block_step
@@ -167,7 +168,8 @@ class Runner:
         self.capped = cap_requested(self.device)
         if self.capped:
             enforce_budget(self.device, budget_bytes=self.plan.budget_bytes)
-        state = RunState()
+        # NeuroFlux's time bank starts with the blocks the exit size limit skips (paid out as extra epochs).
+        state = RunState(bank_s=size_limit_bank_s(self.plan) if self.cfg.method == "neuroflux" else 0.0)
         if ckpt is not None:
             state = restore_checkpoint(ckpt, asm, stages, run_dir=self.out)
             self.run_dir.log_missing_blocks(state.done)

@@ -60,6 +60,21 @@ def predicted_epoch_s(plan: Plan, stage: Stage) -> float:
     )
 
 
+def size_limit_bank_s(plan: Plan) -> float:
+    """Predicted training time of the blocks the exit size limit never runs
+    (``Plan.blocks_past_size_limit``), in ``predicted_epoch_s``'s terms.
+    The run's time bank starts with it: per-block epochs spend it on extra
+    epochs of the blocks that still improve, as they spend the time that
+    converged blocks bank, so the run never plans past the full-depth time."""
+    total = 0.0
+    for i in plan.blocks_past_size_limit():
+        b = plan.blocks[i]
+        per_step = sum(plan.unit(u).profile.step_fixed_s + plan.unit(u).profile.step_per_sample_s * b.batch_size
+                       for u in b.units)  # fmt: skip
+        total += b.epochs * steps_per_epoch(plan.recipe.train_size, batch_size=b.batch_size) * per_step
+    return total
+
+
 def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist, precision: Precision = FP32) -> list[Stage]:
     """The stages of ``method``: the plan's blocks, or the baseline's whole
     model (refused when the plan found no batch at which it fits), training

@@ -301,6 +301,16 @@ class Plan:
             return [u.name for u in self.units]
         return [u.name for u in self.units if self.exit_params(u.name) * r <= self.model.params]
 
+    def blocks_past_size_limit(self) -> list[int]:
+        """The blocks the exit size limit never runs: each of their units
+        comes after the last exit ``exit_policy.min_reduction`` allows (the
+        run stops before them)."""
+        allowed = self.allowed_exits()
+        if self.exit_policy.min_reduction <= 1 or not allowed:
+            return []
+        last = max(self.unit(u).index for u in allowed)
+        return [b.index for b in self.blocks if min(self.unit(u).index for u in b.units) > last]
+
     def polish_exit(self, name: str) -> PolishExit | None:
         """The polish of exit ``name``: None without a polish, or where its prefix fits no batch."""
         if self.polish is None:

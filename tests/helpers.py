@@ -14,6 +14,23 @@ from neuroflux.schemas import save_plan
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def kill_after_event(monkeypatch, event: str, *, count: int = 1) -> None:
+    """The run dies (KeyboardInterrupt, past every handler) right after its
+    ``count``-th ``event`` record is logged: what it checkpointed before is
+    saved. Undo with ``monkeypatch.context()``."""
+    from neuroflux.runtime.runner import Runner
+
+    original, seen = Runner._log, []
+
+    def log(self, record):
+        original(self, record)
+        seen.append(record["event"])
+        if seen.count(event) == count:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "_log", log)
+
+
 def plan_for(model: str | Path, tmp_path: Path, *, budget: int = 10**9, **kw):
     cfg = PlanConfig.from_options(
         budget_bytes=budget, budget_text=str(budget), time_limit_s=10, device_flops_per_s=1e11, op_overhead_s=5e-6, **kw

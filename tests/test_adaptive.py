@@ -18,6 +18,7 @@ from neuroflux.runtime.policy import (
     observe_exits,
 )
 from neuroflux.runtime.runner import RunConfig, Runner, run_plan
+from neuroflux.schemas.plan import load_plan
 
 # Plans and trains real models end to end: the full suite's, not the fast loop's (-m "not slow").
 pytestmark = pytest.mark.slow
@@ -212,7 +213,6 @@ def test_min_reduction_keeps_only_a_small_exit_and_stops_after_the_last_one(tmp_
     data = json.loads(path.read_text())
     data["exit_policy"]["min_reduction"] = (sizes["u0"] + sizes["u1"]) / 2  # only u0 is small enough
     path.write_text(json.dumps(data))
-    from neuroflux.schemas.plan import load_plan
 
     plan = load_plan(path)
     assert plan.allowed_exits() == ["u0"]
@@ -221,6 +221,45 @@ def test_min_reduction_keeps_only_a_small_exit_and_stops_after_the_last_one(tmp_
     assert {c[0] for c in calls} == {0}, "no block past the last small exit trains"
     assert s["final_exit"] == "u0" and s["param_reduction"] >= plan.exit_policy.min_reduction
     assert "--min-reduction" in s["stopped_early"] and s["stopping"]["blocks_skipped"] == [1, 2]
+
+
+def test_blocks_the_size_limit_skips_pay_for_extra_epochs_of_an_improving_block(tmp_path: Path, monkeypatch) -> None:
+    """Issue 19's lever: the predicted training time of the blocks past the
+    last small exit starts the bank, and a block still improving at its last
+    planned epoch takes extra epochs from it; without the size limit (or with
+    ``max_extra_epochs`` 0) the same scripted block takes none."""
+    from neuroflux.runtime.stages import size_limit_bank_s, steps_per_epoch
+
+    plan, path, _ = tiny_plan(tmp_path, epochs=2, patience=10, epoch_patience=1, max_extra_epochs=2)
+    sizes = {u.name: plan.model.params / plan.exit_params(u.name) for u in plan.units}
+    data = json.loads(path.read_text())
+    improving = {(0, e): {"u0": 0.5 + 0.1 * e} for e in range(1, 6)}
+
+    def run(name: str, min_reduction: float, max_extra: int) -> dict:
+        data["exit_policy"].update(min_reduction=min_reduction, max_extra_epochs=max_extra)
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(data))
+        script_exits(monkeypatch, {**RISING, **improving})
+        return load_plan(p), run_plan(load_plan(p), p, RunConfig(out_dir=tmp_path / name, device="cpu",
+                                                                 export_onnx=False))  # fmt: skip
+
+    small = (sizes["u0"] + sizes["u1"]) / 2  # only u0 is small enough
+    limited, s = run("limited", small, 2)
+    assert limited.blocks_past_size_limit() == [1, 2]
+    per_step = {b.index: sum(limited.unit(u).profile.step_fixed_s + limited.unit(u).profile.step_per_sample_s
+                             * b.batch_size for u in b.units) for b in limited.blocks}  # fmt: skip
+    steps = {b.index: steps_per_epoch(limited.recipe.train_size, batch_size=b.batch_size) for b in limited.blocks}
+    bank = size_limit_bank_s(limited)
+    assert bank == pytest.approx(sum(limited.blocks[i].epochs * steps[i] * per_step[i] for i in (1, 2)))
+    paid = min(2, int(bank // (steps[0] * per_step[0])))
+    assert paid >= 1, "the tiny model's blocks 1-2 outweigh an epoch of block 0"
+    assert s["stopping"]["epochs_run"] == {"0": 2 + paid} and s["final_exit"] == "u0"
+    assert s["stopping"]["blocks_skipped"] == [1, 2]
+    _, s_off = run("limited-no-extra", small, 0)
+    assert s_off["stopping"]["epochs_run"] == {"0": 2}
+    any_size, s_any = run("any", 1.0, 2)
+    assert any_size.blocks_past_size_limit() == [] and size_limit_bank_s(any_size) == 0.0
+    assert s_any["stopping"]["epochs_run"]["0"] == 2, "no bank: block 0 keeps its planned epochs"
 
 
 def test_resume_rebuilds_a_ram_cache_and_ends_as_an_uninterrupted_run(tmp_path: Path, monkeypatch, caplog) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_plan
+from helpers import kill_after_event, tiny_plan
 from torch._dynamo.utils import counters
 
 import neuroflux.runtime.compile_baseline as cb
@@ -21,7 +21,7 @@ import neuroflux.runtime.runner as runner_mod
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.config import RunConfig
 from neuroflux.runtime.memory import allocation_peak, tracked_step
-from neuroflux.runtime.runner import Runner, run_plan
+from neuroflux.runtime.runner import run_plan
 from neuroflux.runtime.train import StepStats, UnitTrainer
 from neuroflux.schemas.plan import PlanError, plan_from_dict, plan_to_dict, save_plan
 
@@ -169,16 +169,9 @@ def test_bp_compile_trains_the_fastest_pair_that_fits_and_resumes_without_search
     )
     save_plan(dataclasses.replace(p1, baseline=dataclasses.replace(p1.baseline, bp_compile=grid)), two_epochs)
     whole = _run(two_epochs, tmp_path / "whole")
-    original_log = Runner._log
     out = tmp_path / "killed"
     with monkeypatch.context() as m:
-
-        def log(self, record):
-            original_log(self, record)
-            if record["event"] == "epoch":
-                raise KeyboardInterrupt
-
-        m.setattr(Runner, "_log", log)
+        kill_after_event(m, "epoch")
         with pytest.raises(KeyboardInterrupt):
             _run(two_epochs, out)
 

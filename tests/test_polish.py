@@ -12,12 +12,12 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, kill_after_event
 
 import neuroflux.runtime.polish as polish_mod
 from neuroflux.planner.cli import main as nf_plan
 from neuroflux.runtime.config import RunConfig
-from neuroflux.runtime.runner import Runner, run_plan
+from neuroflux.runtime.runner import run_plan
 from neuroflux.schemas.plan import PlanError, load_plan, plan_from_dict, plan_to_dict
 
 pytestmark = pytest.mark.slow
@@ -119,20 +119,13 @@ def test_a_polished_run_resumes_after_a_kill_with_the_uninterrupted_result(
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    original_log = Runner._log
     for where in ("in the polish", "after the polish"):
         out = tmp_path / where.replace(" ", "-")
         with monkeypatch.context() as m:
             if where == "in the polish":  # killed between its training and its evaluation
                 m.setattr(polish_mod, "_accuracy", interrupt)
             else:
-
-                def log(self, record):
-                    original_log(self, record)
-                    if record["event"] == "polish":
-                        raise KeyboardInterrupt
-
-                m.setattr(Runner, "_log", log)
+                kill_after_event(m, "polish")
             with pytest.raises(KeyboardInterrupt):
                 _run(plan_path, out)
         assert not (out / "summary.json").exists()

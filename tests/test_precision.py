@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, kill_after_event
 
 from neuroflux.planner.cli import main as nf_plan
 from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.config import RunConfig
 from neuroflux.runtime.data import CacheWriter, numpy_dtype
 from neuroflux.runtime.precision import EMULATED_PRECISION_ENV, Precision
-from neuroflux.runtime.runner import Runner, run_plan
+from neuroflux.runtime.runner import run_plan
 from neuroflux.runtime.train import UnitTrainer
 from neuroflux.schemas.plan import load_plan
 
@@ -28,7 +28,7 @@ from neuroflux.schemas.plan import load_plan
 pytestmark = pytest.mark.slow
 
 LIMIT = "96,32"
-STEPS = 2
+STEPS = 1
 """Steps per epoch: emulated bf16 (a CPU without native bf16, such as an
 AVX2-only one) runs the demo's 128-channel convolutions at about 1 s a step."""
 
@@ -46,20 +46,6 @@ def _run(path: Path, out: Path, **kw) -> dict:
     return run_plan(load_plan(path), path, cfg)
 
 
-def _killed(monkeypatch, *, after: str, count: int = 1) -> None:
-    """The process dies (KeyboardInterrupt, past every handler) right after
-    its ``count``-th ``after`` record is logged: its checkpoint is saved."""
-    original, seen = Runner._log, []
-
-    def log(self, record):
-        original(self, record)
-        seen.append(record["event"])
-        if seen.count(after) == count:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Runner, "_log", log)
-
-
 def test_bf16_neuroflux_and_bp_train_the_demo_plan_and_resume_after_a_kill(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("NEUROFLUX_LIMIT", LIMIT)
     monkeypatch.setenv(EMULATED_PRECISION_ENV, "1")
@@ -71,7 +57,7 @@ def test_bf16_neuroflux_and_bp_train_the_demo_plan_and_resume_after_a_kill(tmp_p
     for method, event in (("neuroflux", "block"), ("bp", "epoch")):
         out = tmp_path / method
         with monkeypatch.context() as m:
-            _killed(m, after=event)
+            kill_after_event(m, event)
             with pytest.raises(KeyboardInterrupt):
                 _run(path, out, method=method)
         assert not (out / "summary.json").exists()
