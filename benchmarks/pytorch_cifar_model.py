@@ -6,8 +6,10 @@ network nobody here wrote, on real data.
         --data ../shared/data/fashion_mnist.npz --methods neuroflux bp bp-checkpoint
 
 PATH is a checkout of https://github.com/kuangliu/pytorch-cifar or its bare git
-directory; its ``models/`` folder is exported into ``--dir`` (from HEAD, for a
-git directory) and imported from there, never copied into this repository.
+directory; its ``models/`` folder is exported into ``--dir``/nf-pytorch-cifar
+(from HEAD, for a git directory; a folder of that name is replaced only if this
+script wrote it) and imported from there, never copied into this repository.
+Run it as a script (it imports its sibling ``cifar_networks``).
 The model file builds the network with the constructor its ``main.py`` uses
 (``benchmarks/cifar_networks.py``'s list) and trains it on Fashion-MNIST
 zero-padded to 32x32 with the grey channel repeated three times (the
@@ -26,6 +28,8 @@ from pathlib import Path
 from cifar_networks import EXTRA, NETWORKS, models_root
 
 SUBSET = Path(__file__).resolve().parents[1] / "examples" / "data" / "fashion_mnist_small.npz"
+#: The exported copy of the repository's ``models/`` (inside ``--dir``), and the file marking it as ours.
+EXPORT_DIR, EXPORT_MARK = "nf-pytorch-cifar", "EXPORTED_BY_NEUROFLUX"
 
 MODEL_FILE = """\
 \"\"\"kuangliu/pytorch-cifar's {name} (commit {commit}), imported from {root}, trained
@@ -57,12 +61,16 @@ def write_model_file(name: str, repo: Path, out_dir: Path) -> Path:
     if name not in known:
         raise SystemExit(f"unknown network {name!r}; known: {', '.join(known)}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    dest = (out_dir / EXPORT_DIR).resolve()
+    if dest.exists():
+        # Only ever replace a folder this script exported (never, say, the checkout itself).
+        if not (dest / EXPORT_MARK).is_file():
+            raise SystemExit(f"{dest} exists and was not written by this script; choose another --dir")
+        shutil.rmtree(dest)
     with tempfile.TemporaryDirectory(prefix="nf-cifar-") as tmp:
         root, commit = models_root(repo.resolve(), Path(tmp))
-        dest = out_dir / "pytorch-cifar"
-        if dest.exists():
-            shutil.rmtree(dest)
         shutil.copytree(root / "models", dest / "models")
+    (dest / EXPORT_MARK).write_text(f"exported from {repo.resolve()} at commit {commit}\n")
     path = out_dir / f"{name.lower()}.py"
     path.write_text(MODEL_FILE.format(name=name, commit=commit, root=str(dest), ctor=known[name], subset=str(SUBSET)))
     return path

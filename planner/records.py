@@ -111,7 +111,8 @@ def plan_record(
             speedup_vs_bp_checkpoint=ck.predicted_time_s / total if ck.fits and total > 0 else None,
             peak_bytes=max(b.predicted_peak_bytes for b in blocks),
             assumes="no early stop: every block runs its planned epochs and every unit trains; adaptive depth and "
-            "per-block epochs only shorten this (extra epochs are paid from time that converged blocks saved)",
+            "per-block epochs only shorten this (extra epochs are paid from time that converged blocks saved and "
+            "from the blocks the exit size limit skips)",
         ),
         solver=_solver_info(problem, solution, cfg, engine),
         profile=_profile_info(cfg, pr.target),

@@ -18,7 +18,15 @@ from neuroflux.runtime.precision import FP32, Precision
 from neuroflux.runtime.train import UnitTrainer, shuffle_seed
 from neuroflux.schemas.plan import Plan
 
-__all__ = ["Stage", "build_stages", "steps_per_epoch", "predicted_epoch_s", "whole_model_stage", "whole_model_trainer"]
+__all__ = [
+    "Stage",
+    "build_stages",
+    "steps_per_epoch",
+    "predicted_epoch_s",
+    "size_limit_bank_s",
+    "whole_model_stage",
+    "whole_model_trainer",
+]
 
 
 @dataclass
@@ -65,7 +73,9 @@ def size_limit_bank_s(plan: Plan) -> float:
     (``Plan.blocks_past_size_limit``), in ``predicted_epoch_s``'s terms.
     The run's time bank starts with it: per-block epochs spend it on extra
     epochs of the blocks that still improve, as they spend the time that
-    converged blocks bank, so the run never plans past the full-depth time."""
+    converged blocks bank, so the run's training steps never exceed the
+    full-depth plan's predicted step time (an extra epoch's exit evaluation,
+    and a recompute block's prefix, are not charged to the bank)."""
     total = 0.0
     for i in plan.blocks_past_size_limit():
         b = plan.blocks[i]

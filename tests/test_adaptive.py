@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_plan
+from helpers import kill_after_event, tiny_plan
 
 from neuroflux.runtime.policy import (
     depth_should_stop,
@@ -230,10 +230,10 @@ def test_blocks_the_size_limit_skips_pay_for_extra_epochs_of_an_improving_block(
     ``max_extra_epochs`` 0) the same scripted block takes none."""
     from neuroflux.runtime.stages import size_limit_bank_s, steps_per_epoch
 
-    plan, path, _ = tiny_plan(tmp_path, epochs=2, patience=10, epoch_patience=1, max_extra_epochs=2)
+    plan, path, _ = tiny_plan(tmp_path, epochs=2, patience=10, epoch_patience=1, max_extra_epochs=10)
     sizes = {u.name: plan.model.params / plan.exit_params(u.name) for u in plan.units}
     data = json.loads(path.read_text())
-    improving = {(0, e): {"u0": 0.5 + 0.1 * e} for e in range(1, 6)}
+    improving = {(0, e): {"u0": 0.3 + 0.05 * e} for e in range(1, 13)}
 
     def run(name: str, min_reduction: float, max_extra: int) -> dict:
         data["exit_policy"].update(min_reduction=min_reduction, max_extra_epochs=max_extra)
@@ -244,20 +244,29 @@ def test_blocks_the_size_limit_skips_pay_for_extra_epochs_of_an_improving_block(
                                                                  export_onnx=False))  # fmt: skip
 
     small = (sizes["u0"] + sizes["u1"]) / 2  # only u0 is small enough
-    limited, s = run("limited", small, 2)
+    limited, s = run("limited", small, 10)
     assert limited.blocks_past_size_limit() == [1, 2]
     per_step = {b.index: sum(limited.unit(u).profile.step_fixed_s + limited.unit(u).profile.step_per_sample_s
                              * b.batch_size for u in b.units) for b in limited.blocks}  # fmt: skip
     steps = {b.index: steps_per_epoch(limited.recipe.train_size, batch_size=b.batch_size) for b in limited.blocks}
     bank = size_limit_bank_s(limited)
     assert bank == pytest.approx(sum(limited.blocks[i].epochs * steps[i] * per_step[i] for i in (1, 2)))
-    paid = min(2, int(bank // (steps[0] * per_step[0])))
-    assert paid >= 1, "the tiny model's blocks 1-2 outweigh an epoch of block 0"
+    paid = int(bank // (steps[0] * per_step[0]))
+    assert 1 <= paid < 10, "the bank, not max_extra_epochs, limits the extra epochs here"
     assert s["stopping"]["epochs_run"] == {"0": 2 + paid} and s["final_exit"] == "u0"
     assert s["stopping"]["blocks_skipped"] == [1, 2]
+    # Killed after its first extra epoch, the run resumes with the bank it had (not a fresh one on top).
+    with monkeypatch.context() as m:
+        kill_after_event(m, "epoch", count=3)
+        with pytest.raises(KeyboardInterrupt):
+            run("limited-killed", small, 10)
+    script_exits(monkeypatch, {(0, e): {"u0": 0.3 + 0.05 * (e + 3)} for e in range(1, 10)})  # from epoch 4 on
+    cfg = RunConfig(out_dir=tmp_path / "limited-killed", device="cpu", export_onnx=False, resume=True)
+    resumed = run_plan(limited, tmp_path / "limited-killed.json", cfg)
+    assert resumed["stopping"]["epochs_run"] == {"0": 2 + paid}
     _, s_off = run("limited-no-extra", small, 0)
     assert s_off["stopping"]["epochs_run"] == {"0": 2}
-    any_size, s_any = run("any", 1.0, 2)
+    any_size, s_any = run("any", 1.0, 10)
     assert any_size.blocks_past_size_limit() == [] and size_limit_bank_s(any_size) == 0.0
     assert s_any["stopping"]["epochs_run"]["0"] == 2, "no bank: block 0 keeps its planned epochs"
 
