@@ -61,10 +61,14 @@ def predicted_epoch_s(plan: Plan, stage: Stage) -> float:
     ``predicted_time_s`` of the plan (under torchrun too, so that the seconds
     the epoch rule banks, the seconds the depth rule skips and the seconds
     reported as saved add up; the schedule counts a rank's steps instead)."""
-    b = stage.batch_size
-    steps = steps_per_epoch(plan.recipe.train_size, batch_size=b)
+    return _epoch_s(plan, stage.unit_idx, stage.batch_size)
+
+
+def _epoch_s(plan: Plan, unit_idx: list[int], batch: int) -> float:
+    """Predicted training time of one epoch of units ``unit_idx`` at ``batch`` (``predicted_epoch_s``'s terms)."""
+    steps = steps_per_epoch(plan.recipe.train_size, batch_size=batch)
     return steps * sum(
-        plan.units[i].profile.step_fixed_s + plan.units[i].profile.step_per_sample_s * b for i in stage.unit_idx
+        plan.units[i].profile.step_fixed_s + plan.units[i].profile.step_per_sample_s * batch for i in unit_idx
     )
 
 
@@ -76,13 +80,8 @@ def size_limit_bank_s(plan: Plan) -> float:
     converged blocks bank, so the run's training steps never exceed the
     full-depth plan's predicted step time (an extra epoch's exit evaluation,
     and a recompute block's prefix, are not charged to the bank)."""
-    total = 0.0
-    for i in plan.blocks_past_size_limit():
-        b = plan.blocks[i]
-        per_step = sum(plan.unit(u).profile.step_fixed_s + plan.unit(u).profile.step_per_sample_s * b.batch_size
-                       for u in b.units)  # fmt: skip
-        total += b.epochs * steps_per_epoch(plan.recipe.train_size, batch_size=b.batch_size) * per_step
-    return total
+    blocks = [plan.blocks[i] for i in plan.blocks_past_size_limit()]
+    return sum(b.epochs * _epoch_s(plan, [plan.unit(u).index for u in b.units], b.batch_size) for b in blocks)
 
 
 def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist, precision: Precision = FP32) -> list[Stage]:
