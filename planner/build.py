@@ -27,6 +27,7 @@ from neuroflux.planner.polish import polish_record
 from neuroflux.planner.problem import Problem, Solution, candidate_batch_sizes, check_solution
 from neuroflux.planner.records import plan_record
 from neuroflux.planner.solve import InfeasibleBudget, raise_infeasible, solve
+from neuroflux.planner.solve_batches import prefer_small_batches
 from neuroflux.runtime.model_file import ModelObject
 from neuroflux.schemas.plan import Plan
 
@@ -86,6 +87,7 @@ _SOLVE_ONLY = frozenset(
         "strategy",
         "time_limit_s",
         "tie_tolerance",
+        "batch_time_tolerance",
         "max_blocks",
         "max_block_units",
         "margin",
@@ -143,6 +145,7 @@ def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path, progress: Progres
     solution, engine = solve(problem, cfg)
     if solution.status in ("infeasible", "timeout"):
         raise_infeasible(problem, solution, cfg)
+    solution = prefer_small_batches(problem, solution, cfg.search.batch_time_tolerance)
     broken = check_solution(problem, solution)  # every written plan, whichever engine made it
     if broken:
         raise NeuroFluxError(

@@ -218,6 +218,7 @@ def _config(
             head_kind=args.head_kind,
             tie_tolerance=args.head_time_tolerance,
             max_block_units=-1 if args.max_block_units is None else (args.max_block_units or None),
+            batch_time_tolerance=args.batch_time_tolerance,
             val_size=args.val_size,
             datasets=args.datasets,
             workers=args.workers,

@@ -212,7 +212,7 @@ def _add_head_and_exit_args(ap: argparse.ArgumentParser) -> None:
         type=int,
         default=_default("max_extra_epochs"),
         help="epochs a still-improving block may add, paid from time that converged blocks saved and from the "
-        "blocks --min-reduction skips",
+        "units --min-reduction skips",
     )
     ap.add_argument(
         "--min-reduction",
@@ -220,7 +220,15 @@ def _add_head_and_exit_args(ap: argparse.ArgumentParser) -> None:
         default=_default("min_reduction"),
         metavar="X",
         help="keep only an exit with at least X times fewer parameters than the model (e.g. 10); training "
-        "stops after the last exit that small (1: any exit)",
+        "stops at the last exit that small (1: any exit)",
+    )
+    ap.add_argument(
+        "--batch-time-tolerance",
+        type=float,
+        default=_default("batch_time_tolerance"),
+        metavar="T",
+        help="the batch rule: each block takes the smallest batch (the most optimizer steps, often more accurate "
+        "at few epochs) whose predicted time is at most T above the fastest batch's, e.g. 0.1 (0: fastest)",
     )
     ap.add_argument(
         "--max-block-units",

@@ -209,10 +209,16 @@ class SearchConfig:
     max_block_units: int | None = -1
     """Longest block in units. -1 (default): ceil(units / 3), so a plan has at
     least three block boundaries where adaptive depth can stop; None: no limit."""
+    batch_time_tolerance: float = 0.0
+    """The batch rule: each block takes the smallest candidate batch (the most
+    optimizer steps) whose predicted time is at most this share above the
+    solved one (``solve_batches.prefer_small_batches``; 0: the solved batch)."""
 
     def __post_init__(self) -> None:
         if self.time_limit_s <= 0:
             raise ConfigError("{time_limit_s} must be > 0")
+        if not 0 <= self.batch_time_tolerance < 1:
+            raise ConfigError("{batch_time_tolerance} must be in [0, 1), got {got}", got=self.batch_time_tolerance)
         if self.min_batch < 1:
             raise ConfigError("{min_batch} must be >= 1, got {got}", got=self.min_batch)
         if self.max_batch is not None and self.max_batch < self.min_batch:

@@ -112,7 +112,7 @@ def plan_record(
             peak_bytes=max(b.predicted_peak_bytes for b in blocks),
             assumes="no early stop: every block runs its planned epochs and every unit trains; adaptive depth and "
             "per-block epochs only shorten this (extra epochs are paid from time that converged blocks saved and "
-            "from the blocks the exit size limit skips)",
+            "from the units the exit size limit skips)",
         ),
         solver=_solver_info(problem, solution, cfg, engine),
         profile=_profile_info(cfg, pr.target),
@@ -183,6 +183,7 @@ def _solver_info(problem: Problem, solution: Solution, cfg: PlanConfig, engine: 
         objective_time_s=solution.time_s,
         lower_bound_s=solution.lower_bound_s,
         tie_tolerance=cfg.heads.tie_tolerance,
+        batch_time_tolerance=search.batch_time_tolerance,
         num_variables=solution.num_variables,
         num_constraints=solution.num_constraints,
         max_blocks=search.max_blocks,

@@ -130,7 +130,8 @@ def restore_checkpoint(ckpt: dict[str, Any], asm: Assembled, stages: list[Stage]
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise NeuroFluxError(
             f"the checkpoint in {run_dir} does not fit this plan's model ({first}); it was "
-            "damaged or written by another model: start a new --out"
+            "damaged, or written by another model or by a NeuroFlux version that trained other units: "
+            "start a new --out"
         ) from None
     log.info("resuming at stage %d, epoch %d", k, state.epoch)
     return state

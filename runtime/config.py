@@ -53,7 +53,7 @@ class RunPolicy:
     """Per-block epochs: epochs without improvement before a block moves on (0: planned epochs)."""
     max_extra_epochs: int
     """Extra epochs one block may be granted (paid from the time banked by blocks that converged, and by the
-    blocks the exit size limit skips)."""
+    units the exit size limit skips)."""
 
     @classmethod
     def of(cls, plan: Plan, cfg: RunConfig) -> RunPolicy:

@@ -123,12 +123,11 @@ def stopping_summary(
     ran = {b.index: b.epochs_run for b in state.done}
     stop = state.stop
     saved_pred = stop.skipped_predicted_s if stop else 0.0
-    for s in stages:
+    for s in stages:  # epochs not run (or extra), and units the size limit left untrained
         if s.index in ran and method == "neuroflux":
             saved_pred += (s.epochs - ran[s.index]) * predicted_epoch_s(plan, s)
-    predicted_ran = (
-        sum(plan.blocks[s.index].predicted_time_s for s in stages if s.index in ran) if method == "neuroflux" else 0.0
-    )
+            saved_pred += plan.blocks[s.index].predicted_time_s - s.predicted_time_s
+    predicted_ran = sum(s.predicted_time_s for s in stages if s.index in ran) if method == "neuroflux" else 0.0
     measured_ran = sum(b.time_s for b in state.done)
     scale = measured_ran / predicted_ran if predicted_ran > 0 else 1.0
     last = state.done[-1].units[-1] if state.done else None

@@ -10,7 +10,7 @@ grows). Before the planned last epoch, ``epoch_patience`` stalls in a row end
 the block (``converged``) and bank the predicted time of the epochs it did
 not run. At its last epoch, a block that is still improving takes one more
 epoch (``extended``) when the bank pays for it, at most ``max_extra`` times.
-(The bank starts with the blocks the exit size limit skips:
+(The bank starts with the units the exit size limit skips:
 ``stages.size_limit_bank_s``.)
 
 Adaptive depth (after every block, counted in units): walk the block's exits

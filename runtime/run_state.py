@@ -11,12 +11,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from neuroflux.runtime.memory import nvml_process_bytes
 from neuroflux.runtime.policy import BlockState, DepthState, new_depth_state
 from neuroflux.schemas.summary import BlockResult, PolishResult
 
-__all__ = ["Clock", "RunState", "StopRecord", "block_result_json"]
+if TYPE_CHECKING:
+    import torch
+
+    from neuroflux.runtime.stages import Stage
+    from neuroflux.schemas.plan import Plan
+
+__all__ = ["Clock", "RunState", "StopRecord", "block_result", "block_result_json"]
 
 
 @dataclass(kw_only=True)
@@ -58,8 +65,8 @@ class RunState:
     last_accs: dict[str, float] | None = None
     """The current block's exit accuracies after its last finished epoch."""
     bank_s: float = 0.0
-    """Training time banked by blocks that converged early, and from the start by the blocks the exit size
-    limit skips (spent on extra epochs)."""
+    """Training time banked by blocks that converged early, and from the start by the units the exit size
+    limit leaves untrained (spent on extra epochs)."""
     cache_digests: dict[str, str] = field(default_factory=dict)
     """Per disk cache (block index; ``index.rankR`` on other ranks), a digest
     of sampled bytes taken when it was written: a resume rebuilds a file
@@ -106,6 +113,41 @@ class RunState:
         if values.get("cache_digests") is None:
             values.pop("cache_digests", None)
         return cls(**values)
+
+
+def block_result(
+    plan: Plan,
+    stage: Stage,
+    accs: dict[str, float],
+    *,
+    peak: int,
+    epochs_run: int,
+    time_s: float,
+    elapsed_s: float,
+    device: torch.device,
+) -> BlockResult:
+    """The record of a finished stage: its exits' accuracies, measured
+    peak (and where that measure comes from) beside the predicted one, and
+    its times."""
+    return BlockResult(
+        index=stage.index,
+        units=[plan.units[i].name for i in stage.unit_idx],
+        batch_size=stage.batch_size,
+        epochs=stage.epochs,
+        epochs_run=epochs_run,
+        measured_peak_bytes=peak,
+        predicted_peak_bytes=stage.predicted_peak_bytes,
+        peak_source="torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "profiler allocations less the eager step's workspace (first steps, CPU)"
+        if stage.compile is not None
+        else "MemTracker (first steps, CPU)",
+        exit_accuracies=accs,
+        exit_accuracy=max(accs.values()),
+        time_s=time_s,
+        elapsed_s=elapsed_s,
+        nvml_process_bytes=nvml_process_bytes() if device.type == "cuda" else None,
+    )
 
 
 def block_result_json(b: BlockResult) -> dict[str, Any]:

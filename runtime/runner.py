@@ -46,7 +46,6 @@ from neuroflux.runtime.memory import (
     check_device,
     check_edited_batches,
     enforce_budget,
-    nvml_process_bytes,
     tracked_step,
 )
 from neuroflux.runtime.model_file import ModelFile, ModelObject
@@ -63,7 +62,7 @@ from neuroflux.runtime.polish import polish_exit
 from neuroflux.runtime.precision import EMULATED_PRECISION_ENV, Precision, check_supported
 from neuroflux.runtime.progress import BarFactory, NoBar
 from neuroflux.runtime.run_dir import RunDir
-from neuroflux.runtime.run_state import Clock, RunState, StopRecord, block_result_json
+from neuroflux.runtime.run_state import Clock, RunState, StopRecord, block_result, block_result_json
 from neuroflux.runtime.stages import (
     Stage,
     build_stages,
@@ -168,7 +167,7 @@ class Runner:
         self.capped = cap_requested(self.device)
         if self.capped:
             enforce_budget(self.device, budget_bytes=self.plan.budget_bytes)
-        # NeuroFlux's time bank starts with the blocks the exit size limit skips (paid out as extra epochs).
+        # NeuroFlux's time bank starts with the units the exit size limit skips (paid out as extra epochs).
         state = RunState(bank_s=size_limit_bank_s(self.plan) if self.cfg.method == "neuroflux" else 0.0)
         if ckpt is not None:
             state = restore_checkpoint(ckpt, asm, stages, run_dir=self.out)
@@ -293,27 +292,8 @@ class Runner:
     def _block_result(
         self, stage: Stage, accs: dict[str, float], *, peak: int, epochs_run: int, t0: float, clock: Clock
     ) -> BlockResult:
-        dev = self.device
-        time_s, elapsed_s = time.perf_counter() - t0, clock()
-        return BlockResult(
-            index=stage.index,
-            units=[self.plan.units[i].name for i in stage.unit_idx],
-            batch_size=stage.batch_size,
-            epochs=stage.epochs,
-            epochs_run=epochs_run,
-            measured_peak_bytes=peak,
-            predicted_peak_bytes=stage.predicted_peak_bytes,
-            peak_source="torch.cuda.max_memory_allocated"
-            if dev.type == "cuda"
-            else "profiler allocations less the eager step's workspace (first steps, CPU)"
-            if stage.compile is not None
-            else "MemTracker (first steps, CPU)",
-            exit_accuracies=accs,
-            exit_accuracy=max(accs.values()),
-            time_s=time_s,
-            elapsed_s=elapsed_s,
-            nvml_process_bytes=nvml_process_bytes() if dev.type == "cuda" else None,
-        )
+        return block_result(self.plan, stage, accs, peak=peak, epochs_run=epochs_run, time_s=time.perf_counter() - t0,
+                            elapsed_s=clock(), device=self.device)  # fmt: skip
 
     def _run_epochs(
         self, stage: Stage, train: Any, val: Any, *, prefix: nn.Module, asm: Assembled, state: RunState, clock: Clock
@@ -477,7 +457,8 @@ class Runner:
         is_last = pos == len(stages) - 1
         plateau = depth_should_stop(depth, patience=p.patience, is_last_block=is_last)
         last_small = max(self.plan.unit(u).index for u in self.plan.allowed_exits())
-        if not plateau and (is_last or stage.unit_idx[-1] < last_small):
+        trimmed = [u for u in self.plan.blocks[stage.index].units if u not in stage.exits]  # the size limit's
+        if not plateau and not trimmed and (is_last or stage.unit_idx[-1] < last_small):
             return
         skipped = stages[pos + 1 :]
         state.stopped = (
@@ -486,14 +467,14 @@ class Runner:
             f"(patience {p.patience} units); stopped after block {stage.index}"
             if plateau
             else f"no later exit is {self.plan.exit_policy.min_reduction:g}x smaller than the model "
-            f"(--min-reduction); stopped after block {stage.index}"
+            f"(--min-reduction); stopped at {stage.exits[-1]} in block {stage.index}"
         )
         state.stop = StopRecord(
             after_block=stage.index,
             at_unit=stage.exits[-1],
             best_exit=depth["best_exit"],
             blocks_skipped=[s.index for s in skipped],
-            units_skipped=[u for s in skipped for u in s.exits],
+            units_skipped=[*trimmed, *(u for s in skipped for u in self.plan.blocks[s.index].units)],
             skipped_predicted_s=sum(self.plan.blocks[s.index].predicted_time_s for s in skipped),
         )
         self._log({"event": "early_stop", "reason": state.stopped, **dataclasses.asdict(state.stop)})

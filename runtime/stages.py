@@ -4,7 +4,7 @@ the steps and predicted time of a stage's epoch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -24,6 +24,7 @@ __all__ = [
     "steps_per_epoch",
     "predicted_epoch_s",
     "size_limit_bank_s",
+    "units_past_limit_s",
     "whole_model_stage",
     "whole_model_trainer",
 ]
@@ -45,6 +46,9 @@ class Stage:
     """The plan's BlockInput (None for the baselines: the dataset)."""
     compile: dict[str, Any] | None = None
     """bp-compile: the search's record (runtime/compile_baseline.py)."""
+    predicted_time_s: float = 0.0
+    """NeuroFlux: the plan block's predicted time, less that of the units the
+    exit size limit leaves untrained (``units_past_limit_s``)."""
 
 
 def steps_per_epoch(train_samples: int, *, batch_size: int, world: int = 1) -> int:
@@ -72,16 +76,25 @@ def _epoch_s(plan: Plan, unit_idx: list[int], batch: int) -> float:
     )
 
 
+def units_past_limit_s(plan: Plan, block: Any) -> float:
+    """Predicted training time of ``block``'s units that the exit size limit
+    never trains (``Plan.units_past_size_limit``), over its planned epochs,
+    in ``predicted_epoch_s``'s terms."""
+    past = set(plan.units_past_size_limit())
+    idx = [plan.unit(u).index for u in block.units if u in past]
+    return block.epochs * _epoch_s(plan, idx, block.batch_size) if idx else 0.0
+
+
 def size_limit_bank_s(plan: Plan) -> float:
-    """Predicted training time of the blocks the exit size limit never runs
-    (``Plan.blocks_past_size_limit``), in ``predicted_epoch_s``'s terms.
-    The run's time bank starts with it: per-block epochs spend it on extra
-    epochs of the blocks that still improve, as they spend the time that
-    converged blocks bank, so the run's training steps never exceed the
-    full-depth plan's predicted step time (an extra epoch's exit evaluation,
-    and a recompute block's prefix, are not charged to the bank)."""
-    blocks = [plan.blocks[i] for i in plan.blocks_past_size_limit()]
-    return sum(b.epochs * _epoch_s(plan, [plan.unit(u).index for u in b.units], b.batch_size) for b in blocks)
+    """Predicted training time of the units the exit size limit never trains
+    (the blocks it never runs and the tail of the block it stops in:
+    ``units_past_limit_s``). The run's time bank starts with it: per-block
+    epochs spend it on extra epochs of the blocks that still improve, as they
+    spend the time that converged blocks bank, so the run's training steps
+    never exceed the full-depth plan's predicted step time (an extra epoch's
+    exit evaluation, and a recompute block's prefix, are not charged to the
+    bank)."""
+    return sum(units_past_limit_s(plan, b) for b in plan.blocks)
 
 
 def build_stages(plan: Plan, asm: Assembled, *, method: Method, dist: Dist, precision: Precision = FP32) -> list[Stage]:
@@ -177,12 +190,18 @@ def _recomputed(plan: Plan, base: Any) -> list[bool] | None:
 
 
 def _block_stage(plan: Plan, b: Any, asm: Assembled, *, dist: Dist, precision: Precision) -> Stage:
-    """The stage of the plan's block ``b``."""
-    idx = [plan.unit(u).index for u in b.units]
+    """The stage of the plan's block ``b``: up to the last exit the size
+    limit allows (``Plan.units_past_size_limit``; a block wholly past it,
+    never run, keeps its units), its predicted peak that of the units it
+    trains."""
+    past = set(plan.units_past_size_limit())
+    names = [u for u in b.units if u not in past] or list(b.units)
+    trimmed = names != list(b.units)
+    idx = [plan.unit(u).index for u in names]
     return Stage(
         index=b.index,
         unit_idx=idx,
-        exits=list(b.units),
+        exits=names,
         trainers=[
             _trainer(
                 plan,
@@ -199,11 +218,25 @@ def _block_stage(plan: Plan, b: Any, asm: Assembled, *, dist: Dist, precision: P
         ],
         batch_size=b.batch_size,
         epochs=b.epochs,
-        predicted_peak_bytes=b.predicted_peak_bytes,
+        predicted_peak_bytes=_trimmed_peak(plan, b, names) if trimmed else b.predicted_peak_bytes,
         cache=b.cache,
         shuffle_seed=shuffle_seed(plan.recipe.seed, b.index) if b.shuffle_seed is None else b.shuffle_seed,
         source=b.source(),
+        predicted_time_s=b.predicted_time_s - (units_past_limit_s(plan, b) if trimmed else 0.0),
     )
+
+
+def _trimmed_peak(plan: Plan, b: Any, names: list[str]) -> int:
+    """The predicted peak of block ``b`` trained only up to ``names``: the
+    plan's formula over those units, exact when the block reads a cache or
+    the data. A block that recomputes its input gets the whole block's peak
+    less the untrained units' resident state instead, an upper bound: the
+    plan records the recompute pass's extra memory only against the whole
+    block's largest step."""
+    if b.source().kind != "recompute":
+        return plan.block_peak_bytes(replace(b, units=names))
+    tail = [plan.unit(u) for u in b.units if u not in names]
+    return b.predicted_peak_bytes - sum(u.profile.static_bytes for u in tail)
 
 
 def _trainer(

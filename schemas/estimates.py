@@ -147,6 +147,9 @@ class SolverInfo:
     max_blocks: int | None
     min_batch_size: int
     max_batch_size: int
+    batch_time_tolerance: float = 0.0
+    """The batch rule: blocks took the smallest batch within this share of
+    their solved time (0: the solved batches). Added in 2.8."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -76,7 +76,7 @@ __all__ = [
 
 #: Major.minor. A reader accepts any plan with the same major and a minor up
 #: to its own; a newer plan is refused with a message to upgrade.
-SCHEMA_VERSION = "2.7"
+SCHEMA_VERSION = "2.8"
 
 
 class PlanError(NeuroFluxError):
@@ -301,15 +301,23 @@ class Plan:
             return [u.name for u in self.units]
         return [u.name for u in self.units if self.exit_params(u.name) * r <= self.model.params]
 
-    def blocks_past_size_limit(self) -> list[int]:
-        """The blocks the exit size limit never runs: each of their units
-        comes after the last exit ``exit_policy.min_reduction`` allows (the
-        run stops before them)."""
+    def units_past_size_limit(self) -> list[str]:
+        """The units the exit size limit never trains: those after the last
+        exit ``exit_policy.min_reduction`` allows. No exit of theirs could be
+        kept, and local learning sends no gradient back from them, so
+        training them would change nothing the run keeps."""
         allowed = self.allowed_exits()
         if self.exit_policy.min_reduction <= 1 or not allowed:
             return []
         last = max(self.unit(u).index for u in allowed)
-        return [b.index for b in self.blocks if min(self.unit(u).index for u in b.units) > last]
+        return [u.name for u in self.units[last + 1 :]]
+
+    def blocks_past_size_limit(self) -> list[int]:
+        """The blocks the exit size limit never runs: all of their units are
+        past the last exit it allows (the run stops before them). The block
+        holding that exit trains only up to it (``units_past_size_limit``)."""
+        past = set(self.units_past_size_limit())
+        return [b.index for b in self.blocks if past.issuperset(b.units)]
 
     def polish_exit(self, name: str) -> PolishExit | None:
         """The polish of exit ``name``: None without a polish, or where its prefix fits no batch."""

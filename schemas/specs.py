@@ -137,9 +137,11 @@ class ExitPolicy:
     epochs; 0 runs every block for its planned epochs."""
     max_extra_epochs: int
     """A block still improving at its last planned epoch may run up to this
-    many more, each paid from the predicted time that converged blocks saved,
+    many more, each paid from the predicted time that converged blocks saved
+    and that the units past ``min_reduction``'s last exit would have taken,
     so a run never exceeds the plan's predicted total."""
     min_reduction: float = 1.0
     """The kept exit (its units and head) has at least this many times fewer
     parameters than the model: larger exits are never kept, and training stops
-    after the block of the last exit small enough (1: any exit). Added in 2.6."""
+    at the last exit small enough, its block trained only up to it (1: any
+    exit). Added in 2.6."""

@@ -266,8 +266,8 @@ class RunStateJSON(TypedDict, total=False):
     """The current block's epoch-policy state."""
     last_accs: dict[str, float] | None
     bank_s: float
-    """Training time banked by blocks that converged early, and from the start by the blocks the exit size
-    limit skips (spent on extra epochs)."""
+    """Training time banked by blocks that converged early, and from the start by the units the exit size
+    limit leaves untrained (spent on extra epochs)."""
     failed: str
     """Set when the run diverged: it cannot be resumed."""
     polish: dict[str, Any] | None

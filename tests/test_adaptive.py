@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -269,6 +270,57 @@ def test_blocks_the_size_limit_skips_pay_for_extra_epochs_of_an_improving_block(
     any_size, s_any = run("any", 1.0, 10)
     assert any_size.blocks_past_size_limit() == [] and size_limit_bank_s(any_size) == 0.0
     assert s_any["stopping"]["epochs_run"]["0"] == 2, "no bank: block 0 keeps its planned epochs"
+
+
+def test_the_size_limit_trains_a_block_only_up_to_its_last_small_exit(tmp_path: Path, monkeypatch) -> None:
+    """Units past the last small exit of the block the run stops in are
+    never trained (no exit of theirs could be kept, and no gradient flows
+    back from them): the block's peak is predicted for the units it trains
+    and measured as predicted, and their time starts the bank, which pays
+    extra epochs of the still-improving block and is reported as saved."""
+    import dataclasses
+
+    from helpers import plan_for
+
+    from neuroflux.runtime.stages import predicted_epoch_s, size_limit_bank_s, steps_per_epoch
+
+    model = tmp_path / "tiny_model.py"
+    model.write_text((Path(__file__).resolve().parent / "tiny_model.py").read_text())
+    plan, path = plan_for(model, tmp_path, strategy="optimal", max_block_units=None, epochs=3, min_batch=8,
+                          max_batch=32, cache_location="ram", patience=10, epoch_patience=0)  # fmt: skip
+    plan = plan.plan
+    assert [b.units for b in plan.blocks] == [["u0", "u1", "u2"]], "one block of all three units"
+    data = json.loads(path.read_text())
+    sizes = [plan.model.params / plan.exit_params(u) for u in ("u0", "u1")]
+    data["exit_policy"]["min_reduction"] = sum(sizes) / 2  # only u0 is small enough
+    path.write_text(json.dumps(data))
+    plan = load_plan(path)
+    assert plan.units_past_size_limit() == ["u1", "u2"] and plan.blocks_past_size_limit() == []
+    b = plan.blocks[0]
+    steps = steps_per_epoch(plan.recipe.train_size, batch_size=b.batch_size)
+    tail = [plan.unit(u).profile for u in ("u1", "u2")]
+    tail_s = 3 * steps * sum(u.step_fixed_s + u.step_per_sample_s * b.batch_size for u in tail)
+    assert size_limit_bank_s(plan) == pytest.approx(tail_s)
+    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
+    (blk,) = s["blocks"]
+    assert blk["units"] == ["u0"] and set(blk["exit_accuracies"]) == {"u0"}
+    trimmed = plan.block_peak_bytes(dataclasses.replace(b, units=["u0"]))
+    assert blk["predicted_peak_bytes"] == trimmed < b.predicted_peak_bytes
+    assert abs(blk["measured_peak_bytes"] - trimmed) <= 4096, (blk["measured_peak_bytes"], trimmed)
+    assert s["stopping"]["units_skipped"] == ["u1", "u2"] and "--min-reduction" in s["stopped_early"]
+    assert s["stopping"]["saved_predicted_s"] == pytest.approx(tail_s), "epochs as planned: the tail's time is saved"
+
+    # Still improving at its last planned epoch, the block takes the extra epochs the tail's time pays for.
+    data["exit_policy"].update(epoch_patience=1, max_extra_epochs=2)
+    path.write_text(json.dumps(data))
+    plan = load_plan(path)
+    script_exits(monkeypatch, {(0, e): {"u0": 0.2 + 0.02 * e} for e in range(1, 9)})
+    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "extra", device="cpu", export_onnx=False))
+    epoch_s = predicted_epoch_s(plan, SimpleNamespace(unit_idx=[0], batch_size=b.batch_size))
+    assert tail_s >= 2 * epoch_s, "the tail's time pays for both extra epochs"
+    assert s["stopping"]["epochs_run"] == {"0": 3 + 2}
+    saved = s["stopping"]["saved_predicted_s"]
+    assert saved == pytest.approx(tail_s - 2 * epoch_s) and saved >= 0, "the tail paid for the extra epochs"
 
 
 def test_resume_rebuilds_a_ram_cache_and_ends_as_an_uninterrupted_run(tmp_path: Path, monkeypatch, caplog) -> None:

@@ -84,6 +84,24 @@ def test_greedy_and_optimal_on_the_same_model(tmp_path: Path) -> None:
     assert opt.predicted.time_s <= greedy.predicted.time_s * (1 + opt.solver.tie_tolerance) + 1e-9
 
 
+def test_batch_rule_plans_smaller_batches_and_records_its_tolerance(tmp_path: Path) -> None:
+    """``--batch-time-tolerance``: the same blocks at smaller batches (more
+    steps), within the tolerance of the plan's time; the plan records it and
+    validates against the schema."""
+    model = str(ROOT / "examples" / "small_cnn.py")
+    speed = ["--device-tflops", "0.1", "--op-overhead-us", "5", "--budget", "30MB", "-q"]
+    assert nf_plan([model, "-o", str(tmp_path / "a.json"), *speed]) == 0
+    assert nf_plan([model, "-o", str(tmp_path / "b.json"), "--batch-time-tolerance", "0.5", *speed]) == 0
+    fast, small = load_plan(tmp_path / "a.json"), load_plan(tmp_path / "b.json")
+    jsonschema.validate(json.loads((tmp_path / "b.json").read_text()), schema())
+    assert small.solver.batch_time_tolerance == 0.5 and fast.solver.batch_time_tolerance == 0.0
+    assert [b.units for b in small.blocks] == [b.units for b in fast.blocks]
+    pairs = [(s.batch_size, f.batch_size) for s, f in zip(small.blocks, fast.blocks)]
+    assert all(s <= f for s, f in pairs) and any(s < f for s, f in pairs), pairs
+    assert all(b.steps == b.epochs * -(-small.recipe.train_size // b.batch_size) for b in small.blocks)
+    assert fast.predicted.time_s <= small.predicted.time_s <= fast.predicted.time_s * 1.5 + 1e-9
+
+
 def test_budget_where_bp_cannot_train_still_plans(tmp_path: Path) -> None:
     """ResNet-18's params, grads and momentum alone exceed 120MB: BP cannot
     run at all, NeuroFlux splits the network into blocks that fit."""
@@ -158,6 +176,11 @@ D = ["--budget", "1GB", "--train-size", "64", "--val-size", "16"]  # the usual f
             "Pass --min-reduction",
         ),
         (GOOD + "def model():\n    return nn.Conv2d(1, 2, 3)\n", [*D, "--min-reduction", "0.5"], "--min-reduction"),
+        (
+            GOOD + "def model():\n    return nn.Conv2d(1, 2, 3)\n",
+            [*D, "--batch-time-tolerance", "1.5"],
+            "--batch-time-tolerance must be in [0, 1)",
+        ),
     ],
 )
 def test_plan_cli_errors(tmp_path: Path, capsys, source, argv_extra, message) -> None:

@@ -407,3 +407,44 @@ def test_cpsat_taking_the_dps_least_time_plan_as_phase_one_plans_the_same(seed: 
     assert skipped.stats["phase1_wall_s"] == 0.0
     assert sum(skipped.options) == sum(full.options)
     assert skipped.time_s == pytest.approx(full.time_s, rel=1e-6)
+
+
+def test_batch_rule_takes_the_smallest_batch_within_the_tolerance() -> None:
+    """``--batch-time-tolerance``: the solved partition, boundaries and heads
+    stay; every block takes the smallest candidate batch (checked against
+    every smaller one) whose predicted time is within the tolerance of its
+    solved time, and the plan still fits."""
+    from neuroflux.planner.problem import block_sources, plan_time_s
+    from neuroflux.planner.solve_batches import prefer_small_batches
+
+    rng = random.Random(5)
+    changed = solved = 0
+    for i in range(40):
+        p = random_problem(rng, n=5, monotone=True, boundaries=i % 2 == 1)
+        s = solve_dp(p)
+        if s is None or s.status != "optimal":
+            continue
+        solved += 1
+        assert prefer_small_batches(p, s, 0.0) is s
+        for tol in (0.05, 0.5):
+            r = prefer_small_batches(p, s, tol)
+            assert check_solution(p, r) == [] and r.options == s.options
+            assert [(b.start, b.end, b.boundary) for b in r.blocks] == [(b.start, b.end, b.boundary) for b in s.blocks]
+            for b, rb, src in zip(s.blocks, r.blocks, block_sources(s.blocks)):
+                ok = [c for c in p.batch_sizes if c <= b.batch_size and _batch_within(p, s.options, b, src, c, tol)]
+                assert rb.batch_size == min(ok), (rb, ok)
+            assert r.time_s == pytest.approx(plan_time_s(p, r.blocks, r.options))
+            assert r.time_s <= s.time_s * (1 + tol) + 1e-9
+            changed += r.blocks != s.blocks
+    assert solved >= 10 and changed > 0, (solved, changed)
+
+
+def _batch_within(p: Problem, options, b, src: int, batch: int, tol: float) -> bool:
+    """Block ``b`` at ``batch`` fits the device and takes at most ``1 + tol`` times its time at its own batch."""
+    from neuroflux.planner.problem import block_peak_bytes, block_time_s
+
+    def t(c: int) -> float:
+        return block_time_s(p, b.start, b.end, c, options, src=src, boundary=b.boundary)
+
+    fits = block_peak_bytes(p, b.start, b.end, batch, options, src=src) <= p.cap_bytes
+    return fits and t(batch) <= t(b.batch_size) * (1 + tol)

@@ -188,7 +188,7 @@ def _block_rows(plan: Plan, measured: dict, exit_acc: dict[str, float]) -> list[
         rows.append(
             f"<tr><td>{b.index}</td><td>{html.escape(b.input_text())}</td><td>{html.escape(heads)}</td>"
             f"<td>{html.escape(b.output_text())}</td><td>{b.batch_size}</td><td>{b.epochs}</td>"
-            f"<td>{format_mib(b.predicted_peak_bytes)}"
+            f"<td>{format_mib(m.predicted_peak_bytes if m else b.predicted_peak_bytes)}"  # the units it trained
             + (f" / {format_mib(m.measured_peak_bytes)}" if m else "")
             + "</td>"
             f"<td>{b.predicted_time_s:.1f} s" + (f" / {m.time_s:.1f} s" if m else "") + "</td></tr>"
@@ -219,7 +219,7 @@ def _charts(plan: Plan, measured: dict) -> tuple[str, str]:
     peak_rows = [
         (
             f"block {b.index}",
-            float(b.predicted_peak_bytes),
+            float(measured[b.index].predicted_peak_bytes if b.index in measured else b.predicted_peak_bytes),
             float(measured[b.index].measured_peak_bytes) if b.index in measured else None,
         )
         for b in plan.blocks
