@@ -323,6 +323,32 @@ def test_the_size_limit_trains_a_block_only_up_to_its_last_small_exit(tmp_path: 
     assert saved == pytest.approx(tail_s - 2 * epoch_s) and saved >= 0, "the tail paid for the extra epochs"
 
 
+def test_a_trimmed_block_that_recomputes_its_input_is_predicted_from_above(tmp_path: Path) -> None:
+    """The block the size limit stops in, reading a recomputed input: the
+    plan prices the recompute pass against the whole block's largest step,
+    so its trimmed peak is the whole block's less the untrained units'
+    resident state, an upper bound the measured peak stays under."""
+    from helpers import plan_for
+
+    model = tmp_path / "tiny_model.py"
+    model.write_text((Path(__file__).resolve().parent / "tiny_model.py").read_text())
+    plan, path = plan_for(model, tmp_path, strategy="optimal", max_block_units=2, epochs=1, min_batch=8,
+                          max_batch=32, cache_location="recompute", patience=10)  # fmt: skip
+    plan = plan.plan
+    assert [(b.units, b.source().kind) for b in plan.blocks] == [(["u0"], "data"), (["u1", "u2"], "recompute")]
+    data = json.loads(path.read_text())
+    data["exit_policy"]["min_reduction"] = (plan.model.params / plan.exit_params("u1") + 1) / 2  # u0, u1 small
+    path.write_text(json.dumps(data))
+    plan = load_plan(path)
+    assert plan.units_past_size_limit() == ["u2"]
+    s = run_plan(plan, path, RunConfig(out_dir=tmp_path / "run", device="cpu", export_onnx=False))
+    blk = s["blocks"][1]
+    assert blk["units"] == ["u1"] and s["stopping"]["units_skipped"] == ["u2"]
+    bound = plan.blocks[1].predicted_peak_bytes - plan.unit("u2").profile.static_bytes
+    assert blk["predicted_peak_bytes"] == bound
+    assert blk["measured_peak_bytes"] <= bound, (blk["measured_peak_bytes"], bound)
+
+
 def test_resume_rebuilds_a_ram_cache_and_ends_as_an_uninterrupted_run(tmp_path: Path, monkeypatch, caplog) -> None:
     """A RAM cache dies with the process: resuming after block 0 recomputes
     block 0's outputs from its checkpointed weights, and block 1 then trains

@@ -79,6 +79,8 @@ LEVER_ABLATION = (
     ("stage heads", LEVERS[:2]),
     ("stage heads + polish", LEVERS[:3]),
     ("stage heads + polish + exit >= 10x smaller", LEVERS),
+    # The batch rule (seventh session): each block the smallest batch within 10% of its least time; no polish.
+    ("stage heads + exit >= 10x smaller + batch rule", (*LEVERS[:2], LEVERS[3], ("batch_time_tolerance", 0.1))),
 )
 PRESETS: dict[str, tuple[Cell, ...]] = {
     # CPU (2 cores): half-width models on the first 20,000 training images.
@@ -131,7 +133,11 @@ PRESETS: dict[str, tuple[Cell, ...]] = {
             epochs=6,
             methods=("neuroflux",),
             options=LEVERS,
-            variants=(("bf16", (("precision", "bf16"),)), ("any exit size", (("min_reduction", 1.0),))),
+            variants=(
+                ("bf16", (("precision", "bf16"),)),
+                ("any exit size", (("min_reduction", 1.0),)),
+                ("batch rule", (("batch_time_tolerance", 0.1),)),
+            ),
         ),
         Cell(name="resnet18-350MB", model="resnet18", budget="350MB", epochs=3, methods=_GPU_METHODS),
         Cell(name="vgg16-350MB", model="vgg16", budget="350MB", epochs=3, methods=_GPU_METHODS),
