@@ -97,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--epochs", type=int, default=_default("epochs"), help="epochs per block (and for the BP baselines)"
     )
-    ap.add_argument("--min-batch", type=int, default=_default("min_batch"))
-    ap.add_argument("--max-batch", type=int, default=None, help="default: min(512, train size / 32)")
+    _add_batch_args(ap)
     ap.add_argument(
         "--margin",
         type=float,
@@ -111,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(ap)
     _add_run_args(ap)
     return ap
+
+
+def _add_batch_args(ap: argparse.ArgumentParser) -> None:
+    """Candidate batch sizes, and the batch rule among them."""
+    ap.add_argument("--min-batch", type=int, default=_default("min_batch"))
+    ap.add_argument("--max-batch", type=int, default=None, help="default: min(512, train size / 32)")
+    ap.add_argument(
+        "--batch-time-tolerance",
+        type=float,
+        default=_default("batch_time_tolerance"),
+        metavar="T",
+        help="the batch rule: each block takes the smallest batch (the most optimizer steps, often more accurate "
+        "at few epochs) whose predicted time is at most T above the solved batch's, e.g. 0.1 (0: the solved batch)",
+    )
 
 
 def _add_run_args(ap: argparse.ArgumentParser) -> None:
@@ -221,14 +234,6 @@ def _add_head_and_exit_args(ap: argparse.ArgumentParser) -> None:
         metavar="X",
         help="keep only an exit with at least X times fewer parameters than the model (e.g. 10); training "
         "stops at the last exit that small (1: any exit)",
-    )
-    ap.add_argument(
-        "--batch-time-tolerance",
-        type=float,
-        default=_default("batch_time_tolerance"),
-        metavar="T",
-        help="the batch rule: each block takes the smallest batch (the most optimizer steps, often more accurate "
-        "at few epochs) whose predicted time is at most T above the fastest batch's, e.g. 0.1 (0: fastest)",
     )
     ap.add_argument(
         "--max-block-units",

@@ -27,7 +27,8 @@ class SweepRow:
     """None where no plan fits this budget (``error`` says why)."""
     error: str | None = None
     neuroflux_time_s: float | None = None
-    """Predicted time of the written plan (widest heads within the head-time tolerance)."""
+    """Predicted time of the written plan (widest heads within the head-time tolerance, then smaller
+    batches within the batch-time tolerance)."""
     neuroflux_least_time_s: float | None = None
     """The least predicted time any plan has at this budget (the solver's proven optimum)."""
     blocks: int | None = None

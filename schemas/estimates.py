@@ -137,9 +137,10 @@ class SolverInfo:
     time_limit_s: float
     seed: int
     objective_time_s: float
-    """Predicted training time of the chosen plan."""
+    """Predicted training time of the chosen plan (after the head widening
+    and the batch rule, each within its tolerance of the least time)."""
     lower_bound_s: float
-    """Best proven lower bound (equals the objective when optimal)."""
+    """Best proven lower bound on the least time (equals it when optimal)."""
     tie_tolerance: float
     """Aux widths were widened while time stays within this share."""
     num_variables: int
