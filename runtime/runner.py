@@ -456,10 +456,11 @@ class Runner:
         pos = stages.index(stage)
         is_last = pos == len(stages) - 1
         plateau = depth_should_stop(depth, patience=p.patience, is_last_block=is_last)
-        last_small = max(self.plan.unit(u).index for u in self.plan.allowed_exits())
-        trimmed = [u for u in self.plan.blocks[stage.index].units if u not in stage.exits]  # the size limit's
-        if not plateau and not trimmed and (is_last or stage.unit_idx[-1] < last_small):
+        past = self.plan.units_past_size_limit()  # the size limit stops the run at the unit before them
+        at_limit = bool(past) and stage.unit_idx[-1] + 1 >= self.plan.unit(past[0]).index
+        if not plateau and not at_limit:
             return
+        trimmed = [u for u in self.plan.blocks[stage.index].units if u in past]
         skipped = stages[pos + 1 :]
         state.stopped = (
             f"the last {depth['stall']} exits (through {stage.exits[-1]}) did not beat the best, "
