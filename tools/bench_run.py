@@ -268,6 +268,7 @@ def run_cell(
         "runs": {},
     }
     plans = _plan_cell(cell, cell_dir, opts, log)
+    result["speed_profile"] = _speed_profile(plans)
     if opts.plan_only or cell.name in opts.skip_runs:
         return _planned_only(result, plans)
     labels = [m for m in cell.methods if m != "neuroflux-greedy" or "neuroflux-greedy" in plans]
@@ -301,6 +302,23 @@ def run_cell(
             on_run(partial)
     compare_runs(result, opts.target)
     return result
+
+
+def _speed_profile(plans: dict[str, Any]) -> dict[str, Any] | None:
+    """The device speed the cell's plans assumed (the FLOP cost model's throughput and per-op overhead, and
+    where they came from): plans of the same cell made on two machines differ in their batches when these do."""
+    from neuroflux.schemas import load_plan
+
+    for plan in plans.values():
+        if isinstance(plan, Path):
+            p = load_plan(plan).profile
+            return {
+                "cost_source": p.cost_source,
+                "device_flops_per_s": p.device_flops_per_s,
+                "op_overhead_s": p.op_overhead_s,
+                "device_speed_source": p.device_speed_source,
+            }
+    return None
 
 
 def _as_bp(plan_path: Path) -> bool:
