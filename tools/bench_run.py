@@ -254,21 +254,9 @@ def run_cell(
     mid-cell (a device's time limit) keeps the methods it finished."""
     import shutil
 
-    from neuroflux.planner.budget import parse_bytes
-
     cell_dir = out / cell.name
-    result: dict[str, Any] = {
-        "name": cell.name,
-        "model": cell.model,
-        "budget": cell.budget,
-        "epochs": cell.epochs,
-        "limit": cell.limit,
-        "datasets": cell.datasets,
-        "budget_bytes": parse_bytes(cell.budget),
-        "runs": {},
-    }
     plans = _plan_cell(cell, cell_dir, opts, log)
-    result["speed_profile"] = _speed_profile(plans)
+    result = _cell_record(cell, plans)
     if opts.plan_only or cell.name in opts.skip_runs:
         return _planned_only(result, plans)
     labels = [m for m in cell.methods if m != "neuroflux-greedy" or "neuroflux-greedy" in plans]
@@ -302,6 +290,23 @@ def run_cell(
             on_run(partial)
     compare_runs(result, opts.target)
     return result
+
+
+def _cell_record(cell: Cell, plans: dict[str, Any]) -> dict[str, Any]:
+    """The cell's record before any run: what it is, and the device speed its plans assumed."""
+    from neuroflux.planner.budget import parse_bytes
+
+    return {
+        "name": cell.name,
+        "model": cell.model,
+        "budget": cell.budget,
+        "epochs": cell.epochs,
+        "limit": cell.limit,
+        "datasets": cell.datasets,
+        "budget_bytes": parse_bytes(cell.budget),
+        "speed_profile": _speed_profile(plans),
+        "runs": {},
+    }
 
 
 def _speed_profile(plans: dict[str, Any]) -> dict[str, Any] | None:
