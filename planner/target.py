@@ -66,12 +66,31 @@ def device_target(cfg: PlanConfig) -> Target:
         assert t.device_flops_per_s is not None and t.op_overhead_s is not None
         speed = DeviceSpeed(flops_per_s=t.device_flops_per_s, op_overhead_s=t.op_overhead_s)
     else:
+        flops, at = _flops(prof, cfg.recipe.precision, source)
         speed = DeviceSpeed(
-            flops_per_s=t.device_flops_per_s or prof.flops_per_s,
+            flops_per_s=t.device_flops_per_s or flops,
             op_overhead_s=prof.op_overhead_s if t.op_overhead_s is None else t.op_overhead_s,
         )
-        source = f"{source} ({prof.name}, {prof.source} {prof.date})"
+        source = f"{source} ({prof.name}, {prof.source} {prof.date}{'' if t.device_flops_per_s else at})"
     return Target(speed=speed, speed_source=source, workspace=workspace, cal=cal, name=name)
+
+
+def _flops(prof: DeviceProfile, precision: str, source: str) -> tuple[float, str]:
+    """The profile's throughput at the plan's precision, and what the
+    speed source says of it; a profile without that precision's falls back
+    to its fp32 throughput, with a warning."""
+    if precision == "fp32":
+        return prof.flops_per_s, ""
+    flops = prof.flops_for(precision)
+    if flops is not None:
+        return flops, f"; {precision} throughput"
+    log.warning(
+        "%s has no %s throughput: planned times assume its fp32 speed, so batches and heads may be chosen for "
+        "the wrong speed; re-measure it on the target with `nf-profile -o FILE`",
+        source,
+        precision,
+    )
+    return prof.flops_per_s, f"; fp32 throughput, no {precision} measured"
 
 
 def _speed_profile(cfg: PlanConfig) -> tuple[DeviceProfile | None, str]:
@@ -91,7 +110,7 @@ def _speed_profile(cfg: PlanConfig) -> tuple[DeviceProfile | None, str]:
             "planning for CUDA on a machine without one: times use this CPU's speed; pass "
             "--device-profile with the GPU's profile"
         )
-    prof, path = cached_profile(here)
+    prof, path = cached_profile(here, cfg.recipe.precision)
     return prof, f"cached profile {path}"
 
 

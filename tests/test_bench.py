@@ -89,6 +89,16 @@ def test_gpu_preset_cells_are_stringent_and_loose() -> None:
     assert len({c.budget for c in PRESETS["gpu"] if c.model == "vgg16"}) == 2
 
 
+def test_cpu_bf16_preset_runs_every_baseline_at_the_cells_precision() -> None:
+    """Issue 20's bf16 rows: each CPU cell (and the mobile one) with NeuroFlux, BP, budget-optimal
+    checkpointing and bp-compile, all in bf16, from one invocation per cell."""
+    cells = PRESETS["cpu-bf16"]
+    assert {(c.model, c.budget) for c in PRESETS["cpu"]} < {(c.model, c.budget) for c in cells}
+    for c in cells:
+        assert dict(c.options)["precision"] == "bf16", c.name
+        assert {"neuroflux", "bp", "bp-checkpoint", "bp-compile"} <= set(c.methods), c.name
+
+
 def test_unknown_preset_cell_is_a_clear_error(capsys) -> None:
     assert nf_bench(["--preset", "cpu", "--cell", "nope"]) == 2
     assert "has no cell nope" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from neuroflux.planner.device_profile import (
     DEFAULT_CUDA_WORKSPACE_BYTES,
     load_profile,
     measure_memory_calibration,
+    native_mixed_precisions,
 )
 from neuroflux.runtime.train import UnitTrainer
 from neuroflux.schemas import load_plan, plan_from_dict, plan_to_dict
@@ -198,6 +199,8 @@ def test_nf_profile_cli(tmp_path: Path, capsys) -> None:
     assert nf_profile(["--device", "cpu", "-o", str(out)]) == 0
     prof = load_profile(out)
     assert prof.kind == "cpu" and prof.source == "measured" and prof.workspace() == 0
+    native = native_mixed_precisions(torch.device("cpu"))  # bf16 where this CPU has avx512_bf16 or AMX
+    assert [p for p in ("bf16", "fp16") if prof.flops_for(p)] == native
     assert nf_profile(["-o", str(tmp_path / "missing" / "p.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
     if not torch.cuda.is_available():
@@ -219,3 +222,53 @@ def test_nf_run_warns_when_the_plan_was_for_another_device(tmp_path: Path, caplo
             RunConfig(out_dir=tmp_path / "run", export_onnx=False, throughput_batch=4, max_steps_per_epoch=1),
         )
     assert "made for NVIDIA H200 and runs on the CPU" in caplog.text
+
+
+def _cpu_profile(tmp_path: Path, **fields) -> Path:
+    base = {"name": "test CPU", "kind": "cpu", "flops_per_s": 1e11, "op_overhead_s": 4e-6, "source": "measured"}
+    p = tmp_path / "cpu.json"
+    p.write_text(json.dumps({**base, "date": "2026-12-02", "torch": torch.__version__, **fields}))
+    return p
+
+
+def test_plans_time_steps_at_the_matmul_throughput_of_their_precision(tmp_path: Path, caplog) -> None:
+    """A bf16 plan's cost model uses the profile's bf16 throughput; a profile
+    without one falls back to fp32's and says so (the source and a warning)."""
+    from neuroflux.planner.config import PlanConfig
+    from neuroflux.planner.target import device_target
+
+    def target(prof: Path, precision: str):
+        cfg = PlanConfig.from_options(
+            budget_bytes=2**26, budget_text="64MB", device_profile=str(prof), precision=precision
+        )
+        return device_target(cfg)
+
+    with_bf16 = _cpu_profile(tmp_path, bf16_flops_per_s=2.5e11)
+    assert target(with_bf16, "fp32").speed.flops_per_s == 1e11
+    t = target(with_bf16, "bf16")
+    assert t.speed.flops_per_s == 2.5e11 and "bf16 throughput" in t.speed_source and t.speed.op_overhead_s == 4e-6
+    with caplog.at_level("WARNING"):
+        t = target(_cpu_profile(tmp_path), "bf16")
+    assert t.speed.flops_per_s == 1e11 and "no bf16 measured" in t.speed_source
+    assert "no bf16 throughput" in caplog.text and "nf-profile" in caplog.text
+    with pytest.raises(NeuroFluxError, match="re-measure"):
+        load_profile(_cpu_profile(tmp_path, fp16_flops_per_s=-1.0))
+    with pytest.raises(NeuroFluxError, match="not a number"):
+        load_profile(_cpu_profile(tmp_path, bf16_flops_per_s="fast"))
+
+
+def test_the_cached_profile_gets_a_precisions_throughput_measured_once(tmp_path: Path, monkeypatch) -> None:
+    """This machine's cached profile (fp32) gains the bf16 throughput the first
+    time a bf16 plan asks, keeps its fp32 numbers, and is not re-measured after."""
+    from neuroflux.planner import device_profile
+
+    monkeypatch.setenv("NEUROFLUX_CACHE", str(tmp_path))
+    monkeypatch.setattr(device_profile, "native_mixed_precisions", lambda dev: [])  # an fp32-only first measurement
+    first, path = device_profile.cached_profile("cpu")
+    assert first.bf16_flops_per_s is None
+    prof, again = device_profile.cached_profile("cpu", "bf16")
+    assert again == path and prof.bf16_flops_per_s and prof.bf16_flops_per_s > 0
+    assert (prof.flops_per_s, prof.op_overhead_s) == (first.flops_per_s, first.op_overhead_s)
+    assert load_profile(path) == prof, "cached"
+    monkeypatch.setattr(device_profile, "measure_mixed_flops", lambda *a, **k: pytest.fail("re-measured"))
+    assert device_profile.cached_profile("cpu", "bf16")[0] == prof
