@@ -417,7 +417,10 @@ def cached_profile(device: str = "cpu", precision: str = "fp32") -> tuple[Device
         prof = measure_profile(device)
     if prof.flops_for(precision) is None:
         mixed = measure_mixed_flops(dev, precision, prof.flops_per_s)
-        prof = dataclasses.replace(prof, **{f"{precision}_flops_per_s": mixed})
+        if precision == "bf16":
+            prof = dataclasses.replace(prof, bf16_flops_per_s=mixed)
+        else:
+            prof = dataclasses.replace(prof, fp16_flops_per_s=mixed)
     try:
         save_profile(prof, path)
     except OSError:
