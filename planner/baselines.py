@@ -65,7 +65,15 @@ def baseline_at(
     """A baseline training at batch ``b`` with step profile ``prof``, timed from
     it (or, ``real`` given, from timing that real model: ``--cost measure``)."""
     if real is not None:
-        fixed, per = measure_step_time(real, pr.shape, pr.classes, device=pr.device, batches=(8, 32), sgd=pr.sgd)
+        fixed, per = measure_step_time(
+            real,
+            pr.shape,
+            pr.classes,
+            device=pr.device,
+            batches=(8, 32),
+            sgd=pr.sgd,
+            precision=cfg.recipe.precision,
+        )
         step = fixed + per * b
     else:
         step = pr.target.speed.step_s(prof, b)

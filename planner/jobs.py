@@ -445,4 +445,6 @@ class ProfilingJobs:
             device=self.device,
             batches=(8, 32),
             sgd=self.sgd,
+            precision=self.cfg.recipe.precision,
+            input_dtype=span.input_dtype,
         )

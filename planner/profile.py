@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from neuroflux.common import seconds_per_call
 from neuroflux.planner.step_meter import StepMeter
-from neuroflux.runtime.precision import FP32, Precision
+from neuroflux.runtime.precision import FP32, Precision, PrecisionName
 from neuroflux.runtime.train import UnitTrainer
 
 log = logging.getLogger(__name__)
@@ -446,15 +446,20 @@ def measure_step_time(
     batches: tuple[int, int],
     reps: int = 3,
     sgd: SGDConfig = SGDConfig(),
+    precision: PrecisionName = "fp32",
+    input_dtype: torch.dtype = torch.float32,
 ) -> tuple[float, float]:
     """(fixed_s, per_sample_s) of a real training step on ``device``
-    (median of ``reps`` after a warm-up), from two batch sizes."""
+    (median of ``reps`` after a warm-up), from two batch sizes, at the plan's
+    ``precision`` on inputs of ``input_dtype`` (a unit fed from a bf16 cache
+    gets bf16)."""
     module.to(device)
-    t = _trainer(module, None, SGDConfig(lr=0.0, momentum=sgd.momentum))  # lr 0: profiling leaves weights alone
+    sgd0 = SGDConfig(lr=0.0, momentum=sgd.momentum)  # lr 0: profiling leaves weights alone
+    t = _trainer(module, None, sgd0, precision=Precision(precision, torch.device(device).type))
     t.train(True)
     times = []
     for b in batches:
-        x = torch.randn(b, *input_shape, device=device)
+        x = torch.randn(b, *input_shape, device=device).to(input_dtype)
         y = torch.randint(0, num_classes, (b,), device=device)
         times.append(seconds_per_call(functools.partial(_step, t, x, y), device=device, reps=reps, median=True))
     per = max(0.0, (times[1] - times[0]) / (batches[1] - batches[0]))

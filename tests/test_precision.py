@@ -115,3 +115,34 @@ def test_a_cpu_without_native_bf16_is_refused_with_what_to_do(tmp_path: Path, mo
     err = capsys.readouterr().err
     assert "no native bf16" in err and "--precision fp32" in err and EMULATED_PRECISION_ENV in err
     assert "Traceback" not in err
+
+
+def test_cost_measure_times_the_step_at_the_plans_precision() -> None:
+    """``--cost measure`` times the real step under the plan's autocast, on the
+    input dtype the unit really receives (a bf16 cache's), not an fp32 step."""
+    from neuroflux.planner.profile import measure_step_time
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.Linear(4 * 8 * 8, 3)
+            self.seen: set[tuple[torch.dtype, torch.dtype]] = set()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            self.seen.add((x.dtype, y.dtype))
+            return self.fc(y.flatten(1))
+
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        probe = Probe()
+        fixed, per = measure_step_time(
+            probe,
+            (2, 8, 8),
+            3,
+            device=torch.device("cpu"),
+            batches=(2, 4),
+            reps=1,
+            precision=precision,
+            input_dtype=dtype,
+        )
+        assert probe.seen == {(dtype, dtype)} and fixed >= 0 and per >= 0
