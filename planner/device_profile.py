@@ -117,7 +117,7 @@ class DeviceProfile:
     """The same in fp16."""
 
     def flops_for(self, precision: str) -> float | None:
-        """Matmul throughput at a plan's precision; None: not measured."""
+        """Throughput at a plan's precision; None: not measured."""
         return {"fp32": self.flops_per_s, "bf16": self.bf16_flops_per_s, "fp16": self.fp16_flops_per_s}[precision]
 
     def calibration(self) -> MemoryCalibration:
@@ -245,8 +245,8 @@ def measure_mixed_flops(dev, precision: str, fp32_flops_per_s: float, *, runs: i
     """The throughput ``dev``'s steps reach in ``precision`` (bf16 or fp16):
     its fp32 throughput times the median speed-up a convolution's forward and
     backward get under autocast at that precision (not a bare matmul's, which
-    overstates a network's: 4.3x against a convolution's 2.2x in bf16 on an
-    avx512_bf16 CPU)."""
+    overstates a network's: 4.3x against a convolution's about 2x in bf16 on
+    an avx512_bf16 CPU)."""
     import torch
 
     from neuroflux.planner.profile import measure_precision_speedup
