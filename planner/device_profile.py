@@ -225,20 +225,10 @@ def measure_profile(device: str = "cpu", *, runs: int = 5) -> DeviceProfile:
 
 
 def native_mixed_precisions(dev) -> list[str]:
-    """The mixed precisions ``dev`` computes in natively (on a CPU: avx512_bf16
-    or AMX for bf16, avx512_fp16 or AMX-FP16 for fp16)."""
-    import torch
+    """The mixed precisions ``dev`` computes in natively (``runtime.precision.is_native``)."""
+    from neuroflux.runtime.precision import is_native
 
-    if dev.type == "cuda":
-        return ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
-    return [
-        p
-        for p, native in (
-            ("bf16", torch.ops.mkldnn._is_mkldnn_bf16_supported),
-            ("fp16", torch.ops.mkldnn._is_mkldnn_fp16_supported),
-        )
-        if native()
-    ]
+    return [p for p in ("bf16", "fp16") if is_native(p, dev)]
 
 
 def measure_mixed_flops(dev, precision: str, fp32_flops_per_s: float, *, runs: int = 3) -> float:
@@ -247,11 +237,10 @@ def measure_mixed_flops(dev, precision: str, fp32_flops_per_s: float, *, runs: i
     backward get under autocast at that precision (not a bare matmul's, which
     overstates a network's: 4.3x against a convolution's about 2x in bf16 on
     an avx512_bf16 CPU)."""
-    import torch
-
     from neuroflux.planner.profile import measure_precision_speedup
+    from neuroflux.runtime.precision import Precision
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = Precision(precision).dtype  # type: ignore[arg-type]
     return fp32_flops_per_s * statistics.median(measure_precision_speedup(dev, dtype) for _ in range(runs))
 
 

@@ -28,7 +28,6 @@ import functools
 import gc
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -420,16 +419,14 @@ def measure_precision_speedup(device: torch.device | str, dtype: torch.dtype, *,
     batch = 128 if device.type == "cuda" else 32
     conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device)
     x = torch.randn(batch, 64, 32, 32, device=device, requires_grad=True)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def seconds(mixed: bool) -> float:
-        sync()
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=mixed):
-            y = conv(x)
-        y.float().sum().backward()
-        sync()
-        return time.perf_counter() - t0
+        def step() -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=mixed):
+                y = conv(x)
+            y.float().sum().backward()
+
+        return seconds_per_call(step, device=device, reps=1, warmup=0)  # one call, the device synchronized
 
     for mixed in (False, True, False, True):  # warm-up: library primitives, caches
         seconds(mixed)

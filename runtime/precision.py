@@ -26,6 +26,7 @@ __all__ = [
     "Precision",
     "PrecisionName",
     "check_supported",
+    "is_native",
     "cache_dtype_for",
 ]
 
@@ -76,25 +77,36 @@ FP32 = Precision()
 """fp32 on any device (the default of everything that takes a precision)."""
 
 
+def is_native(precision: str, device: torch.device) -> bool:
+    """Whether ``device`` computes in ``precision`` natively (on a CPU: avx512_bf16
+    or AMX for bf16, avx512_fp16 or AMX-FP16 for fp16; on CUDA, bf16 where the GPU has it)."""
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        return precision != "bf16" or torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    native = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported, "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported}
+    return native[precision]()
+
+
 def check_supported(precision: str, device: torch.device) -> None:
     """Refuse, with what to do, a precision this device cannot compute in."""
-    if precision == "fp32":
+    if is_native(precision, device):
         return
-    if device.type == "cuda":
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise NeuroFluxError(
-                f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support; re-plan with "
-                "--precision fp16 (or fp32)"
-            )
-        return
+    if device.type == "cuda":  # only bf16 is ever missing there
+        raise NeuroFluxError(
+            f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support; re-plan with "
+            "--precision fp16 (or fp32)"
+        )
     if device.type != "cpu":
         raise NeuroFluxError(f"--precision {precision} runs on cpu or cuda, not {device.type}; re-plan with fp32")
-    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision == "bf16":
         raise NeuroFluxError(
             "this CPU has no native bf16 (no avx512_bf16 or amx_bf16; emulated bf16 is several times slower than "
             f"fp32): re-plan with --precision fp32, or run on a GPU (or set {EMULATED_PRECISION_ENV}=1 to run anyway)"
         )
-    if precision == "fp16" and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+    if precision == "fp16":
         raise NeuroFluxError(
             "this CPU has no native fp16 compute (no avx512_fp16 or amx_fp16): re-plan with --precision bf16 or "
             f"fp32 (or set {EMULATED_PRECISION_ENV}=1 to run anyway)"

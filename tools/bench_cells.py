@@ -98,7 +98,7 @@ def _bf16_cell(
         limit=limit,
         methods=("neuroflux", "bp", "bp-checkpoint", "bp-compile"),
         options=(("precision", "bf16"),),
-        variants=(("stage heads + exit >= 10x smaller + batch rule", LEVER_ABLATION[3][1]),) if levers else (),
+        variants=(LEVER_ABLATION[3],) if levers else (),
     )
 
 
