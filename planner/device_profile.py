@@ -235,7 +235,7 @@ def measure_mixed_flops(dev, precision: str, fp32_flops_per_s: float, *, runs: i
     """The throughput ``dev``'s steps reach in ``precision`` (bf16 or fp16):
     its fp32 throughput times the median speed-up a convolution's forward and
     backward get under autocast at that precision (not a bare matmul's, which
-    overstates a network's: 4.3x against a convolution's about 2x in bf16 on
+    overstates a network's: 4.2x against a convolution's about 2x in bf16 on
     an avx512_bf16 CPU)."""
     from neuroflux.planner.profile import measure_precision_speedup
     from neuroflux.runtime.precision import Precision

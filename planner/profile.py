@@ -412,7 +412,7 @@ def measure_precision_speedup(device: torch.device | str, dtype: torch.dtype, *,
     """How many times faster a reference convolution's forward and backward
     run under autocast at ``dtype`` than in fp32 on this device: what a
     mixed-precision step gains, measured on a convolution rather than a bare
-    matmul (on an avx512_bf16 CPU a bf16 matmul runs 4.3x fp32's, a
+    matmul (on an avx512_bf16 CPU a bf16 matmul runs 4.2x fp32's, a
     convolution's step about 2x). The two are timed alternately and their
     fastest calls compared, so that the machine's load falls on both alike."""
     device = torch.device(device)
