@@ -145,7 +145,7 @@ def _plan_at(pr: Profiled, cfg: PlanConfig, *, plan_dir: Path, progress: Progres
     solution, engine = solve(problem, cfg)
     if solution.status in ("infeasible", "timeout"):
         raise_infeasible(problem, solution, cfg)
-    solution = prefer_small_batches(problem, solution, cfg.search.batch_time_tolerance)
+    solution = prefer_small_batches(problem, solution, cfg.batch_time_tolerance)
     broken = check_solution(problem, solution)  # every written plan, whichever engine made it
     if broken:
         raise NeuroFluxError(

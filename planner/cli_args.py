@@ -122,7 +122,8 @@ def _add_batch_args(ap: argparse.ArgumentParser) -> None:
         default=_default("batch_time_tolerance"),
         metavar="T",
         help="the batch rule: each block takes the smallest batch (the most optimizer steps, often more accurate "
-        "at few epochs) whose predicted time is at most T above the solved batch's, e.g. 0.1 (0: the solved batch)",
+        "at few epochs) whose predicted time is at most T above the solved batch's (0: the solved batch; "
+        "default: 0.1 for a CPU, 0 for a GPU)",
     )
 
 
@@ -193,6 +194,12 @@ def _add_solver_and_cost_args(ap: argparse.ArgumentParser) -> None:
 
 def _add_head_and_exit_args(ap: argparse.ArgumentParser) -> None:
     """Aux heads and the accuracy rule; the exit policy and the block length that gives it places to stop."""
+    _add_head_args(ap)
+    _add_exit_args(ap)
+
+
+def _add_head_args(ap: argparse.ArgumentParser) -> None:
+    """Aux heads and the accuracy rule that widens them."""
     ap.add_argument(
         "--head-kind",
         choices=list(HEAD_KINDS),
@@ -208,11 +215,16 @@ def _add_head_and_exit_args(ap: argparse.ArgumentParser) -> None:
         help="accuracy rule for aux heads: take the widest heads whose plan is at most this share slower "
         "than the fastest (0: least time, narrowest heads)",
     )
+
+
+def _add_exit_args(ap: argparse.ArgumentParser) -> None:
+    """The exit policy, and the block length that gives adaptive depth places to stop."""
     ap.add_argument(
         "--patience",
         type=int,
         default=_default("patience"),
-        help="adaptive depth: exits (units) in a row without improvement before training stops (0: full depth)",
+        help="adaptive depth: exits (units) in a row without improvement before training stops "
+        "(0: full depth; default: a quarter of the units, at least 2)",
     )
     ap.add_argument(
         "--epoch-patience",

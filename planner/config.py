@@ -42,7 +42,25 @@ __all__ = [
     "lr_for_batch",
     "default_cache_budget_bytes",
     "default_disk_budget_bytes",
+    "auto_patience",
+    "CPU_BATCH_TIME_TOLERANCE",
 ]
+
+#: The batch rule's tolerance on a CPU target by default. A CPU's step time is
+#: nearly linear in the batch, so the smallest batch within 10% of the least
+#: predicted time costs little, and local learning at a few epochs is
+#: step-bound: it bought +1.1 to +2.0 points on VGG-11, ResNet-18 and
+#: ShuffleNetV2 (BENCHMARKS.md). Off on CUDA until measured on a GPU.
+CPU_BATCH_TIME_TOLERANCE = 0.1
+
+
+def auto_patience(n_units: int) -> int:
+    """Adaptive depth's default patience: a quarter of the network's units, at
+    least 2. A network cut into many small units (ShuffleNetV2, MobileNetV2:
+    18-19) gains little per unit, and its exits plateau within a resolution
+    stage before climbing in the next; 2 units there is a plateau's middle,
+    not its end. Networks of up to 11 units keep 2."""
+    return max(2, n_units // 4)
 
 
 class ConfigError(NeuroFluxError, ValueError):
@@ -209,15 +227,17 @@ class SearchConfig:
     max_block_units: int | None = -1
     """Longest block in units. -1 (default): ceil(units / 3), so a plan has at
     least three block boundaries where adaptive depth can stop; None: no limit."""
-    batch_time_tolerance: float = 0.0
+    batch_time_tolerance: float | None = None
     """The batch rule: each block takes the smallest candidate batch (the most
     optimizer steps) whose predicted time is at most this share above the
-    solved one (``solve_batches.prefer_small_batches``; 0: the solved batch)."""
+    solved one (``solve_batches.prefer_small_batches``; 0: the solved batch).
+    None (default): ``CPU_BATCH_TIME_TOLERANCE`` on a CPU target, 0 on CUDA
+    (``PlanConfig.batch_time_tolerance``)."""
 
     def __post_init__(self) -> None:
         if self.time_limit_s <= 0:
             raise ConfigError("{time_limit_s} must be > 0")
-        if not 0 <= self.batch_time_tolerance < 1:
+        if self.batch_time_tolerance is not None and not 0 <= self.batch_time_tolerance < 1:
             raise ConfigError("{batch_time_tolerance} must be in [0, 1), got {got}", got=self.batch_time_tolerance)
         if self.min_batch < 1:
             raise ConfigError("{min_batch} must be >= 1, got {got}", got=self.min_batch)
@@ -313,8 +333,10 @@ class RecipeConfig:
 class ExitConfig:
     """The run-time exit policy the plan records (adaptive depth, per-block epochs)."""
 
-    patience: int = 2
-    """Adaptive depth: units in a row without exit improvement before training stops (0: full depth)."""
+    patience: int = -1
+    """Adaptive depth: units in a row without exit improvement before training
+    stops (0: full depth; -1, the default: ``auto_patience`` of the network's
+    units, resolved into the plan)."""
     tolerance: float = 0.005
     """Accuracy within which exits count as equal."""
     prefer: Literal["shallowest", "best"] = "best"
@@ -330,8 +352,10 @@ class ExitConfig:
     model; training stops after the last exit that small (1: any exit)."""
 
     def __post_init__(self) -> None:
-        if self.patience < 0 or self.epoch_patience < 0 or self.max_extra_epochs < 0:
-            raise ConfigError("{patience}, {epoch_patience} and {max_extra_epochs} must be >= 0")
+        if self.patience < -1 or self.epoch_patience < 0 or self.max_extra_epochs < 0:
+            raise ConfigError(
+                "{patience} (or -1: a quarter of the units), {epoch_patience} and {max_extra_epochs} must be >= 0"
+            )
         if not (math.isfinite(self.min_reduction) and self.min_reduction >= 1):
             raise ConfigError("{min_reduction} must be >= 1 (1: any exit), got {got}", got=self.min_reduction)
         _check_choices(self)
@@ -400,6 +424,18 @@ class PlanConfig:
             for f in dataclasses.fields(cls)
         }
         return {**out, "seed": self.seed}
+
+    @property
+    def batch_time_tolerance(self) -> float:
+        """The batch rule's tolerance for this target (the option, None resolved)."""
+        t = self.search.batch_time_tolerance
+        if t is None:
+            return CPU_BATCH_TIME_TOLERANCE if self.target.device_kind == "cpu" else 0.0
+        return t
+
+    def patience(self, n_units: int) -> int:
+        """Adaptive depth's patience for a network of ``n_units`` units (-1 resolved)."""
+        return auto_patience(n_units) if self.exits.patience == -1 else self.exits.patience
 
     @property
     def cache_dtype(self) -> Literal["float16", "bfloat16", "float32"]:

@@ -91,7 +91,7 @@ def plan_record(
         budget_bytes=cfg.budget.budget_bytes,
         recipe=_recipe(cfg, problem),
         exit_policy=ExitPolicy(
-            patience=exits.patience,
+            patience=cfg.patience(len(problem.units)),
             tolerance=exits.tolerance,
             prefer=exits.prefer,
             epoch_patience=exits.epoch_patience,
@@ -183,7 +183,7 @@ def _solver_info(problem: Problem, solution: Solution, cfg: PlanConfig, engine: 
         objective_time_s=solution.time_s,
         lower_bound_s=solution.lower_bound_s,
         tie_tolerance=cfg.heads.tie_tolerance,
-        batch_time_tolerance=search.batch_time_tolerance,
+        batch_time_tolerance=cfg.batch_time_tolerance,
         num_variables=solution.num_variables,
         num_constraints=solution.num_constraints,
         max_blocks=search.max_blocks,

@@ -382,3 +382,14 @@ def test_resume_rebuilds_a_ram_cache_and_ends_as_an_uninterrupted_run(tmp_path: 
     a, b = torch.load(tmp_path / "ref" / "final_model.pt"), torch.load(tmp_path / "run" / "final_model.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+
+
+def test_default_patience_is_a_quarter_of_the_units() -> None:
+    """Networks of up to 11 units keep 2; the many small units of mobile
+    networks (18-19) get 4, so a plateau inside one stage does not end
+    training before the next stage's exits are seen."""
+    from neuroflux.planner.config import PlanConfig, auto_patience
+
+    assert [auto_patience(n) for n in (1, 5, 8, 9, 11, 12, 18, 19, 40)] == [2, 2, 2, 2, 2, 3, 4, 4, 10]
+    cfg = PlanConfig.from_options(budget_bytes=1, budget_text="1B")
+    assert cfg.patience(18) == 4 and cfg.replace(patience=0).patience(18) == 0

@@ -152,3 +152,27 @@ def test_precision_reaches_every_plan_of_a_cell(tmp_path: Path, monkeypatch) -> 
     assert nf_bench(["--smoke", "--plan-only", "--precision", "bf16", "--out", str(tmp_path)]) == 0
     plans = sorted(tmp_path.rglob("plan-*.json"))
     assert plans and {json.loads(p.read_text())["recipe"]["precision"] for p in plans} == {"bf16"}
+
+
+def test_variants_plan_extra_neuroflux_runs_with_their_options(tmp_path: Path, capsys) -> None:
+    """``--variant LABEL OPTION=VALUE ...``: one more NeuroFlux plan per cell,
+    with those options; bad options are refused before any work."""
+    args = ["--smoke", "--plan-only", "--out", str(tmp_path)]
+    variant = ["--variant", "small batches", "batch_time_tolerance=0.5", "patience=3"]
+    assert nf_bench([*args, *variant]) == 0
+    (cell_dir,) = [p.parent for p in tmp_path.rglob("plans.json")]
+    index = json.loads((cell_dir / "plans.json").read_text())
+    assert {"neuroflux", "neuroflux (small batches)"} <= set(index) and len(index) == 3  # and neuroflux-greedy
+    base, var = (json.loads((cell_dir / index[k]).read_text()) for k in ("neuroflux", "neuroflux (small batches)"))
+    assert (var["solver"]["batch_time_tolerance"], var["exit_policy"]["patience"]) == (0.5, 3)
+    assert base["solver"]["batch_time_tolerance"] != 0.5
+    capsys.readouterr()
+    for bad, says in (
+        (["--variant", "x", "no_such_option=1"], "not OPTION=VALUE with a plan option"),
+        (["--variant", "x", "patience=-5"], "patience"),
+        (["--variant", "x"], "give a label"),
+        (["--preset", "cpu", "--variant", "x", "patience=3"], "a preset's cells carry their own"),
+    ):
+        assert nf_bench([*bad, "--out", str(tmp_path / "bad")]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -16,6 +16,7 @@ from helpers import ROOT, plan_for, tiny_plan
 from torch import nn
 
 from neuroflux.errors import NeuroFluxError
+from neuroflux.planner.config import CPU_BATCH_TIME_TOLERANCE
 from neuroflux.planner.device_profile import (
     DEFAULT_CUDA_CALIBRATION,
     DEFAULT_CUDA_WORKSPACE_BYTES,
@@ -61,6 +62,8 @@ def test_cuda_plan_includes_workspace_and_calibration(tmp_path: Path) -> None:
         scale,
     )
     assert (cpu.device.workspace_bytes, cpu.device.step_overhead_bytes, cpu.device.activation_scale) == (0, 0, 1.0)
+    # The batch rule is a CPU default only: off for a GPU until measured there.
+    assert (plan.solver.batch_time_tolerance, cpu.solver.batch_time_tolerance) == (0.0, CPU_BATCH_TIME_TOLERANCE)
     for u, c in zip(plan.units, cpu.units):  # calibration applied to every unit's dyn terms, not to its state
         assert u.profile.static_bytes == c.profile.static_bytes
         assert u.profile.dyn_fixed_bytes == c.profile.dyn_fixed_bytes + over

@@ -90,7 +90,7 @@ def test_batch_rule_plans_smaller_batches_and_records_its_tolerance(tmp_path: Pa
     validates against the schema."""
     model = str(ROOT / "examples" / "small_cnn.py")
     speed = ["--device-tflops", "0.1", "--op-overhead-us", "5", "--budget", "30MB", "-q"]
-    assert nf_plan([model, "-o", str(tmp_path / "a.json"), *speed]) == 0
+    assert nf_plan([model, "-o", str(tmp_path / "a.json"), "--batch-time-tolerance", "0", *speed]) == 0
     assert nf_plan([model, "-o", str(tmp_path / "b.json"), "--batch-time-tolerance", "0.5", *speed]) == 0
     fast, small = load_plan(tmp_path / "a.json"), load_plan(tmp_path / "b.json")
     jsonschema.validate(json.loads((tmp_path / "b.json").read_text()), schema())
@@ -116,6 +116,7 @@ def test_budget_where_bp_cannot_train_still_plans(tmp_path: Path) -> None:
 def test_stringent_budget_gives_larger_batches_than_bp(tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     speed = ["--device-tflops", "0.2", "--op-overhead-us", "10"]  # a fixed cost model, not this machine's load
+    speed += ["--batch-time-tolerance", "0"]  # the least-time batches (the CPU default trades some for more steps)
     assert nf_plan([str(ROOT / "examples" / "resnet18.py"), "--budget", "250MB", "-o", str(out), "-q", *speed]) == 0
     plan = load_plan(out)
     assert plan.baseline.bp.fits
@@ -412,7 +413,8 @@ def test_a_plan_breaking_its_constraints_is_never_written(tmp_path: Path, monkey
     monkeypatch.setattr("neuroflux.planner.build.solve", broken)
     out = tmp_path / "plan.json"
     args = [str(ROOT / "examples" / "small_cnn.py"), "--budget", "16MB", "-q", "-o", str(out)]
-    assert nf_plan([*args, "--device-tflops", "0.1", "--op-overhead-us", "5"]) == 2
+    # --batch-time-tolerance 0: the broken solution reaches the check as the solver returned it.
+    assert nf_plan([*args, "--device-tflops", "0.1", "--op-overhead-us", "5", "--batch-time-tolerance", "0"]) == 2
     err = capsys.readouterr().err
     assert "internal error" in err and "breaks its own constraints" in err and "> cap" in err, err
     assert not out.exists()
@@ -514,3 +516,19 @@ def test_sweep_profiles_once_and_more_budget_is_never_slower(tmp_path: Path, cap
 def test_sweep_spec_errors(spec: str, message: str, capsys) -> None:
     assert nf_plan([str(ROOT / "examples" / "small_cnn.py"), "--sweep", spec, "-q"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cpu_defaults_resolve_into_the_plan(tmp_path: Path) -> None:
+    """A CPU plan's defaults are recorded resolved: the batch rule at
+    ``CPU_BATCH_TIME_TOLERANCE`` and a patience of a quarter of the units (at
+    least 2); flags given explicitly are recorded as given."""
+    from neuroflux.planner.config import CPU_BATCH_TIME_TOLERANCE, auto_patience
+
+    model = str(ROOT / "examples" / "small_cnn.py")
+    speed = ["--device-tflops", "0.1", "--op-overhead-us", "5", "--budget", "30MB", "-q"]
+    assert nf_plan([model, "-o", str(tmp_path / "d.json"), *speed]) == 0
+    assert nf_plan([model, "-o", str(tmp_path / "e.json"), "--patience", "3", *speed]) == 0
+    d, e = load_plan(tmp_path / "d.json"), load_plan(tmp_path / "e.json")
+    assert d.solver.batch_time_tolerance == CPU_BATCH_TIME_TOLERANCE
+    assert d.exit_policy.patience == auto_patience(len(d.units)) >= 2
+    assert e.exit_policy.patience == 3

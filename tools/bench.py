@@ -29,6 +29,7 @@ targets, ratios and tables in ``bench_report.py``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -100,7 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU, tiny data, one step per epoch: checks a matrix before scarce GPU time is spent on it",
     )
     ap.add_argument("--skip-runs", nargs="*", default=[], help="cells to plan and load but not train")
+    _add_variant_arg(ap)
     return ap
+
+
+def _add_variant_arg(ap: argparse.ArgumentParser) -> None:
+    """Extra NeuroFlux runs with other plan options."""
+    ap.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("LABEL", "OPTION=VALUE"),
+        help="an extra NeuroFlux run in every --models cell, planned with these plan options changed "
+        "(PlanConfig's names: mostly nf-plan's flags with _ for -, --head-time-tolerance is tie_tolerance; "
+        "e.g. --variant 'batch rule' batch_time_tolerance=0.1 patience=4); repeat for more",
+    )
 
 
 def _add_data_args(ap: argparse.ArgumentParser) -> None:
@@ -131,8 +147,43 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--out", args.out), ("--results", args.results)):
         if value is not None and Path(value).exists() and not Path(value).is_dir():
             raise NeuroFluxError(f"{flag} {value} is a file; give a folder")
+    if args.variant and args.preset:
+        raise NeuroFluxError("--variant adds runs to --models cells; a preset's cells carry their own variants")
+    args.variant = [parse_variant(v) for v in args.variant]
     if args.plans is not None and not Path(args.plans).is_dir():
         raise NeuroFluxError(f"--plans {args.plans} is not a folder of prepared plans (nf-bench --plan-only --out DIR)")
+
+
+def parse_variant(words: list[str]) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """``LABEL OPTION=VALUE ...`` as a cell variant: values read as JSON where
+    they parse (numbers, true, null), as text otherwise; the options are
+    checked against a plan config now, before any work."""
+    from neuroflux.planner.config import PlanConfig, option_names
+
+    label, *pairs = words
+    if not pairs or "=" in label:
+        raise NeuroFluxError(
+            f"--variant {' '.join(words)}: give a label, then OPTION=VALUE pairs (e.g. --variant 'batch rule' "
+            "batch_time_tolerance=0.1)"
+        )
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in option_names() or name in ("seed", "precision"):
+            raise NeuroFluxError(
+                f"--variant {label!r}: {pair!r} is not OPTION=VALUE with a plan option (not seed or precision, "
+                f"which --seeds and --precision set); options: {', '.join(n for n in option_names())}"
+            )
+        try:
+            overrides[name] = json.loads(text)
+        except ValueError:
+            overrides[name] = text
+    try:
+        PlanConfig.from_options(budget_bytes=1, budget_text="1B", **overrides)
+    except (ValueError, TypeError) as e:
+        raise NeuroFluxError(f"--variant {label!r}: {e}") from None
+    return label, tuple(overrides.items())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -233,6 +233,7 @@ def _cells(args: argparse.Namespace) -> list[Cell]:
                 limit=args.limit or base.limit,
                 data=None,
                 methods=base.methods,
+                variants=tuple(getattr(args, "variant", None) or ()),
             )
             for b in (args.budgets or [base.budget])
         ]
@@ -246,6 +247,7 @@ def _cells(args: argparse.Namespace) -> list[Cell]:
             limit=args.limit,
             datasets=args.datasets,
             data="fashion_mnist" if args.data else None,
+            variants=tuple(getattr(args, "variant", None) or ()),
         )
         for m in args.models
         for b in (args.budgets or ["16MB"])
