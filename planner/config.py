@@ -46,11 +46,12 @@ __all__ = [
     "CPU_BATCH_TIME_TOLERANCE",
 ]
 
-#: The batch rule's tolerance on a CPU target by default. A CPU's step time is
-#: nearly linear in the batch, so the smallest batch within 10% of the least
-#: predicted time costs little, and local learning at a few epochs is
-#: step-bound: it bought +1.1 to +2.0 points on VGG-11, ResNet-18 and
-#: ShuffleNetV2 (BENCHMARKS.md). Off on CUDA until measured on a GPU.
+#: The batch rule's tolerance on a CPU target by default. On a CPU a large
+#: batch saves little time per sample (measured: sometimes none, sometimes it
+#: costs), and local learning at a few epochs is step-bound: the smallest batch
+#: within 10% of the least predicted time bought 0.6 to 3 points on VGG-11,
+#: ResNet-18 and ShuffleNetV2 at 2-3 epochs (BENCHMARKS.md). Off on CUDA until
+#: measured on a GPU.
 CPU_BATCH_TIME_TOLERANCE = 0.1
 
 

@@ -154,6 +154,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise NeuroFluxError(f"--plans {args.plans} is not a folder of prepared plans (nf-bench --plan-only --out DIR)")
 
 
+#: Plan options a cell sets for all its runs (its budget, device, and --seeds), not a variant.
+_CELL_OPTIONS = frozenset({"budget_bytes", "budget_text", "budget_source", "device_kind", "device_name", "seed"})
+
+
 def parse_variant(words: list[str]) -> tuple[str, tuple[tuple[str, Any], ...]]:
     """``LABEL OPTION=VALUE ...`` as a cell variant: values read as JSON where
     they parse (numbers, true, null), as text otherwise; the options are
@@ -166,14 +170,15 @@ def parse_variant(words: list[str]) -> tuple[str, tuple[tuple[str, Any], ...]]:
             f"--variant {' '.join(words)}: give a label, then OPTION=VALUE pairs (e.g. --variant 'batch rule' "
             "batch_time_tolerance=0.1)"
         )
+    allowed = [n for n in option_names() if n not in _CELL_OPTIONS]
     overrides: dict[str, Any] = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
         name = name.strip().replace("-", "_")
-        if not sep or name not in option_names() or name in ("seed", "precision"):
+        if not sep or name not in allowed:
             raise NeuroFluxError(
-                f"--variant {label!r}: {pair!r} is not OPTION=VALUE with a plan option (not seed or precision, "
-                f"which --seeds and --precision set); options: {', '.join(n for n in option_names())}"
+                f"--variant {label!r}: {pair!r} is not OPTION=VALUE with a plan option a variant may change "
+                f"(the cell sets budget, device and seed); options: {', '.join(allowed)}"
             )
         try:
             overrides[name] = json.loads(text)
