@@ -36,6 +36,10 @@ def _head_flops(trainer, out: torch.Tensor, y: torch.Tensor) -> int:
     return fc.get_total_flops()
 
 
+def _params(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
 def measure(plan_path: Path, block: int, batch: int | None, steps: int) -> dict:
     torch.manual_seed(0)
     plan = load_plan(plan_path)
@@ -94,8 +98,8 @@ def measure(plan_path: Path, block: int, batch: int | None, steps: int) -> dict:
         "ms_per_step": {k: round(v, 2) for k, v in ms.items()},
         "step_ms": round(step_ms, 2),
         "heads_share_of_step": round(ms["heads_alone"] / step_ms, 3),
-        "head_params": [sum(p.numel() for p in t.head.parameters()) if t.head else 0 for t in stage.trainers],
-        "unit_params": [sum(p.numel() for p in t.unit.parameters()) for t in stage.trainers],
+        "head_params": [_params(t.head) for t in stage.trainers],
+        "unit_params": [_params(t.unit) for t in stage.trainers],
         "heads_flops_per_step": head_flops,
         "heads_ms_at_profile_throughput": round(1000 * head_flops / flops_per_s, 2) if flops_per_s else None,
         "profile_flops_per_s": flops_per_s,

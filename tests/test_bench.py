@@ -170,6 +170,7 @@ def test_variants_plan_extra_neuroflux_runs_with_their_options(tmp_path: Path, c
     for bad, says in (
         (["--variant", "x", "no_such_option=1"], "not OPTION=VALUE with a plan option"),
         (["--variant", "x", "budget_bytes=5"], "the cell sets budget"),
+        (["--variant", "a b", "patience=3", "--variant", "a-b", "patience=4"], "name the same run folder"),
         (["--variant", "x", "patience=-5"], "patience"),
         (["--variant", "x"], "give a label"),
         (["--preset", "cpu", "--variant", "x", "patience=3"], "a preset's cells carry their own"),

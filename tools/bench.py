@@ -150,12 +150,28 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.variant and args.preset:
         raise NeuroFluxError("--variant adds runs to --models cells; a preset's cells carry their own variants")
     args.variant = [parse_variant(v) for v in args.variant]
+    _check_variant_labels([label for label, _ in args.variant])
     if args.plans is not None and not Path(args.plans).is_dir():
         raise NeuroFluxError(f"--plans {args.plans} is not a folder of prepared plans (nf-bench --plan-only --out DIR)")
 
 
 #: Plan options a cell sets for all its runs (its budget, device, and --seeds), not a variant.
 _CELL_OPTIONS = frozenset({"budget_bytes", "budget_text", "budget_source", "device_kind", "device_name", "seed"})
+
+
+def _check_variant_labels(labels: list[str]) -> None:
+    """Every variant gets its own run folder: labels that name the same one (``a b`` and ``a-b``) are refused."""
+    from neuroflux.tools.bench_run import run_folder
+
+    seen: dict[str, str] = {}
+    for label in labels:
+        slug = run_folder(f"neuroflux ({label})")
+        if slug in seen:
+            raise NeuroFluxError(
+                f"--variant labels {seen[slug]!r} and {label!r} name the same run folder ({slug}); give them "
+                "distinct labels"
+            )
+        seen[slug] = label
 
 
 def parse_variant(words: list[str]) -> tuple[str, tuple[tuple[str, Any], ...]]:

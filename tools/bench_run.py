@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 #: Dry runs: overrides every cell's data limit (tiny data, one step per epoch).
 DRY_LIMIT_ENV = "NEUROFLUX_DRY_LIMIT"
 
-__all__ = ["DRY_LIMIT_ENV", "BenchOptions", "restored_env", "run_bench", "run_cell", "shared_data_path"]
+__all__ = ["DRY_LIMIT_ENV", "BenchOptions", "restored_env", "run_bench", "run_cell", "run_folder", "shared_data_path"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,7 +271,7 @@ def run_cell(
             result["runs"][label] = {**result["runs"]["bp"], "same_as": "bp"}
             log(f"[{cell.name}] {label}: recomputes nothing at BP's batch, so it is BP's run")
             continue
-        run_dir = cell_dir / _slug(label)
+        run_dir = cell_dir / run_folder(label)
         if run_dir.exists():
             shutil.rmtree(run_dir)
         log(f"[{cell.name}] {label} ...")
@@ -347,7 +347,8 @@ def _planned_only(result: dict[str, Any], plans: dict[str, Any]) -> dict[str, An
     return result
 
 
-def _slug(label: str) -> str:
+def run_folder(label: str) -> str:
+    """A run's folder name in its cell: the label with anything but letters, digits, - and _ as -."""
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in label).strip("-")
 
 
