@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from neuroflux.planner.step_meter import flop_counter
 from neuroflux.runtime.assemble import assemble, open_model_file
 from neuroflux.runtime.distributed import Dist
 from neuroflux.runtime.stages import build_stages
@@ -29,8 +29,8 @@ from neuroflux.schemas import load_plan
 
 
 def _head_flops(trainer, out: torch.Tensor, y: torch.Tensor) -> int:
-    """FLOPs of one head forward and backward on ``out`` (FlopCounterMode's formulas)."""
-    with FlopCounterMode(display=False) as fc:
+    """FLOPs of one head forward and backward on ``out`` (the planner's formulas)."""
+    with flop_counter() as fc:
         F.cross_entropy(trainer.logits(out.detach()), y).backward()
     trainer.opt.zero_grad(set_to_none=True)
     return fc.get_total_flops()

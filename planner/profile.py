@@ -34,10 +34,9 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from neuroflux.common import seconds_per_call
-from neuroflux.planner.step_meter import StepMeter
+from neuroflux.planner.step_meter import StepMeter, flop_counter
 from neuroflux.runtime.precision import FP32, Precision, PrecisionName
 from neuroflux.runtime.train import UnitTrainer
 
@@ -388,7 +387,7 @@ def forward_flops(module: nn.Module, input_shape: Sequence[int], *, fake_mode, b
     """FLOPs per sample of an inference forward (for cache writes)."""
     module.eval()
     try:
-        with fake_mode, torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with fake_mode, torch.no_grad(), flop_counter() as fc:
             module(torch.randn(batch, *input_shape))
     finally:
         module.train()

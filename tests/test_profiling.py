@@ -13,7 +13,6 @@ import torch
 from helpers import ROOT, plan_for
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
-from torch.utils.flop_counter import FlopCounterMode
 
 from neuroflux.planner.heads import head_widths
 from neuroflux.planner.parallel import map_forked
@@ -25,6 +24,7 @@ from neuroflux.planner.profile import (
     state_tensors,
 )
 from neuroflux.planner.profile_compose import profile_unit_options
+from neuroflux.planner.step_meter import flop_counter
 from neuroflux.planner.units import find_units, propagate_shapes
 from neuroflux.runtime.graph import split_units, trace
 from neuroflux.runtime.heads import build_head
@@ -53,10 +53,12 @@ def _trainer(unit, head) -> UnitTrainer:
     return t
 
 
-@pytest.mark.parametrize("model", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("model", ["small_cnn", "resnet18", "mobilenetv2"])
 def test_step_meter_equals_memtracker_and_flop_counter(model: str) -> None:
     """Real tensors, a unit with its head and the checkpointed whole model:
-    the meter's peak is MemTracker's to the byte, its FLOPs FlopCounterMode's."""
+    the meter's peak is MemTracker's to the byte, its FLOPs FlopCounterMode's
+    (with the convolution backward's formula corrected for groups, which
+    MobileNetV2's depthwise convolutions need)."""
     torch.manual_seed(0)
     gm, shape, spans, mods = _units(model, FakeTensorMode())
     real_gm = trace(load_model_file(ROOT / "examples" / f"{model}.py").build(), shape)
@@ -77,7 +79,7 @@ def test_step_meter_equals_memtracker_and_flop_counter(model: str) -> None:
         try:
             with tracker:
                 t.step(x, y)
-            with FlopCounterMode(display=False) as fc:  # alone: its module tracker keeps recomputed activations alive
+            with flop_counter() as fc:  # alone: its module tracker keeps recomputed activations alive
                 t.step(x, y)
             ref_peak = sum(d["Total"] for d in tracker.get_tracker_snapshot("peak").values())
             meter = StepMeter(state_tensors(t.modules(), t.opt, grads=False))
