@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 
     from neuroflux.planner.profile import SGDConfig
     from neuroflux.runtime.train import UnitTrainer
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DeviceProfile",
@@ -115,6 +118,16 @@ class DeviceProfile:
     ``flops_per_s``)."""
     fp16_flops_per_s: float | None = None
     """The same in fp16."""
+    bandwidth_bytes_per_s: float | None = None
+    """The bytes per second a step's ops read and write at (fitted with the
+    other two speeds); None: not measured, traffic costs nothing."""
+    speed_method: Literal["step-fit", "microbench"] | None = None
+    """How ``flops_per_s`` and ``op_overhead_s`` were measured: ``step-fit``,
+    fitted to the training steps of a reference suite of units
+    (``planner/step_costs.py``); ``microbench`` (or None, profiles from
+    before 2026-12-02): a 512x512 matmul's throughput and one tiny op's
+    dispatch, which price a CPU training step at a fifth of what it takes.
+    A cached profile measured the old way is measured again."""
 
     def flops_for(self, precision: str) -> float | None:
         """Throughput at a plan's precision; None: not measured."""
@@ -172,6 +185,7 @@ def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
         "activation_scale",
         "bf16_flops_per_s",
         "fp16_flops_per_s",
+        "bandwidth_bytes_per_s",
     )
     for name in numeric:
         v = getattr(prof, name, None)
@@ -179,7 +193,7 @@ def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
             raise NeuroFluxError(f"device profile {p}: {name} is {v!r}, not a number; re-measure it")
     if (
         not (prof.flops_per_s > 0 and prof.op_overhead_s >= 0)
-        or any((f or 1) <= 0 for f in (prof.bf16_flops_per_s, prof.fp16_flops_per_s))
+        or any((f or 1) <= 0 for f in (prof.bf16_flops_per_s, prof.fp16_flops_per_s, prof.bandwidth_bytes_per_s))
         or (prof.workspace_bytes or 0) < 0
         or (prof.step_overhead_bytes or 0) < 0
         or (prof.activation_scale is not None and prof.activation_scale < 1)
@@ -195,17 +209,29 @@ def save_profile(prof: DeviceProfile, path: str | os.PathLike[str]) -> None:
 
 
 def measure_profile(device: str = "cpu", *, runs: int = 5) -> DeviceProfile:
-    """Median of ``runs`` measurements of matmul throughput (fp32, and bf16
-    and fp16 where the device computes in them natively) and op overhead."""
+    """The step costs fitted to the reference suite's training steps
+    (``step_costs``), the bf16 and fp16 throughputs where the device computes
+    in them natively, and on CUDA the workspace and memory calibration.
+    ``runs`` microbenchmarks (matmul throughput, one op's dispatch) stand in
+    when the fit is undetermined."""
     import torch
 
     from neuroflux.planner.profile import measure_device_speed
+    from neuroflux.planner.step_costs import measure_step_costs
 
     dev = torch.device(device)
     workspace = measure_workspace_bytes(dev) if dev.type == "cuda" else 0  # first: before anything uses cuBLAS
     cal = measure_memory_calibration(dev) if dev.type == "cuda" else MemoryCalibration()
     speeds = [measure_device_speed(dev) for _ in range(runs)]
     flops = statistics.median(s.flops_per_s for s in speeds)
+    overhead = statistics.median(s.op_overhead_s for s in speeds)
+    method: Literal["step-fit", "microbench"] = "microbench"
+    bandwidth = None
+    try:
+        overhead, flops, bandwidth, _ = measure_step_costs(dev)
+        method = "step-fit"
+    except ValueError as e:  # a device so fast that the suite's times are all overhead: the microbenchmarks
+        log.warning("cannot fit the step costs (%s); the profile keeps the matmul throughput", e)
     mixed = {p: measure_mixed_flops(dev, p, flops) for p in native_mixed_precisions(dev)}
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     return DeviceProfile(
@@ -214,7 +240,9 @@ def measure_profile(device: str = "cpu", *, runs: int = 5) -> DeviceProfile:
         name=name,
         kind="cuda" if dev.type == "cuda" else "cpu",
         flops_per_s=flops,
-        op_overhead_s=statistics.median(s.op_overhead_s for s in speeds),
+        op_overhead_s=overhead,
+        bandwidth_bytes_per_s=bandwidth,
+        speed_method=method,
         source="measured",
         date=time.strftime("%Y-%m-%d"),
         torch=torch.__version__,
@@ -400,6 +428,8 @@ def cached_profile(device: str = "cpu", precision: str = "fp32") -> tuple[Device
             prof = load_profile(path)
         except NeuroFluxError:
             pass  # a broken cache entry is re-measured
+    if prof is not None and prof.speed_method != "step-fit":
+        prof = None  # measured the old way, which prices a CPU step at a fifth of its time
     if prof is not None and prof.flops_for(precision) is not None:
         return prof, path
     if prof is None:

@@ -317,7 +317,7 @@ class ProfilingJobs:
             name=f"u{span.index}",
             options=options,
             out_bytes_per_sample=math.prod(span.output_shape) * dtype_bytes,
-            fwd_per_sample_s=fwd.flops_per_sample / speed.flops_per_s,
+            fwd_per_sample_s=fwd.flops_per_sample / speed.flops_per_s + speed.traffic_s(fwd.traffic_per_sample),
             fwd_fixed_s=fwd.ops * speed.op_overhead_s,
             infer_static_bytes=fwd.weight_bytes,
             infer_fixed_bytes=fwd.fixed_bytes,
@@ -428,13 +428,10 @@ class ProfilingJobs:
 
     def step_time(self, prof: StepProfile, k: int, kind: str, width: int) -> tuple[float, float]:
         """(fixed_s, per_sample_s) of unit ``k``'s step with that head: from
-        FLOPs and ops, or (--cost measure) timed on real tensors."""
+        FLOPs, ops and traffic, or (--cost measure) timed on real tensors."""
         speed = self.target.speed
         if self.cfg.target.cost == "flops":
-            return (
-                prof.ops * speed.op_overhead_s + prof.flops_fixed / speed.flops_per_s,
-                prof.flops_per_sample / speed.flops_per_s,
-            )
+            return speed.fixed_s(prof), speed.per_sample_s(prof)
         assert self.real_mods is not None
         span = self.spans[k]
         head = None if kind == "model" else build_head(kind, span.output_shape, width, self.meta.classes)

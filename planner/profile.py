@@ -15,9 +15,11 @@ What the numbers cover: tensor memory seen by the allocator. Not covered:
 the CUDA context, cuDNN/cuBLAS workspaces and allocator fragmentation, which
 the plan's safety margin absorbs.
 
-Time (``--cost``): ``flops`` counts FLOPs with ``FlopCounterMode`` and ops
-with a dispatch counter, then ``step = ops * op_overhead + flops / throughput``
-with throughput and overhead measured on the planning machine (or given);
+Time (``--cost``): ``flops`` counts, in the same StepMeter, FLOPs
+(``FlopCounterMode``'s formulas, the convolution backward's corrected for
+groups), dispatched ops and the bytes they read and write, then ``step = ops
+* op_overhead + flops / throughput + traffic / bandwidth`` with the speeds of
+the device profile (fitted to reference training steps: ``step_costs.py``);
 ``measure`` times real steps on the device at two batch sizes.
 """
 
@@ -79,6 +81,9 @@ class StepProfile:
     flops_per_sample: float
     ops: int
     """Dispatched aten ops per step (drives the fixed per-step overhead)."""
+    traffic_fixed: float = 0.0
+    traffic_per_sample: float = 0.0
+    """Bytes the step's ops read and write (StepMeter.traffic), fixed and per sample."""
 
     def peak_bytes(self, batch: int) -> int:
         return self.static_bytes + self.dyn_fixed_bytes + self.dyn_per_sample_bytes * batch
@@ -86,11 +91,26 @@ class StepProfile:
 
 @dataclass(frozen=True, kw_only=True)
 class DeviceSpeed:
+    """The cost model: a step costs ``ops * op_overhead_s + flops / flops_per_s
+    + traffic / bandwidth_bytes_per_s`` (the last term only where the profile
+    measured a bandwidth)."""
+
     flops_per_s: float
     op_overhead_s: float
+    bandwidth_bytes_per_s: float | None = None
+
+    def traffic_s(self, traffic: float) -> float:
+        return traffic / self.bandwidth_bytes_per_s if self.bandwidth_bytes_per_s else 0.0
+
+    def fixed_s(self, p: StepProfile) -> float:
+        """The part of a step's time that does not grow with the batch."""
+        return p.ops * self.op_overhead_s + p.flops_fixed / self.flops_per_s + self.traffic_s(p.traffic_fixed)
+
+    def per_sample_s(self, p: StepProfile) -> float:
+        return p.flops_per_sample / self.flops_per_s + self.traffic_s(p.traffic_per_sample)
 
     def step_s(self, p: StepProfile, batch: int) -> float:
-        return p.ops * self.op_overhead_s + (p.flops_fixed + p.flops_per_sample * batch) / self.flops_per_s
+        return self.fixed_s(p) + self.per_sample_s(p) * batch
 
 
 def state_tensors(
@@ -211,12 +231,20 @@ def measure_step(
 
 
 def fit_profile(
-    static: int, peaks: Sequence[int], flops: Sequence[float], ops: int, batches: tuple[int, int]
+    static: int,
+    peaks: Sequence[int],
+    flops: Sequence[float],
+    ops: int,
+    batches: tuple[int, int],
+    traffic: Sequence[float] = (0.0, 0.0),
 ) -> StepProfile:
     b1, b2 = batches
     per_sample = max(0, math.ceil((peaks[1] - peaks[0]) / (b2 - b1)))
     f_per = max(0.0, (flops[1] - flops[0]) / (b2 - b1))
+    t_per = max(0.0, (traffic[1] - traffic[0]) / (b2 - b1))
     return StepProfile(
+        traffic_fixed=max(0.0, traffic[0] - t_per * b1),
+        traffic_per_sample=t_per,
         static_bytes=static,
         dyn_fixed_bytes=max(0, peaks[0] - static - per_sample * b1),
         dyn_per_sample_bytes=per_sample,
@@ -255,7 +283,14 @@ def profile_step(
             t = prepared_trainer(unit, head, sgd, foreach, precision)
             meters = [measure_step(t, input_shape, num_classes, b, dtype=input_dtype) for b in batches]
             static = state_bytes(t.modules(), t.opt)
-        return fit_profile(static, [m.peak for m in meters], [float(m.flops) for m in meters], meters[-1].ops, batches)
+        return fit_profile(
+            static,
+            [m.peak for m in meters],
+            [float(m.flops) for m in meters],
+            meters[-1].ops,
+            batches,
+            [float(m.traffic) for m in meters],
+        )
 
     return on_meta_first(
         run,
@@ -328,6 +363,8 @@ class ForwardProfile:
     """Peak beyond the weights (input, intermediates, output) at batch b: fixed + per_sample * b."""
     ops: int
     """Dispatched ops of one forward (its fixed per-call cost)."""
+    traffic_per_sample: float = 0.0
+    """Bytes its ops read and write, per sample."""
 
 
 def profile_forward(
@@ -360,7 +397,7 @@ def _forward(
     try:
         with mode, torch.no_grad(), precision.autocast():
             weights = [*module.parameters(), *module.buffers()]
-            peaks, flops, ops = [], [], 0
+            peaks, flops, traffic, ops = [], [], [], 0
             for b in batches:
                 meter = StepMeter(weights)
                 gc.collect(0)
@@ -368,6 +405,7 @@ def _forward(
                     module(torch.randn(b, *input_shape, dtype=dtype))
                 peaks.append(meter.peak - meter.marks[0][0] if meter.marks else meter.peak)
                 flops.append(float(meter.flops))
+                traffic.append(float(meter.traffic))
                 ops = meter.ops
             static = sum(t.untyped_storage().nbytes() for t in {id(w.untyped_storage()): w for w in weights}.values())
     finally:
@@ -376,6 +414,7 @@ def _forward(
     per = max(0, math.ceil((peaks[1] - peaks[0]) / (b2 - b1)))
     return ForwardProfile(
         flops_per_sample=flops[1] / b2,
+        traffic_per_sample=traffic[1] / b2,
         weight_bytes=static,
         fixed_bytes=max(0, peaks[0] - static - per * b1),
         per_sample_bytes=per,

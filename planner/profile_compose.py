@@ -64,7 +64,7 @@ def profile_unit_options(
                       m + head phase peak(h) - m_h,
                       last phase peak(h*) - r(h*) + r(h))  + static(h) - static(h*)
 
-    FLOPs and ops add up: unit step(h*) - head alone(h*) + head alone(h).
+    FLOPs, ops and traffic add up: unit step(h*) - head alone(h*) + head alone(h).
     Equal to the full steps byte for byte (a test holds it to that on every
     zoo unit and head)."""
     sgd = sgd or SGDConfig()
@@ -122,7 +122,7 @@ def _composed(
     _, ref_alone = alone[0]
     for head_static, head_alone in alone:
         static = ref_static + head_static - alone[0][0]
-        peaks, flops = [], []
+        peaks, flops, traffic = [], [], []
         for w, ra, ha in zip(whole, ref_alone, head_alone):
             (start, before), (bwd_start, _) = w.marks
             (h_start, _), (h_end, h_peak) = ha.marks
@@ -130,6 +130,7 @@ def _composed(
             left, ref_left = h_end - h_start, r_end - r_start
             peaks.append(max(before, start + h_peak - h_start, w.segment_peak - ref_left + left) + static - ref_static)
             flops.append(float(w.flops - ra.flops + ha.flops))
+            traffic.append(float(w.traffic - ra.traffic + ha.traffic))
         ops = whole[-1].ops - ref_alone[-1].ops + head_alone[-1].ops
-        out.append(fit_profile(static, peaks, flops, ops, batches))
+        out.append(fit_profile(static, peaks, flops, ops, batches, traffic))
     return out

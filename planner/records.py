@@ -201,6 +201,7 @@ def _profile_info(cfg: PlanConfig, target: Target) -> ProfileInfo:
         op_overhead_s=target.speed.op_overhead_s if flops else 0.0,
         device_speed_source=target.speed_source if flops else "measured steps",
         profile_batch_sizes=[8, 16],
+        device_bandwidth_bytes_per_s=(target.speed.bandwidth_bytes_per_s or 0.0) if flops else 0.0,
     )
 
 

@@ -62,8 +62,8 @@ def flop_counter() -> FlopCounterMode:
 
 
 class StepMeter(TorchDispatchMode):
-    """Peak tensor memory, FLOPs and dispatched ops of the code run under it,
-    in one dispatch mode.
+    """Peak tensor memory, FLOPs, dispatched ops and the bytes they move, of
+    the code run under it, in one dispatch mode.
 
     Memory is PyTorch's own accounting as ``MemTracker`` keeps it (every
     storage an op returns counts its bytes until the storage dies; storages
@@ -86,6 +86,10 @@ class StepMeter(TorchDispatchMode):
         self.current = 0
         self.flops = 0
         self.ops = 0
+        self.traffic = 0
+        """Bytes the counted ops read and write: every tensor argument and
+        output of an op that is not a view, once per op (what the cost model
+        prices at the device's bandwidth)."""
         self._nested = 0
         for t in external:
             self._track(t)
@@ -124,6 +128,8 @@ class StepMeter(TorchDispatchMode):
             return func(*args, **kwargs)
         if not self._nested:
             self.ops += 1
+            if not func.is_view:
+                self.traffic += _tensor_bytes((args, kwargs))
         if _decomposes(func):
             self._nested += 1
             try:
@@ -145,6 +151,8 @@ class StepMeter(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t)
+        if not self._nested and not func.is_view:
+            self.traffic += _tensor_bytes(out)
         if self.current > self._segment_peak:
             self._segment_peak = self.current
             if self.current > self.peak:
@@ -173,6 +181,15 @@ _METADATA = frozenset(
     }
 )
 _DECOMPOSES: dict = {}
+
+
+def _tensor_bytes(tree: object) -> int:
+    """Bytes of the distinct tensors in ``tree`` (shapes only: fake and meta tensors count alike)."""
+    seen: dict[int, int] = {}
+    for t in tree_leaves(tree):
+        if isinstance(t, torch.Tensor):
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def _dataless(t: object) -> bool:

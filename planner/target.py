@@ -70,8 +70,10 @@ def device_target(cfg: PlanConfig) -> Target:
         speed = DeviceSpeed(
             flops_per_s=t.device_flops_per_s or flops,
             op_overhead_s=prof.op_overhead_s if t.op_overhead_s is None else t.op_overhead_s,
+            bandwidth_bytes_per_s=prof.bandwidth_bytes_per_s,
         )
-        source = f"{source} ({prof.name}, {prof.source} {prof.date}{'' if t.device_flops_per_s else at})"
+        fitted = ", speeds fitted to reference steps" if prof.speed_method == "step-fit" else ""
+        source = f"{source} ({prof.name}, {prof.source} {prof.date}{fitted}{'' if t.device_flops_per_s else at})"
     return Target(speed=speed, speed_source=source, workspace=workspace, cal=cal, name=name)
 
 

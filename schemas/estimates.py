@@ -162,6 +162,10 @@ class ProfileInfo:
     op_overhead_s: float
     """Fixed cost per dispatched op assumed by the FLOP cost model."""
     device_speed_source: str
-    """Where those two came from: flags, a device profile file, or this
+    """Where the speeds came from: flags, a device profile file, or this
     machine's cached profile (measured once, so plans do not follow load)."""
     profile_batch_sizes: list[int]
+    device_bandwidth_bytes_per_s: float = 0.0
+    """Bandwidth at which the cost model prices the bytes a step's ops read
+    and write (0: not measured, or times measured; traffic then costs nothing).
+    Plans before schema 2.9 have none."""

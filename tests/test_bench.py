@@ -166,6 +166,16 @@ def test_variants_plan_extra_neuroflux_runs_with_their_options(tmp_path: Path, c
     base, var = (json.loads((cell_dir / index[k]).read_text()) for k in ("neuroflux", "neuroflux (small batches)"))
     assert (var["solver"]["batch_time_tolerance"], var["exit_policy"]["patience"]) == (0.5, 3)
     assert base["solver"]["batch_time_tolerance"] != 0.5
+    # A variant may replace an option the invocation gives, the device profile too.
+    slow = ROOT / "benchmarks" / "device-profiles" / "cpu-amd-epyc-avx2-2t-microbench-2026-12-02.json"
+    fast = ROOT / "benchmarks" / "device-profiles" / "cpu-amd-epyc-avx2-2t-2026-12-02.json"
+    out = tmp_path / "profiles"
+    variant = ["--variant", "other profile", f"device_profile={slow}"]
+    assert nf_bench(["--smoke", "--plan-only", "--out", str(out), "--device-profile", str(fast), *variant]) == 0
+    (cell_dir,) = [p.parent for p in out.rglob("plans.json")]
+    index = json.loads((cell_dir / "plans.json").read_text())
+    sources = {k: json.loads((cell_dir / index[k]).read_text())["profile"]["device_speed_source"] for k in index}
+    assert str(fast) in sources["neuroflux"] and str(slow) in sources["neuroflux (other profile)"]
     capsys.readouterr()
     for bad, says in (
         (["--variant", "x", "no_such_option=1"], "not OPTION=VALUE with a plan option"),

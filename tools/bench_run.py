@@ -143,8 +143,13 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
             epochs=cell.epochs,
             time_limit_s=opts.time_limit,
             datasets=cell.datasets,
-            device_profile=opts.device_profile,
-            **{"precision": opts.precision, **dict(cell.options), **dict(overrides)},
+            # A variant's options replace the invocation's (a variant may plan with another device profile).
+            **{
+                "precision": opts.precision,
+                "device_profile": opts.device_profile,
+                **dict(cell.options),
+                **dict(overrides),
+            },
         )
         try:
             res = make_plan_shared(model_path(cell.model), cfg, plan_dir=cell_dir, profiles=_PROFILES)
@@ -310,8 +315,9 @@ def _cell_record(cell: Cell, plans: dict[str, Any]) -> dict[str, Any]:
 
 
 def _speed_profile(plans: dict[str, Any]) -> dict[str, Any] | None:
-    """The device speed the cell's plans assumed (the FLOP cost model's throughput and per-op overhead, and
-    where they came from): plans of the same cell made on two machines differ in their batches when these do."""
+    """The device speed the cell's plans assumed (the cost model's throughput, per-op overhead and
+    bandwidth, and where they came from): plans of the same cell made on two machines differ in their
+    batches when these do."""
     from neuroflux.schemas import load_plan
 
     for plan in plans.values():
@@ -321,6 +327,7 @@ def _speed_profile(plans: dict[str, Any]) -> dict[str, Any] | None:
                 "cost_source": p.cost_source,
                 "device_flops_per_s": p.device_flops_per_s,
                 "op_overhead_s": p.op_overhead_s,
+                "device_bandwidth_bytes_per_s": p.device_bandwidth_bytes_per_s,
                 "device_speed_source": p.device_speed_source,
             }
     return None
