@@ -163,8 +163,9 @@ def _add_solver_and_cost_args(ap: argparse.ArgumentParser) -> None:
         "--op-overhead-us",
         type=float,
         default=None,
-        help="fixed cost per dispatched op for --cost flops (default: measured here); with "
-        "--device-tflops it makes plans independent of this machine's load",
+        help="fixed cost per dispatched op for --cost flops (default: the profile's); with "
+        "--device-tflops and no --device-profile it makes plans independent of this machine's load (traffic "
+        "then costs nothing: only a profile measures a bandwidth)",
     )
     ap.add_argument(
         "--lr", type=float, default=_default("lr"), help="base learning rate at batch 128 (sqrt-scaled per block)"

@@ -119,14 +119,11 @@ class DeviceProfile:
     fp16_flops_per_s: float | None = None
     """The same in fp16."""
     bandwidth_bytes_per_s: float | None = None
-    """The bytes per second a step's ops read and write at (fitted with the
-    other two speeds); None: not measured, traffic costs nothing."""
+    """Bytes per second a step's ops read and write at; None: traffic is free."""
     speed_method: Literal["step-fit", "microbench"] | None = None
-    """How ``flops_per_s`` and ``op_overhead_s`` were measured: ``step-fit``,
-    fitted to the training steps of a reference suite of units
-    (``planner/step_costs.py``); ``microbench`` (or None, profiles from
-    before 2026-12-02): a 512x512 matmul's throughput and one tiny op's
-    dispatch, which price a CPU training step at a fifth of what it takes.
+    """``step-fit``: the speeds fitted to a reference suite's training steps
+    (``step_costs.py``); ``microbench`` or None (before 2026-12-02): a
+    matmul's throughput and one op's dispatch, a fifth of a CPU step's time.
     A cached profile measured the old way is measured again."""
 
     def flops_for(self, precision: str) -> float | None:
@@ -216,22 +213,19 @@ def measure_profile(device: str = "cpu", *, runs: int = 5) -> DeviceProfile:
     when the fit is undetermined."""
     import torch
 
-    from neuroflux.planner.profile import measure_device_speed
-    from neuroflux.planner.step_costs import measure_step_costs
+    from neuroflux.planner.step_costs import measure_device_speed, measure_step_costs
 
     dev = torch.device(device)
     workspace = measure_workspace_bytes(dev) if dev.type == "cuda" else 0  # first: before anything uses cuBLAS
     cal = measure_memory_calibration(dev) if dev.type == "cuda" else MemoryCalibration()
-    speeds = [measure_device_speed(dev) for _ in range(runs)]
-    flops = statistics.median(s.flops_per_s for s in speeds)
-    overhead = statistics.median(s.op_overhead_s for s in speeds)
-    method: Literal["step-fit", "microbench"] = "microbench"
-    bandwidth = None
+    method: Literal["step-fit", "microbench"] = "step-fit"
     try:
         overhead, flops, bandwidth, _ = measure_step_costs(dev)
-        method = "step-fit"
-    except ValueError as e:  # a device so fast that the suite's times are all overhead: the microbenchmarks
-        log.warning("cannot fit the step costs (%s); the profile keeps the matmul throughput", e)
+    except ValueError as e:  # a device so fast that the suite's times are all overhead
+        log.warning("cannot fit the step costs (%s); the profile takes a matmul's throughput", e)
+        speeds = [measure_device_speed(dev) for _ in range(runs)]
+        flops, overhead = (statistics.median(getattr(s, k) for s in speeds) for k in ("flops_per_s", "op_overhead_s"))
+        bandwidth, method = None, "microbench"
     mixed = {p: measure_mixed_flops(dev, p, flops) for p in native_mixed_precisions(dev)}
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     return DeviceProfile(
@@ -265,7 +259,7 @@ def measure_mixed_flops(dev, precision: str, fp32_flops_per_s: float, *, runs: i
     backward get under autocast at that precision (not a bare matmul's, which
     overstates a network's: 4.2x against a convolution's about 2x in bf16 on
     an avx512_bf16 CPU)."""
-    from neuroflux.planner.profile import measure_precision_speedup
+    from neuroflux.planner.step_costs import measure_precision_speedup
     from neuroflux.runtime.precision import Precision
 
     dtype = Precision(precision).dtype  # type: ignore[arg-type]

@@ -52,8 +52,6 @@ __all__ = [
     "forward_flops",
     "ForwardProfile",
     "profile_forward",
-    "measure_device_speed",
-    "measure_precision_speedup",
     "measure_step_time",
     "SGDConfig",
     "StepMeter",
@@ -431,45 +429,6 @@ def forward_flops(module: nn.Module, input_shape: Sequence[int], *, fake_mode, b
     finally:
         module.train()
     return fc.get_total_flops() / batch
-
-
-def measure_device_speed(device: torch.device | str = "cpu") -> DeviceSpeed:
-    """Matmul throughput and per-op dispatch overhead of this device."""
-    device = torch.device(device)
-    n = 2048 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    matmul_s = seconds_per_call(lambda: a @ b, device=device, reps=20 if device.type == "cuda" else 10, warmup=3)
-    flops_per_s = 2 * n**3 / matmul_s
-    x = torch.ones(8, device=device)
-    overhead = seconds_per_call(lambda: x + 1, device=device, reps=500, warmup=50)
-    return DeviceSpeed(flops_per_s=flops_per_s, op_overhead_s=overhead)
-
-
-def measure_precision_speedup(device: torch.device | str, dtype: torch.dtype, *, reps: int = 15) -> float:
-    """How many times faster a reference convolution's forward and backward
-    run under autocast at ``dtype`` than in fp32 on this device: what a
-    mixed-precision step gains, measured on a convolution rather than a bare
-    matmul (on an avx512_bf16 CPU a bf16 matmul runs 4.2x fp32's, a
-    convolution's step about 2x). The two are timed alternately and their
-    fastest calls compared, so that the machine's load falls on both alike."""
-    device = torch.device(device)
-    batch = 128 if device.type == "cuda" else 32
-    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device)
-    x = torch.randn(batch, 64, 32, 32, device=device, requires_grad=True)
-
-    def seconds(mixed: bool) -> float:
-        def step() -> None:
-            with torch.autocast(device.type, dtype=dtype, enabled=mixed):
-                y = conv(x)
-            y.float().sum().backward()
-
-        return seconds_per_call(step, device=device, reps=1, warmup=0)  # one call, the device synchronized
-
-    for mixed in (False, True, False, True):  # warm-up: library primitives, caches
-        seconds(mixed)
-    fp32, low = zip(*((seconds(False), seconds(True)) for _ in range(reps)))
-    return min(fp32) / min(low)
 
 
 def measure_step_time(

@@ -314,7 +314,7 @@ def _decisions(path: Path) -> dict:
 def test_same_inputs_give_the_same_plan_whatever_the_load(tmp_path: Path, monkeypatch) -> None:
     """The device profile is measured once and cached: a second planning run
     (on a machine whose measured speed now differs) gives the same plan."""
-    from neuroflux.planner import device_profile, profile
+    from neuroflux.planner import device_profile, profile, step_costs
 
     monkeypatch.setenv("NEUROFLUX_CACHE", str(tmp_path / "cache"))
     a, b = tmp_path / "a.json", tmp_path / "b.json"
@@ -322,7 +322,8 @@ def test_same_inputs_give_the_same_plan_whatever_the_load(tmp_path: Path, monkey
     assert nf_plan([*argv, "-o", str(a)]) == 0
     assert list((tmp_path / "cache").glob("device-*.json")), "the profile is cached"
     slower = profile.DeviceSpeed(flops_per_s=1.0, op_overhead_s=1.0)  # a loaded machine, if it were re-measured
-    monkeypatch.setattr(profile, "measure_device_speed", lambda *a, **k: slower)
+    monkeypatch.setattr(step_costs, "measure_device_speed", lambda *a, **k: slower)
+    monkeypatch.setattr(step_costs, "measure_step_costs", lambda *a, **k: (1.0, 1.0, 1.0, []))
     monkeypatch.setattr(device_profile, "measure_profile", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     assert nf_plan([*argv, "-o", str(b)]) == 0
     assert _decisions(a) == _decisions(b)

@@ -131,6 +131,7 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
         wanted.append(("neuroflux-greedy", "greedy", ()))
     wanted += [(f"neuroflux ({label})", "optimal", overrides) for label, overrides in cell.variants]
     kind = opts.plan_device or opts.device
+    defaults = {"precision": opts.precision, "device_profile": opts.device_profile}
     plans: dict[str, Any] = {}
     index: dict[str, str] = {}
     for i, (label, strategy, overrides) in enumerate(wanted):
@@ -144,12 +145,7 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
             time_limit_s=opts.time_limit,
             datasets=cell.datasets,
             # A variant's options replace the invocation's (a variant may plan with another device profile).
-            **{
-                "precision": opts.precision,
-                "device_profile": opts.device_profile,
-                **dict(cell.options),
-                **dict(overrides),
-            },
+            **{**defaults, **dict(cell.options), **dict(overrides)},
         )
         try:
             res = make_plan_shared(model_path(cell.model), cfg, plan_dir=cell_dir, profiles=_PROFILES)
