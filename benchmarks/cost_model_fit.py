@@ -28,7 +28,7 @@ import torch
 
 from neuroflux.planner.device_profile import load_profile
 from neuroflux.planner.heads import head_widths
-from neuroflux.planner.profile import DeviceSpeed, SGDConfig, StepProfile, _trainer, state_tensors
+from neuroflux.planner.profile import DeviceSpeed, SGDConfig, StepProfile, local_trainer, state_tensors
 from neuroflux.planner.step_meter import StepMeter
 from neuroflux.runtime.assemble import assemble, open_model_file
 from neuroflux.runtime.heads import build_head
@@ -65,7 +65,7 @@ def measure(plan_path: Path, batches: list[int]) -> list[dict]:
         widths: list[int | None] = [None] if spec.is_last else [w for _, w in head_widths(spec.output_shape)]
         for w in widths:
             head = None if w is None else build_head("pooled", spec.output_shape, w, classes)
-            t = _trainer(copy.deepcopy(unit), head, SGDConfig(lr=0.0))  # lr 0: the weights stay as built
+            t = local_trainer(copy.deepcopy(unit), head, SGDConfig(lr=0.0))  # lr 0: the weights stay as built
             t.train(True)
             for b in batches:
                 rows.append(_row(t, h[:b].clone(), torch.randint(0, classes, (b,)), i, w))

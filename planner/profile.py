@@ -132,7 +132,7 @@ def state_bytes(modules: Sequence[nn.Module], opt: torch.optim.Optimizer) -> int
     return sum(t.numel() * t.element_size() for t in state_tensors(modules, opt, grads=False))
 
 
-def _trainer(
+def local_trainer(
     unit: nn.Module,
     head: nn.Module | None,
     sgd: SGDConfig,
@@ -152,7 +152,7 @@ def _trainer(
     )
 
 
-def _step(t: UnitTrainer, x: torch.Tensor, y: torch.Tensor) -> None:
+def held_step(t: UnitTrainer, x: torch.Tensor, y: torch.Tensor) -> None:
     # The output is held until the step returns, as the runtime holds it for
     # the next unit: it is alive during this unit's optimizer step.
     out = t.step(x, y)
@@ -171,7 +171,7 @@ class _AssumeFinite(torch.amp.GradScaler):
 def prepared_trainer(
     unit: nn.Module, head: nn.Module | None, sgd: SGDConfig, foreach: bool | None, precision: Precision
 ) -> UnitTrainer:
-    t = _trainer(unit, head, sgd, foreach, precision)
+    t = local_trainer(unit, head, sgd, foreach, precision)
     if t.scaler is not None:
         t.scaler = _AssumeFinite(precision.device_type)
     t.train(True)
@@ -216,7 +216,7 @@ def measure_step(
     gc.disable()
     try:
         with meter:
-            _step(t, torch.randn(batch, *input_shape, dtype=dtype), torch.randint(0, num_classes, (batch,)))
+            held_step(t, torch.randn(batch, *input_shape, dtype=dtype), torch.randint(0, num_classes, (batch,)))
     finally:
         gc.enable()
         for h in handles:
@@ -449,12 +449,12 @@ def measure_step_time(
     gets bf16)."""
     module.to(device)
     sgd0 = SGDConfig(lr=0.0, momentum=sgd.momentum)  # lr 0: profiling leaves weights alone
-    t = _trainer(module, None, sgd0, precision=Precision(precision, torch.device(device).type))
+    t = local_trainer(module, None, sgd0, precision=Precision(precision, torch.device(device).type))
     t.train(True)
     times = []
     for b in batches:
         x = torch.randn(b, *input_shape, device=device).to(input_dtype)
         y = torch.randint(0, num_classes, (b,), device=device)
-        times.append(seconds_per_call(functools.partial(_step, t, x, y), device=device, reps=reps, median=True))
+        times.append(seconds_per_call(functools.partial(held_step, t, x, y), device=device, reps=reps, median=True))
     per = max(0.0, (times[1] - times[0]) / (batches[1] - batches[0]))
     return max(0.0, times[0] - per * batches[0]), per

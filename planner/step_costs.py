@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from neuroflux.common import seconds_per_call
-from neuroflux.planner.profile import DeviceSpeed, SGDConfig, _step, _trainer, state_tensors
+from neuroflux.planner.profile import DeviceSpeed, SGDConfig, held_step, local_trainer, state_tensors
 from neuroflux.planner.step_meter import StepMeter
 from neuroflux.runtime.heads import PooledHead
 
@@ -70,7 +70,7 @@ def _conv_bn(c_in: int, c_out: int, k: int, *, groups: int = 1, relu: bool = Tru
 def reference_units() -> list[tuple[str, nn.Module, tuple[int, int, int]]]:
     """(name, unit, per-sample input shape): dense and inverted-residual
     units, narrow at 32x32, middling at 16x16, wide at 8x8."""
-    units = []
+    units: list[tuple[str, nn.Module, tuple[int, int, int]]] = []
     for c, hw in ((16, 32), (64, 16), (128, 8)):
         dense = nn.Sequential(*_conv_bn(c, c, 3), *_conv_bn(c, c, 3))
         e = 4 * c
@@ -81,11 +81,11 @@ def reference_units() -> list[tuple[str, nn.Module, tuple[int, int, int]]]:
 
 def _sample(name: str, unit: nn.Module, shape: tuple[int, int, int], batch: int, device, reps: int) -> StepSample:
     head = PooledHead(shape, shape[0], 10)
-    t = _trainer(unit.to(device), head.to(device), SGDConfig(lr=0.0))  # lr 0: the weights stay as built
+    t = local_trainer(unit.to(device), head.to(device), SGDConfig(lr=0.0))  # lr 0: the weights stay as built
     t.train(True)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    step = functools.partial(_step, t, x, y)
+    step = functools.partial(held_step, t, x, y)
     step()  # momentum buffers: the steady state the planner profiles
     meter = StepMeter(state_tensors(t.modules(), t.opt, grads=False))
     with meter:
@@ -117,12 +117,13 @@ def fit_step_costs(samples: Sequence[StepSample]) -> tuple[float, float, float |
     alone explain)."""
     rows = [(s.ops / s.seconds, s.flops / s.seconds, s.traffic / s.seconds) for s in samples if s.seconds > 0]
     best: tuple[float, list[float]] | None = None
-    for active in ((0, 1, 2), (0, 1), (1, 2), (1,)):
+    # Fewest coefficients first; one more must lower the error by more than rounding does.
+    for active in ((1,), (0, 1), (1, 2), (0, 1, 2)):
         coef = _solve(rows, active) if rows else None
         if coef is None or any(c < 0 for c in coef) or coef[1] <= 0:
             continue
         err = sum((sum(c * x for c, x in zip(coef, r)) - 1) ** 2 for r in rows)
-        if best is None or err < best[0]:
+        if best is None or err < best[0] - 1e-9 * len(rows):
             best = (err, coef)
     if best is None:
         raise ValueError("the reference steps do not determine a throughput (no FLOPs, or times their ops explain)")
