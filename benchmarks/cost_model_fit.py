@@ -32,6 +32,7 @@ from neuroflux.planner.profile import DeviceSpeed, SGDConfig, StepProfile, local
 from neuroflux.planner.step_meter import StepMeter
 from neuroflux.runtime.assemble import assemble, open_model_file
 from neuroflux.runtime.heads import build_head
+from neuroflux.runtime.host_memory import host_memory_setting, keep_freed_host_memory
 from neuroflux.schemas import load_plan
 
 
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs=2, default=[8, 48])
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args(argv)
+    keep_freed_host_memory()  # as nf-run and nf-profile run on a CPU
     rows = measure(args.plan, args.batches)
     result = {
         "plan": str(args.plan),
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": len(rows),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "host_memory": host_memory_setting(),
         "profiles": report(rows, args.profiles),
         "rows": rows,
     }

@@ -1,6 +1,8 @@
 """The CPU cost of tensors over glibc's mmap threshold: a training step whose
 feature maps outgrow 32 MiB, timed with glibc's default allocator settings
-and with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, each in a fresh process.
+with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, and with freed memory kept
+(``runtime.host_memory``, what nf-run and the planner's profiling do on a
+CPU), each in a fresh process.
 
     python benchmarks/malloc_pages.py [--batches 32 48 64 96] [--steps 12] [-o out.json]
 
@@ -25,13 +27,22 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = {"glibc default": None, "glibc.malloc.hugetlb=1": "glibc.malloc.hugetlb=1"}
+#: name -> (GLIBC_TUNABLES, NEUROFLUX_HOST_MEMORY)
+SETTINGS = {
+    "glibc default": (None, "default"),
+    "glibc.malloc.hugetlb=1": ("glibc.malloc.hugetlb=1", "default"),
+    "freed memory kept (nf-run)": (None, "kept"),
+}
 
 
 def _child(batches: list[int], steps: int) -> dict[int, float]:
     import torch
     from torch import nn
 
+    from neuroflux.runtime.host_memory import HOST_MEMORY_ENV, keep_freed_host_memory
+
+    if os.environ.get(HOST_MEMORY_ENV) == "kept":
+        assert keep_freed_host_memory(), "this C library has no mallopt"
     torch.manual_seed(0)
     body = nn.Sequential(
         nn.Conv2d(24, 144, 1, bias=False),
@@ -80,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
-        for name, tunable in SETTINGS.items():
+        for name, (tunable, host_memory) in SETTINGS.items():
             env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+            env["NEUROFLUX_HOST_MEMORY"] = host_memory
             if tunable:
                 env["GLIBC_TUNABLES"] = tunable
             cmd = [sys.executable, __file__, "--child", "--steps", str(args.steps), "--batches"]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from neuroflux.planner.step_meter import flop_counter
 from neuroflux.runtime.assemble import assemble, open_model_file
 from neuroflux.runtime.distributed import Dist
+from neuroflux.runtime.host_memory import keep_freed_host_memory
 from neuroflux.runtime.stages import build_stages
 from neuroflux.schemas import load_plan
 
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("-o", "--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    keep_freed_host_memory()  # as nf-run runs on a CPU
     rows = [measure(args.plan, b, args.batch, args.steps) for b in args.block]
     text = json.dumps(rows, indent=1)
     print(text)

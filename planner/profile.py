@@ -39,6 +39,7 @@ from torch import nn
 
 from neuroflux.common import seconds_per_call
 from neuroflux.planner.step_meter import StepMeter, flop_counter
+from neuroflux.runtime.host_memory import keep_freed_host_memory
 from neuroflux.runtime.precision import FP32, Precision, PrecisionName
 from neuroflux.runtime.train import UnitTrainer
 
@@ -447,6 +448,8 @@ def measure_step_time(
     (median of ``reps`` after a warm-up), from two batch sizes, at the plan's
     ``precision`` on inputs of ``input_dtype`` (a unit fed from a bf16 cache
     gets bf16)."""
+    if torch.device(device).type == "cpu":
+        keep_freed_host_memory()  # timed as the runtime runs it
     module.to(device)
     sgd0 = SGDConfig(lr=0.0, momentum=sgd.momentum)  # lr 0: profiling leaves weights alone
     t = local_trainer(module, None, sgd0, precision=Precision(precision, torch.device(device).type))

@@ -34,6 +34,7 @@ from neuroflux.common import seconds_per_call
 from neuroflux.planner.profile import DeviceSpeed, SGDConfig, held_step, local_trainer, state_tensors
 from neuroflux.planner.step_meter import StepMeter
 from neuroflux.runtime.heads import PooledHead
+from neuroflux.runtime.host_memory import keep_freed_host_memory
 
 __all__ = [
     "StepSample",
@@ -138,6 +139,8 @@ def measure_step_costs(
     ``reps``) and fit the cost model's speeds to it: (op_overhead_s,
     flops_per_s, bandwidth_bytes_per_s, the samples)."""
     dev = torch.device(device)
+    if dev.type == "cpu":
+        keep_freed_host_memory()  # timed as the runtime runs it (``runtime.host_memory``)
     batches = (32, 256) if dev.type == "cuda" else (4, 32)
     torch.manual_seed(0)
     samples = [_sample(name, unit, shape, b, dev, reps) for name, unit, shape in reference_units() for b in batches]

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from neuroflux.planner.config import PlanConfig
+from neuroflux.planner.device_memory import DEFAULT_CUDA_CALIBRATION, DEFAULT_CUDA_WORKSPACE_BYTES, MemoryCalibration
 from neuroflux.planner.device_profile import (
-    DEFAULT_CUDA_CALIBRATION,
-    DEFAULT_CUDA_WORKSPACE_BYTES,
     DeviceProfile,
-    MemoryCalibration,
     cached_profile,
     load_profile,
 )

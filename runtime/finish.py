@@ -16,6 +16,7 @@ from neuroflux.runtime.checkpoint import atomic_torch_save
 from neuroflux.runtime.config import Method, RunConfig, RunPolicy
 from neuroflux.runtime.distributed import Dist
 from neuroflux.runtime.export import export_onnx, throughput
+from neuroflux.runtime.host_memory import host_memory_setting
 from neuroflux.runtime.memory import set_cap
 from neuroflux.runtime.modules import Chain
 from neuroflux.runtime.run_dir import RunDir
@@ -94,6 +95,7 @@ def finish_run(
         "torch": torch.__version__,
         "command": cfg.command,
         "world_size": dist.world,
+        "host_memory": host_memory_setting() if device.type == "cpu" else None,
         "polish": None if state.polish is None else dataclasses.asdict(state.polish),
         "compile": stages[0].compile if stages else None,
     }

@@ -40,6 +40,7 @@ from neuroflux.runtime.config import Method, RunConfig, RunPolicy
 from neuroflux.runtime.data import call_augment, dataset_sources, default_loader_workers
 from neuroflux.runtime.distributed import from_env
 from neuroflux.runtime.finish import choose_exit, finish_run, write_diverged_summary
+from neuroflux.runtime.host_memory import keep_freed_host_memory
 from neuroflux.runtime.memory import (
     CAN_TRACK,
     cap_requested,
@@ -100,6 +101,8 @@ class Runner:
         self.plan, self.cfg, self.bar = plan, cfg, bar
         self.out = cfg.out_dir
         self.device = torch_device(cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_host_memory()  # large activations reused, not faulted in fresh every step
         self.dist = from_env(self.device.type)
         self.mf: ModelFile | ModelObject
         if source is not None:

@@ -198,6 +198,9 @@ class RunSummary:
     torch: str | None = None
     world_size: int = 1
     """Processes that trained the run (torchrun's --nproc-per-node x --nnodes)."""
+    host_memory: Literal["kept", "default"] | None = None
+    """On CPU: ``kept``, freed large blocks kept for the next step (``runtime.host_memory``), or the C
+    library's ``default`` (``NEUROFLUX_HOST_MEMORY=default``, or not glibc); None on CUDA."""
     polish: PolishResult | None = None
     """The kept exit's end-to-end polish; None when the plan has none or no batch fits it."""
     compile: CompileResult | None = None

@@ -69,6 +69,8 @@ def test_train_on_a_model_object_matches_nf_run_on_the_same_plan(tmp_path: Path)
     assert nf_plan([str(TINY), "-o", str(plan_file), *common, *CLI_FIXED]) == 0
     assert nf_run([str(plan_file), "--out", str(tmp_path / "cli-run"), "--device", "cpu", "--no-onnx", "-q"]) == 0
     cli_summary = __import__("json").loads((tmp_path / "cli-run" / "summary.json").read_text())
+    glibc = __import__("platform").libc_ver()[0] == "glibc"
+    assert cli_summary["host_memory"] == ("kept" if glibc else "default")  # runtime.host_memory, on a CPU run
 
     tiny = _tiny()
     train_set, val_set = tiny.datasets()

@@ -21,6 +21,7 @@ from neuroflux.planner.step_costs import (
     relative_errors,
 )
 from neuroflux.planner.step_meter import StepMeter, flop_counter
+from neuroflux.runtime.host_memory import host_memory_setting, keep_freed_host_memory
 
 _OLD = DeviceProfile(
     name="cpu", kind="cpu", flops_per_s=1.3e11, op_overhead_s=8e-6, source="measured", date="2026-12-01", torch="2"
@@ -100,7 +101,9 @@ def test_a_cached_profile_measured_the_old_way_is_measured_again(tmp_path, monke
     dispatch) priced a CPU step at a fifth of its time: they are replaced,
     once; a step-fit profile is read back as it is."""
     monkeypatch.setenv("NEUROFLUX_CACHE", str(tmp_path))
-    fresh = dataclasses.replace(_OLD, flops_per_s=5e10, op_overhead_s=4e-5, speed_method="step-fit")
+    keep_freed_host_memory()
+    now = host_memory_setting()
+    fresh = dataclasses.replace(_OLD, flops_per_s=5e10, op_overhead_s=4e-5, speed_method="step-fit", host_memory=now)
     calls = []
     monkeypatch.setattr(device_profile, "measure_profile", lambda *a, **k: calls.append(1) or fresh)
     path = device_profile.cached_profile("cpu")[1]
@@ -108,6 +111,9 @@ def test_a_cached_profile_measured_the_old_way_is_measured_again(tmp_path, monke
     assert device_profile.cached_profile("cpu")[0] == fresh
     assert load_profile(path) == fresh and len(calls) == 2
     assert device_profile.cached_profile("cpu")[0] == fresh and len(calls) == 2
+    # Measured under the other host-memory setting (runtime.host_memory): its speeds are not this process's.
+    save_profile(dataclasses.replace(fresh, host_memory="default" if now == "kept" else "kept"), path)
+    assert device_profile.cached_profile("cpu")[0] == fresh and len(calls) == 3
 
 
 def test_the_reference_suite_is_timed_and_fitted_on_this_cpu() -> None:

@@ -17,13 +17,12 @@ from torch import nn
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.config import CPU_BATCH_TIME_TOLERANCE
-from neuroflux.planner.device_profile import (
+from neuroflux.planner.device_memory import (
     DEFAULT_CUDA_CALIBRATION,
     DEFAULT_CUDA_WORKSPACE_BYTES,
-    load_profile,
     measure_memory_calibration,
-    native_mixed_precisions,
 )
+from neuroflux.planner.device_profile import load_profile, native_mixed_precisions
 from neuroflux.runtime.train import UnitTrainer
 from neuroflux.schemas import load_plan, plan_from_dict, plan_to_dict
 
