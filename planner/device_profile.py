@@ -134,8 +134,7 @@ def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
         )
     except FileNotFoundError:
         raise NeuroFluxError(
-            f"device profile {p} not found; measure one on the target with "
-            "`python -m neuroflux.planner.device_profile -o FILE`"
+            f"device profile {p} not found; measure one on the target with `nf-profile -o FILE`"
         ) from None
     except OSError as e:  # a directory, no permission
         raise NeuroFluxError(f"cannot read the device profile {p} ({e.strerror}); give a profile JSON file") from None
