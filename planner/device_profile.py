@@ -35,7 +35,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.device_memory import (
@@ -46,9 +46,6 @@ from neuroflux.planner.device_memory import (
     measure_workspace_bytes,
 )
 from neuroflux.runtime.host_memory import host_memory_setting, keep_freed_host_memory
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -260,12 +257,10 @@ def cached_profile(device: str = "cpu", precision: str = "fp32") -> tuple[Device
             pass  # a broken cache entry is re-measured
     if prof is not None and prof.speed_method != "step-fit":
         prof = None  # measured the old way, which prices a CPU step at a fifth of its time
-    if (
-        prof is not None
-        and dev.type == "cpu"
-        and prof.host_memory != ("kept" if keep_freed_host_memory() else "default")
-    ):
-        prof = None  # measured under another allocator setting than this process runs with
+    if prof is not None and dev.type == "cpu":
+        keep_freed_host_memory()  # what a run on this CPU does
+        if prof.host_memory != host_memory_setting():
+            prof = None  # measured under another allocator setting than this process runs with
     if prof is not None and prof.flops_for(precision) is not None:
         return prof, path
     if prof is None:

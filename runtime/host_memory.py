@@ -4,11 +4,11 @@ glibc's malloc serves a block larger than its mmap threshold (dynamic, up to
 32 MiB) with fresh pages from the kernel and returns them when it is freed,
 and trims the top of its heap when more than the trim threshold is free. A
 CPU training step allocates and frees the same feature maps every step, so
-each step pays a page fault per 4 KiB of every large activation: measured on
-the 2-core EPYC session machine, a 100 MB tensor took 32 ms to allocate and
-fill fresh against 3.9 ms from kept memory, and MobileNetV2's 32x32 units
-trained 1.3x-2.2x faster per sample at batch 48 (BENCHMARKS.md, "Host
-memory"). ``keep_freed_host_memory`` raises both thresholds once per process,
+each step pays a page fault per 4 KiB of every large activation: on the
+2-core EPYC session machine a MobileNetV2-style 32x32 step ran 1.7x-3.9x
+faster per sample with freed memory kept, and three mobile networks' unit
+steps 1.07x-1.34x faster in total at batch 48 (BENCHMARKS.md, "Host memory,
+and the mobile cells again"). ``keep_freed_host_memory`` raises both thresholds once per process,
 so that freed blocks stay in the heap for reuse; the process's resident size
 then stays at its peak rather than shrinking between steps. The planner's
 speed profile is measured under the same setting as the runs it prices.
