@@ -80,6 +80,9 @@ def measure(plan_path: Path, block: int, batch: int | None, steps: int) -> dict:
             for t in stage.trainers:
                 with torch.no_grad():
                     out = t.unit(h)
+                if t.head is None:  # the network's own classifier: no aux head to time
+                    h = out
+                    continue
                 t0 = time.perf_counter()
                 F.cross_entropy(t.logits(out), y).backward()
                 parts["heads_alone"] += time.perf_counter() - t0

@@ -74,7 +74,8 @@ def _forward_marks(units: Sequence[nn.Module], jobs: ProfilingJobs, batch: int, 
     for u in units:
         u.train(True)
     dev = next((p.device for u in units for p in u.parameters()), torch.device("cpu"))
-    h = torch.randn(batch, *jobs.meta.shape, device=dev)
+    jobs.precision.format_modules(*units)
+    h = jobs.precision.randn(batch, jobs.meta.shape, device=dev)
     meter = StepMeter()
     added, before = [], 0
     with meter, jobs.precision.autocast():

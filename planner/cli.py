@@ -198,6 +198,7 @@ def _config(
             data_mode=args.data_mode,
             cache_dtype=args.cache_dtype,
             precision=args.precision,
+            memory_format=args.memory_format,
             polish_epochs=args.polish,
             polish_lr_scale=args.polish_lr_scale,
             max_blocks=args.max_blocks,

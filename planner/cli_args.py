@@ -178,6 +178,13 @@ def _add_solver_and_cost_args(ap: argparse.ArgumentParser) -> None:
         "in bf16 or fp16 (fp16 with a loss scaler per unit); steps are profiled at it",
     )
     ap.add_argument(
+        "--memory-format",
+        choices=["auto", "contiguous", "channels_last"],
+        default=_default("memory_format"),
+        help="layout of every method's activations: auto (default) is channels_last on a CPU target (oneDNN's "
+        "native layout, faster there), contiguous on CUDA; steps are profiled in it",
+    )
+    ap.add_argument(
         "--polish",
         type=float,
         default=_default("polish_epochs"),

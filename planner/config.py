@@ -27,7 +27,7 @@ from neuroflux.errors import NeuroFluxError
 from neuroflux.planner.problem import Boundary
 from neuroflux.planner.profile import SGDConfig
 from neuroflux.planner.solve_cpsat import DEFAULT_TIE_TOLERANCE
-from neuroflux.runtime.precision import cache_dtype_for
+from neuroflux.runtime.precision import cache_dtype_for, default_memory_format
 
 __all__ = [
     "PlanConfig",
@@ -306,8 +306,9 @@ class RecipeConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule over a block's steps."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Compute precision of every method (runtime/precision.py): fp32, or
-    automatic mixed precision in bf16 or fp16."""
+    """Every method's compute precision (runtime/precision.py): fp32, or mixed bf16 or fp16."""
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
+    """Every method's activation layout; ``auto``: ``precision.default_memory_format``."""
     polish_epochs: float = 0.0
     """After local learning, train the kept exit's prefix and head end to end
     for this many epochs (a fraction, e.g. 0.5) at a batch proven to fit; 0: no polish."""
@@ -433,6 +434,11 @@ class PlanConfig:
         if t is None:
             return CPU_BATCH_TIME_TOLERANCE if self.target.device_kind == "cpu" else 0.0
         return t
+
+    @property
+    def memory_format(self) -> Literal["contiguous", "channels_last"]:
+        f = self.recipe.memory_format  # auto: the target's default
+        return default_memory_format(self.target.device_kind) if f == "auto" else f
 
     def patience(self, n_units: int) -> int:
         """Adaptive depth's patience for a network of ``n_units`` units (-1 resolved)."""

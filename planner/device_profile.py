@@ -46,6 +46,7 @@ from neuroflux.planner.device_memory import (
     measure_workspace_bytes,
 )
 from neuroflux.runtime.host_memory import host_memory_setting, keep_freed_host_memory
+from neuroflux.runtime.precision import default_memory_format
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,17 @@ class DeviceProfile:
     large-batch steps up to 2x faster); a cached profile measured under
     another setting than this process's is measured again. None: CUDA, or
     not recorded (before 2026-12-03)."""
+    memory_format: Literal["contiguous", "channels_last"] | None = None
+    """The activations' layout the reference steps were timed in (a plan's
+    ``memory_format``; channels_last steps of mobile networks run 1.2x-1.5x
+    faster on a CPU); a cached profile measured in another layout than the
+    plan's is measured again. None: contiguous (not recorded before
+    2026-12-03's second session)."""
+
+    @property
+    def layout(self) -> Literal["contiguous", "channels_last"]:
+        """The layout the speeds were measured in (None read as contiguous)."""
+        return self.memory_format or "contiguous"
 
     def flops_for(self, precision: str) -> float | None:
         """Throughput at a plan's precision; None: not measured."""
@@ -175,10 +187,13 @@ def save_profile(prof: DeviceProfile, path: str | os.PathLike[str]) -> None:
     atomic_write_json(dataclasses.asdict(prof), Path(path))
 
 
-def measure_profile(device: str = "cpu", *, runs: int = 5) -> DeviceProfile:
+def measure_profile(
+    device: str = "cpu", *, runs: int = 5, memory_format: Literal["contiguous", "channels_last"] | None = None
+) -> DeviceProfile:
     """The step costs fitted to the reference suite's training steps
-    (``step_costs``), the bf16 and fp16 throughputs where the device computes
-    in them natively, and on CUDA the workspace and memory calibration.
+    (``step_costs``) in ``memory_format`` (default: the device's plans'),
+    the bf16 and fp16 throughputs where the device computes in them
+    natively, and on CUDA the workspace and memory calibration.
     ``runs`` microbenchmarks (matmul throughput, one op's dispatch) stand in
     when the fit is undetermined."""
     import torch
@@ -186,11 +201,12 @@ def measure_profile(device: str = "cpu", *, runs: int = 5) -> DeviceProfile:
     from neuroflux.planner.step_costs import measure_device_speed, measure_step_costs
 
     dev = torch.device(device)
+    layout = memory_format or default_memory_format(dev.type)
     workspace = measure_workspace_bytes(dev) if dev.type == "cuda" else 0  # first: before anything uses cuBLAS
     cal = measure_memory_calibration(dev) if dev.type == "cuda" else MemoryCalibration()
     method: Literal["step-fit", "microbench"] = "step-fit"
     try:
-        overhead, flops, bandwidth, _ = measure_step_costs(dev)
+        overhead, flops, bandwidth, _ = measure_step_costs(dev, memory_format=layout)
     except ValueError as e:  # a device so fast that the suite's times are all overhead
         log.warning("cannot fit the step costs (%s); the profile takes a matmul's throughput", e)
         speeds = [measure_device_speed(dev) for _ in range(runs)]
@@ -208,6 +224,7 @@ def measure_profile(device: str = "cpu", *, runs: int = 5) -> DeviceProfile:
         bandwidth_bytes_per_s=bandwidth,
         speed_method=method,
         host_memory=host_memory_setting() if dev.type == "cpu" else None,
+        memory_format=layout,
         source="measured",
         date=time.strftime("%Y-%m-%d"),
         torch=torch.__version__,
@@ -237,26 +254,31 @@ def measure_mixed_flops(dev, precision: str, fp32_flops_per_s: float, *, runs: i
     return fp32_flops_per_s * statistics.median(measure_precision_speedup(dev, dtype) for _ in range(runs))
 
 
-def cached_profile(device: str = "cpu", precision: str = "fp32") -> tuple[DeviceProfile, Path]:
-    """This machine's profile for ``device``: read from the cache, or
-    measured once and cached. A profile cached without the throughput at a
-    mixed ``precision`` gets it measured once and added (emulated where the
-    device has no native support: the speed a plan run here will see)."""
+def cached_profile(
+    device: str = "cpu", precision: str = "fp32", memory_format: Literal["contiguous", "channels_last"] | None = None
+) -> tuple[DeviceProfile, Path]:
+    """This machine's profile for ``device`` with steps timed in
+    ``memory_format`` (default: the device's plans'): read from the cache,
+    or measured once and cached (one file per layout). A profile cached
+    without the throughput at a mixed ``precision`` gets it measured once
+    and added (emulated where the device has no native support: the speed a
+    plan run here will see)."""
     import torch
 
     dev = torch.device(device)
+    layout = memory_format or default_memory_format(dev.type)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     threads = torch.get_num_threads() if dev.type == "cpu" else 0
     slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{name}-{threads}t" if threads else name).strip("-").lower()
-    path = cache_dir() / f"device-{slug}.json"
+    path = cache_dir() / f"device-{slug}{'-channels-last' if layout == 'channels_last' else ''}.json"
     prof = None
     if path.is_file():
         try:
             prof = load_profile(path)
         except NeuroFluxError:
             pass  # a broken cache entry is re-measured
-    if prof is not None and prof.speed_method != "step-fit":
-        prof = None  # measured the old way, which prices a CPU step at a fifth of its time
+    if prof is not None and (prof.speed_method != "step-fit" or prof.layout != layout):
+        prof = None  # measured the old way (a CPU step priced at a fifth of its time), or in the other layout
     if prof is not None and dev.type == "cpu":
         keep_freed_host_memory()  # what a run on this CPU does
         if prof.host_memory != host_memory_setting():
@@ -264,7 +286,7 @@ def cached_profile(device: str = "cpu", precision: str = "fp32") -> tuple[Device
     if prof is not None and prof.flops_for(precision) is not None:
         return prof, path
     if prof is None:
-        prof = measure_profile(device)
+        prof = measure_profile(device, memory_format=layout)
     if prof.flops_for(precision) is None:
         mixed = measure_mixed_flops(dev, precision, prof.flops_per_s)
         if precision == "bf16":
@@ -309,6 +331,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="auto: the GPU when there is one, else the CPU",
     )
+    ap.add_argument(
+        "--memory-format",
+        choices=["auto", "contiguous", "channels_last"],
+        default="auto",
+        help="layout to time the reference steps in: that of the plans that will use the profile (auto: "
+        "channels_last on a CPU, contiguous on CUDA, as nf-plan's default)",
+    )
     ap.add_argument("-o", "--output", required=True, help="profile JSON to write")
     args = ap.parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -323,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if not out.parent.is_dir():
         print(f"nf-profile: error: folder {out.parent} does not exist; create it or choose another -o", file=sys.stderr)
         return 2
-    prof = measure_profile(device)
+    prof = measure_profile(device, memory_format=None if args.memory_format == "auto" else args.memory_format)
     try:
         save_profile(prof, out)
     except OSError as e:

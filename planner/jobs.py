@@ -186,7 +186,7 @@ def profile_model(model_spec: str | ModelObject, cfg: PlanConfig, report: Progre
     )
     fake = FakeTensorMode()
     meta = infer_meta(mf, cfg, fake)
-    propagate_shapes(meta.gm, meta.shape, fake, precision=Precision(cfg.recipe.precision, "cpu"))
+    propagate_shapes(meta.gm, meta.shape, fake, precision=Precision(cfg.recipe.precision, "cpu", cfg.memory_format))
     spans = find_units(meta.gm)
     recipe = cfg.recipe
     jobs = ProfilingJobs(
@@ -254,7 +254,7 @@ class ProfilingJobs:
         """The plan's precision, as autocast applies it to the (CPU) fake tensors
         profiled here; on a CUDA target, CUDA's autocast op lists differ in a few
         ops (softmax, losses, norms run in fp32 there)."""
-        return Precision(self.cfg.recipe.precision, "cpu")
+        return Precision(self.cfg.recipe.precision, "cpu", self.cfg.memory_format)
 
     @property
     def batches(self) -> tuple[int, int]:
@@ -443,5 +443,6 @@ class ProfilingJobs:
             batches=(8, 32),
             sgd=self.sgd,
             precision=self.cfg.recipe.precision,
+            memory_format=self.cfg.memory_format,
             input_dtype=span.input_dtype,
         )

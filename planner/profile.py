@@ -40,7 +40,7 @@ from torch import nn
 from neuroflux.common import seconds_per_call
 from neuroflux.planner.step_meter import StepMeter, flop_counter
 from neuroflux.runtime.host_memory import keep_freed_host_memory
-from neuroflux.runtime.precision import FP32, Precision, PrecisionName
+from neuroflux.runtime.precision import FP32, MemoryFormat, Precision, PrecisionName
 from neuroflux.runtime.train import UnitTrainer
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def measure_step(
     gc.disable()
     try:
         with meter:
-            held_step(t, torch.randn(batch, *input_shape, dtype=dtype), torch.randint(0, num_classes, (batch,)))
+            held_step(t, t.precision.randn(batch, input_shape, dtype=dtype), torch.randint(0, num_classes, (batch,)))
     finally:
         gc.enable()
         for h in handles:
@@ -393,6 +393,7 @@ def _forward(
     dtype: torch.dtype,
 ) -> ForwardProfile:
     module.eval()
+    precision.format_modules(module)
     try:
         with mode, torch.no_grad(), precision.autocast():
             weights = [*module.parameters(), *module.buffers()]
@@ -401,7 +402,7 @@ def _forward(
                 meter = StepMeter(weights)
                 gc.collect(0)
                 with meter:
-                    module(torch.randn(b, *input_shape, dtype=dtype))
+                    module(precision.randn(b, input_shape, dtype=dtype))
                 peaks.append(meter.peak - meter.marks[0][0] if meter.marks else meter.peak)
                 flops.append(float(meter.flops))
                 traffic.append(float(meter.traffic))
@@ -442,6 +443,7 @@ def measure_step_time(
     reps: int = 3,
     sgd: SGDConfig = SGDConfig(),
     precision: PrecisionName = "fp32",
+    memory_format: MemoryFormat = "contiguous",
     input_dtype: torch.dtype = torch.float32,
 ) -> tuple[float, float]:
     """(fixed_s, per_sample_s) of a real training step on ``device``
@@ -452,11 +454,11 @@ def measure_step_time(
         keep_freed_host_memory()  # timed as the runtime runs it
     module.to(device)
     sgd0 = SGDConfig(lr=0.0, momentum=sgd.momentum)  # lr 0: profiling leaves weights alone
-    t = local_trainer(module, None, sgd0, precision=Precision(precision, torch.device(device).type))
+    t = local_trainer(module, None, sgd0, precision=Precision(precision, torch.device(device).type, memory_format))
     t.train(True)
     times = []
     for b in batches:
-        x = torch.randn(b, *input_shape, device=device).to(input_dtype)
+        x = t.precision.randn(b, input_shape, device=device).to(input_dtype)
         y = torch.randint(0, num_classes, (b,), device=device)
         times.append(seconds_per_call(functools.partial(held_step, t, x, y), device=device, reps=reps, median=True))
     per = max(0.0, (times[1] - times[0]) / (batches[1] - batches[0]))

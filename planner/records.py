@@ -135,6 +135,7 @@ def _recipe(cfg: PlanConfig, problem: Problem) -> Recipe:
         train_size=problem.train_size,
         val_size=problem.val_size,
         precision=recipe.precision,
+        memory_format=cfg.memory_format,
     )
 
 

@@ -35,6 +35,7 @@ from neuroflux.planner.profile import DeviceSpeed, SGDConfig, held_step, local_t
 from neuroflux.planner.step_meter import StepMeter
 from neuroflux.runtime.heads import PooledHead
 from neuroflux.runtime.host_memory import keep_freed_host_memory
+from neuroflux.runtime.precision import MemoryFormat, Precision
 
 __all__ = [
     "StepSample",
@@ -80,11 +81,14 @@ def reference_units() -> list[tuple[str, nn.Module, tuple[int, int, int]]]:
     return units
 
 
-def _sample(name: str, unit: nn.Module, shape: tuple[int, int, int], batch: int, device, reps: int) -> StepSample:
+def _sample(
+    name: str, unit: nn.Module, shape: tuple[int, int, int], batch: int, device, reps: int, precision: Precision
+) -> StepSample:
     head = PooledHead(shape, shape[0], 10)
-    t = local_trainer(unit.to(device), head.to(device), SGDConfig(lr=0.0))  # lr 0: the weights stay as built
+    # lr 0: the weights stay as built
+    t = local_trainer(unit.to(device), head.to(device), SGDConfig(lr=0.0), precision=precision)
     t.train(True)
-    x = torch.randn(batch, *shape, device=device)
+    x = precision.randn(batch, shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     step = functools.partial(held_step, t, x, y)
     step()  # momentum buffers: the steady state the planner profiles
@@ -133,17 +137,21 @@ def fit_step_costs(samples: Sequence[StepSample]) -> tuple[float, float, float |
 
 
 def measure_step_costs(
-    device: torch.device | str = "cpu", *, reps: int = 5
+    device: torch.device | str = "cpu", *, reps: int = 5, memory_format: MemoryFormat = "contiguous"
 ) -> tuple[float, float, float | None, list[StepSample]]:
     """Time the reference suite on ``device`` (each step the median of
-    ``reps``) and fit the cost model's speeds to it: (op_overhead_s,
-    flops_per_s, bandwidth_bytes_per_s, the samples)."""
+    ``reps``, in fp32, activations laid out in ``memory_format``) and fit
+    the cost model's speeds to it: (op_overhead_s, flops_per_s,
+    bandwidth_bytes_per_s, the samples)."""
     dev = torch.device(device)
+    precision = Precision("fp32", dev.type, memory_format)
     if dev.type == "cpu":
         keep_freed_host_memory()  # timed as the runtime runs it (``runtime.host_memory``)
     batches = (32, 256) if dev.type == "cuda" else (4, 32)
     torch.manual_seed(0)
-    samples = [_sample(name, unit, shape, b, dev, reps) for name, unit, shape in reference_units() for b in batches]
+    samples = [
+        _sample(name, unit, shape, b, dev, reps, precision) for name, unit, shape in reference_units() for b in batches
+    ]
     return (*fit_step_costs(samples), samples)
 
 

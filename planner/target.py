@@ -101,6 +101,15 @@ def _speed_profile(cfg: PlanConfig) -> tuple[DeviceProfile | None, str]:
         prof = load_profile(t.device_profile)
         if prof.kind != t.device_kind:
             log.warning("device profile %s is for %s, the plan targets %s", t.device_profile, prof.kind, t.device_kind)
+        if prof.layout != cfg.memory_format:
+            log.warning(
+                "device profile %s timed its steps in the %s layout and the plan runs %s: planned times may be "
+                "off by up to 1.5x; re-measure it with `nf-profile --memory-format %s -o FILE`",
+                t.device_profile,
+                prof.layout,
+                cfg.memory_format,
+                cfg.memory_format,
+            )
         return prof, f"profile {t.device_profile}"
     here = "cuda" if t.device_kind == "cuda" and torch.cuda.is_available() else "cpu"
     if t.device_flops_per_s and t.op_overhead_s is not None:
@@ -110,7 +119,7 @@ def _speed_profile(cfg: PlanConfig) -> tuple[DeviceProfile | None, str]:
             "planning for CUDA on a machine without one: times use this CPU's speed; pass "
             "--device-profile with the GPU's profile"
         )
-    prof, path = cached_profile(here, cfg.recipe.precision)
+    prof, path = cached_profile(here, cfg.recipe.precision, cfg.memory_format)
     return prof, f"cached profile {path}"
 
 

@@ -95,7 +95,7 @@ class BlockCaches:
                 )
                 if opened is not None:
                     x, y = opened
-                    out = Precision(self.plan.recipe.precision, self.device.type).dtype
+                    out = Precision.of(self.plan.recipe, self.device.type).dtype
                     self.sources[j] = (
                         TensorCache(x[:n_train], y[:n_train], out_dtype=out),
                         TensorCache(x[n_train:], y[n_train:], out_dtype=out),
@@ -115,7 +115,7 @@ class BlockCaches:
                 path=path,
                 batch=blk.batch_size,
                 device=self.device,
-                precision=Precision(self.plan.recipe.precision, self.device.type),
+                precision=Precision.of(self.plan.recipe, self.device.type),
             )
             self._record_digest(state, j, spec)
             chain.to("cpu")

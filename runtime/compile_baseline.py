@@ -60,6 +60,7 @@ def compile_stage(
         raise NeuroFluxError(
             "bp-compile runs in one process (its search measures this device); run it without torchrun"
         )
+    precision.format_modules(asm.model)  # before compiling: the graphs see the run's layout
     path = out / SEARCH_FILE
     cap = int(plan.budget_bytes * (1 - plan.device.margin_fraction))
     compiled: nn.Module | None = None
@@ -209,7 +210,7 @@ def _warm(
         trainer.step(x, y)
         compiled.train(False)
         with torch.inference_mode(), precision.autocast():
-            compiled(x.clone())  # an inference tensor, as evaluation's batches are
+            compiled(precision.format_input(x).clone())  # an inference tensor, as evaluation's batches are
         compiled.train(True)
 
 

@@ -36,8 +36,10 @@ def eval_exits(stage: Stage, val: Any, *, device: torch.device, dist: Dist) -> d
     # the same batch, so evaluation stays inside the budget the plan proved.
     dev, bs = device, stage.batch_size
     correct = torch.zeros(len(stage.trainers), dtype=torch.int64, device=dev)
+    precision = stage.trainers[0].precision
     for h, y in val.batches(bs, shuffle=False, device=dev):
-        with stage.trainers[0].precision.autocast():
+        h = precision.format_input(h)
+        with precision.autocast():
             for i, t in enumerate(stage.trainers):
                 h = t.unit(h)
                 correct[i] += (t.logits(h).argmax(1) == y).sum()
@@ -95,7 +97,7 @@ def cache_through(
     for data in (train, val):
         for x, y in data.batches(batch, shuffle=False, device=device):
             with precision.autocast():
-                h = units(x)
+                h = units(precision.format_input(x))
             writer.append(h)
             labels.append(y.cpu())
     full = writer.finish(torch.cat(labels))
@@ -130,7 +132,7 @@ def stage_input(
     prefix = Chain([asm.units[plan.unit(u).index] for u in spec.recompute_units]).to(device).eval()
     dist.broadcast_buffers([prefix])
     augment = augment if spec.source_block is None else None
-    precision = Precision(plan.recipe.precision, device.type)
+    precision = Precision.of(plan.recipe, device.type)
     return (
         PrefixSource(train, prefix, augment=augment, precision=precision),
         PrefixSource(val, prefix, precision=precision),
@@ -178,7 +180,7 @@ class PrefixSource:
                 self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
                 self._events[-1][0].record()
             with torch.no_grad(), nullcontext() if self.precision is None else self.precision.autocast():
-                box = [(self.prefix(x), y)]
+                box = [(self.prefix(x if self.precision is None else self.precision.format_input(x)), y)]
             del x
             if cuda:
                 self._events[-1][1].record()

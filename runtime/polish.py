@@ -56,11 +56,9 @@ def polish_exit(
     r = plan.recipe
     steps = _steps(plan.polish.epochs, spec, r.train_size, dist)
     steps = steps if max_steps is None else min(steps, max_steps)
-    trainer = UnitTrainer(
-        unit, head, lr=spec.lr, momentum=r.momentum, weight_decay=r.weight_decay, total_steps=steps, schedule="cosine"
-    )
+    trainer = UnitTrainer(unit, head, lr=spec.lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                          total_steps=steps, schedule="cosine", precision=precision)  # fmt: skip
     trainer.grad_sync = dist.average_grads if dist.enabled else None
-    trainer.precision, trainer.scaler = precision, precision.scaler()
     exit_model.to(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -135,7 +133,7 @@ def _accuracy(
     correct = torch.zeros(2, dtype=torch.int64, device=device)
     for x, y in val.batches(batch, shuffle=False, device=device):
         with precision.autocast():
-            correct[0] += (model(x).argmax(1) == y).sum()
+            correct[0] += (model(precision.format_input(x)).argmax(1) == y).sum()
         correct[1] += y.shape[0]
     counts = dist.all_sum(correct)
     return int(counts[0]) / max(1, int(counts[1]))

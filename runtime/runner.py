@@ -156,7 +156,7 @@ class Runner:
         asm = assemble(self.plan, self.mf)
         if self.cfg.method == "neuroflux":
             check_edited_batches(self.plan, device=self.device)
-        precision = Precision(self.plan.recipe.precision, self.device.type)
+        precision = Precision.of(self.plan.recipe, self.device.type)
         if not os.environ.get(EMULATED_PRECISION_ENV):
             check_supported(precision.name, self.device)
         caches = BlockCaches(self.plan, run_dir=self.out, dist=self.dist, device=self.device, dataset=self._dataset())
@@ -385,7 +385,7 @@ class Runner:
                 )
             if augment is not None:
                 xb = call_augment(augment, xb)
-            inputs = [xb]
+            inputs = [stage.trainers[0].precision.format_input(xb)]  # the NCHW batch is freed here
             del xb
             if dev.type == "cpu" and track and step < 2 and CAN_TRACK:
                 peak = max(peak, tracked_step(stage.trainers, inputs, yb, stats, prefix=prefix))

@@ -66,6 +66,7 @@ class UnitTrainer:
     ) -> None:
         self.unit = unit
         self.head = head
+        precision.format_modules(unit, head)
         params = list(unit.parameters()) + (list(head.parameters()) if head is not None else [])
         # foreach=None: PyTorch's choice, the multi-tensor step on CUDA. Weight decay is added to the
         # gradients in place here instead of by SGD, whose multi-tensor step would hold a copy of all
@@ -102,7 +103,7 @@ class UnitTrainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with self.precision.autocast():
-            out = self.unit(x.detach())
+            out = self.unit(self.precision.format_input(x.detach()))
             logits = self.logits(out)
             loss = F.cross_entropy(logits, y)
         if self.scaler is None:

@@ -76,7 +76,7 @@ __all__ = [
 
 #: Major.minor. A reader accepts any plan with the same major and a minor up
 #: to its own; a newer plan is refused with a message to upgrade.
-SCHEMA_VERSION = "2.9"
+SCHEMA_VERSION = "2.10"
 
 
 class PlanError(NeuroFluxError):

@@ -117,6 +117,10 @@ class Recipe:
     """Compute precision of every method: ``fp32``, or automatic mixed
     precision (fp32 weights, the forward under ``torch.autocast``) in bf16
     or fp16 (with a loss scaler per unit). Added in 2.5 (older plans: fp32)."""
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
+    """Layout of every method's activations and 4-d weights: ``contiguous``
+    (NCHW) or ``channels_last`` (NHWC; runtime/precision.py). The planner
+    profiles the steps in it. Added in 2.10 (older plans: contiguous)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -103,7 +103,8 @@ def test_a_cached_profile_measured_the_old_way_is_measured_again(tmp_path, monke
     monkeypatch.setenv("NEUROFLUX_CACHE", str(tmp_path))
     keep_freed_host_memory()
     now = host_memory_setting()
-    fresh = dataclasses.replace(_OLD, flops_per_s=5e10, op_overhead_s=4e-5, speed_method="step-fit", host_memory=now)
+    fresh = dataclasses.replace(_OLD, flops_per_s=5e10, op_overhead_s=4e-5, speed_method="step-fit")
+    fresh = dataclasses.replace(fresh, host_memory=now, memory_format="channels_last")
     calls = []
     monkeypatch.setattr(device_profile, "measure_profile", lambda *a, **k: calls.append(1) or fresh)
     path = device_profile.cached_profile("cpu")[1]
@@ -114,6 +115,11 @@ def test_a_cached_profile_measured_the_old_way_is_measured_again(tmp_path, monke
     # Measured under the other host-memory setting (runtime.host_memory): its speeds are not this process's.
     save_profile(dataclasses.replace(fresh, host_memory="default" if now == "kept" else "kept"), path)
     assert device_profile.cached_profile("cpu")[0] == fresh and len(calls) == 3
+    # Timed in the other layout (a CPU plan runs channels_last by default): measured again, and each
+    # layout has its own file.
+    save_profile(dataclasses.replace(fresh, memory_format="contiguous"), path)
+    assert device_profile.cached_profile("cpu")[0] == fresh and len(calls) == 4
+    assert device_profile.cached_profile("cpu", memory_format="contiguous")[1] != path
 
 
 def test_the_reference_suite_is_timed_and_fitted_on_this_cpu() -> None:

@@ -22,7 +22,7 @@ def measured_block_peak(plan, asm, block) -> int:
     on the input the runtime feeds it (the data in fp32; a cache or a
     recomputed prefix at the compute precision)."""
     idx = [u.index for u in plan.units if u.name in block.units]
-    precision = Precision(plan.recipe.precision, "cpu")
+    precision = Precision.of(plan.recipe, "cpu")
     trainers = [
         UnitTrainer(
             asm.units[i],
@@ -40,30 +40,34 @@ def measured_block_peak(plan, asm, block) -> int:
     dtype = torch.float32 if idx[0] == 0 else precision.dtype
     b = block.batch_size
     y = torch.randint(0, plan.model.num_classes, (b,))
-    block_step(trainers, [torch.randn(b, *shape, dtype=dtype)], y)  # creates momentum buffers: steady state
+    # The runner hands a block its batch in the run's memory format.
+    block_step(trainers, [precision.randn(b, shape, dtype=dtype)], y)  # creates momentum buffers: steady state
     tracker = MemTracker()
     for t in trainers:
         tracker.track_external(*t.modules(), t.opt)
     with tracker:
-        block_step(trainers, [torch.randn(b, *shape, dtype=dtype)], y)
+        block_step(trainers, [precision.randn(b, shape, dtype=dtype)], y)
     return sum(dev["Total"] for dev in tracker.get_tracker_snapshot("peak").values())
 
 
 @pytest.mark.parametrize(
-    "model,budget,head_kind,precision",
+    "model,budget,head_kind,precision,memory_format",
     [
-        ("small_cnn", 20 * 10**6, "pooled", "fp32"),
-        ("small_cnn", 20 * 10**6, "conv", "fp32"),
-        ("small_cnn", 20 * 10**6, "dgl", "fp32"),
-        ("small_cnn", 20 * 10**6, "stage", "fp32"),
-        ("resnet18", 150 * 10**6, "pooled", "fp32"),
-        ("mobilenetv2", 120 * 10**6, "pooled", "fp32"),
-        ("small_cnn", 20 * 10**6, "pooled", "bf16"),
-        ("small_cnn", 20 * 10**6, "conv", "fp16"),
-        ("tests/residual_model", 3 * 10**6, "pooled", "bf16"),
+        ("small_cnn", 20 * 10**6, "pooled", "fp32", "channels_last"),
+        ("small_cnn", 20 * 10**6, "conv", "fp32", "contiguous"),
+        ("small_cnn", 20 * 10**6, "dgl", "fp32", "channels_last"),
+        ("small_cnn", 20 * 10**6, "stage", "fp32", "contiguous"),
+        ("resnet18", 150 * 10**6, "pooled", "fp32", "channels_last"),
+        ("mobilenetv2", 120 * 10**6, "pooled", "fp32", "contiguous"),
+        ("mobilenetv2", 120 * 10**6, "pooled", "fp32", "channels_last"),
+        ("small_cnn", 20 * 10**6, "pooled", "bf16", "channels_last"),
+        ("small_cnn", 20 * 10**6, "conv", "fp16", "contiguous"),
+        ("tests/residual_model", 3 * 10**6, "pooled", "bf16", "channels_last"),
     ],
 )
-def test_block_peak_is_never_under_pytorch_accounting(tmp_path, model, budget, head_kind, precision) -> None:
+def test_block_peak_is_never_under_pytorch_accounting(
+    tmp_path, model, budget, head_kind, precision, memory_format
+) -> None:
     file, _, factory = model.partition(":")
     src = file if "/" in file else f"examples/{file}"
     result, _ = plan_for(
@@ -73,11 +77,13 @@ def test_block_peak_is_never_under_pytorch_accounting(tmp_path, model, budget, h
         max_batch=64,
         head_kind=head_kind,
         precision=precision,
+        memory_format=memory_format,
         # Mixed precision profiles on fake tensors (autocast skips meta ones): two head widths keep it short.
         max_aux_options=4 if precision == "fp32" else 2,
     )
     plan = result.plan
     assert {u.aux.kind for u in plan.units if u.aux is not None} == {head_kind}
+    assert plan.recipe.memory_format == memory_format
     assert len(plan.blocks) >= 2, "a budget that splits the model: the blocks' own peaks are checked"
     asm = assemble(plan, load_model_file(ROOT / f"{src}.py", factory=factory))
     for block in plan.blocks:

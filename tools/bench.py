@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="every method's compute precision (the plans'; nf-plan --precision)",
     )
+    ap.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], default="auto")
     ap.add_argument("--time-limit", type=float, default=30.0)
     ap.add_argument("--out", default="bench-out")
     ap.add_argument(
@@ -269,6 +270,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any] | None:
         max_steps=1 if args.dry_run else None,
         skip_runs=tuple(args.skip_runs),
         precision=args.precision,
+        memory_format=args.memory_format,
     )
     return run_bench(
         cells=cells,

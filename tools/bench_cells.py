@@ -151,6 +151,8 @@ PRESETS: dict[str, tuple[Cell, ...]] = {
             epochs=3,
             methods=(*_GPU_METHODS, "bp-compile"),
             options=(*LEVERS, ("precision", "bf16")),
+            # cuDNN's bf16 convolutions run NHWC natively: whether the layout pays on a GPU too.
+            variants=(("channels_last", (("memory_format", "channels_last"),)),),
         ),
         # Issue 19's epochs lever: NeuroFlux alone at twice the epochs per block (it trained 2.7x faster than BP
         # at 3), in fp32, bf16 and without the size limit; its BP is resnet18-350MB-levers' (same data and seed).

@@ -53,6 +53,8 @@ class BenchOptions:
     """Cells planned and loaded but not trained (dry runs of cells too heavy for a CPU)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Every method's compute precision (the plans')."""
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
+    """Every method's activation layout (the plans'; auto: the target's default)."""
 
 
 @contextlib.contextmanager
@@ -131,7 +133,7 @@ def _plan_cell(cell: Cell, cell_dir: Path, opts: BenchOptions, log) -> dict[str,
         wanted.append(("neuroflux-greedy", "greedy", ()))
     wanted += [(f"neuroflux ({label})", "optimal", overrides) for label, overrides in cell.variants]
     kind = opts.plan_device or opts.device
-    defaults = {"precision": opts.precision, "device_profile": opts.device_profile}
+    defaults = {"precision": opts.precision, "memory_format": opts.memory_format, "device_profile": opts.device_profile}
     plans: dict[str, Any] = {}
     index: dict[str, str] = {}
     for i, (label, strategy, overrides) in enumerate(wanted):
@@ -306,8 +308,21 @@ def _cell_record(cell: Cell, plans: dict[str, Any]) -> dict[str, Any]:
         "datasets": cell.datasets,
         "budget_bytes": parse_bytes(cell.budget),
         "speed_profile": _speed_profile(plans),
+        "numerics": _numerics(plans),
         "runs": {},
     }
+
+
+def _numerics(plans: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each plan's precision and activation layout (a variant may change either)."""
+    from neuroflux.schemas import load_plan
+
+    out: dict[str, dict[str, Any]] = {}
+    for label, plan in plans.items():
+        if isinstance(plan, Path):
+            r = load_plan(plan).recipe
+            out[label] = {"precision": r.precision, "memory_format": r.memory_format}
+    return out
 
 
 def _speed_profile(plans: dict[str, Any]) -> dict[str, Any] | None:
