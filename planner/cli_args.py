@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from neuroflux.runtime.heads import HEAD_KINDS
+from neuroflux.runtime.precision import MEMORY_FORMATS
 
 __all__ = ["build_parser"]
 
@@ -179,7 +180,7 @@ def _add_solver_and_cost_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument(
         "--memory-format",
-        choices=["auto", "contiguous", "channels_last"],
+        choices=["auto", *MEMORY_FORMATS],
         default=_default("memory_format"),
         help="layout of every method's activations: auto (default) is channels_last on a CPU target (oneDNN's "
         "native layout, faster there), contiguous on CUDA; steps are profiled in it",

@@ -46,7 +46,7 @@ from neuroflux.planner.device_memory import (
     measure_workspace_bytes,
 )
 from neuroflux.runtime.host_memory import host_memory_setting, keep_freed_host_memory
-from neuroflux.runtime.precision import default_memory_format
+from neuroflux.runtime.precision import MEMORY_FORMATS, MemoryFormat, default_memory_format
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class DeviceProfile:
     large-batch steps up to 2x faster); a cached profile measured under
     another setting than this process's is measured again. None: CUDA, or
     not recorded (before 2026-12-03)."""
-    memory_format: Literal["contiguous", "channels_last"] | None = None
+    memory_format: MemoryFormat | None = None
     """The activations' layout the reference steps were timed in (a plan's
     ``memory_format``; channels_last steps of mobile networks run 1.2x-1.5x
     faster on a CPU); a cached profile measured in another layout than the
@@ -105,7 +105,7 @@ class DeviceProfile:
     2026-12-03's second session)."""
 
     @property
-    def layout(self) -> Literal["contiguous", "channels_last"]:
+    def layout(self) -> MemoryFormat:
         """The layout the speeds were measured in (None read as contiguous)."""
         return self.memory_format or "contiguous"
 
@@ -187,9 +187,7 @@ def save_profile(prof: DeviceProfile, path: str | os.PathLike[str]) -> None:
     atomic_write_json(dataclasses.asdict(prof), Path(path))
 
 
-def measure_profile(
-    device: str = "cpu", *, runs: int = 5, memory_format: Literal["contiguous", "channels_last"] | None = None
-) -> DeviceProfile:
+def measure_profile(device: str = "cpu", *, runs: int = 5, memory_format: MemoryFormat | None = None) -> DeviceProfile:
     """The step costs fitted to the reference suite's training steps
     (``step_costs``) in ``memory_format`` (default: the device's plans'),
     the bf16 and fp16 throughputs where the device computes in them
@@ -255,7 +253,7 @@ def measure_mixed_flops(dev, precision: str, fp32_flops_per_s: float, *, runs: i
 
 
 def cached_profile(
-    device: str = "cpu", precision: str = "fp32", memory_format: Literal["contiguous", "channels_last"] | None = None
+    device: str = "cpu", precision: str = "fp32", memory_format: MemoryFormat | None = None
 ) -> tuple[DeviceProfile, Path]:
     """This machine's profile for ``device`` with steps timed in
     ``memory_format`` (default: the device's plans'): read from the cache,
@@ -333,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--memory-format",
-        choices=["auto", "contiguous", "channels_last"],
+        choices=["auto", *MEMORY_FORMATS],
         default="auto",
         help="layout to time the reference steps in: that of the plans that will use the profile (auto: "
         "channels_last on a CPU, contiguous on CUDA, as nf-plan's default)",

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from neuroflux.errors import NeuroFluxError
 from neuroflux.runtime.datasets import DATA_ENV
+from neuroflux.runtime.precision import MEMORY_FORMATS
 from neuroflux.tools.bench_cells import METHODS, PRESETS, resolve_cells
 from neuroflux.tools.bench_report import markdown, time_to_target
 from neuroflux.tools.bench_run import DRY_LIMIT_ENV, BenchOptions, restored_env, run_bench
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="every method's compute precision (the plans'; nf-plan --precision)",
     )
-    ap.add_argument("--memory-format", choices=["auto", "contiguous", "channels_last"], default="auto")
+    ap.add_argument("--memory-format", choices=["auto", *MEMORY_FORMATS], default="auto")
     ap.add_argument("--time-limit", type=float, default=30.0)
     ap.add_argument("--out", default="bench-out")
     ap.add_argument(
