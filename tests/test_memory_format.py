@@ -22,6 +22,7 @@ from neuroflux.planner.config import PlanConfig
 from neuroflux.planner.device_profile import DeviceProfile, save_profile
 from neuroflux.planner.target import device_target
 from neuroflux.runtime import train as train_mod
+from neuroflux.runtime.cli import main as nf_run
 from neuroflux.runtime.config import RunConfig
 from neuroflux.runtime.precision import Precision
 from neuroflux.runtime.runner import run_plan
@@ -64,6 +65,12 @@ def test_the_layout_defaults_to_the_targets_and_old_plans_read_as_contiguous(tmp
     del data["recipe"]["memory_format"]
     data["schema_version"] = "2.9"
     assert plan_from_dict(data).recipe.memory_format == "contiguous"
+    # A layout nobody knows, edited into a plan, is refused by nf-run with exit 2 and what to do.
+    data["recipe"]["memory_format"] = "nhwc"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    assert nf_run([str(bad), "--out", str(tmp_path / "run"), "-q", "--no-onnx", "--device", "cpu"]) == 2
+    assert not (tmp_path / "run").exists()
 
 
 def _demo_plan(tmp_path: Path, memory_format: str, *extra: str) -> Path:
